@@ -1,0 +1,485 @@
+//! The app spec: parsed from TOML or YAML, validated once, then stored and
+//! sent as the domain type below.
+//!
+//! Validation reports every problem at once, each with its field path, so a
+//! user fixes a spec in one round trip.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::duration;
+use crate::error::{Error, FieldError};
+
+pub const MAX_REPLICAS: u32 = 1000;
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub name: String,
+    pub replicas: u32,
+    pub run: RunSpec,
+    pub resources: Resources,
+    pub ports: Vec<PortSpec>,
+    pub env: BTreeMap<String, String>,
+    pub health: HealthSpec,
+    pub route: RouteSpec,
+    pub update: UpdateSpec,
+}
+
+/// Exactly one of `command` and `image` is set; `validate` enforces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RunSpec {
+    pub command: Vec<String>,
+    pub image: Option<String>,
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u32,
+    pub memory_mb: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { cpu_millis: 100, memory_mb: 64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub name: String,
+    /// Set for image apps only; process apps are given `$PORT`.
+    pub container_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthCheck {
+    Http { path: String },
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            check: HealthCheck::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            unhealthy_after: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RouteSpec {
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateSpec {
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    /// A rollout with no new healthy instance for this long fails.
+    pub progress_deadline: Duration,
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec { max_surge: 1, max_unavailable: 0, progress_deadline: Duration::from_secs(60) }
+    }
+}
+
+/// The formats a spec file may use, chosen by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    Toml,
+    Yaml,
+}
+
+impl SpecFormat {
+    pub fn from_path(path: &str) -> Result<SpecFormat, Error> {
+        let lower = path.to_ascii_lowercase();
+        if lower.ends_with(".toml") {
+            Ok(SpecFormat::Toml)
+        } else if lower.ends_with(".yaml") || lower.ends_with(".yml") {
+            Ok(SpecFormat::Yaml)
+        } else {
+            Err(Error::invalid("file", format!("`{path}` must end in .toml, .yaml or .yml")))
+        }
+    }
+}
+
+impl AppSpec {
+    /// Parses and validates a spec document.
+    pub fn parse(text: &str, format: SpecFormat) -> Result<AppSpec, Error> {
+        let file: SpecFile = match format {
+            SpecFormat::Toml => {
+                let deserializer = toml::Deserializer::parse(text)
+                    .map_err(|e| Error::invalid("spec", format!("not valid TOML: {}", e.message())))?;
+                serde_path_to_error::deserialize(deserializer).map_err(path_error)?
+            }
+            SpecFormat::Yaml => {
+                let deserializer = serde_yaml::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(deserializer).map_err(path_error)?
+            }
+        };
+        let spec = file.into_spec()?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every rule and reports every violation.
+    pub fn validate(&self) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, reason: String| errors.push(FieldError::new(field, reason));
+
+        if let Err(reason) = check_dns_label(&self.name) {
+            bad("name", reason);
+        }
+        if self.replicas > MAX_REPLICAS {
+            bad("replicas", format!("must be between 0 and {MAX_REPLICAS}, got {}", self.replicas));
+        }
+
+        let is_image = match (&self.run.image, self.run.command.is_empty()) {
+            (Some(_), false) => {
+                bad("run", "set exactly one of `command` and `image`, not both".into());
+                true
+            }
+            (None, true) => {
+                bad("run", "set exactly one of `command` (a process) or `image` (a container)".into());
+                false
+            }
+            (Some(image), true) => {
+                if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
+                    bad("run.image", "must be an image reference like `name:tag`".into());
+                }
+                true
+            }
+            (None, false) => {
+                if self.run.command[0].trim().is_empty() {
+                    bad("run.command[0]", "must name the program to run".into());
+                }
+                if !self.run.args.is_empty() {
+                    bad("run.args", "only for image apps; put arguments in `command`".into());
+                }
+                false
+            }
+        };
+        for (i, arg) in self.run.command.iter().chain(&self.run.args).enumerate() {
+            if arg.contains('\0') {
+                bad(&format!("run.command[{i}]"), "must not contain a NUL byte".into());
+            }
+        }
+
+        if !(1..=256_000).contains(&self.resources.cpu_millis) {
+            bad("resources.cpu_millis", format!("must be between 1 and 256000, got {}", self.resources.cpu_millis));
+        }
+        if !(4..=1_048_576).contains(&self.resources.memory_mb) {
+            bad("resources.memory_mb", format!("must be between 4 and 1048576, got {}", self.resources.memory_mb));
+        }
+
+        let mut port_names = BTreeSet::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            if let Err(reason) = check_dns_label(&port.name) {
+                bad(&format!("ports[{i}].name"), reason);
+            }
+            if !port_names.insert(port.name.as_str()) {
+                bad(&format!("ports[{i}].name"), format!("duplicate port name `{}`", port.name));
+            }
+            match (is_image, port.container_port) {
+                (true, None) => bad(&format!("ports[{i}].container_port"), "required for image apps".into()),
+                (true, Some(0)) => bad(&format!("ports[{i}].container_port"), "must be between 1 and 65535".into()),
+                (false, Some(_)) => bad(
+                    &format!("ports[{i}].container_port"),
+                    "only for image apps; process apps listen on $PORT".into(),
+                ),
+                _ => {}
+            }
+        }
+        if is_image && self.ports.is_empty() && !self.route.hosts.is_empty() {
+            bad("ports", "an image app with route hosts needs a port with `container_port`".into());
+        }
+
+        for key in self.env.keys() {
+            if !is_env_name(key) {
+                bad(&format!("env.{key}"), "must be a name like `GREETING` (letters, digits, _)".into());
+            } else if key == "PORT" {
+                bad("env.PORT", "is reserved: Capstan sets it to the assigned port".into());
+            }
+        }
+        for (key, value) in &self.env {
+            if value.contains('\0') {
+                bad(&format!("env.{key}"), "must not contain a NUL byte".into());
+            }
+        }
+
+        let health = &self.health;
+        if let HealthCheck::Http { path } = &health.check
+            && (!path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            bad("health.http_path", "must be a path starting with `/`, without spaces".into());
+        }
+        if health.interval < MIN_HEALTH_INTERVAL || health.interval > Duration::from_secs(3600) {
+            bad("health.interval", "must be between 100ms and 1h".into());
+        }
+        if health.timeout < Duration::from_millis(10) || health.timeout > health.interval {
+            bad("health.timeout", "must be at least 10ms and at most `health.interval`".into());
+        }
+        if !(1..=100).contains(&health.unhealthy_after) {
+            bad("health.unhealthy_after", format!("must be between 1 and 100, got {}", health.unhealthy_after));
+        }
+
+        let mut hosts = BTreeSet::new();
+        for (i, host) in self.route.hosts.iter().enumerate() {
+            if let Err(reason) = check_hostname(host) {
+                bad(&format!("route.hosts[{i}]"), reason);
+            }
+            if !hosts.insert(host.to_ascii_lowercase()) {
+                bad(&format!("route.hosts[{i}]"), format!("duplicate host `{host}`"));
+            }
+        }
+
+        let update = &self.update;
+        if update.max_surge == 0 && update.max_unavailable == 0 {
+            bad("update.max_surge", "max_surge and max_unavailable cannot both be 0: no rollout could progress".into());
+        }
+        if update.max_surge > MAX_REPLICAS {
+            bad("update.max_surge", format!("must be at most {MAX_REPLICAS}"));
+        }
+        if update.progress_deadline < Duration::from_secs(1) || update.progress_deadline > Duration::from_secs(3600) {
+            bad("update.progress_deadline", "must be between 1s and 1h".into());
+        }
+
+        if errors.is_empty() { Ok(()) } else { Err(Error::Invalid(errors)) }
+    }
+
+    pub fn is_image(&self) -> bool {
+        self.run.image.is_some()
+    }
+
+    /// A digest of what a running instance is made from. Replicas, routes and
+    /// update policy are not part of it: changing those restarts nothing.
+    pub fn template_hash(&self) -> String {
+        #[derive(Serialize)]
+        struct Template<'a> {
+            run: &'a RunSpec,
+            resources: &'a Resources,
+            ports: &'a [PortSpec],
+            env: &'a BTreeMap<String, String>,
+            health: &'a HealthSpec,
+        }
+        let template = Template {
+            run: &self.run,
+            resources: &self.resources,
+            ports: &self.ports,
+            env: &self.env,
+            health: &self.health,
+        };
+        let json = serde_json::to_vec(&template).expect("a spec always serializes");
+        let digest = Sha256::digest(json);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn path_error<E: std::fmt::Display>(err: serde_path_to_error::Error<E>) -> Error {
+    let path = err.path().to_string();
+    let field = if path == "." || path.is_empty() { "spec".to_string() } else { path };
+    // Serde's messages carry a "line N column M" tail for TOML; keep only the reason.
+    let reason = err.inner().to_string();
+    let reason = reason.lines().last().unwrap_or_default().trim().to_string();
+    Error::invalid(field, reason)
+}
+
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a DNS label: use 1-63 lowercase letters, digits and `-`, starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn check_hostname(host: &str) -> Result<(), String> {
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if valid { Ok(()) } else { Err(format!("`{host}` is not a valid host name")) }
+}
+
+fn is_env_name(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The file form: every key optional so that missing ones get defaults, and
+/// unknown keys rejected so that typos do not pass silently.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    name: String,
+    #[serde(default = "one")]
+    replicas: u32,
+    run: Option<RunFile>,
+    #[serde(default)]
+    resources: ResourcesFile,
+    #[serde(default)]
+    ports: Vec<PortFile>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    health: Option<HealthFile>,
+    #[serde(default)]
+    route: RouteFile,
+    #[serde(default)]
+    update: UpdateFile,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunFile {
+    #[serde(default)]
+    command: Vec<String>,
+    image: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResourcesFile {
+    cpu_millis: Option<u32>,
+    memory_mb: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortFile {
+    name: String,
+    container_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HealthFile {
+    http_path: Option<String>,
+    tcp: Option<bool>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    unhealthy_after: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UpdateFile {
+    max_surge: Option<u32>,
+    max_unavailable: Option<u32>,
+    progress_deadline: Option<String>,
+}
+
+impl SpecFile {
+    fn into_spec(self) -> Result<AppSpec, Error> {
+        let mut errors = Vec::new();
+        let Some(run) = self.run else {
+            return Err(Error::invalid("run", "missing: add a [run] table with `command` or `image`"));
+        };
+        let defaults = HealthSpec::default();
+        fn duration_field(errors: &mut Vec<FieldError>, field: &str, value: Option<String>, default: Duration) -> Duration {
+            match value {
+                None => default,
+                Some(text) => duration::parse(&text).unwrap_or_else(|reason| {
+                    errors.push(FieldError::new(field, reason));
+                    default
+                }),
+            }
+        }
+        let health = match self.health {
+            None => defaults,
+            Some(file) => {
+                let check = match (file.http_path, file.tcp) {
+                    (Some(_), Some(true)) => {
+                        errors.push(FieldError::new("health", "set `http_path` or `tcp = true`, not both"));
+                        HealthCheck::Tcp
+                    }
+                    (Some(path), _) => HealthCheck::Http { path },
+                    (None, Some(false)) => {
+                        errors.push(FieldError::new("health.tcp", "set `http_path`, or `tcp = true`"));
+                        HealthCheck::Tcp
+                    }
+                    (None, _) => HealthCheck::Tcp,
+                };
+                HealthSpec {
+                    check,
+                    interval: duration_field(&mut errors, "health.interval", file.interval, defaults.interval),
+                    timeout: duration_field(&mut errors, "health.timeout", file.timeout, defaults.timeout),
+                    unhealthy_after: file.unhealthy_after.unwrap_or(defaults.unhealthy_after),
+                }
+            }
+        };
+        let update_defaults = UpdateSpec::default();
+        let update = UpdateSpec {
+            max_surge: self.update.max_surge.unwrap_or(update_defaults.max_surge),
+            max_unavailable: self.update.max_unavailable.unwrap_or(update_defaults.max_unavailable),
+            progress_deadline: duration_field(
+                &mut errors,
+                "update.progress_deadline",
+                self.update.progress_deadline,
+                update_defaults.progress_deadline,
+            ),
+        };
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        let resource_defaults = Resources::default();
+        Ok(AppSpec {
+            name: self.name,
+            replicas: self.replicas,
+            run: RunSpec { command: run.command, image: run.image, args: run.args },
+            resources: Resources {
+                cpu_millis: self.resources.cpu_millis.unwrap_or(resource_defaults.cpu_millis),
+                memory_mb: self.resources.memory_mb.unwrap_or(resource_defaults.memory_mb),
+            },
+            ports: self.ports.into_iter().map(|p| PortSpec { name: p.name, container_port: p.container_port }).collect(),
+            env: self.env,
+            health,
+            route: RouteSpec { hosts: self.route.hosts },
+            update,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

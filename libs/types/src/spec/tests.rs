@@ -1,0 +1,182 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const VALID: &str = r#"
+name = "hello"
+replicas = 3
+
+[run]
+command = ["python3", "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"]
+
+[resources]
+cpu_millis = 100
+memory_mb = 64
+
+[[ports]]
+name = "http"
+
+[env]
+GREETING = "hello"
+
+[health]
+http_path = "/"
+interval = "1s"
+timeout = "500ms"
+unhealthy_after = 3
+
+[route]
+hosts = ["hello.localhost"]
+
+[update]
+max_surge = 1
+max_unavailable = 0
+"#;
+
+/// Parses `text` and checks that it fails on `field` with a reason containing `reason`.
+fn check_rejected(format: SpecFormat, text: &str, field: &str, reason: &str) {
+    let err = AppSpec::parse(text, format).expect_err("spec should be rejected");
+    let Error::Invalid(errors) = &err else { panic!("expected Invalid, got {err:?}") };
+    assert!(
+        errors.iter().any(|e| e.field == field && e.reason.contains(reason)),
+        "expected `{field}: ...{reason}...`, got {err}"
+    );
+}
+
+fn toml_with(from: &str, to: &str) -> String {
+    assert!(VALID.contains(from), "fixture lacks {from:?}");
+    VALID.replacen(from, to, 1)
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    assert_eq!(spec.name, "hello");
+    assert_eq!(spec.replicas, 3);
+    assert_eq!(spec.health.check, HealthCheck::Http { path: "/".into() });
+    assert_eq!(spec.health.timeout, Duration::from_millis(500));
+    assert_eq!(spec.route.hosts, vec!["hello.localhost".to_string()]);
+    assert!(!spec.is_image());
+}
+
+#[test]
+fn yaml_is_the_same_spec() {
+    let yaml = r#"
+name: hello
+replicas: 3
+run:
+  command: ["python3", "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"]
+resources: { cpu_millis: 100, memory_mb: 64 }
+ports: [{ name: http }]
+env: { GREETING: hello }
+health: { http_path: /, interval: 1s, timeout: 500ms, unhealthy_after: 3 }
+route: { hosts: [hello.localhost] }
+update: { max_surge: 1, max_unavailable: 0 }
+"#;
+    let from_yaml = AppSpec::parse(yaml, SpecFormat::Yaml).unwrap();
+    let from_toml = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    assert_eq!(from_yaml, from_toml);
+}
+
+#[test]
+fn defaults_fill_missing_tables() {
+    let spec = AppSpec::parse("name = \"a\"\n[run]\ncommand = [\"sleep\", \"1\"]\n", SpecFormat::Toml).unwrap();
+    assert_eq!(spec.replicas, 1);
+    assert_eq!(spec.resources, Resources::default());
+    assert_eq!(spec.health, HealthSpec::default());
+    assert_eq!(spec.update, UpdateSpec::default());
+}
+
+#[test]
+fn rejects_bad_input_naming_the_field() {
+    use SpecFormat::Toml;
+    check_rejected(Toml, &toml_with("replicas = 3", "replicas = 3\ncolour = \"red\""), "colour", "unknown field `colour`");
+    check_rejected(Toml, &toml_with("memory_mb = 64", "memory_mb = 64\nswap = 1"), "resources.swap", "unknown field `swap`");
+    check_rejected(Toml, &toml_with("replicas = 3", "replicas = \"three\""), "replicas", "invalid type");
+    check_rejected(Toml, &toml_with("replicas = 3", "replicas = 5000"), "replicas", "between 0 and 1000");
+    check_rejected(Toml, &toml_with("replicas = 3", "replicas = -1"), "replicas", "invalid value");
+    check_rejected(Toml, "name = \"a\"\n", "run", "missing");
+    check_rejected(
+        Toml,
+        &toml_with("[run]\n", "[run]\nimage = \"busybox:latest\"\n"),
+        "run",
+        "not both",
+    );
+    check_rejected(Toml, &toml_with("interval = \"1s\"", "interval = \"1 sec\""), "health.interval", "unit");
+    check_rejected(Toml, &toml_with("interval = \"1s\"", "interval = \"10ms\""), "health.interval", "between 100ms");
+    check_rejected(Toml, &toml_with("timeout = \"500ms\"", "timeout = \"5s\""), "health.timeout", "at most");
+    check_rejected(Toml, &toml_with("name = \"hello\"", "name = \"Hello_World\""), "name", "DNS label");
+    check_rejected(Toml, &toml_with("name = \"hello\"", "name = \"-x\""), "name", "DNS label");
+    check_rejected(
+        Toml,
+        &toml_with("name = \"http\"\n", "name = \"http\"\n\n[[ports]]\nname = \"http\"\n"),
+        "ports[1].name",
+        "duplicate",
+    );
+    check_rejected(Toml, &toml_with("max_surge = 1", "max_surge = 0"), "update.max_surge", "both be 0");
+    check_rejected(Toml, &toml_with("GREETING = \"hello\"", "PORT = \"1\""), "env.PORT", "reserved");
+    check_rejected(Toml, &toml_with("hello.localhost", "bad host!"), "route.hosts[0]", "valid host");
+    check_rejected(Toml, "name = [", "spec", "TOML");
+}
+
+#[test]
+fn image_apps_need_container_ports_and_process_apps_must_not_have_them() {
+    let image = "name = \"web\"\n[run]\nimage = \"busybox:latest\"\n[[ports]]\nname = \"http\"\n";
+    check_rejected(SpecFormat::Toml, image, "ports[0].container_port", "required for image apps");
+    let process = "name = \"web\"\n[run]\ncommand = [\"x\"]\n[[ports]]\nname = \"http\"\ncontainer_port = 80\n";
+    check_rejected(SpecFormat::Toml, process, "ports[0].container_port", "only for image apps");
+}
+
+#[test]
+fn reports_every_problem_at_once() {
+    let text = toml_with("name = \"hello\"", "name = \"UPPER\"").replace("replicas = 3", "replicas = 9999");
+    let Err(Error::Invalid(errors)) = AppSpec::parse(&text, SpecFormat::Toml) else { panic!("accepted") };
+    let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["name", "replicas"]);
+}
+
+#[test]
+fn format_comes_from_the_extension() {
+    assert_eq!(SpecFormat::from_path("app.TOML").unwrap(), SpecFormat::Toml);
+    assert_eq!(SpecFormat::from_path("app.yml").unwrap(), SpecFormat::Yaml);
+    assert!(SpecFormat::from_path("app.json").is_err());
+}
+
+#[test]
+fn template_hash_ignores_scale_and_routes_but_not_the_command() {
+    let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    let mut scaled = spec.clone();
+    scaled.replicas = 7;
+    scaled.route.hosts.push("other.localhost".into());
+    assert_eq!(spec.template_hash(), scaled.template_hash());
+    let mut changed = spec.clone();
+    changed.env.insert("GREETING".into(), "bye".into());
+    assert_ne!(spec.template_hash(), changed.template_hash());
+}
+
+proptest! {
+    /// Whatever the input, parsing never panics, and what it accepts is valid.
+    #[test]
+    fn parse_never_panics_and_accepts_only_valid_specs(text in "\\PC{0,200}") {
+        if let Ok(spec) = AppSpec::parse(&text, SpecFormat::Toml) {
+            prop_assert!(spec.validate().is_ok());
+        }
+        let _ = AppSpec::parse(&text, SpecFormat::Yaml);
+    }
+
+    #[test]
+    fn replicas_are_accepted_exactly_in_range(replicas in 0u32..5000) {
+        let text = toml_with("replicas = 3", &format!("replicas = {replicas}"));
+        let result = AppSpec::parse(&text, SpecFormat::Toml);
+        prop_assert_eq!(result.is_ok(), replicas <= MAX_REPLICAS);
+    }
+
+    #[test]
+    fn names_are_accepted_iff_dns_labels(name in "[a-zA-Z0-9_.-]{0,70}") {
+        let text = toml_with("name = \"hello\"", &format!("name = \"{name}\""));
+        let is_label = !name.is_empty() && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-') && !name.ends_with('-');
+        prop_assert_eq!(AppSpec::parse(&text, SpecFormat::Toml).is_ok(), is_label);
+    }
+}
