@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use capstan_types::spec::{HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec};
+use capstan_types::spec::{
+    HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
+};
 use capstan_types::{AppSpec, Error, Event, EventKind, InstanceState};
 
 use crate::v1;
@@ -17,13 +19,24 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
         None => default_health,
         Some(h) => {
             if !h.http_path.is_empty() && h.tcp {
-                return Err(Error::invalid("health", "set `http_path` or `tcp`, not both"));
+                return Err(Error::invalid(
+                    "health",
+                    "set `http_path` or `tcp`, not both",
+                ));
             }
             HealthSpec {
-                check: if h.http_path.is_empty() { HealthCheck::Tcp } else { HealthCheck::Http { path: h.http_path } },
+                check: if h.http_path.is_empty() {
+                    HealthCheck::Tcp
+                } else {
+                    HealthCheck::Http { path: h.http_path }
+                },
                 interval: millis_or(h.interval_ms, default_health.interval),
                 timeout: millis_or(h.timeout_ms, default_health.timeout),
-                unhealthy_after: if h.unhealthy_after == 0 { default_health.unhealthy_after } else { h.unhealthy_after },
+                unhealthy_after: if h.unhealthy_after == 0 {
+                    default_health.unhealthy_after
+                } else {
+                    h.unhealthy_after
+                },
             }
         }
     };
@@ -40,19 +53,28 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
     for (i, port) in wire.ports.into_iter().enumerate() {
         let container_port = match port.container_port {
             0 => None,
-            p => Some(
-                u16::try_from(p)
-                    .map_err(|_| Error::invalid(format!("ports[{i}].container_port"), "must be between 1 and 65535"))?,
-            ),
+            p => Some(u16::try_from(p).map_err(|_| {
+                Error::invalid(
+                    format!("ports[{i}].container_port"),
+                    "must be between 1 and 65535",
+                )
+            })?),
         };
-        ports.push(PortSpec { name: port.name, container_port });
+        ports.push(PortSpec {
+            name: port.name,
+            container_port,
+        });
     }
     let spec = AppSpec {
         name: wire.name,
         replicas: wire.replicas,
         run: RunSpec {
             command: run.command,
-            image: if run.image.is_empty() { None } else { Some(run.image) },
+            image: if run.image.is_empty() {
+                None
+            } else {
+                Some(run.image)
+            },
             args: run.args,
         },
         resources: Resources {
@@ -62,7 +84,9 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
         ports,
         env: wire.env.into_iter().collect(),
         health,
-        route: RouteSpec { hosts: wire.route.map(|r| r.hosts).unwrap_or_default() },
+        route: RouteSpec {
+            hosts: wire.route.map(|r| r.hosts).unwrap_or_default(),
+        },
         update,
     };
     spec.validate()?;
@@ -78,11 +102,17 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
             image: spec.run.image.clone().unwrap_or_default(),
             args: spec.run.args.clone(),
         }),
-        resources: Some(v1::Resources { cpu_millis: spec.resources.cpu_millis, memory_mb: spec.resources.memory_mb }),
+        resources: Some(v1::Resources {
+            cpu_millis: spec.resources.cpu_millis,
+            memory_mb: spec.resources.memory_mb,
+        }),
         ports: spec
             .ports
             .iter()
-            .map(|p| v1::PortSpec { name: p.name.clone(), container_port: p.container_port.map_or(0, u32::from) })
+            .map(|p| v1::PortSpec {
+                name: p.name.clone(),
+                container_port: p.container_port.map_or(0, u32::from),
+            })
             .collect(),
         env: spec.env.clone().into_iter().collect(),
         health: Some(v1::HealthSpec {
@@ -95,7 +125,9 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
             timeout_ms: millis(spec.health.timeout),
             unhealthy_after: spec.health.unhealthy_after,
         }),
-        route: Some(v1::RouteSpec { hosts: spec.route.hosts.clone() }),
+        route: Some(v1::RouteSpec {
+            hosts: spec.route.hosts.clone(),
+        }),
         update: Some(v1::UpdateSpec {
             max_surge: spec.update.max_surge,
             max_unavailable: spec.update.max_unavailable,
@@ -106,11 +138,17 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
 
 pub fn resources_from_wire(wire: Option<v1::Resources>) -> Resources {
     let wire = wire.unwrap_or_default();
-    Resources { cpu_millis: wire.cpu_millis, memory_mb: wire.memory_mb }
+    Resources {
+        cpu_millis: wire.cpu_millis,
+        memory_mb: wire.memory_mb,
+    }
 }
 
 pub fn resources_to_wire(resources: Resources) -> v1::Resources {
-    v1::Resources { cpu_millis: resources.cpu_millis, memory_mb: resources.memory_mb }
+    v1::Resources {
+        cpu_millis: resources.cpu_millis,
+        memory_mb: resources.memory_mb,
+    }
 }
 
 pub fn state_to_wire(state: InstanceState) -> v1::InstanceState {
@@ -153,7 +191,8 @@ pub fn event_to_wire(event: &Event) -> v1::Event {
 }
 
 pub fn event_from_wire(wire: v1::Event) -> Result<Event, Error> {
-    let kind = EventKind::parse(&wire.kind).ok_or_else(|| Error::invalid("event.kind", format!("unknown kind `{}`", wire.kind)))?;
+    let kind = EventKind::parse(&wire.kind)
+        .ok_or_else(|| Error::invalid("event.kind", format!("unknown kind `{}`", wire.kind)))?;
     Ok(Event {
         id: wire.id,
         time_ms: wire.time_ms,
@@ -170,7 +209,11 @@ fn millis(duration: Duration) -> u64 {
 }
 
 fn millis_or(ms: u64, default: Duration) -> Duration {
-    if ms == 0 { default } else { Duration::from_millis(ms) }
+    if ms == 0 {
+        default
+    } else {
+        Duration::from_millis(ms)
+    }
 }
 
 fn nonzero_or(value: u32, default: u32) -> u32 {
@@ -193,7 +236,10 @@ mod tests {
 
     #[test]
     fn wire_spec_is_validated() {
-        let wire = v1::AppSpec { name: "Bad Name".into(), ..Default::default() };
+        let wire = v1::AppSpec {
+            name: "Bad Name".into(),
+            ..Default::default()
+        };
         let err = spec_from_wire(wire).unwrap_err().to_string();
         assert!(err.contains("name:"), "{err}");
         assert!(err.contains("run:"), "{err}");

@@ -42,9 +42,16 @@ mod tests {
 
     #[test]
     fn validation_errors_keep_the_field_in_the_message() {
-        let status = status(Error::invalid("health.interval", "must be between 100ms and 1h"));
+        let status = status(Error::invalid(
+            "health.interval",
+            "must be between 100ms and 1h",
+        ));
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().contains("health.interval: must be between 100ms and 1h"));
+        assert!(
+            status
+                .message()
+                .contains("health.interval: must be between 100ms and 1h")
+        );
     }
 
     #[test]

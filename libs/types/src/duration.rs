@@ -15,20 +15,28 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("`{text}` has no unit; use ms, s, m or h"))?;
         if number_len == 0 {
-            return Err(format!("`{text}` is not a duration; write it like \"500ms\" or \"1s\""));
+            return Err(format!(
+                "`{text}` is not a duration; write it like \"500ms\" or \"1s\""
+            ));
         }
         let (number, after) = rest.split_at(number_len);
         let value: f64 = number
             .parse()
             .map_err(|_| format!("`{number}` in `{text}` is not a number"))?;
-        let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
         let (unit, next) = after.split_at(unit_len);
         let seconds_per_unit = match unit {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(format!("unknown unit `{unit}` in `{text}`; use ms, s, m or h")),
+            _ => {
+                return Err(format!(
+                    "unknown unit `{unit}` in `{text}`; use ms, s, m or h"
+                ));
+            }
         };
         let seconds = value * seconds_per_unit;
         if !seconds.is_finite() || seconds > 1e9 {

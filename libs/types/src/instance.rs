@@ -38,7 +38,10 @@ impl InstanceState {
 
     /// Failed, lost and stopped instances hold nothing and will not recover.
     pub fn is_terminal(self) -> bool {
-        matches!(self, InstanceState::Stopped | InstanceState::Failed | InstanceState::Lost)
+        matches!(
+            self,
+            InstanceState::Stopped | InstanceState::Failed | InstanceState::Lost
+        )
     }
 }
 

@@ -13,7 +13,9 @@ pub mod spec;
 pub use error::{Error, FieldError, Result};
 pub use event::{Event, EventKind};
 pub use instance::InstanceState;
-pub use spec::{AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec};
+pub use spec::{
+    AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
+};
 
 /// Milliseconds since the Unix epoch; the one clock format stored and sent.
 pub type UnixMillis = i64;

@@ -45,7 +45,10 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { cpu_millis: 100, memory_mb: 64 }
+        Resources {
+            cpu_millis: 100,
+            memory_mb: 64,
+        }
     }
 }
 
@@ -96,7 +99,11 @@ pub struct UpdateSpec {
 
 impl Default for UpdateSpec {
     fn default() -> Self {
-        UpdateSpec { max_surge: 1, max_unavailable: 0, progress_deadline: Duration::from_secs(60) }
+        UpdateSpec {
+            max_surge: 1,
+            max_unavailable: 0,
+            progress_deadline: Duration::from_secs(60),
+        }
     }
 }
 
@@ -115,7 +122,10 @@ impl SpecFormat {
         } else if lower.ends_with(".yaml") || lower.ends_with(".yml") {
             Ok(SpecFormat::Yaml)
         } else {
-            Err(Error::invalid("file", format!("`{path}` must end in .toml, .yaml or .yml")))
+            Err(Error::invalid(
+                "file",
+                format!("`{path}` must end in .toml, .yaml or .yml"),
+            ))
         }
     }
 }
@@ -125,8 +135,9 @@ impl AppSpec {
     pub fn parse(text: &str, format: SpecFormat) -> Result<AppSpec, Error> {
         let file: SpecFile = match format {
             SpecFormat::Toml => {
-                let deserializer = toml::Deserializer::parse(text)
-                    .map_err(|e| Error::invalid("spec", format!("not valid TOML: {}", e.message())))?;
+                let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+                    Error::invalid("spec", format!("not valid TOML: {}", e.message()))
+                })?;
                 serde_path_to_error::deserialize(deserializer).map_err(path_error)?
             }
             SpecFormat::Yaml => {
@@ -148,21 +159,36 @@ impl AppSpec {
             bad("name", reason);
         }
         if self.replicas > MAX_REPLICAS {
-            bad("replicas", format!("must be between 0 and {MAX_REPLICAS}, got {}", self.replicas));
+            bad(
+                "replicas",
+                format!(
+                    "must be between 0 and {MAX_REPLICAS}, got {}",
+                    self.replicas
+                ),
+            );
         }
 
         let is_image = match (&self.run.image, self.run.command.is_empty()) {
             (Some(_), false) => {
-                bad("run", "set exactly one of `command` and `image`, not both".into());
+                bad(
+                    "run",
+                    "set exactly one of `command` and `image`, not both".into(),
+                );
                 true
             }
             (None, true) => {
-                bad("run", "set exactly one of `command` (a process) or `image` (a container)".into());
+                bad(
+                    "run",
+                    "set exactly one of `command` (a process) or `image` (a container)".into(),
+                );
                 false
             }
             (Some(image), true) => {
                 if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
-                    bad("run.image", "must be an image reference like `name:tag`".into());
+                    bad(
+                        "run.image",
+                        "must be an image reference like `name:tag`".into(),
+                    );
                 }
                 true
             }
@@ -171,22 +197,40 @@ impl AppSpec {
                     bad("run.command[0]", "must name the program to run".into());
                 }
                 if !self.run.args.is_empty() {
-                    bad("run.args", "only for image apps; put arguments in `command`".into());
+                    bad(
+                        "run.args",
+                        "only for image apps; put arguments in `command`".into(),
+                    );
                 }
                 false
             }
         };
         for (i, arg) in self.run.command.iter().chain(&self.run.args).enumerate() {
             if arg.contains('\0') {
-                bad(&format!("run.command[{i}]"), "must not contain a NUL byte".into());
+                bad(
+                    &format!("run.command[{i}]"),
+                    "must not contain a NUL byte".into(),
+                );
             }
         }
 
         if !(1..=256_000).contains(&self.resources.cpu_millis) {
-            bad("resources.cpu_millis", format!("must be between 1 and 256000, got {}", self.resources.cpu_millis));
+            bad(
+                "resources.cpu_millis",
+                format!(
+                    "must be between 1 and 256000, got {}",
+                    self.resources.cpu_millis
+                ),
+            );
         }
         if !(4..=1_048_576).contains(&self.resources.memory_mb) {
-            bad("resources.memory_mb", format!("must be between 4 and 1048576, got {}", self.resources.memory_mb));
+            bad(
+                "resources.memory_mb",
+                format!(
+                    "must be between 4 and 1048576, got {}",
+                    self.resources.memory_mb
+                ),
+            );
         }
 
         let mut port_names = BTreeSet::new();
@@ -195,11 +239,20 @@ impl AppSpec {
                 bad(&format!("ports[{i}].name"), reason);
             }
             if !port_names.insert(port.name.as_str()) {
-                bad(&format!("ports[{i}].name"), format!("duplicate port name `{}`", port.name));
+                bad(
+                    &format!("ports[{i}].name"),
+                    format!("duplicate port name `{}`", port.name),
+                );
             }
             match (is_image, port.container_port) {
-                (true, None) => bad(&format!("ports[{i}].container_port"), "required for image apps".into()),
-                (true, Some(0)) => bad(&format!("ports[{i}].container_port"), "must be between 1 and 65535".into()),
+                (true, None) => bad(
+                    &format!("ports[{i}].container_port"),
+                    "required for image apps".into(),
+                ),
+                (true, Some(0)) => bad(
+                    &format!("ports[{i}].container_port"),
+                    "must be between 1 and 65535".into(),
+                ),
                 (false, Some(_)) => bad(
                     &format!("ports[{i}].container_port"),
                     "only for image apps; process apps listen on $PORT".into(),
@@ -208,14 +261,23 @@ impl AppSpec {
             }
         }
         if is_image && self.ports.is_empty() && !self.route.hosts.is_empty() {
-            bad("ports", "an image app with route hosts needs a port with `container_port`".into());
+            bad(
+                "ports",
+                "an image app with route hosts needs a port with `container_port`".into(),
+            );
         }
 
         for key in self.env.keys() {
             if !is_env_name(key) {
-                bad(&format!("env.{key}"), "must be a name like `GREETING` (letters, digits, _)".into());
+                bad(
+                    &format!("env.{key}"),
+                    "must be a name like `GREETING` (letters, digits, _)".into(),
+                );
             } else if key == "PORT" {
-                bad("env.PORT", "is reserved: Capstan sets it to the assigned port".into());
+                bad(
+                    "env.PORT",
+                    "is reserved: Capstan sets it to the assigned port".into(),
+                );
             }
         }
         for (key, value) in &self.env {
@@ -228,16 +290,25 @@ impl AppSpec {
         if let HealthCheck::Http { path } = &health.check
             && (!path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
-            bad("health.http_path", "must be a path starting with `/`, without spaces".into());
+            bad(
+                "health.http_path",
+                "must be a path starting with `/`, without spaces".into(),
+            );
         }
         if health.interval < MIN_HEALTH_INTERVAL || health.interval > Duration::from_secs(3600) {
             bad("health.interval", "must be between 100ms and 1h".into());
         }
         if health.timeout < Duration::from_millis(10) || health.timeout > health.interval {
-            bad("health.timeout", "must be at least 10ms and at most `health.interval`".into());
+            bad(
+                "health.timeout",
+                "must be at least 10ms and at most `health.interval`".into(),
+            );
         }
         if !(1..=100).contains(&health.unhealthy_after) {
-            bad("health.unhealthy_after", format!("must be between 1 and 100, got {}", health.unhealthy_after));
+            bad(
+                "health.unhealthy_after",
+                format!("must be between 1 and 100, got {}", health.unhealthy_after),
+            );
         }
 
         let mut hosts = BTreeSet::new();
@@ -246,22 +317,40 @@ impl AppSpec {
                 bad(&format!("route.hosts[{i}]"), reason);
             }
             if !hosts.insert(host.to_ascii_lowercase()) {
-                bad(&format!("route.hosts[{i}]"), format!("duplicate host `{host}`"));
+                bad(
+                    &format!("route.hosts[{i}]"),
+                    format!("duplicate host `{host}`"),
+                );
             }
         }
 
         let update = &self.update;
         if update.max_surge == 0 && update.max_unavailable == 0 {
-            bad("update.max_surge", "max_surge and max_unavailable cannot both be 0: no rollout could progress".into());
+            bad(
+                "update.max_surge",
+                "max_surge and max_unavailable cannot both be 0: no rollout could progress".into(),
+            );
         }
         if update.max_surge > MAX_REPLICAS {
-            bad("update.max_surge", format!("must be at most {MAX_REPLICAS}"));
+            bad(
+                "update.max_surge",
+                format!("must be at most {MAX_REPLICAS}"),
+            );
         }
-        if update.progress_deadline < Duration::from_secs(1) || update.progress_deadline > Duration::from_secs(3600) {
-            bad("update.progress_deadline", "must be between 1s and 1h".into());
+        if update.progress_deadline < Duration::from_secs(1)
+            || update.progress_deadline > Duration::from_secs(3600)
+        {
+            bad(
+                "update.progress_deadline",
+                "must be between 1s and 1h".into(),
+            );
         }
 
-        if errors.is_empty() { Ok(()) } else { Err(Error::Invalid(errors)) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(errors))
+        }
     }
 
     pub fn is_image(&self) -> bool {
@@ -294,7 +383,11 @@ impl AppSpec {
 
 fn path_error<E: std::fmt::Display>(err: serde_path_to_error::Error<E>) -> Error {
     let path = err.path().to_string();
-    let field = if path == "." || path.is_empty() { "spec".to_string() } else { path };
+    let field = if path == "." || path.is_empty() {
+        "spec".to_string()
+    } else {
+        path
+    };
     // Serde's messages carry a "line N column M" tail for TOML; keep only the reason.
     let reason = err.inner().to_string();
     let reason = reason.lines().last().unwrap_or_default().trim().to_string();
@@ -304,7 +397,9 @@ fn path_error<E: std::fmt::Display>(err: serde_path_to_error::Error<E>) -> Error
 pub fn check_dns_label(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -322,11 +417,17 @@ fn check_hostname(host: &str) -> Result<(), String> {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
-    if valid { Ok(()) } else { Err(format!("`{host}` is not a valid host name")) }
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("`{host}` is not a valid host name"))
+    }
 }
 
 fn is_env_name(key: &str) -> bool {
@@ -414,10 +515,18 @@ impl SpecFile {
     fn into_spec(self) -> Result<AppSpec, Error> {
         let mut errors = Vec::new();
         let Some(run) = self.run else {
-            return Err(Error::invalid("run", "missing: add a [run] table with `command` or `image`"));
+            return Err(Error::invalid(
+                "run",
+                "missing: add a [run] table with `command` or `image`",
+            ));
         };
         let defaults = HealthSpec::default();
-        fn duration_field(errors: &mut Vec<FieldError>, field: &str, value: Option<String>, default: Duration) -> Duration {
+        fn duration_field(
+            errors: &mut Vec<FieldError>,
+            field: &str,
+            value: Option<String>,
+            default: Duration,
+        ) -> Duration {
             match value {
                 None => default,
                 Some(text) => duration::parse(&text).unwrap_or_else(|reason| {
@@ -431,20 +540,36 @@ impl SpecFile {
             Some(file) => {
                 let check = match (file.http_path, file.tcp) {
                     (Some(_), Some(true)) => {
-                        errors.push(FieldError::new("health", "set `http_path` or `tcp = true`, not both"));
+                        errors.push(FieldError::new(
+                            "health",
+                            "set `http_path` or `tcp = true`, not both",
+                        ));
                         HealthCheck::Tcp
                     }
                     (Some(path), _) => HealthCheck::Http { path },
                     (None, Some(false)) => {
-                        errors.push(FieldError::new("health.tcp", "set `http_path`, or `tcp = true`"));
+                        errors.push(FieldError::new(
+                            "health.tcp",
+                            "set `http_path`, or `tcp = true`",
+                        ));
                         HealthCheck::Tcp
                     }
                     (None, _) => HealthCheck::Tcp,
                 };
                 HealthSpec {
                     check,
-                    interval: duration_field(&mut errors, "health.interval", file.interval, defaults.interval),
-                    timeout: duration_field(&mut errors, "health.timeout", file.timeout, defaults.timeout),
+                    interval: duration_field(
+                        &mut errors,
+                        "health.interval",
+                        file.interval,
+                        defaults.interval,
+                    ),
+                    timeout: duration_field(
+                        &mut errors,
+                        "health.timeout",
+                        file.timeout,
+                        defaults.timeout,
+                    ),
                     unhealthy_after: file.unhealthy_after.unwrap_or(defaults.unhealthy_after),
                 }
             }
@@ -452,7 +577,10 @@ impl SpecFile {
         let update_defaults = UpdateSpec::default();
         let update = UpdateSpec {
             max_surge: self.update.max_surge.unwrap_or(update_defaults.max_surge),
-            max_unavailable: self.update.max_unavailable.unwrap_or(update_defaults.max_unavailable),
+            max_unavailable: self
+                .update
+                .max_unavailable
+                .unwrap_or(update_defaults.max_unavailable),
             progress_deadline: duration_field(
                 &mut errors,
                 "update.progress_deadline",
@@ -467,15 +595,34 @@ impl SpecFile {
         Ok(AppSpec {
             name: self.name,
             replicas: self.replicas,
-            run: RunSpec { command: run.command, image: run.image, args: run.args },
-            resources: Resources {
-                cpu_millis: self.resources.cpu_millis.unwrap_or(resource_defaults.cpu_millis),
-                memory_mb: self.resources.memory_mb.unwrap_or(resource_defaults.memory_mb),
+            run: RunSpec {
+                command: run.command,
+                image: run.image,
+                args: run.args,
             },
-            ports: self.ports.into_iter().map(|p| PortSpec { name: p.name, container_port: p.container_port }).collect(),
+            resources: Resources {
+                cpu_millis: self
+                    .resources
+                    .cpu_millis
+                    .unwrap_or(resource_defaults.cpu_millis),
+                memory_mb: self
+                    .resources
+                    .memory_mb
+                    .unwrap_or(resource_defaults.memory_mb),
+            },
+            ports: self
+                .ports
+                .into_iter()
+                .map(|p| PortSpec {
+                    name: p.name,
+                    container_port: p.container_port,
+                })
+                .collect(),
             env: self.env,
             health,
-            route: RouteSpec { hosts: self.route.hosts },
+            route: RouteSpec {
+                hosts: self.route.hosts,
+            },
             update,
         })
     }

@@ -36,9 +36,13 @@ max_unavailable = 0
 /// Parses `text` and checks that it fails on `field` with a reason containing `reason`.
 fn check_rejected(format: SpecFormat, text: &str, field: &str, reason: &str) {
     let err = AppSpec::parse(text, format).expect_err("spec should be rejected");
-    let Error::Invalid(errors) = &err else { panic!("expected Invalid, got {err:?}") };
+    let Error::Invalid(errors) = &err else {
+        panic!("expected Invalid, got {err:?}")
+    };
     assert!(
-        errors.iter().any(|e| e.field == field && e.reason.contains(reason)),
+        errors
+            .iter()
+            .any(|e| e.field == field && e.reason.contains(reason)),
         "expected `{field}: ...{reason}...`, got {err}"
     );
 }
@@ -80,7 +84,11 @@ update: { max_surge: 1, max_unavailable: 0 }
 
 #[test]
 fn defaults_fill_missing_tables() {
-    let spec = AppSpec::parse("name = \"a\"\n[run]\ncommand = [\"sleep\", \"1\"]\n", SpecFormat::Toml).unwrap();
+    let spec = AppSpec::parse(
+        "name = \"a\"\n[run]\ncommand = [\"sleep\", \"1\"]\n",
+        SpecFormat::Toml,
+    )
+    .unwrap();
     assert_eq!(spec.replicas, 1);
     assert_eq!(spec.resources, Resources::default());
     assert_eq!(spec.health, HealthSpec::default());
@@ -90,11 +98,36 @@ fn defaults_fill_missing_tables() {
 #[test]
 fn rejects_bad_input_naming_the_field() {
     use SpecFormat::Toml;
-    check_rejected(Toml, &toml_with("replicas = 3", "replicas = 3\ncolour = \"red\""), "colour", "unknown field `colour`");
-    check_rejected(Toml, &toml_with("memory_mb = 64", "memory_mb = 64\nswap = 1"), "resources.swap", "unknown field `swap`");
-    check_rejected(Toml, &toml_with("replicas = 3", "replicas = \"three\""), "replicas", "invalid type");
-    check_rejected(Toml, &toml_with("replicas = 3", "replicas = 5000"), "replicas", "between 0 and 1000");
-    check_rejected(Toml, &toml_with("replicas = 3", "replicas = -1"), "replicas", "invalid value");
+    check_rejected(
+        Toml,
+        &toml_with("replicas = 3", "replicas = 3\ncolour = \"red\""),
+        "colour",
+        "unknown field `colour`",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("memory_mb = 64", "memory_mb = 64\nswap = 1"),
+        "resources.swap",
+        "unknown field `swap`",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("replicas = 3", "replicas = \"three\""),
+        "replicas",
+        "invalid type",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("replicas = 3", "replicas = 5000"),
+        "replicas",
+        "between 0 and 1000",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("replicas = 3", "replicas = -1"),
+        "replicas",
+        "invalid value",
+    );
     check_rejected(Toml, "name = \"a\"\n", "run", "missing");
     check_rejected(
         Toml,
@@ -102,35 +135,91 @@ fn rejects_bad_input_naming_the_field() {
         "run",
         "not both",
     );
-    check_rejected(Toml, &toml_with("interval = \"1s\"", "interval = \"1 sec\""), "health.interval", "unit");
-    check_rejected(Toml, &toml_with("interval = \"1s\"", "interval = \"10ms\""), "health.interval", "between 100ms");
-    check_rejected(Toml, &toml_with("timeout = \"500ms\"", "timeout = \"5s\""), "health.timeout", "at most");
-    check_rejected(Toml, &toml_with("name = \"hello\"", "name = \"Hello_World\""), "name", "DNS label");
-    check_rejected(Toml, &toml_with("name = \"hello\"", "name = \"-x\""), "name", "DNS label");
     check_rejected(
         Toml,
-        &toml_with("name = \"http\"\n", "name = \"http\"\n\n[[ports]]\nname = \"http\"\n"),
+        &toml_with("interval = \"1s\"", "interval = \"1 sec\""),
+        "health.interval",
+        "unit",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("interval = \"1s\"", "interval = \"10ms\""),
+        "health.interval",
+        "between 100ms",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("timeout = \"500ms\"", "timeout = \"5s\""),
+        "health.timeout",
+        "at most",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("name = \"hello\"", "name = \"Hello_World\""),
+        "name",
+        "DNS label",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("name = \"hello\"", "name = \"-x\""),
+        "name",
+        "DNS label",
+    );
+    check_rejected(
+        Toml,
+        &toml_with(
+            "name = \"http\"\n",
+            "name = \"http\"\n\n[[ports]]\nname = \"http\"\n",
+        ),
         "ports[1].name",
         "duplicate",
     );
-    check_rejected(Toml, &toml_with("max_surge = 1", "max_surge = 0"), "update.max_surge", "both be 0");
-    check_rejected(Toml, &toml_with("GREETING = \"hello\"", "PORT = \"1\""), "env.PORT", "reserved");
-    check_rejected(Toml, &toml_with("hello.localhost", "bad host!"), "route.hosts[0]", "valid host");
+    check_rejected(
+        Toml,
+        &toml_with("max_surge = 1", "max_surge = 0"),
+        "update.max_surge",
+        "both be 0",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("GREETING = \"hello\"", "PORT = \"1\""),
+        "env.PORT",
+        "reserved",
+    );
+    check_rejected(
+        Toml,
+        &toml_with("hello.localhost", "bad host!"),
+        "route.hosts[0]",
+        "valid host",
+    );
     check_rejected(Toml, "name = [", "spec", "TOML");
 }
 
 #[test]
 fn image_apps_need_container_ports_and_process_apps_must_not_have_them() {
     let image = "name = \"web\"\n[run]\nimage = \"busybox:latest\"\n[[ports]]\nname = \"http\"\n";
-    check_rejected(SpecFormat::Toml, image, "ports[0].container_port", "required for image apps");
+    check_rejected(
+        SpecFormat::Toml,
+        image,
+        "ports[0].container_port",
+        "required for image apps",
+    );
     let process = "name = \"web\"\n[run]\ncommand = [\"x\"]\n[[ports]]\nname = \"http\"\ncontainer_port = 80\n";
-    check_rejected(SpecFormat::Toml, process, "ports[0].container_port", "only for image apps");
+    check_rejected(
+        SpecFormat::Toml,
+        process,
+        "ports[0].container_port",
+        "only for image apps",
+    );
 }
 
 #[test]
 fn reports_every_problem_at_once() {
-    let text = toml_with("name = \"hello\"", "name = \"UPPER\"").replace("replicas = 3", "replicas = 9999");
-    let Err(Error::Invalid(errors)) = AppSpec::parse(&text, SpecFormat::Toml) else { panic!("accepted") };
+    let text = toml_with("name = \"hello\"", "name = \"UPPER\"")
+        .replace("replicas = 3", "replicas = 9999");
+    let Err(Error::Invalid(errors)) = AppSpec::parse(&text, SpecFormat::Toml) else {
+        panic!("accepted")
+    };
     let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(fields, ["name", "replicas"]);
 }

@@ -1,0 +1,182 @@
+//! The event-bus port. Events are hints that something changed; state in the
+//! store is the truth. Delivery is at least once:
+//!
+//! - [`EventBus::publish`] returns only after the broker has confirmed the
+//!   event durable;
+//! - a subscriber acks a [`Delivery`] after it has applied the effect; one
+//!   dropped unacked is delivered again;
+//! - so consumers are idempotent, deduplicating on `Event::id` ([`Deduper`]).
+//!
+//! Routing is AMQP topic routing on the event kind (`instance.*`, `#`).
+
+use std::collections::{HashSet, VecDeque};
+
+use async_trait::async_trait;
+use capstan_types::Event;
+
+pub mod contract;
+mod memory;
+mod rabbit;
+
+pub use memory::MemoryBus;
+pub use rabbit::RabbitBus;
+
+/// The exchange every event is published to.
+pub const EXCHANGE: &str = "capstan.events";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not confirm event {0}")]
+    NotConfirmed(String),
+    #[error("invalid binding `{0}`: use dot-separated words, `*` or `#`")]
+    InvalidBinding(String),
+}
+
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Publishes durably; returns once the broker has confirmed.
+    async fn publish(&self, event: &Event) -> Result<(), BusError>;
+
+    /// Consumes from the durable queue `queue`, bound to `bindings`. The queue
+    /// outlives the subscription: events published while nobody consumes wait.
+    /// Several subscriptions to one queue compete for its events.
+    async fn subscribe(&self, queue: &str, bindings: &[&str]) -> Result<Subscription, BusError>;
+}
+
+/// A stream of deliveries; `None` once the bus connection is gone, after
+/// which the consumer subscribes again.
+pub struct Subscription {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+}
+
+/// One event handed to one consumer. Ack it after applying it; dropping it
+/// unacked hands it out again.
+pub struct Delivery {
+    pub event: Event,
+    /// True when this event was handed out before and not acked.
+    pub redelivered: bool,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl Delivery {
+    pub async fn ack(mut self) -> Result<(), BusError> {
+        match self.acker.take() {
+            Some(acker) => acker.ack().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            acker.requeue();
+        }
+    }
+}
+
+#[async_trait]
+trait Acker: Send + Sync {
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Called from `Drop`: must not block.
+    fn requeue(self: Box<Self>);
+}
+
+/// Remembers the last `capacity` event ids, for idempotent consumers.
+pub struct Deduper {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl Deduper {
+    pub fn new(capacity: usize) -> Self {
+        Deduper {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// True the first time an id is seen.
+    pub fn first_time(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+}
+
+/// AMQP topic matching: `*` is one word, `#` is zero or more.
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(pattern: &[&str], key: &[&str]) -> bool {
+        match (pattern.split_first(), key.split_first()) {
+            (None, None) => true,
+            (Some((&"#", rest)), _) => go(rest, key) || (!key.is_empty() && go(pattern, &key[1..])),
+            (Some((&"*", rest)), Some((_, key_rest))) => go(rest, key_rest),
+            (Some((word, rest)), Some((k, key_rest))) => word == k && go(rest, key_rest),
+            _ => false,
+        }
+    }
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = key.split('.').collect();
+    go(&pattern, &key)
+}
+
+fn check_binding(binding: &str) -> Result<(), BusError> {
+    let ok = !binding.is_empty()
+        && binding.split('.').all(|w| {
+            w == "*"
+                || w == "#"
+                || (!w.is_empty()
+                    && w.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BusError::InvalidBinding(binding.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_matching_follows_amqp() {
+        assert!(topic_matches("#", "instance.healthy"));
+        assert!(topic_matches("instance.*", "instance.healthy"));
+        assert!(!topic_matches("instance.*", "instance.healthy.x"));
+        assert!(topic_matches("instance.#", "instance"));
+        assert!(topic_matches("*.healthy", "instance.healthy"));
+        assert!(!topic_matches("app.*", "instance.healthy"));
+        assert!(topic_matches("rollout.rolled_back", "rollout.rolled_back"));
+    }
+
+    #[test]
+    fn deduper_forgets_oldest_beyond_capacity() {
+        let mut d = Deduper::new(2);
+        assert!(d.first_time("a"));
+        assert!(!d.first_time("a"));
+        assert!(d.first_time("b"));
+        assert!(d.first_time("c"));
+        assert!(d.first_time("a"), "a was evicted");
+        assert!(!d.first_time("c"));
+    }
+}

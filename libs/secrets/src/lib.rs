@@ -1,0 +1,216 @@
+//! The secret-store port. Values are [`Secret`]s, whose `Debug` and `Display`
+//! never show the value, so a secret cannot reach a log by formatting.
+//!
+//! The embedded adapter keeps secrets in one JSON file, mode 0600, written
+//! atomically. The Vault adapter (KV v2, AppRole login) comes with cluster mode.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+/// A secret value. Read it with [`Secret::expose`], deliberately.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret store {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error(
+        "secret path `{0}` is invalid: use segments of letters, digits, `-` and `_` joined by `/`"
+    )]
+    InvalidPath(String),
+}
+
+#[async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    async fn get(&self, path: &str) -> Result<Option<Secret>, SecretError>;
+    async fn put(&self, path: &str, value: Secret) -> Result<(), SecretError>;
+}
+
+/// Secrets in `<data-dir>/secrets.json`, mode 0600.
+pub struct FileSecretStore {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl FileSecretStore {
+    pub fn new(data_dir: &Path) -> Self {
+        FileSecretStore {
+            path: data_dir.join("secrets.json"),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn io_err(&self, reason: impl fmt::Display) -> SecretError {
+        SecretError::Io {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    async fn read_all(&self) -> Result<BTreeMap<String, String>, SecretError> {
+        match tokio::fs::read(&self.path).await {
+            Ok(bytes) => {
+                let mode = tokio::fs::metadata(&self.path)
+                    .await
+                    .map_err(|e| self.io_err(e))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(self.io_err(format!(
+                        "mode is {:o}; it must be 0600 (run chmod 600)",
+                        mode & 0o777
+                    )));
+                }
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| self.io_err(format!("not valid JSON: {e}")))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(self.io_err(e)),
+        }
+    }
+}
+
+fn check_path(path: &str) -> Result<(), SecretError> {
+    let ok = !path.is_empty()
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SecretError::InvalidPath(path.to_string()))
+    }
+}
+
+#[async_trait]
+impl SecretStore for FileSecretStore {
+    async fn get(&self, path: &str) -> Result<Option<Secret>, SecretError> {
+        check_path(path)?;
+        let _guard = self.lock.lock().await;
+        Ok(self.read_all().await?.remove(path).map(Secret))
+    }
+
+    async fn put(&self, path: &str, value: Secret) -> Result<(), SecretError> {
+        check_path(path)?;
+        let _guard = self.lock.lock().await;
+        let mut all = self.read_all().await?;
+        all.insert(path.to_string(), value.0);
+        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| self.io_err(e))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let target = self.path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &target)
+        })
+        .await
+        .map_err(|e| self.io_err(e))?
+        .map_err(|e| self.io_err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileSecretStore::new(dir.path());
+        assert_eq!(store.get("auth/signing-key").await.unwrap(), None);
+        store
+            .put("auth/signing-key", Secret::new("s3cret"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get("auth/signing-key")
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "s3cret"
+        );
+        let mode = std::fs::metadata(dir.path().join("secrets.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A second store over the same dir sees the value.
+        assert!(
+            FileSecretStore::new(dir.path())
+                .get("auth/signing-key")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_a_readable_file_and_bad_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileSecretStore::new(dir.path());
+        store.put("a", Secret::new("x")).await.unwrap();
+        std::fs::set_permissions(
+            dir.path().join("secrets.json"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(
+            store
+                .get("a")
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("0600")
+        );
+        assert!(matches!(
+            store.get("../etc").await,
+            Err(SecretError::InvalidPath(_))
+        ));
+    }
+
+    #[test]
+    fn debug_and_display_redact() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+    }
+}

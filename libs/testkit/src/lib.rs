@@ -1,0 +1,47 @@
+//! Test support. Everything here starts real things (a broker, an image in
+//! the real Docker engine) and fails loudly, naming the install command, when
+//! a tool is missing: no test skips silently.
+
+pub mod docker;
+pub mod rabbitmq;
+
+use std::net::TcpListener;
+use std::path::Path;
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Panics with the install command when `program` is not on this machine.
+pub fn require_tool(program: &str, install: &str) {
+    let found = if program.contains('/') {
+        Path::new(program).exists()
+    } else {
+        std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+            .unwrap_or(false)
+    };
+    assert!(
+        found,
+        "this test needs `{program}`; install it with: {install}"
+    );
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}

@@ -1,0 +1,85 @@
+//! A throwaway RabbitMQ node on random ports, with its own data dir, killed
+//! (with its whole process group) on drop.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct RabbitMq {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RabbitMq {
+    pub async fn start() -> RabbitMq {
+        crate::require_tool(SERVER, "apt-get install -y rabbitmq-server");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = crate::free_port();
+        let dist_port = crate::free_port();
+        let node = format!(
+            "capstan-test-{}-{}@localhost",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let base = dir.path();
+        let log = std::fs::File::create(base.join("server.log")).expect("log file");
+        let child = Command::new(SERVER)
+            .env(
+                "HOME",
+                std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+            )
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", base.join("log"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                base.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_CONFIG_FILE", base.join("rabbitmq"))
+            .env("RABBITMQ_PID_FILE", base.join("pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start rabbitmq-server");
+        let broker = RabbitMq {
+            child,
+            port,
+            _dir: dir,
+        };
+        if !crate::wait_for_port(port, Duration::from_secs(60)).await {
+            let log =
+                std::fs::read_to_string(broker._dir.path().join("server.log")).unwrap_or_default();
+            panic!("rabbitmq-server did not listen on {port} within 60s; its log:\n{log}");
+        }
+        broker
+    }
+
+    pub fn amqp_uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        let pgid = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
