@@ -1,0 +1,159 @@
+//! The contract every [`Driver`] passes. The caller supplies a `serve`
+//! program that answers HTTP on its port and a `crash` program that exits
+//! with code 3 at once; `reopen` builds a fresh driver over the same state,
+//! as after an agent restart.
+
+use std::time::Duration;
+
+use crate::{Driver, Program, WorkloadSpec, WorkloadStatus};
+
+pub struct Programs {
+    pub serve: Program,
+    pub crash: Program,
+}
+
+fn spec(id: &str, program: Program, port: u16) -> WorkloadSpec {
+    WorkloadSpec {
+        instance_id: id.to_string(),
+        app: "contract".into(),
+        spec_hash: "h1".into(),
+        program,
+        env: [("GREETING".to_string(), "hi".to_string())].into(),
+        host_port: port,
+        cpu_millis: 100,
+        memory_mb: 64,
+    }
+}
+
+async fn http_ok(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut buf)).await;
+    buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200")
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..150 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+pub async fn run(
+    driver: &dyn Driver,
+    reopen: impl Fn() -> Box<dyn Driver>,
+    programs: Programs,
+    prefix: &str,
+) {
+    let port = free_port();
+    let id = format!("{prefix}-serve");
+    let started = driver
+        .start(&spec(&id, programs.serve.clone(), port))
+        .await
+        .expect("start serve workload");
+    assert_eq!(started.host_port, port);
+    eventually("the workload answers HTTP on its port", async || {
+        http_ok(port).await
+    })
+    .await;
+    assert_eq!(driver.status(&id).await.unwrap(), WorkloadStatus::Running);
+
+    // Starting the same instance again is a no-op, not a second copy.
+    driver
+        .start(&spec(&id, programs.serve.clone(), port))
+        .await
+        .expect("idempotent start");
+    assert_eq!(
+        driver
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|w| w.instance_id == id)
+            .count(),
+        1
+    );
+
+    // A fresh driver over the same state re-adopts the running workload.
+    let reopened = reopen();
+    let listed = reopened.list().await.unwrap();
+    let adopted = listed
+        .iter()
+        .find(|w| w.instance_id == id)
+        .expect("reopened driver lists the workload");
+    assert_eq!(
+        (
+            adopted.app.as_str(),
+            adopted.spec_hash.as_str(),
+            adopted.host_port
+        ),
+        ("contract", "h1", port)
+    );
+    assert_eq!(reopened.status(&id).await.unwrap(), WorkloadStatus::Running);
+
+    reopened
+        .stop(&id, Duration::from_secs(2))
+        .await
+        .expect("stop");
+    eventually("the port is closed after stop", async || {
+        !http_ok(port).await
+    })
+    .await;
+    assert_eq!(driver.status(&id).await.unwrap(), WorkloadStatus::Missing);
+    assert!(
+        driver
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| w.instance_id != id)
+    );
+    driver
+        .stop(&id, Duration::from_secs(1))
+        .await
+        .expect("stopping twice succeeds");
+
+    let crash_id = format!("{prefix}-crash");
+    driver
+        .start(&spec(&crash_id, programs.crash, free_port()))
+        .await
+        .expect("start crash workload");
+    eventually("the crashing workload is reported exited", async || {
+        matches!(
+            driver.status(&crash_id).await,
+            Ok(WorkloadStatus::Exited { .. })
+        )
+    })
+    .await;
+    if let WorkloadStatus::Exited { code, .. } = driver.status(&crash_id).await.unwrap() {
+        assert!(code.is_none() || code == Some(3), "exit code {code:?}");
+    }
+    driver
+        .stop(&crash_id, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        driver.status("never-started").await.unwrap(),
+        WorkloadStatus::Missing
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

@@ -1,0 +1,95 @@
+//! The container-runtime port: start, stop, observe and re-adopt workloads.
+//!
+//! - [`ProcessDriver`] runs a program directly (argv, never a shell), in its
+//!   own process group, with a cleared environment.
+//! - [`DockerDriver`] runs an image through the Docker Engine API, locked
+//!   down: all capabilities dropped, no new privileges, read-only root,
+//!   memory, CPU and PID limits, published on 127.0.0.1 only.
+//!
+//! Both survive a restart of the agent: [`Driver::list`] finds what a previous
+//! run started, so the agent re-adopts instead of duplicating.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub mod contract;
+mod docker;
+mod process;
+
+pub use docker::DockerDriver;
+pub use process::ProcessDriver;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Program {
+    /// argv; `${PORT}` in any element becomes the host port.
+    Process { argv: Vec<String> },
+    Image {
+        image: String,
+        args: Vec<String>,
+        container_port: u16,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    pub instance_id: String,
+    pub app: String,
+    pub spec_hash: String,
+    pub program: Program,
+    pub env: BTreeMap<String, String>,
+    /// The port on 127.0.0.1 that serves the workload; `PORT` in its environment.
+    pub host_port: u16,
+    pub cpu_millis: u32,
+    pub memory_mb: u32,
+}
+
+/// What a driver knows of a workload it started, also after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub instance_id: String,
+    pub app: String,
+    pub spec_hash: String,
+    pub host_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkloadStatus {
+    Running,
+    Exited {
+        code: Option<i64>,
+        reason: String,
+    },
+    /// The driver has no such workload.
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("failed to start `{program}`: {reason}")]
+    Start { program: String, reason: String },
+    #[error("{0} is not available: {1}")]
+    Unavailable(&'static str, String),
+    #[error("driver I/O failed: {0}")]
+    Io(String),
+}
+
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    async fn start(&self, spec: &WorkloadSpec) -> Result<Workload, DriverError>;
+    /// Asks the workload to stop, kills it after `grace`, forgets it.
+    /// Stopping an unknown workload succeeds.
+    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), DriverError>;
+    async fn status(&self, instance_id: &str) -> Result<WorkloadStatus, DriverError>;
+    /// Every workload this driver started and has not stopped, running or not.
+    async fn list(&self) -> Result<Vec<Workload>, DriverError>;
+}
+
+/// `${PORT}` → the port, in every argument.
+pub fn substitute_port(args: &[String], port: u16) -> Vec<String> {
+    let port = port.to_string();
+    args.iter().map(|a| a.replace("${PORT}", &port)).collect()
+}

@@ -1,0 +1,239 @@
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute_port,
+};
+
+/// Runs programs as child processes. State (one JSON file per workload)
+/// lives in `state_dir`, so a restarted agent finds its processes again.
+pub struct ProcessDriver {
+    state_dir: PathBuf,
+    /// Exit statuses of children this process spawned and reaped.
+    exits: Arc<Mutex<HashMap<String, std::process::ExitStatus>>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ProcessRecord {
+    workload: Workload,
+    pid: i32,
+    /// Start time in clock ticks since boot, from /proc: tells our process
+    /// from another that reused the pid.
+    start_ticks: u64,
+}
+
+impl ProcessDriver {
+    pub fn new(state_dir: &Path) -> Result<Self, DriverError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| DriverError::Io(format!("{}: {e}", state_dir.display())))?;
+        Ok(ProcessDriver {
+            state_dir: state_dir.to_path_buf(),
+            exits: Arc::default(),
+        })
+    }
+
+    fn record_path(&self, instance_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{instance_id}.json"))
+    }
+
+    pub fn log_path(&self, instance_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{instance_id}.log"))
+    }
+
+    fn read_record(&self, instance_id: &str) -> Option<ProcessRecord> {
+        let bytes = std::fs::read(self.record_path(instance_id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Field 22 of /proc/<pid>/stat, and whether the process is a zombie.
+fn proc_start_ticks(pid: i32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: parse after the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let state = *fields.first()?;
+    let ticks = fields.get(19)?.parse().ok()?;
+    Some((ticks, state == "Z"))
+}
+
+fn is_alive(record: &ProcessRecord) -> bool {
+    matches!(proc_start_ticks(record.pid), Some((ticks, false)) if ticks == record.start_ticks)
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, spec: &WorkloadSpec) -> Result<Workload, DriverError> {
+        let Program::Process { argv } = &spec.program else {
+            return Err(DriverError::Start {
+                program: spec.app.clone(),
+                reason: "not a process workload".into(),
+            });
+        };
+        if let Some(existing) = self.read_record(&spec.instance_id)
+            && is_alive(&existing)
+        {
+            return Ok(existing.workload);
+        }
+        let argv = substitute_port(argv, spec.host_port);
+        let (program, args) = argv.split_first().ok_or_else(|| DriverError::Start {
+            program: String::new(),
+            reason: "empty command".into(),
+        })?;
+        let log = std::fs::File::create(self.log_path(&spec.instance_id))
+            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("LANG", "C.UTF-8")
+            .envs(&spec.env)
+            .env("PORT", spec.host_port.to_string())
+            .env("CAPSTAN_INSTANCE_ID", &spec.instance_id)
+            .env("CAPSTAN_APP", &spec.app)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own group: signals reach its children too, and a crash of
+            // the agent does not take the workload with it.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = command.spawn().map_err(|e| DriverError::Start {
+            program: program.clone(),
+            reason: e.to_string(),
+        })?;
+        let pid = child.id().ok_or_else(|| DriverError::Start {
+            program: program.clone(),
+            reason: "exited at once".into(),
+        })? as i32;
+        let start_ticks = proc_start_ticks(pid).map(|(t, _)| t).unwrap_or_default();
+        let workload = Workload {
+            instance_id: spec.instance_id.clone(),
+            app: spec.app.clone(),
+            spec_hash: spec.spec_hash.clone(),
+            host_port: spec.host_port,
+        };
+        let record = ProcessRecord {
+            workload: workload.clone(),
+            pid,
+            start_ticks,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| DriverError::Io(e.to_string()))?;
+        std::fs::write(self.record_path(&spec.instance_id), bytes)
+            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let exits = self.exits.clone();
+        let instance_id = spec.instance_id.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                exits
+                    .lock()
+                    .expect("exits lock poisoned")
+                    .insert(instance_id, status);
+            }
+        });
+        Ok(workload)
+    }
+
+    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), DriverError> {
+        if let Some(record) = self.read_record(instance_id) {
+            if is_alive(&record) {
+                let group = Pid::from_raw(record.pid);
+                let _ = killpg(group, Signal::SIGTERM);
+                let deadline = tokio::time::Instant::now() + grace;
+                while is_alive(&record) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if is_alive(&record) {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
+            }
+            let _ = std::fs::remove_file(self.record_path(instance_id));
+        }
+        self.exits
+            .lock()
+            .expect("exits lock poisoned")
+            .remove(instance_id);
+        Ok(())
+    }
+
+    async fn status(&self, instance_id: &str) -> Result<WorkloadStatus, DriverError> {
+        let Some(record) = self.read_record(instance_id) else {
+            return Ok(WorkloadStatus::Missing);
+        };
+        if let Some(status) = self
+            .exits
+            .lock()
+            .expect("exits lock poisoned")
+            .get(instance_id)
+        {
+            let reason = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                _ => "exited".to_string(),
+            };
+            return Ok(WorkloadStatus::Exited {
+                code: status.code().map(i64::from),
+                reason,
+            });
+        }
+        if is_alive(&record) {
+            Ok(WorkloadStatus::Running)
+        } else {
+            Ok(WorkloadStatus::Exited {
+                code: None,
+                reason: "process is gone".into(),
+            })
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Workload>, DriverError> {
+        let entries =
+            std::fs::read_dir(&self.state_dir).map_err(|e| DriverError::Io(e.to_string()))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json")
+                && let Ok(bytes) = std::fs::read(&path)
+                && let Ok(record) = serde_json::from_slice::<ProcessRecord>(&bytes)
+            {
+                out.push(record.workload);
+            }
+        }
+        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_start_time_of_this_process() {
+        let me = std::process::id() as i32;
+        let (ticks, zombie) = proc_start_ticks(me).unwrap();
+        assert!(ticks > 0);
+        assert!(!zombie);
+        assert!(proc_start_ticks(i32::MAX).is_none());
+    }
+}

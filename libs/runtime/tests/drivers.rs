@@ -1,0 +1,116 @@
+//! Both drivers against the real thing: real processes, and the real Docker
+//! engine with an image built here from a static busybox.
+
+use capstan_runtime::contract::{self, Programs};
+use capstan_runtime::{DockerDriver, Driver, ProcessDriver, Program, WorkloadSpec, WorkloadStatus};
+
+fn busybox() -> String {
+    capstan_testkit::require_tool("/bin/busybox", "apt-get install -y busybox-static");
+    "/bin/busybox".to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn process_driver_passes_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hi").unwrap();
+    let state = dir.path().join("state");
+    let driver = ProcessDriver::new(&state).unwrap();
+    let programs = Programs {
+        serve: Program::Process {
+            argv: vec![
+                busybox(),
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "127.0.0.1:${PORT}".into(),
+                "-h".into(),
+                www.display().to_string(),
+            ],
+        },
+        crash: Program::Process {
+            argv: vec![busybox(), "sh".into(), "-c".into(), "exit 3".into()],
+        },
+    };
+    let reopen = || Box::new(ProcessDriver::new(&state).unwrap()) as Box<dyn Driver>;
+    contract::run(&driver, reopen, programs, "proc").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn process_driver_never_uses_a_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = ProcessDriver::new(dir.path()).unwrap();
+    let marker = dir.path().join("pwned");
+    // Were this run through `sh -c`, the `;` would create the marker file.
+    let argv = vec![
+        "/bin/echo".to_string(),
+        format!("hello; touch {}", marker.display()),
+    ];
+    let spec = WorkloadSpec {
+        instance_id: "noshell".into(),
+        app: "a".into(),
+        spec_hash: "h".into(),
+        program: Program::Process { argv },
+        env: Default::default(),
+        host_port: 1,
+        cpu_millis: 1,
+        memory_mb: 4,
+    };
+    driver.start(&spec).await.unwrap();
+    for _ in 0..50 {
+        if matches!(
+            driver.status("noshell").await.unwrap(),
+            WorkloadStatus::Exited { .. }
+        ) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(driver.log_path("noshell")).unwrap();
+    assert_eq!(log.trim(), format!("hello; touch {}", marker.display()));
+    assert!(!marker.exists());
+    driver
+        .stop("noshell", std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_driver_passes_the_contract() {
+    let image = capstan_testkit::docker::busybox_image();
+    let node = format!("contract{}", std::process::id());
+    let driver = DockerDriver::connect(&node)
+        .await
+        .expect("connect to the Docker engine");
+    let programs = Programs {
+        serve: Program::Image {
+            image: image.to_string(),
+            args: vec![
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "8080".into(),
+                "-h".into(),
+                "/www".into(),
+            ],
+            container_port: 8080,
+        },
+        crash: Program::Image {
+            image: image.to_string(),
+            args: vec!["sh".into(), "-c".into(), "exit 3".into()],
+            container_port: 8080,
+        },
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let reopen = move || {
+        let node = node.clone();
+        let driver = std::thread::scope(|s| {
+            s.spawn(|| runtime.block_on(DockerDriver::connect(&node)))
+                .join()
+                .expect("connect thread")
+        });
+        Box::new(driver.expect("reconnect")) as Box<dyn Driver>
+    };
+    contract::run(&driver, reopen, programs, "dock").await;
+}
