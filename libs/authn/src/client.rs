@@ -22,19 +22,28 @@ pub struct TokenSource {
 
 impl TokenSource {
     pub fn new(api_key: Secret, auth: Channel) -> Arc<Self> {
-        Arc::new(TokenSource { api_key, auth, cached: Mutex::new(None) })
+        Arc::new(TokenSource {
+            api_key,
+            auth,
+            cached: Mutex::new(None),
+        })
     }
 
     pub async fn token(&self) -> Result<String, Error> {
         let mut cached = self.cached.lock().await;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
         if let Some((token, exp)) = cached.as_ref()
             && *exp - RENEW_BEFORE.as_secs() as i64 > now
         {
             return Ok(token.clone());
         }
         let response = AuthClient::new(self.auth.clone())
-            .issue_token(IssueTokenRequest { api_key: self.api_key.expose().to_string() })
+            .issue_token(IssueTokenRequest {
+                api_key: self.api_key.expose().to_string(),
+            })
             .await
             .map_err(capstan_proto::into_error)?
             .into_inner();
@@ -61,7 +70,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl tower::Service<http::Request<tonic::body::Body>> for Authed {
     type Response = http::Response<tonic::body::Body>;
     type Error = BoxError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -73,10 +84,18 @@ impl tower::Service<http::Request<tonic::body::Body>> for Authed {
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
         Box::pin(async move {
-            let token = tokens.token().await.map_err(|e| Box::new(capstan_proto::status(e)) as BoxError)?;
-            let value = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| Box::new(e) as BoxError)?;
-            request.headers_mut().insert(http::header::AUTHORIZATION, value);
-            tower::Service::call(&mut inner, request).await.map_err(Into::into)
+            let token = tokens
+                .token()
+                .await
+                .map_err(|e| Box::new(capstan_proto::status(e)) as BoxError)?;
+            let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|e| Box::new(e) as BoxError)?;
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value);
+            tower::Service::call(&mut inner, request)
+                .await
+                .map_err(Into::into)
         })
     }
 }

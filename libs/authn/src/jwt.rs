@@ -37,7 +37,10 @@ struct Header {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }
 
 /// Signs tokens. Lives only in the auth service.
@@ -80,14 +83,21 @@ impl TokenSigner {
             iat,
             exp: iat + ttl.as_secs() as i64,
         };
-        let header = Header { alg: "EdDSA".into(), typ: "JWT".into(), kid: self.kid.clone() };
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: "JWT".into(),
+            kid: self.kid.clone(),
+        };
         let signing_input = format!(
             "{}.{}",
             B64.encode(serde_json::to_vec(&header).expect("header serializes")),
             B64.encode(serde_json::to_vec(&claims).expect("claims serialize"))
         );
         let signature = self.key.sign(signing_input.as_bytes());
-        (format!("{signing_input}.{}", B64.encode(signature.to_bytes())), claims)
+        (
+            format!("{signing_input}.{}", B64.encode(signature.to_bytes())),
+            claims,
+        )
     }
 }
 
@@ -121,7 +131,13 @@ struct Cache {
 
 impl Verifier {
     pub fn new(source: Arc<dyn KeySource>) -> Self {
-        Verifier { source, cache: RwLock::new(Cache { keys: HashMap::new(), refreshed: None }) }
+        Verifier {
+            source,
+            cache: RwLock::new(Cache {
+                keys: HashMap::new(),
+                refreshed: None,
+            }),
+        }
     }
 
     async fn key(&self, kid: &str) -> Result<VerifyingKey, Error> {
@@ -132,7 +148,9 @@ impl Verifier {
         if let Some(key) = cache.keys.get(kid) {
             return Ok(*key);
         }
-        let due = cache.refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
+        let due = cache
+            .refreshed
+            .is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
         if due {
             let fetched = self.source.fetch().await?;
             cache.refreshed = Some(tokio::time::Instant::now());
@@ -141,27 +159,41 @@ impl Verifier {
                 .filter_map(|(kid, bytes)| VerifyingKey::from_bytes(&bytes).ok().map(|k| (kid, k)))
                 .collect();
         }
-        cache.keys.get(kid).copied().ok_or_else(|| Error::Unauthenticated(format!("unknown signing key `{kid}`")))
+        cache
+            .keys
+            .get(kid)
+            .copied()
+            .ok_or_else(|| Error::Unauthenticated(format!("unknown signing key `{kid}`")))
     }
 
     pub async fn verify(&self, token: &str) -> Result<Claims, Error> {
         let bad = |why: &str| Error::Unauthenticated(format!("invalid token: {why}"));
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad("not a JWT"));
         };
         let header: Header =
-            serde_json::from_slice(&B64.decode(h).map_err(|_| bad("header encoding"))?).map_err(|_| bad("header"))?;
+            serde_json::from_slice(&B64.decode(h).map_err(|_| bad("header encoding"))?)
+                .map_err(|_| bad("header"))?;
         if header.alg != "EdDSA" {
             return Err(bad("algorithm must be EdDSA"));
         }
         let key = self.key(&header.kid).await?;
-        let signature_bytes: [u8; 64] =
-            B64.decode(s).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| bad("signature encoding"))?;
-        key.verify(format!("{h}.{c}").as_bytes(), &Signature::from_bytes(&signature_bytes))
-            .map_err(|_| bad("signature does not verify"))?;
+        let signature_bytes: [u8; 64] = B64
+            .decode(s)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("signature encoding"))?;
+        key.verify(
+            format!("{h}.{c}").as_bytes(),
+            &Signature::from_bytes(&signature_bytes),
+        )
+        .map_err(|_| bad("signature does not verify"))?;
         let claims: Claims =
-            serde_json::from_slice(&B64.decode(c).map_err(|_| bad("claims encoding"))?).map_err(|_| bad("claims"))?;
+            serde_json::from_slice(&B64.decode(c).map_err(|_| bad("claims encoding"))?)
+                .map_err(|_| bad("claims"))?;
         if claims.iss != ISSUER {
             return Err(bad("wrong issuer"));
         }
@@ -184,13 +216,27 @@ mod tests {
     use super::*;
 
     fn verifier_for(signer: &TokenSigner) -> Verifier {
-        Verifier::new(Arc::new(StaticKeys(vec![(signer.kid().to_string(), signer.public_key())])))
+        Verifier::new(Arc::new(StaticKeys(vec![(
+            signer.kid().to_string(),
+            signer.public_key(),
+        )])))
     }
 
     fn forge(signer: &TokenSigner, claims: &Claims) -> String {
-        let header = Header { alg: "EdDSA".into(), typ: "JWT".into(), kid: signer.kid.clone() };
-        let input = format!("{}.{}", B64.encode(serde_json::to_vec(&header).unwrap()), B64.encode(serde_json::to_vec(claims).unwrap()));
-        format!("{input}.{}", B64.encode(signer.key.sign(input.as_bytes()).to_bytes()))
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: "JWT".into(),
+            kid: signer.kid.clone(),
+        };
+        let input = format!(
+            "{}.{}",
+            B64.encode(serde_json::to_vec(&header).unwrap()),
+            B64.encode(serde_json::to_vec(claims).unwrap())
+        );
+        format!(
+            "{input}.{}",
+            B64.encode(signer.key.sign(input.as_bytes()).to_bytes())
+        )
     }
 
     #[tokio::test]
@@ -211,20 +257,32 @@ mod tests {
         promoted.role = Role::Admin;
         let forged_claims = B64.encode(serde_json::to_vec(&promoted).unwrap());
         parts[1] = &forged_claims;
-        assert!(verifier.verify(&parts.join(".")).await.is_err(), "tampered claims verified");
+        assert!(
+            verifier.verify(&parts.join(".")).await.is_err(),
+            "tampered claims verified"
+        );
 
         let stranger = TokenSigner::generate();
         let (foreign, _) = stranger.issue("mallory", Role::Admin, Duration::from_secs(300));
-        assert!(verifier.verify(&foreign).await.is_err(), "token from another key verified");
+        assert!(
+            verifier.verify(&foreign).await.is_err(),
+            "token from another key verified"
+        );
 
         for (field, mutate) in [
-            ("iss", Box::new(|c: &mut Claims| c.iss = "evil".into()) as Box<dyn Fn(&mut Claims)>),
+            (
+                "iss",
+                Box::new(|c: &mut Claims| c.iss = "evil".into()) as Box<dyn Fn(&mut Claims)>,
+            ),
             ("aud", Box::new(|c: &mut Claims| c.aud = "other".into())),
             ("exp", Box::new(|c: &mut Claims| c.exp = now_secs() - 3600)),
         ] {
             let mut bad = claims.clone();
             mutate(&mut bad);
-            assert!(verifier.verify(&forge(&signer, &bad)).await.is_err(), "bad {field} verified");
+            assert!(
+                verifier.verify(&forge(&signer, &bad)).await.is_err(),
+                "bad {field} verified"
+            );
         }
         for garbage in ["", "a.b", "a.b.c", "a.b.c.d"] {
             assert!(verifier.verify(garbage).await.is_err());

@@ -12,7 +12,9 @@ mod jwt;
 mod middleware;
 
 pub use client::{Authed, TokenSource};
-pub use jwt::{AUDIENCE, Claims, ISSUER, KeySource, StaticKeys, TokenSigner, Verifier, VerifyingKeys};
+pub use jwt::{
+    AUDIENCE, Claims, ISSUER, KeySource, StaticKeys, TokenSigner, Verifier, VerifyingKeys,
+};
 pub use middleware::{Policy, RequireAuthLayer};
 
 use serde::{Deserialize, Serialize};
@@ -73,13 +75,19 @@ pub fn generate_api_key() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("cap_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "cap_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// How API keys are stored: only their SHA-256, never the key.
 pub fn api_key_digest(api_key: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(api_key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(api_key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

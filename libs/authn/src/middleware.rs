@@ -17,7 +17,10 @@ pub struct Policy {
 impl Policy {
     /// Health checks and reflection are always public.
     pub fn new() -> Self {
-        Policy { public: vec!["/grpc.health.v1.Health/", "/grpc.reflection."], ..Default::default() }
+        Policy {
+            public: vec!["/grpc.health.v1.Health/", "/grpc.reflection."],
+            ..Default::default()
+        }
     }
 
     /// `path` is a full method (`/capstan.v1.Auth/IssueToken`) or a prefix ending in `/`.
@@ -37,7 +40,13 @@ impl Policy {
     }
 
     fn matches(patterns: &[&str], path: &str) -> bool {
-        patterns.iter().any(|p| if p.ends_with('/') { path.starts_with(p) } else { path == *p })
+        patterns.iter().any(|p| {
+            if p.ends_with('/') {
+                path.starts_with(p)
+            } else {
+                path == *p
+            }
+        })
     }
 
     /// `None` for public methods.
@@ -64,7 +73,10 @@ pub struct RequireAuthLayer {
 
 impl RequireAuthLayer {
     pub fn new(verifier: Arc<Verifier>, policy: Policy) -> Self {
-        RequireAuthLayer { verifier, policy: Arc::new(policy) }
+        RequireAuthLayer {
+            verifier,
+            policy: Arc::new(policy),
+        }
     }
 }
 
@@ -72,7 +84,10 @@ impl<S> tower::Layer<S> for RequireAuthLayer {
     type Service = RequireAuth<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireAuth { inner, layer: self.clone() }
+        RequireAuth {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -84,13 +99,18 @@ pub struct RequireAuth<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for RequireAuth<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -113,20 +133,29 @@ where
     }
 }
 
-async fn authorize(verifier: &Verifier, headers: &http::HeaderMap, access: Access) -> Result<(), Error> {
-    let header = headers
-        .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| Error::Unauthenticated("missing `authorization: Bearer <token>` header".into()))?;
+async fn authorize(
+    verifier: &Verifier,
+    headers: &http::HeaderMap,
+    access: Access,
+) -> Result<(), Error> {
+    let header = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
+        Error::Unauthenticated("missing `authorization: Bearer <token>` header".into())
+    })?;
     let token = header
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Error::Unauthenticated("authorization header must be `Bearer <token>`".into()))?;
+        .ok_or_else(|| {
+            Error::Unauthenticated("authorization header must be `Bearer <token>`".into())
+        })?;
     let claims = verifier.verify(token.trim()).await?;
     if claims.role.allows(access) {
         Ok(())
     } else {
-        Err(Error::PermissionDenied(format!("role `{}` may not make this call", claims.role.as_str())))
+        Err(Error::PermissionDenied(format!(
+            "role `{}` may not make this call",
+            claims.role.as_str()
+        )))
     }
 }
 
@@ -142,8 +171,17 @@ mod tests {
             .admin("/capstan.v1.Auth/CreateApiKey");
         assert_eq!(policy.access("/grpc.health.v1.Health/Check"), None);
         assert_eq!(policy.access("/capstan.v1.Auth/IssueToken"), None);
-        assert_eq!(policy.access("/capstan.v1.Orchestrator/GetApp"), Some(Access::Read));
-        assert_eq!(policy.access("/capstan.v1.Orchestrator/ApplyApp"), Some(Access::Write));
-        assert_eq!(policy.access("/capstan.v1.Auth/CreateApiKey"), Some(Access::Admin));
+        assert_eq!(
+            policy.access("/capstan.v1.Orchestrator/GetApp"),
+            Some(Access::Read)
+        );
+        assert_eq!(
+            policy.access("/capstan.v1.Orchestrator/ApplyApp"),
+            Some(Access::Write)
+        );
+        assert_eq!(
+            policy.access("/capstan.v1.Auth/CreateApiKey"),
+            Some(Access::Admin)
+        );
     }
 }

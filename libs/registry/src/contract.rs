@@ -8,7 +8,13 @@ use tokio::io::AsyncWriteExt;
 use crate::{Check, Registration, ServiceRegistry};
 
 fn registration(id: &str, name: &str, check: Check) -> Registration {
-    Registration { id: id.into(), name: name.into(), address: "127.0.0.1:1".into(), tags: vec!["v1".into()], check }
+    Registration {
+        id: id.into(),
+        name: name.into(),
+        address: "127.0.0.1:1".into(),
+        tags: vec!["v1".into()],
+        check,
+    }
 }
 
 pub async fn run(registry: &dyn ServiceRegistry) {
@@ -20,28 +26,55 @@ pub async fn run(registry: &dyn ServiceRegistry) {
 
 async fn ttl_checks_start_critical_pass_and_expire(registry: &dyn ServiceRegistry) {
     let ttl = Duration::from_millis(600);
-    registry.register(registration("ttl-1", "svc-ttl", Check::Ttl { ttl })).await.unwrap();
-    assert!(registry.healthy("svc-ttl").await.unwrap().is_empty(), "a new instance starts critical");
+    registry
+        .register(registration("ttl-1", "svc-ttl", Check::Ttl { ttl }))
+        .await
+        .unwrap();
+    assert!(
+        registry.healthy("svc-ttl").await.unwrap().is_empty(),
+        "a new instance starts critical"
+    );
     registry.pass_ttl("ttl-1").await.unwrap();
     let healthy = registry.healthy("svc-ttl").await.unwrap();
     assert_eq!(healthy.len(), 1);
     assert_eq!(healthy[0].tags, ["v1"]);
     tokio::time::sleep(ttl * 3).await;
-    assert!(registry.healthy("svc-ttl").await.unwrap().is_empty(), "a TTL check that is not renewed expires");
+    assert!(
+        registry.healthy("svc-ttl").await.unwrap().is_empty(),
+        "a TTL check that is not renewed expires"
+    );
     assert!(registry.pass_ttl("no-such-instance").await.is_err());
 }
 
 async fn watch_blocks_until_change(registry: &dyn ServiceRegistry) {
-    let (index, _) = registry.watch("svc-watch", 0, Duration::from_millis(10)).await.unwrap();
+    let (index, _) = registry
+        .watch("svc-watch", 0, Duration::from_millis(10))
+        .await
+        .unwrap();
     let started = tokio::time::Instant::now();
-    let (same, _) = registry.watch("svc-watch", index, Duration::from_millis(300)).await.unwrap();
+    let (same, _) = registry
+        .watch("svc-watch", index, Duration::from_millis(300))
+        .await
+        .unwrap();
     assert_eq!(same, index);
-    assert!(started.elapsed() >= Duration::from_millis(250), "watch returned before its wait with no change");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "watch returned before its wait with no change"
+    );
 
     let waiter = registry.watch("svc-watch", index, Duration::from_secs(10));
     let change = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        registry.register(registration("w-1", "svc-watch", Check::Ttl { ttl: Duration::from_secs(30) })).await.unwrap();
+        registry
+            .register(registration(
+                "w-1",
+                "svc-watch",
+                Check::Ttl {
+                    ttl: Duration::from_secs(30),
+                },
+            ))
+            .await
+            .unwrap();
         registry.pass_ttl("w-1").await.unwrap();
     };
     let ((next, _), ()) = tokio::join!(async { waiter.await.unwrap() }, change);
@@ -53,19 +86,43 @@ async fn http_checks_follow_the_endpoint(registry: &dyn ServiceRegistry) {
     let url = format!("http://{}/health", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+            let _ = stream
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await;
         }
     });
-    let check = Check::Http { url, interval: Duration::from_millis(100), timeout: Duration::from_millis(500) };
-    registry.register(registration("http-1", "svc-http", check)).await.unwrap();
-    assert!(eventually(registry, "svc-http", 1).await, "HTTP check never passed");
+    let check = Check::Http {
+        url,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+    };
+    registry
+        .register(registration("http-1", "svc-http", check))
+        .await
+        .unwrap();
+    assert!(
+        eventually(registry, "svc-http", 1).await,
+        "HTTP check never passed"
+    );
     server.abort();
     let _ = server.await;
-    assert!(eventually(registry, "svc-http", 0).await, "HTTP check never failed after the endpoint went away");
+    assert!(
+        eventually(registry, "svc-http", 0).await,
+        "HTTP check never failed after the endpoint went away"
+    );
 }
 
 async fn deregister_removes(registry: &dyn ServiceRegistry) {
-    registry.register(registration("d-1", "svc-d", Check::Ttl { ttl: Duration::from_secs(30) })).await.unwrap();
+    registry
+        .register(registration(
+            "d-1",
+            "svc-d",
+            Check::Ttl {
+                ttl: Duration::from_secs(30),
+            },
+        ))
+        .await
+        .unwrap();
     registry.pass_ttl("d-1").await.unwrap();
     registry.deregister("d-1").await.unwrap();
     assert!(registry.healthy("svc-d").await.unwrap().is_empty());

@@ -33,7 +33,10 @@ impl EmbeddedRegistry {
     /// Starts the check loop; it stops with `shutdown`.
     pub fn start(shutdown: CancellationToken) -> Self {
         let registry = EmbeddedRegistry {
-            inner: Arc::new(Inner { entries: Mutex::new(BTreeMap::new()), index: watch::channel(1).0 }),
+            inner: Arc::new(Inner {
+                entries: Mutex::new(BTreeMap::new()),
+                index: watch::channel(1).0,
+            }),
         };
         let checker = registry.clone();
         tokio::spawn(async move {
@@ -80,7 +83,11 @@ impl EmbeddedRegistry {
                 }
                 match &entry.registration.check {
                     Check::Ttl { .. } => expired.push(id.clone()),
-                    Check::Http { url, interval, timeout } => {
+                    Check::Http {
+                        url,
+                        interval,
+                        timeout,
+                    } => {
                         entry.deadline = now + *interval;
                         probes.push((id.clone(), url.clone(), *timeout));
                     }
@@ -93,7 +100,9 @@ impl EmbeddedRegistry {
         for (id, url, timeout) in probes {
             let registry = self.clone();
             tokio::spawn(async move {
-                let ok = tokio::time::timeout(timeout, http_get_ok(&url)).await.unwrap_or(false);
+                let ok = tokio::time::timeout(timeout, http_get_ok(&url))
+                    .await
+                    .unwrap_or(false);
                 registry.set_passing(&id, ok);
             });
         }
@@ -116,10 +125,17 @@ impl EmbeddedRegistry {
 
 /// A 2xx answer to `GET url` (plain http only), as Consul's HTTP check.
 async fn http_get_ok(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else { return false };
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
-    let Ok(mut stream) = tokio::net::TcpStream::connect(authority).await else { return false };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: capstan-registry\r\n\r\n");
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let Ok(mut stream) = tokio::net::TcpStream::connect(authority).await else {
+        return false;
+    };
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: capstan-registry\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
         return false;
     }
@@ -133,14 +149,27 @@ async fn http_get_ok(url: &str) -> bool {
 #[async_trait]
 impl ServiceRegistry for EmbeddedRegistry {
     async fn register(&self, registration: Registration) -> Result<(), RegistryError> {
-        let entry = Entry { registration, passing: false, deadline: Instant::now() };
-        self.inner.entries.lock().expect("registry lock poisoned").insert(entry.registration.id.clone(), entry);
+        let entry = Entry {
+            registration,
+            passing: false,
+            deadline: Instant::now(),
+        };
+        self.inner
+            .entries
+            .lock()
+            .expect("registry lock poisoned")
+            .insert(entry.registration.id.clone(), entry);
         self.bump();
         Ok(())
     }
 
     async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
-        let removed = self.inner.entries.lock().expect("registry lock poisoned").remove(id);
+        let removed = self
+            .inner
+            .entries
+            .lock()
+            .expect("registry lock poisoned")
+            .remove(id);
         if removed.is_some() {
             self.bump();
         }
@@ -150,9 +179,13 @@ impl ServiceRegistry for EmbeddedRegistry {
     async fn pass_ttl(&self, id: &str) -> Result<(), RegistryError> {
         {
             let mut entries = self.inner.entries.lock().expect("registry lock poisoned");
-            let entry = entries.get_mut(id).ok_or_else(|| RegistryError::UnknownInstance(id.to_string()))?;
+            let entry = entries
+                .get_mut(id)
+                .ok_or_else(|| RegistryError::UnknownInstance(id.to_string()))?;
             let Check::Ttl { ttl } = entry.registration.check else {
-                return Err(RegistryError::UnknownInstance(format!("{id} has no TTL check")));
+                return Err(RegistryError::UnknownInstance(format!(
+                    "{id} has no TTL check"
+                )));
             };
             entry.deadline = Instant::now() + ttl;
         }
@@ -164,7 +197,12 @@ impl ServiceRegistry for EmbeddedRegistry {
         Ok(self.passing(name))
     }
 
-    async fn watch(&self, name: &str, index: u64, wait: Duration) -> Result<(u64, Vec<ServiceInstance>), RegistryError> {
+    async fn watch(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<ServiceInstance>), RegistryError> {
         let mut rx = self.inner.index.subscribe();
         let _ = tokio::time::timeout(wait, rx.wait_for(|current| *current > index)).await;
         let current = *rx.borrow();

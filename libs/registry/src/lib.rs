@@ -12,15 +12,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-mod embedded;
 pub mod contract;
+mod embedded;
 
 pub use embedded::EmbeddedRegistry;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
-    Ttl { ttl: Duration },
-    Http { url: String, interval: Duration, timeout: Duration },
+    Ttl {
+        ttl: Duration,
+    },
+    Http {
+        url: String,
+        interval: Duration,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,21 +68,34 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     async fn healthy(&self, name: &str) -> Result<Vec<ServiceInstance>, RegistryError>;
     /// Blocks until the index passes `index` or `wait` runs out; returns the
     /// current index and the passing instances of `name`.
-    async fn watch(&self, name: &str, index: u64, wait: Duration) -> Result<(u64, Vec<ServiceInstance>), RegistryError>;
+    async fn watch(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<ServiceInstance>), RegistryError>;
 }
 
 /// Waits until `name` has a passing instance and returns the first.
-pub async fn resolve(registry: &dyn ServiceRegistry, name: &str, timeout: Duration) -> Result<ServiceInstance, RegistryError> {
+pub async fn resolve(
+    registry: &dyn ServiceRegistry,
+    name: &str,
+    timeout: Duration,
+) -> Result<ServiceInstance, RegistryError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut index = 0;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (next, instances) = registry.watch(name, index, remaining.min(Duration::from_secs(5))).await?;
+        let (next, instances) = registry
+            .watch(name, index, remaining.min(Duration::from_secs(5)))
+            .await?;
         if let Some(first) = instances.into_iter().next() {
             return Ok(first);
         }
         if remaining.is_zero() {
-            return Err(RegistryError::Unavailable(format!("no healthy `{name}` within {timeout:?}")));
+            return Err(RegistryError::Unavailable(format!(
+                "no healthy `{name}` within {timeout:?}"
+            )));
         }
         index = next;
     }

@@ -1,0 +1,233 @@
+//! How every Capstan service serves and calls.
+//!
+//! [`serve`] runs a service's gRPC routes with `grpc.health.v1`, server
+//! reflection and [`capstan_authn::RequireAuthLayer`], registers the instance
+//! in the registry with a TTL check it keeps passing, and drains on shutdown.
+//! [`Platform`] holds the infrastructure ports a service is given and makes
+//! authenticated clients of other services, found through the registry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use capstan_authn::{Authed, KeySource, RequireAuthLayer, TokenSource, Verifier, VerifyingKeys};
+use capstan_events::EventBus;
+use capstan_proto::v1::GetVerificationKeysRequest;
+use capstan_proto::v1::auth_client::AuthClient;
+use capstan_registry::{Check, Registration, ServiceRegistry};
+use capstan_secrets::{Secret, SecretStore};
+use capstan_store::Store;
+use capstan_types::{Error, Event};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a registered instance stays passing without a heartbeat.
+const REGISTRY_TTL: Duration = Duration::from_secs(6);
+/// How long to wait for a dependency to appear in the registry.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The infrastructure a service is given: one adapter per port.
+#[derive(Clone)]
+pub struct Platform {
+    pub registry: Arc<dyn ServiceRegistry>,
+    pub bus: Arc<dyn EventBus>,
+    pub store: Arc<dyn Store>,
+    pub secrets: Arc<dyn SecretStore>,
+    /// The API key Capstan's services use to call each other.
+    pub service_key: Secret,
+    tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
+}
+
+impl Platform {
+    pub fn new(
+        registry: Arc<dyn ServiceRegistry>,
+        bus: Arc<dyn EventBus>,
+        store: Arc<dyn Store>,
+        secrets: Arc<dyn SecretStore>,
+        service_key: Secret,
+    ) -> Self {
+        Platform {
+            registry,
+            bus,
+            store,
+            secrets,
+            service_key,
+            tokens: Arc::default(),
+        }
+    }
+
+    /// A channel to a healthy instance of `service`, with no credentials.
+    pub async fn channel(&self, service: &str) -> Result<Channel, Error> {
+        let instance = capstan_registry::resolve(self.registry.as_ref(), service, RESOLVE_TIMEOUT)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        channel_to(&instance.address)
+    }
+
+    /// A channel to `service` that carries this platform's service token.
+    pub async fn client(&self, service: &str) -> Result<Authed, Error> {
+        let tokens = self.tokens().await?;
+        Ok(Authed::new(self.channel(service).await?, tokens))
+    }
+
+    /// A channel to a known address (an agent) that carries the service token.
+    pub async fn client_at(&self, address: &str) -> Result<Authed, Error> {
+        let tokens = self.tokens().await?;
+        Ok(Authed::new(channel_to(address)?, tokens))
+    }
+
+    async fn tokens(&self) -> Result<Arc<TokenSource>, Error> {
+        Ok(self
+            .tokens
+            .get_or_try_init(|| async {
+                Ok::<_, Error>(TokenSource::new(
+                    self.service_key.clone(),
+                    self.channel("auth").await?,
+                ))
+            })
+            .await?
+            .clone())
+    }
+
+    /// A verifier whose keys come from the auth service.
+    pub fn verifier(&self) -> Arc<Verifier> {
+        Arc::new(Verifier::new(Arc::new(AuthKeys {
+            platform: self.clone(),
+        })))
+    }
+
+    /// Publishes an event. Events are hints: a failure is logged, and the
+    /// state it describes is already committed, so reconcilers still see it.
+    pub async fn emit(&self, event: Event) {
+        for attempt in 1..=3 {
+            match self.bus.publish(&event).await {
+                Ok(()) => return,
+                Err(e) if attempt == 3 => {
+                    tracing::warn!(kind = %event.kind, "failed to publish event: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+            }
+        }
+    }
+}
+
+/// A lazily connecting channel to `host:port`.
+pub fn channel_to(address: &str) -> Result<Channel, Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Error::invalid("address", format!("`{address}`: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
+struct AuthKeys {
+    platform: Platform,
+}
+
+#[async_trait]
+impl KeySource for AuthKeys {
+    async fn fetch(&self) -> Result<VerifyingKeys, Error> {
+        let channel = self.platform.channel("auth").await?;
+        let response = AuthClient::new(channel)
+            .get_verification_keys(GetVerificationKeysRequest {})
+            .await
+            .map_err(capstan_proto::into_error)?
+            .into_inner();
+        Ok(response
+            .keys
+            .into_iter()
+            .filter_map(|k| Some((k.kid, <[u8; 32]>::try_from(k.public_key.as_slice()).ok()?)))
+            .collect())
+    }
+}
+
+/// What to serve and under which name.
+pub struct Service {
+    /// The registry name: `orchestrator`, `scheduler`, ...
+    pub name: &'static str,
+    /// Unique among instances of the service.
+    pub instance_id: String,
+    /// The gRPC service names, for health status.
+    pub grpc_names: Vec<&'static str>,
+    pub routes: tonic::service::Routes,
+    pub auth: RequireAuthLayer,
+}
+
+/// Serves until `shutdown`, then deregisters and drains in-flight calls.
+pub async fn serve(
+    platform: &Platform,
+    service: Service,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let address: SocketAddr = listener.local_addr().map_err(Error::internal)?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in &service.grpc_names {
+        health_reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(capstan_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(Error::internal)?;
+    let routes = service
+        .routes
+        .add_service(health_service)
+        .add_service(reflection);
+
+    platform
+        .registry
+        .register(Registration {
+            id: service.instance_id.clone(),
+            name: service.name.to_string(),
+            address: address.to_string(),
+            tags: vec!["grpc".into()],
+            check: Check::Ttl { ttl: REGISTRY_TTL },
+        })
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let heartbeat = {
+        let registry = platform.registry.clone();
+        let id = service.instance_id.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REGISTRY_TTL / 3);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = registry.pass_ttl(&id).await {
+                            tracing::warn!("failed to renew registry check: {e}");
+                        }
+                    }
+                }
+            }
+        })
+    };
+    tracing::info!(service = service.name, %address, "serving gRPC");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .layer(service.auth)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await;
+    heartbeat.abort();
+    let _ = platform.registry.deregister(&service.instance_id).await;
+    result.map_err(|e| Error::Internal(format!("{} server failed: {e}", service.name)))
+}
+
+/// A random id with a readable prefix: `web-3f9c2a1b`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,570 @@
+//! The per-node agent. It starts and stops instances through a driver
+//! (process or Docker), supervises each (exit detection, HTTP/TCP health
+//! checks) and reports what it observes through `ListInstances` and events.
+//!
+//! The agent keeps one file per instance in its state dir, so after a restart
+//! it re-adopts running workloads and stops leftovers it has no record of.
+//! It never decides what should run: that is the orchestrator's job.
+
+mod health;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_proto::v1::agent_server::{Agent, AgentServer};
+use capstan_proto::v1::scheduler_client::SchedulerClient;
+use capstan_proto::v1::{
+    HeartbeatRequest, Instance, ListInstancesRequest, ListInstancesResponse, RegisterNodeRequest,
+    StartInstanceRequest, StopInstanceRequest, StopInstanceResponse,
+};
+use capstan_runtime::{DockerDriver, Driver, ProcessDriver, Program, WorkloadSpec, WorkloadStatus};
+use capstan_server::{Platform, Service, now_ms};
+use capstan_types::{AppSpec, Error, Event, EventKind, InstanceState, Resources};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// While an instance has not passed a check yet, probe it this often, so a
+/// new instance becomes routable soon after it listens.
+const STARTING_PROBE_EVERY: Duration = Duration::from_millis(100);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable across restarts: the agent re-adopts workloads by it.
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub capacity: Resources,
+    pub labels: BTreeMap<String, String>,
+    /// Connect to the local Docker engine for image apps.
+    pub docker: bool,
+}
+
+/// What the agent persists per instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InstanceFile {
+    instance_id: String,
+    spec_hash: String,
+    spec: AppSpec,
+    host_port: u16,
+}
+
+struct Tracked {
+    file: InstanceFile,
+    state: InstanceState,
+    message: String,
+    updated_ms: i64,
+    stop: CancellationToken,
+}
+
+#[derive(Clone)]
+struct AgentApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    platform: Platform,
+    config: AgentConfig,
+    process: ProcessDriver,
+    docker: Option<DockerDriver>,
+    docker_error: String,
+    instances: Mutex<HashMap<String, Tracked>>,
+}
+
+impl Inner {
+    fn instances_dir(&self) -> PathBuf {
+        self.config.state_dir.join("instances")
+    }
+
+    fn driver(&self, spec: &AppSpec) -> Result<&dyn Driver, Error> {
+        if spec.is_image() {
+            match &self.docker {
+                Some(docker) => Ok(docker),
+                None => Err(Error::FailedPrecondition(format!(
+                    "image apps need Docker on node {}: {}",
+                    self.config.node_id, self.docker_error
+                ))),
+            }
+        } else {
+            Ok(&self.process)
+        }
+    }
+
+    fn event(&self, kind: EventKind, file: &InstanceFile, message: impl Into<String>) -> Event {
+        Event::new(capstan_server::new_id("ev"), now_ms(), kind)
+            .app(&file.spec.name)
+            .instance(&file.instance_id)
+            .node(&self.config.node_id)
+            .message(message)
+    }
+
+    /// Moves an instance to `state` and publishes the matching event.
+    async fn transition(&self, id: &str, state: InstanceState, message: String) {
+        let event = {
+            let mut instances = self.instances.lock().expect("instances lock poisoned");
+            let Some(tracked) = instances.get_mut(id) else {
+                return;
+            };
+            if tracked.state == state {
+                return;
+            }
+            tracked.state = state;
+            tracked.message = message.clone();
+            tracked.updated_ms = now_ms();
+            let kind = match state {
+                InstanceState::Healthy => EventKind::InstanceHealthy,
+                InstanceState::Unhealthy => EventKind::InstanceUnhealthy,
+                InstanceState::Failed | InstanceState::Lost => EventKind::InstanceFailed,
+                InstanceState::Stopped => EventKind::InstanceStopped,
+                _ => return,
+            };
+            self.event(kind, &tracked.file, message)
+        };
+        self.platform.emit(event).await;
+    }
+
+    fn to_wire(&self, tracked: &Tracked) -> Instance {
+        Instance {
+            id: tracked.file.instance_id.clone(),
+            app: tracked.file.spec.name.clone(),
+            node_id: self.config.node_id.clone(),
+            spec_hash: tracked.file.spec_hash.clone(),
+            state: capstan_proto::state_to_wire(tracked.state) as i32,
+            address: format!("127.0.0.1:{}", tracked.file.host_port),
+            routable: false,
+            message: tracked.message.clone(),
+            updated_at_ms: tracked.updated_ms,
+        }
+    }
+
+    fn track(self: &Arc<Self>, file: InstanceFile, state: InstanceState) {
+        let stop = CancellationToken::new();
+        let id = file.instance_id.clone();
+        let tracked = Tracked {
+            file,
+            state,
+            message: String::new(),
+            updated_ms: now_ms(),
+            stop: stop.clone(),
+        };
+        self.instances
+            .lock()
+            .expect("instances lock poisoned")
+            .insert(id.clone(), tracked);
+        let inner = self.clone();
+        tokio::spawn(async move { inner.supervise(id, stop).await });
+    }
+
+    /// Watches one instance until it stops: exit detection and health checks.
+    async fn supervise(self: Arc<Self>, id: String, stop: CancellationToken) {
+        let Some(file) = self
+            .instances
+            .lock()
+            .expect("instances lock poisoned")
+            .get(&id)
+            .map(|t| t.file.clone())
+        else {
+            return;
+        };
+        let health = file.spec.health.clone();
+        let Ok(driver) = self.driver(&file.spec) else {
+            return;
+        };
+        let (mut passes, mut failures) = (0u32, 0u32);
+        let mut ever_healthy = false;
+        loop {
+            let wait = if ever_healthy {
+                health.interval
+            } else {
+                STARTING_PROBE_EVERY.min(health.interval)
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match driver.status(&id).await {
+                Ok(WorkloadStatus::Running) => {}
+                Ok(WorkloadStatus::Exited { reason, .. }) => {
+                    self.transition(&id, InstanceState::Failed, reason).await;
+                    return;
+                }
+                Ok(WorkloadStatus::Missing) => {
+                    self.transition(&id, InstanceState::Failed, "workload disappeared".into())
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, "failed to read workload status: {e}");
+                    continue;
+                }
+            }
+            if health::probe(&health.check, file.host_port, health.timeout).await {
+                passes += 1;
+                failures = 0;
+                if !ever_healthy || passes == 1 {
+                    ever_healthy = true;
+                    self.transition(&id, InstanceState::Healthy, String::new())
+                        .await;
+                }
+            } else {
+                failures += 1;
+                passes = 0;
+                if ever_healthy && failures >= health.unhealthy_after {
+                    self.transition(
+                        &id,
+                        InstanceState::Unhealthy,
+                        format!("failed {failures} health checks in a row"),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    async fn start(
+        self: &Arc<Self>,
+        instance_id: String,
+        spec_hash: String,
+        spec: AppSpec,
+    ) -> Result<Instance, Error> {
+        if let Some(tracked) = self
+            .instances
+            .lock()
+            .expect("instances lock poisoned")
+            .get(&instance_id)
+        {
+            return Ok(self.to_wire(tracked));
+        }
+        let driver = self.driver(&spec)?;
+        let host_port = free_port()?;
+        let program = match &spec.run.image {
+            Some(image) => Program::Image {
+                image: image.clone(),
+                args: spec.run.args.clone(),
+                container_port: spec
+                    .ports
+                    .first()
+                    .and_then(|p| p.container_port)
+                    .unwrap_or(host_port),
+            },
+            None => Program::Process {
+                argv: spec.run.command.clone(),
+            },
+        };
+        let workload = WorkloadSpec {
+            instance_id: instance_id.clone(),
+            app: spec.name.clone(),
+            spec_hash: spec_hash.clone(),
+            program,
+            env: spec.env.clone(),
+            host_port,
+            cpu_millis: spec.resources.cpu_millis,
+            memory_mb: spec.resources.memory_mb,
+        };
+        let file = InstanceFile {
+            instance_id: instance_id.clone(),
+            spec_hash,
+            spec,
+            host_port,
+        };
+        let bytes = serde_json::to_vec(&file).map_err(Error::internal)?;
+        std::fs::write(
+            self.instances_dir().join(format!("{instance_id}.json")),
+            bytes,
+        )
+        .map_err(Error::internal)?;
+        if let Err(e) = driver.start(&workload).await {
+            let _ = std::fs::remove_file(self.instances_dir().join(format!("{instance_id}.json")));
+            let event = self.event(EventKind::InstanceFailed, &file, e.to_string());
+            self.platform.emit(event).await;
+            return Err(Error::FailedPrecondition(e.to_string()));
+        }
+        tracing::info!(instance = %instance_id, app = %file.spec.name, port = host_port, "instance started");
+        let event = self.event(
+            EventKind::InstanceStarted,
+            &file,
+            format!("listening on 127.0.0.1:{host_port}"),
+        );
+        self.track(file, InstanceState::Starting);
+        self.platform.emit(event).await;
+        let instances = self.instances.lock().expect("instances lock poisoned");
+        Ok(self.to_wire(instances.get(&instance_id).expect("just tracked")))
+    }
+
+    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), Error> {
+        let tracked = {
+            let mut instances = self.instances.lock().expect("instances lock poisoned");
+            instances.get_mut(instance_id).map(|t| {
+                t.state = InstanceState::Stopping;
+                t.stop.cancel();
+                t.file.clone()
+            })
+        };
+        match &tracked {
+            Some(file) => self
+                .driver(&file.spec)?
+                .stop(instance_id, grace)
+                .await
+                .map_err(Error::internal)?,
+            None => {
+                // Not ours (any more): make sure no driver still runs it.
+                self.process
+                    .stop(instance_id, grace)
+                    .await
+                    .map_err(Error::internal)?;
+                if let Some(docker) = &self.docker {
+                    docker
+                        .stop(instance_id, grace)
+                        .await
+                        .map_err(Error::internal)?;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.instances_dir().join(format!("{instance_id}.json")));
+        self.instances
+            .lock()
+            .expect("instances lock poisoned")
+            .remove(instance_id);
+        if let Some(file) = tracked {
+            tracing::info!(instance = %instance_id, "instance stopped");
+            self.platform
+                .emit(self.event(EventKind::InstanceStopped, &file, ""))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// After a restart: re-adopt what still runs, report what died, stop
+    /// workloads nothing refers to.
+    async fn adopt(self: &Arc<Self>) -> Result<(), Error> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(self.instances_dir())
+            .map_err(Error::internal)?
+            .flatten()
+        {
+            match std::fs::read(entry.path()).map(|b| serde_json::from_slice::<InstanceFile>(&b)) {
+                Ok(Ok(file)) => files.push(file),
+                _ => {
+                    tracing::warn!(path = %entry.path().display(), "ignoring unreadable instance file")
+                }
+            }
+        }
+        let known: Vec<String> = files.iter().map(|f| f.instance_id.clone()).collect();
+        for file in files {
+            let status = match self.driver(&file.spec) {
+                Ok(driver) => driver
+                    .status(&file.instance_id)
+                    .await
+                    .unwrap_or(WorkloadStatus::Missing),
+                Err(_) => WorkloadStatus::Missing,
+            };
+            let id = file.instance_id.clone();
+            match status {
+                WorkloadStatus::Running => {
+                    tracing::info!(instance = %id, "re-adopted running instance");
+                    self.track(file, InstanceState::Starting);
+                }
+                WorkloadStatus::Exited { reason, .. } => {
+                    self.track(file, InstanceState::Starting);
+                    self.transition(
+                        &id,
+                        InstanceState::Failed,
+                        format!("exited while the agent was down: {reason}"),
+                    )
+                    .await;
+                }
+                WorkloadStatus::Missing => {
+                    self.track(file, InstanceState::Starting);
+                    self.transition(
+                        &id,
+                        InstanceState::Failed,
+                        "gone after agent restart".into(),
+                    )
+                    .await;
+                }
+            }
+        }
+        let mut leftovers = self.process.list().await.map_err(Error::internal)?;
+        if let Some(docker) = &self.docker {
+            leftovers.extend(docker.list().await.map_err(Error::internal)?);
+        }
+        for workload in leftovers
+            .into_iter()
+            .filter(|w| !known.contains(&w.instance_id))
+        {
+            tracing::warn!(instance = %workload.instance_id, "stopping a workload with no instance record");
+            self.stop(&workload.instance_id, Duration::from_secs(5))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Registers the node, then heartbeats; registers again if the scheduler forgot it.
+    async fn heartbeat(self: Arc<Self>, address: String, shutdown: CancellationToken) {
+        let mut registered = false;
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let client = match self.platform.client("scheduler").await {
+                Ok(channel) => SchedulerClient::new(channel),
+                Err(e) => {
+                    tracing::warn!("scheduler unreachable: {e}");
+                    continue;
+                }
+            };
+            let result = if registered {
+                let mut client = client;
+                client
+                    .heartbeat(HeartbeatRequest {
+                        node_id: self.config.node_id.clone(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().known)
+            } else {
+                let mut client = client;
+                client
+                    .register_node(RegisterNodeRequest {
+                        id: self.config.node_id.clone(),
+                        address: address.clone(),
+                        capacity: Some(capstan_proto::resources_to_wire(self.config.capacity)),
+                        labels: self.config.labels.clone().into_iter().collect(),
+                    })
+                    .await
+                    .map(|_| true)
+            };
+            match result {
+                Ok(known) => registered = known,
+                Err(status) => {
+                    tracing::warn!(node = %self.config.node_id, "heartbeat failed: {}", status.message());
+                    registered = false;
+                }
+            }
+        }
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Unavailable(format!("no free port: {e}")))
+}
+
+#[tonic::async_trait]
+impl Agent for AgentApi {
+    async fn start_instance(
+        &self,
+        request: Request<StartInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let r = request.into_inner();
+        if let Err(reason) = capstan_types::spec::check_dns_label(&r.instance_id) {
+            return Err(capstan_proto::status(Error::invalid("instance_id", reason)));
+        }
+        let spec = r
+            .spec
+            .ok_or_else(|| capstan_proto::status(Error::invalid("spec", "missing")))
+            .and_then(|s| capstan_proto::spec_from_wire(s).map_err(capstan_proto::status))?;
+        let instance = self
+            .inner
+            .start(r.instance_id, r.spec_hash, spec)
+            .await
+            .map_err(capstan_proto::status)?;
+        Ok(Response::new(instance))
+    }
+
+    async fn stop_instance(
+        &self,
+        request: Request<StopInstanceRequest>,
+    ) -> Result<Response<StopInstanceResponse>, Status> {
+        let r = request.into_inner();
+        let grace = Duration::from_millis(r.grace_ms.clamp(100, 60_000));
+        self.inner
+            .stop(&r.instance_id, grace)
+            .await
+            .map_err(capstan_proto::status)?;
+        Ok(Response::new(StopInstanceResponse {}))
+    }
+
+    async fn list_instances(
+        &self,
+        _: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let instances = self
+            .inner
+            .instances
+            .lock()
+            .expect("instances lock poisoned");
+        let mut list: Vec<Instance> = instances.values().map(|t| self.inner.to_wire(t)).collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(ListInstancesResponse {
+            node_id: self.inner.config.node_id.clone(),
+            instances: list,
+        }))
+    }
+}
+
+/// Serves the agent on `listener` until `shutdown`. Workloads keep running
+/// when the agent stops; the next start re-adopts them.
+pub async fn run(
+    platform: Platform,
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let process =
+        ProcessDriver::new(&config.state_dir.join("processes")).map_err(Error::internal)?;
+    let (docker, docker_error) = if config.docker {
+        match DockerDriver::connect(&config.node_id).await {
+            Ok(docker) => (Some(docker), String::new()),
+            Err(e) => {
+                tracing::warn!(
+                    "Docker is not available; image apps will not start on this node: {e}"
+                );
+                (None, e.to_string())
+            }
+        }
+    } else {
+        (None, "Docker is disabled for this agent".to_string())
+    };
+    let inner = Arc::new(Inner {
+        platform: platform.clone(),
+        config,
+        process,
+        docker,
+        docker_error,
+        instances: Mutex::default(),
+    });
+    std::fs::create_dir_all(inner.instances_dir()).map_err(Error::internal)?;
+    inner.adopt().await?;
+    let address = listener.local_addr().map_err(Error::internal)?.to_string();
+    let heartbeat = tokio::spawn(inner.clone().heartbeat(address, shutdown.clone()));
+    let policy = Policy::new().read("/capstan.v1.Agent/ListInstances");
+    let service = Service {
+        name: "agent",
+        instance_id: inner.config.node_id.clone(),
+        grpc_names: vec!["capstan.v1.Agent"],
+        routes: tonic::service::Routes::new(AgentServer::new(AgentApi {
+            inner: inner.clone(),
+        })),
+        auth: RequireAuthLayer::new(platform.verifier(), policy),
+    };
+    let result = capstan_server::serve(&platform, service, listener, shutdown).await;
+    heartbeat.abort();
+    // Stop supervising; the workloads themselves keep running.
+    for tracked in inner
+        .instances
+        .lock()
+        .expect("instances lock poisoned")
+        .values()
+    {
+        tracked.stop.cancel();
+    }
+    result
+}

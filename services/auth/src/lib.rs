@@ -1,0 +1,191 @@
+//! The auth service. It holds the only signing key, keeps API keys as SHA-256
+//! digests (never the keys), and issues JWTs that live [`TOKEN_TTL`].
+//!
+//! It never stores or logs an API key or a token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use capstan_authn::{
+    Policy, RequireAuthLayer, Role, StaticKeys, TokenSigner, Verifier, api_key_digest,
+};
+use capstan_proto::v1::auth_server::{Auth, AuthServer};
+use capstan_proto::v1::{
+    CreateApiKeyRequest, CreateApiKeyResponse, GetVerificationKeysRequest,
+    GetVerificationKeysResponse, IssueTokenRequest, IssueTokenResponse, VerificationKey,
+};
+use capstan_secrets::Secret;
+use capstan_server::{Platform, Service, now_ms};
+use capstan_store::{Expect, Table};
+use capstan_types::Error;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+const SIGNING_KEY_PATH: &str = "auth/signing-key";
+const API_KEYS: &str = "api_keys";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: i64,
+}
+
+/// Loads the signing key from the secret store, creating it on first start.
+pub async fn signing_key(platform: &Platform) -> Result<Arc<TokenSigner>, Error> {
+    let stored = platform
+        .secrets
+        .get(SIGNING_KEY_PATH)
+        .await
+        .map_err(Error::internal)?;
+    if let Some(secret) = stored {
+        let bytes: [u8; 32] = B64
+            .decode(secret.expose())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "secret `{SIGNING_KEY_PATH}` is not a base64 Ed25519 key"
+                ))
+            })?;
+        return Ok(Arc::new(TokenSigner::from_bytes(&bytes)));
+    }
+    let signer = TokenSigner::generate();
+    platform
+        .secrets
+        .put(
+            SIGNING_KEY_PATH,
+            Secret::new(B64.encode(signer.secret_bytes())),
+        )
+        .await
+        .map_err(Error::internal)?;
+    Ok(Arc::new(signer))
+}
+
+/// Records an API key (by digest) with a name and role. Idempotent.
+pub async fn ensure_api_key(
+    platform: &Platform,
+    api_key: &Secret,
+    name: &str,
+    role: Role,
+) -> Result<(), Error> {
+    let keys: Table<ApiKeyRecord> = Table::new(platform.store.clone(), API_KEYS);
+    let record = ApiKeyRecord {
+        name: name.to_string(),
+        role,
+        created_ms: now_ms(),
+    };
+    keys.put(&api_key_digest(api_key.expose()), &record, Expect::Any)
+        .await
+        .map_err(Error::internal)?;
+    Ok(())
+}
+
+struct AuthApi {
+    signer: Arc<TokenSigner>,
+    keys: Table<ApiKeyRecord>,
+}
+
+#[tonic::async_trait]
+impl Auth for AuthApi {
+    async fn issue_token(
+        &self,
+        request: Request<IssueTokenRequest>,
+    ) -> Result<Response<IssueTokenResponse>, Status> {
+        let api_key = request.into_inner().api_key;
+        if api_key.is_empty() {
+            return Err(Status::unauthenticated("api_key: missing"));
+        }
+        let record = self
+            .keys
+            .get(&api_key_digest(&api_key))
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?
+            .map(|(_, r)| r)
+            .ok_or_else(|| Status::unauthenticated("api_key: not a valid API key"))?;
+        let (token, claims) = self.signer.issue(&record.name, record.role, TOKEN_TTL);
+        Ok(Response::new(IssueTokenResponse {
+            token,
+            expires_at: claims.exp,
+        }))
+    }
+
+    async fn get_verification_keys(
+        &self,
+        _: Request<GetVerificationKeysRequest>,
+    ) -> Result<Response<GetVerificationKeysResponse>, Status> {
+        Ok(Response::new(GetVerificationKeysResponse {
+            keys: vec![VerificationKey {
+                kid: self.signer.kid().to_string(),
+                public_key: self.signer.public_key().to_vec(),
+            }],
+        }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let request = request.into_inner();
+        let name = request.name.trim();
+        if name.is_empty() || name.len() > 64 {
+            return Err(capstan_proto::status(Error::invalid(
+                "name",
+                "must be 1 to 64 characters",
+            )));
+        }
+        let role = Role::parse(&request.role).ok_or_else(|| {
+            capstan_proto::status(Error::invalid(
+                "role",
+                "must be one of admin, operator, viewer, service",
+            ))
+        })?;
+        let api_key = capstan_authn::generate_api_key();
+        let record = ApiKeyRecord {
+            name: name.to_string(),
+            role,
+            created_ms: now_ms(),
+        };
+        self.keys
+            .put(&api_key_digest(&api_key), &record, Expect::Absent)
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?;
+        tracing::info!(name, role = role.as_str(), "created API key");
+        Ok(Response::new(CreateApiKeyResponse { api_key }))
+    }
+}
+
+/// Serves the auth service on `listener` until `shutdown`.
+pub async fn run(
+    platform: Platform,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let signer = signing_key(&platform).await?;
+    // The auth service verifies its own tokens without a network round trip.
+    let verifier = Arc::new(Verifier::new(Arc::new(StaticKeys(vec![(
+        signer.kid().to_string(),
+        signer.public_key(),
+    )]))));
+    let policy = Policy::new()
+        .public("/capstan.v1.Auth/IssueToken")
+        .public("/capstan.v1.Auth/GetVerificationKeys")
+        .admin("/capstan.v1.Auth/CreateApiKey");
+    let api = AuthApi {
+        signer,
+        keys: Table::new(platform.store.clone(), API_KEYS),
+    };
+    let service = Service {
+        name: "auth",
+        instance_id: capstan_server::new_id("auth"),
+        grpc_names: vec!["capstan.v1.Auth"],
+        routes: tonic::service::Routes::new(AuthServer::new(api)),
+        auth: RequireAuthLayer::new(verifier, policy),
+    };
+    capstan_server::serve(&platform, service, listener, shutdown).await
+}

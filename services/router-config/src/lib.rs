@@ -1,0 +1,302 @@
+//! The router-config service. It builds the routing table from the
+//! orchestrator's healthy, routable instances, applies it to the built-in
+//! edge proxy, and renders it as Traefik v3 dynamic configuration (over gRPC
+//! and over HTTP for Traefik's HTTP provider).
+//!
+//! It rebuilds on every instance or app event and every [`REBUILD_EVERY`]
+//! regardless (events are hints; the orchestrator's state is the truth).
+//! `Sync` returns only after the new table is applied and requests in flight
+//! to removed upstreams have finished: that is how an instance leaves
+//! rotation before it is stopped.
+
+pub mod proxy;
+pub mod table;
+pub mod traefik;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_proto::v1::orchestrator_client::OrchestratorClient;
+use capstan_proto::v1::router_config_server::{RouterConfig, RouterConfigServer};
+use capstan_proto::v1::{
+    GetRoutesRequest, ListEndpointsRequest, RenderTraefikRequest, RenderTraefikResponse,
+    SyncRequest,
+};
+use capstan_secrets::Secret;
+use capstan_server::{Platform, Service};
+use capstan_types::Error;
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::proxy::EdgeProxy;
+use crate::table::{Route, RouteTable, Upstream};
+
+pub const REBUILD_EVERY: Duration = Duration::from_secs(2);
+/// How long `Sync` waits for requests in flight to a removed upstream.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const PROVIDER_TOKEN_PATH: &str = "router-config/provider-token";
+
+pub struct RouterOptions {
+    /// Where the edge proxy listens; `None` runs no proxy (Traefik routes instead).
+    pub proxy: Option<TcpListener>,
+    /// Where Traefik's HTTP provider fetches `/traefik`; `None` serves nothing.
+    pub provider: Option<TcpListener>,
+}
+
+#[derive(Clone)]
+struct Router {
+    platform: Platform,
+    proxy: Arc<EdgeProxy>,
+    /// Serializes rebuilds, so generations only go up.
+    rebuilding: Arc<Mutex<()>>,
+}
+
+impl Router {
+    async fn fetch(&self) -> Result<Vec<Route>, Error> {
+        let channel = self.platform.client("orchestrator").await?;
+        let response = OrchestratorClient::new(channel)
+            .list_endpoints(ListEndpointsRequest {})
+            .await
+            .map_err(capstan_proto::into_error)?
+            .into_inner();
+        let mut routes: Vec<Route> = response
+            .apps
+            .into_iter()
+            .map(|app| {
+                let mut upstreams: Vec<Upstream> = app
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Upstream {
+                        instance_id: e.instance_id,
+                        address: e.address,
+                    })
+                    .collect();
+                upstreams.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                Route {
+                    app: app.app,
+                    hosts: app.hosts,
+                    upstreams,
+                }
+            })
+            .collect();
+        routes.sort_by(|a, b| a.app.cmp(&b.app));
+        Ok(routes)
+    }
+
+    /// Fetches the endpoints and applies them if they changed. Returns the
+    /// table in force and the upstreams it removed.
+    async fn rebuild(&self) -> Result<(RouteTable, Vec<String>), Error> {
+        let routes = self.fetch().await?;
+        let _rebuilding = self.rebuilding.lock().await;
+        let current = self.proxy.table();
+        let next = RouteTable {
+            generation: current.generation + 1,
+            routes,
+        };
+        if next.same_routes(&current) {
+            return Ok((current, Vec::new()));
+        }
+        let removed: Vec<String> = current
+            .addresses()
+            .filter(|a| !next.addresses().any(|n| n == *a))
+            .map(str::to_string)
+            .collect();
+        self.proxy.apply(next.clone());
+        tracing::info!(
+            generation = next.generation,
+            routes = next.routes.len(),
+            "routing table updated"
+        );
+        Ok((next, removed))
+    }
+
+    async fn drain(&self, removed: &[String]) {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while removed.iter().any(|a| self.proxy.in_flight(a) > 0) {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "requests still in flight to removed upstreams after {DRAIN_TIMEOUT:?}"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn table_to_wire(table: &RouteTable) -> capstan_proto::v1::RouteTable {
+    capstan_proto::v1::RouteTable {
+        generation: table.generation,
+        routes: table
+            .routes
+            .iter()
+            .map(|r| capstan_proto::v1::Route {
+                app: r.app.clone(),
+                hosts: r.hosts.clone(),
+                upstreams: r
+                    .upstreams
+                    .iter()
+                    .map(|u| capstan_proto::v1::Upstream {
+                        instance_id: u.instance_id.clone(),
+                        address: u.address.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl RouterConfig for Router {
+    async fn get_routes(
+        &self,
+        _: Request<GetRoutesRequest>,
+    ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
+        Ok(Response::new(table_to_wire(&self.proxy.table())))
+    }
+
+    async fn sync(
+        &self,
+        _: Request<SyncRequest>,
+    ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
+        let (table, removed) = self.rebuild().await.map_err(capstan_proto::status)?;
+        self.drain(&removed).await;
+        Ok(Response::new(table_to_wire(&table)))
+    }
+
+    async fn render_traefik(
+        &self,
+        _: Request<RenderTraefikRequest>,
+    ) -> Result<Response<RenderTraefikResponse>, Status> {
+        let json = serde_json::to_string_pretty(&traefik::render(&self.proxy.table()))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RenderTraefikResponse { json }))
+    }
+}
+
+/// The bearer token Traefik's HTTP provider sends (its `headers` option).
+pub async fn provider_token(platform: &Platform) -> Result<Secret, Error> {
+    if let Some(token) = platform
+        .secrets
+        .get(PROVIDER_TOKEN_PATH)
+        .await
+        .map_err(Error::internal)?
+    {
+        return Ok(token);
+    }
+    let token = Secret::new(capstan_authn::generate_api_key());
+    platform
+        .secrets
+        .put(PROVIDER_TOKEN_PATH, token.clone())
+        .await
+        .map_err(Error::internal)?;
+    Ok(token)
+}
+
+/// Serves router-config on `listener`, plus the proxy and provider endpoints
+/// in `options`, until `shutdown`.
+pub async fn run(
+    platform: Platform,
+    options: RouterOptions,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let router = Router {
+        platform: platform.clone(),
+        proxy: EdgeProxy::new(),
+        rebuilding: Arc::default(),
+    };
+    let tasks = tokio_util::task::TaskTracker::new();
+
+    if let Some(proxy_listener) = options.proxy {
+        let proxy = router.proxy.clone();
+        let handler = move |request, remote| proxy.clone().handle(request, remote);
+        tasks.spawn(proxy::serve(
+            proxy_listener,
+            handler,
+            shutdown.clone(),
+            Duration::from_secs(10),
+        ));
+    }
+    if let Some(provider_listener) = options.provider {
+        let expected = format!("Bearer {}", provider_token(&platform).await?.expose());
+        let proxy = router.proxy.clone();
+        let handler = move |request: http::Request<hyper::body::Incoming>, _remote| {
+            let authorized = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some(expected.as_str());
+            let response = if !authorized {
+                proxy::text(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token\n".into(),
+                )
+            } else if request.uri().path() != "/traefik" {
+                proxy::text(
+                    StatusCode::NOT_FOUND,
+                    "the Traefik provider document is at /traefik\n".into(),
+                )
+            } else {
+                let mut response =
+                    proxy::text(StatusCode::OK, traefik::render(&proxy.table()).to_string());
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                response
+            };
+            std::future::ready(response)
+        };
+        tasks.spawn(proxy::serve(
+            provider_listener,
+            handler,
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+    }
+
+    let rebuilder = router.clone();
+    let rebuild_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut subscription = None;
+        let mut tick = tokio::time::interval(REBUILD_EVERY);
+        loop {
+            if subscription.is_none() {
+                subscription = rebuilder.platform.bus.subscribe("router-config", &["instance.#", "app.#"]).await.ok();
+            }
+            tokio::select! {
+                _ = rebuild_shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                delivery = async { subscription.as_mut().expect("checked above").next().await }, if subscription.is_some() => {
+                    match delivery {
+                        Some(delivery) => { let _ = delivery.ack().await; }
+                        None => subscription = None,
+                    }
+                }
+            }
+            if let Err(e) = rebuilder.rebuild().await {
+                tracing::debug!("routing table not rebuilt: {e}");
+            }
+        }
+    });
+
+    let policy = Policy::new()
+        .read("/capstan.v1.RouterConfig/GetRoutes")
+        .read("/capstan.v1.RouterConfig/RenderTraefik");
+    let service = Service {
+        name: "router-config",
+        instance_id: capstan_server::new_id("router-config"),
+        grpc_names: vec!["capstan.v1.RouterConfig"],
+        routes: tonic::service::Routes::new(RouterConfigServer::new(router)),
+        auth: RequireAuthLayer::new(platform.verifier(), policy),
+    };
+    let result = capstan_server::serve(&platform, service, listener, shutdown).await;
+    tasks.close();
+    tasks.wait().await;
+    result
+}

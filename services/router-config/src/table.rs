@@ -1,0 +1,49 @@
+//! The routing table: which hosts go to which upstreams.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteTable {
+    pub generation: u64,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub app: String,
+    pub hosts: Vec<String>,
+    /// Healthy, routable instances, ordered by instance id.
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub instance_id: String,
+    /// host:port
+    pub address: String,
+}
+
+impl RouteTable {
+    /// Lower-cased host → route index. A host claimed by two apps goes to the
+    /// first by app name, so the choice is stable.
+    pub fn host_index(&self) -> BTreeMap<String, usize> {
+        let mut index = BTreeMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            for host in &route.hosts {
+                index.entry(host.to_ascii_lowercase()).or_insert(i);
+            }
+        }
+        index
+    }
+
+    /// Same routes, ignoring the generation.
+    pub fn same_routes(&self, other: &RouteTable) -> bool {
+        self.routes == other.routes
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.upstreams.iter().map(|u| u.address.as_str()))
+    }
+}
