@@ -168,6 +168,7 @@ impl Driver for ProcessDriver {
                 }
             }
             let _ = std::fs::remove_file(self.record_path(instance_id));
+            let _ = std::fs::remove_file(self.log_path(instance_id));
         }
         self.exits
             .lock()

@@ -1,0 +1,415 @@
+//! The gRPC adapter of the apps API: wire types in and out, domain rules in
+//! between, errors mapped by `capstan_proto::status`.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use capstan_proto::v1::orchestrator_server::Orchestrator;
+use capstan_proto::v1::{
+    AppEndpoints, AppStatus, ApplyAppRequest, ApplyAppResponse, DeleteAppRequest,
+    DeleteAppResponse, Endpoint, GetAppRequest, ListAppsRequest, ListAppsResponse,
+    ListEndpointsRequest, ListEndpointsResponse, ListEventsRequest, ListEventsResponse,
+    ScaleAppRequest, WatchEventsRequest,
+};
+use capstan_server::{Platform, new_id, now_ms};
+use capstan_store::{Expect, StoreError, Table};
+use capstan_types::spec::MAX_REPLICAS;
+use capstan_types::{Error, Event, EventKind, InstanceState};
+use futures::Stream;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::event_log::EventLog;
+use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState};
+
+pub struct Api {
+    platform: Platform,
+    apps: Table<AppRecord>,
+    instances: Table<InstanceRecord>,
+    events: EventLog,
+    wake: Arc<Notify>,
+}
+
+fn status(e: Error) -> Status {
+    capstan_proto::status(e)
+}
+
+fn store_err(e: StoreError) -> Status {
+    match e {
+        StoreError::Conflict { key, .. } => status(Error::Conflict(format!(
+            "app `{key}` changed concurrently; retry"
+        ))),
+        other => status(Error::internal(other)),
+    }
+}
+
+fn rollout_to_wire(rollout: &Rollout, desired: u32) -> capstan_proto::v1::Rollout {
+    use capstan_proto::v1::RolloutState as W;
+    let state = match rollout.state {
+        RolloutState::InProgress => W::InProgress,
+        RolloutState::Completed => W::Completed,
+        RolloutState::RolledBack => W::RolledBack,
+        RolloutState::Failed => W::Failed,
+    };
+    capstan_proto::v1::Rollout {
+        state: state as i32,
+        target_hash: rollout.target_hash.clone(),
+        message: rollout.message.clone(),
+        updated: rollout.updated,
+        desired,
+    }
+}
+
+fn instance_to_wire(record: &InstanceRecord) -> capstan_proto::v1::Instance {
+    capstan_proto::v1::Instance {
+        id: record.id.clone(),
+        app: record.app.clone(),
+        node_id: record.node_id.clone(),
+        spec_hash: record.spec_hash.clone(),
+        state: capstan_proto::state_to_wire(if record.stopping {
+            InstanceState::Stopping
+        } else {
+            record.state
+        }) as i32,
+        address: record.address.clone(),
+        routable: record.routable,
+        message: record.message.clone(),
+        updated_at_ms: record.updated_ms,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Status> {
+    capstan_types::spec::check_dns_label(name)
+        .map_err(|reason| status(Error::invalid("name", reason)))
+}
+
+impl Api {
+    pub fn new(platform: Platform, events: EventLog, wake: Arc<Notify>) -> Self {
+        Api {
+            apps: Table::new(platform.store.clone(), APPS),
+            instances: Table::new(platform.store.clone(), INSTANCES),
+            platform,
+            events,
+            wake,
+        }
+    }
+
+    async fn app_status(&self, app: &AppRecord) -> Result<AppStatus, Status> {
+        let mut instances: Vec<InstanceRecord> = self
+            .instances
+            .list("")
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(_, _, r)| r)
+            .filter(|r| r.app == app.spec.name)
+            .collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        let healthy = instances
+            .iter()
+            .filter(|r| r.state == InstanceState::Healthy && !r.stopping)
+            .count() as u32;
+        let mut rollout = rollout_to_wire(&app.rollout, app.spec.replicas);
+        if !app.placement_error.is_empty() && rollout.message.is_empty() {
+            rollout.message.clone_from(&app.placement_error);
+        }
+        Ok(AppStatus {
+            spec: Some(capstan_proto::spec_to_wire(&app.spec)),
+            version: 0,
+            spec_hash: app.spec_hash.clone(),
+            rollout: Some(rollout),
+            instances: instances.iter().map(instance_to_wire).collect(),
+            healthy,
+            created_at_ms: app.created_ms,
+            updated_at_ms: app.updated_ms,
+            deleting: app.deleting,
+        })
+    }
+
+    async fn load(&self, name: &str) -> Result<(u64, AppRecord), Status> {
+        check_name(name)?;
+        match self.apps.get(name).await.map_err(store_err)? {
+            Some((version, app)) if !app.deleting => Ok((version, app)),
+            _ => Err(status(Error::NotFound(format!("app `{name}`")))),
+        }
+    }
+
+    async fn emit(&self, kind: EventKind, app: &str, message: String) {
+        self.platform
+            .emit(
+                Event::new(new_id("ev"), now_ms(), kind)
+                    .app(app)
+                    .message(message),
+            )
+            .await;
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<capstan_proto::v1::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Orchestrator for Api {
+    async fn apply_app(
+        &self,
+        request: Request<ApplyAppRequest>,
+    ) -> Result<Response<ApplyAppResponse>, Status> {
+        let wire = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
+        let spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
+        let hash = spec.template_hash();
+        let now = now_ms();
+        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
+        let (record, expect, created, changed) = match existing {
+            Some((_, app)) if app.deleting => {
+                return Err(status(Error::FailedPrecondition(format!(
+                    "app `{}` is being deleted; apply it again once it is gone",
+                    spec.name
+                ))));
+            }
+            None => {
+                let record = AppRecord {
+                    spec: spec.clone(),
+                    spec_hash: hash.clone(),
+                    stable: None,
+                    rollout: Rollout::start(hash.clone(), now),
+                    deleting: false,
+                    backoff: Default::default(),
+                    placement_error: String::new(),
+                    created_ms: now,
+                    updated_ms: now,
+                };
+                (record, Expect::Absent, true, true)
+            }
+            Some((version, mut app)) => {
+                let changed = app.spec != spec;
+                if hash != app.spec_hash
+                    || app.rollout.state != RolloutState::Completed
+                        && hash != app.rollout.target_hash
+                {
+                    app.rollout = Rollout::start(hash.clone(), now);
+                }
+                app.spec = spec.clone();
+                app.spec_hash = hash.clone();
+                app.backoff = Default::default();
+                app.updated_ms = now;
+                (app, Expect::Version(version), false, changed)
+            }
+        };
+        if changed {
+            self.apps
+                .put(&spec.name, &record, expect)
+                .await
+                .map_err(store_err)?;
+            if created {
+                self.emit(
+                    EventKind::AppCreated,
+                    &spec.name,
+                    format!("{} replicas", spec.replicas),
+                )
+                .await;
+            } else {
+                self.emit(
+                    EventKind::AppUpdated,
+                    &spec.name,
+                    format!("template {hash}"),
+                )
+                .await;
+            }
+            if record.rollout.state == RolloutState::InProgress && record.rollout.started_ms == now
+            {
+                self.emit(
+                    EventKind::RolloutStarted,
+                    &spec.name,
+                    format!("to template {hash}"),
+                )
+                .await;
+            }
+            self.wake.notify_one();
+        }
+        let app = self.app_status(&record).await?;
+        Ok(Response::new(ApplyAppResponse {
+            app: Some(app),
+            created,
+            changed,
+        }))
+    }
+
+    async fn get_app(
+        &self,
+        request: Request<GetAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        // Deleting apps are shown, so a client can wait until they are gone.
+        let (_, app) = self
+            .apps
+            .get(&name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| status(Error::NotFound(format!("app `{name}`"))))?;
+        Ok(Response::new(self.app_status(&app).await?))
+    }
+
+    async fn list_apps(
+        &self,
+        _: Request<ListAppsRequest>,
+    ) -> Result<Response<ListAppsResponse>, Status> {
+        let mut apps = Vec::new();
+        for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
+            if !app.deleting {
+                apps.push(self.app_status(&app).await?);
+            }
+        }
+        Ok(Response::new(ListAppsResponse { apps }))
+    }
+
+    async fn scale_app(
+        &self,
+        request: Request<ScaleAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let r = request.into_inner();
+        if r.replicas > MAX_REPLICAS {
+            return Err(status(Error::invalid(
+                "replicas",
+                format!("must be between 0 and {MAX_REPLICAS}, got {}", r.replicas),
+            )));
+        }
+        let (version, mut app) = self.load(&r.name).await?;
+        if app.spec.replicas != r.replicas {
+            let from = app.spec.replicas;
+            app.spec.replicas = r.replicas;
+            app.updated_ms = now_ms();
+            self.apps
+                .put(&r.name, &app, Expect::Version(version))
+                .await
+                .map_err(store_err)?;
+            self.emit(
+                EventKind::AppScaled,
+                &r.name,
+                format!("{from} → {} replicas", r.replicas),
+            )
+            .await;
+            self.wake.notify_one();
+        }
+        Ok(Response::new(self.app_status(&app).await?))
+    }
+
+    async fn delete_app(
+        &self,
+        request: Request<DeleteAppRequest>,
+    ) -> Result<Response<DeleteAppResponse>, Status> {
+        let name = request.into_inner().name;
+        let (version, mut app) = self.load(&name).await?;
+        app.deleting = true;
+        app.updated_ms = now_ms();
+        self.apps
+            .put(&name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.emit(EventKind::AppDeleted, &name, String::new()).await;
+        self.wake.notify_one();
+        Ok(Response::new(DeleteAppResponse {}))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(5000) } as usize;
+        let events = self.events.recent(&r.app, limit).await.map_err(status)?;
+        Ok(Response::new(ListEventsResponse {
+            events: events.iter().map(capstan_proto::event_to_wire).collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        // Subscribe before reading history, so nothing falls between the two.
+        let live = self.events.subscribe();
+        let history = self
+            .events
+            .recent(&r.app, r.history.min(5000) as usize)
+            .await
+            .map_err(status)?;
+        let seen: HashSet<String> = history.iter().map(|e| e.id.clone()).collect();
+        let history = futures::stream::iter(
+            history
+                .into_iter()
+                .map(|e| Ok(capstan_proto::event_to_wire(&e))),
+        );
+        let live = futures::stream::unfold(
+            (live, seen, r.app),
+            |(mut live, mut seen, app)| async move {
+                loop {
+                    match live.recv().await {
+                        Ok(event) => {
+                            if (app.is_empty() || event.app == app) && seen.insert(event.id.clone())
+                            {
+                                return Some((
+                                    Ok(capstan_proto::event_to_wire(&event)),
+                                    (live, seen, app),
+                                ));
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let lagged =
+                                Status::data_loss(format!("missed {n} events; watch again"));
+                            return Some((Err(lagged), (live, seen, app)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        let stream: EventStream = Box::pin(futures::StreamExt::chain(history, live));
+        Ok(Response::new(stream))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let instances: Vec<InstanceRecord> = self
+            .instances
+            .list("")
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(_, _, r)| r)
+            .collect();
+        let mut apps = Vec::new();
+        for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
+            if app.deleting || app.spec.route.hosts.is_empty() {
+                continue;
+            }
+            let endpoints = instances
+                .iter()
+                .filter(|r| {
+                    r.app == app.spec.name
+                        && r.routable
+                        && !r.stopping
+                        && r.state == InstanceState::Healthy
+                })
+                .map(|r| Endpoint {
+                    instance_id: r.id.clone(),
+                    address: r.address.clone(),
+                })
+                .collect();
+            apps.push(AppEndpoints {
+                app: app.spec.name.clone(),
+                hosts: app.spec.route.hosts.clone(),
+                endpoints,
+            });
+        }
+        Ok(Response::new(ListEndpointsResponse { apps }))
+    }
+}

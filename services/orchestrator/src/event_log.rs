@@ -1,0 +1,131 @@
+//! The event log: every event from the bus, stored once (deduplicated by id)
+//! and fanned out to `WatchEvents` streams.
+
+use capstan_events::Deduper;
+use capstan_server::Platform;
+use capstan_store::{Expect, StoreError, Table};
+use capstan_types::{Error, Event, EventKind};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::records::EVENTS;
+
+/// Events kept in the log; older ones are trimmed.
+const RETAIN: usize = 5000;
+
+#[derive(Clone)]
+pub struct EventLog {
+    table: Table<Event>,
+    live: broadcast::Sender<Event>,
+}
+
+impl EventLog {
+    pub fn new(platform: &Platform) -> Self {
+        EventLog {
+            table: Table::new(platform.store.clone(), EVENTS),
+            live: broadcast::channel(1024).0,
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+
+    /// The last `limit` events, oldest first, optionally of one app.
+    pub async fn recent(&self, app: &str, limit: usize) -> Result<Vec<Event>, Error> {
+        let rows = self.table.list("").await.map_err(Error::internal)?;
+        let mut events: Vec<Event> = rows
+            .into_iter()
+            .map(|(_, _, e)| e)
+            .filter(|e| app.is_empty() || e.app == app)
+            .collect();
+        let skip = events.len().saturating_sub(limit);
+        events.drain(..skip);
+        Ok(events)
+    }
+
+    /// Stores an event unless already stored; true when it was new.
+    async fn append(&self, event: &Event) -> Result<bool, Error> {
+        let key = format!("{:013}-{}", event.time_ms.max(0), event.id);
+        match self.table.put(&key, event, Expect::Absent).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
+
+    async fn trim(&self) -> Result<(), Error> {
+        let rows = self.table.list("").await.map_err(Error::internal)?;
+        for (key, _, _) in rows.iter().take(rows.len().saturating_sub(RETAIN)) {
+            self.table
+                .delete(key, Expect::Any)
+                .await
+                .map_err(Error::internal)?;
+        }
+        Ok(())
+    }
+
+    /// Consumes every event from the bus: store, fan out, wake the reconciler
+    /// on instance changes, then ack.
+    pub async fn consume(
+        self,
+        platform: Platform,
+        wake: std::sync::Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let mut dedupe = Deduper::new(10_000);
+        let mut appended = 0usize;
+        while !shutdown.is_cancelled() {
+            let mut subscription = match platform.bus.subscribe("orchestrator.events", &["#"]).await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("failed to subscribe to events: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let delivery = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    d = subscription.next() => match d { Some(d) => d, None => break },
+                };
+                let event = delivery.event.clone();
+                if dedupe.first_time(&event.id) {
+                    match self.append(&event).await {
+                        Ok(true) => {
+                            let _ = self.live.send(event.clone());
+                            appended += 1;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Not acked: the bus hands it out again.
+                            tracing::warn!("failed to store event: {e}");
+                            continue;
+                        }
+                    }
+                    if matches!(
+                        event.kind,
+                        EventKind::InstanceFailed
+                            | EventKind::InstanceHealthy
+                            | EventKind::InstanceUnhealthy
+                            | EventKind::NodeDown
+                    ) {
+                        wake.notify_one();
+                    }
+                }
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!("failed to ack event: {e}");
+                }
+                if appended >= 500 {
+                    appended = 0;
+                    if let Err(e) = self.trim().await {
+                        tracing::warn!("failed to trim the event log: {e}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The orchestrator: the apps API and the desired state behind it, the
+//! reconciler that makes observed state match ([`reconcile`], deciding
+//! through the pure [`plan`]), and the event log behind `capstan events`.
+//!
+//! It never starts a workload itself (agents do) nor picks a node (the
+//! scheduler does); it never reads another service's tables.
+
+mod api;
+mod event_log;
+pub mod plan;
+mod reconcile;
+pub mod records;
+
+use std::sync::Arc;
+
+use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_proto::v1::orchestrator_server::OrchestratorServer;
+use capstan_server::{Platform, Service};
+use capstan_types::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Serves the orchestrator on `listener` until `shutdown`.
+pub async fn run(
+    platform: Platform,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let wake = Arc::new(Notify::new());
+    let events = event_log::EventLog::new(&platform);
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(
+        events
+            .clone()
+            .consume(platform.clone(), wake.clone(), shutdown.clone()),
+    );
+    tasks.spawn(reconcile::Reconciler::new(platform.clone()).run(wake.clone(), shutdown.clone()));
+
+    let policy = Policy::new()
+        .read("/capstan.v1.Orchestrator/GetApp")
+        .read("/capstan.v1.Orchestrator/ListApps")
+        .read("/capstan.v1.Orchestrator/ListEvents")
+        .read("/capstan.v1.Orchestrator/WatchEvents")
+        .read("/capstan.v1.Orchestrator/ListEndpoints");
+    let service = Service {
+        name: "orchestrator",
+        instance_id: capstan_server::new_id("orchestrator"),
+        grpc_names: vec!["capstan.v1.Orchestrator"],
+        routes: tonic::service::Routes::new(OrchestratorServer::new(api::Api::new(
+            platform.clone(),
+            events,
+            wake,
+        ))),
+        auth: RequireAuthLayer::new(platform.verifier(), policy),
+    };
+    let result = capstan_server::serve(&platform, service, listener, shutdown).await;
+    tasks.close();
+    tasks.wait().await;
+    result
+}

@@ -1,0 +1,361 @@
+//! The reconciler's decisions for one app: a pure function from desired and
+//! observed state to actions. No I/O, deterministic (ties broken by instance
+//! id), and idempotent: for a converged app it returns nothing.
+
+use capstan_types::InstanceState;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppView {
+    pub replicas: u32,
+    pub target_hash: String,
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    pub deleting: bool,
+    /// False while restart backoff holds new starts back.
+    pub may_start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceView {
+    pub id: String,
+    pub spec_hash: String,
+    pub state: InstanceState,
+    pub routable: bool,
+    /// Leaving: out of rotation, being stopped.
+    pub stopping: bool,
+}
+
+impl InstanceView {
+    fn is_live(&self) -> bool {
+        !self.stopping && !self.state.is_terminal()
+    }
+
+    /// Serving traffic: healthy and in the routing table.
+    pub fn is_available(&self) -> bool {
+        self.is_live() && self.state == InstanceState::Healthy && self.routable
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Place and start this many new instances of the target template.
+    Start(u32),
+    /// Add a healthy instance to the routing table.
+    Route(String),
+    /// Take out of rotation, let requests finish, stop, forget.
+    Drain(String),
+    /// Clean up an instance that failed, was lost or stopped by itself.
+    Forget(String),
+}
+
+pub fn plan(app: &AppView, instances: &[InstanceView]) -> Vec<Action> {
+    let mut sorted: Vec<&InstanceView> = instances.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut actions = Vec::new();
+
+    for i in &sorted {
+        if i.stopping {
+            // A drain interrupted by a restart is finished, not forgotten.
+            actions.push(Action::Drain(i.id.clone()));
+        } else if i.state.is_terminal() {
+            actions.push(Action::Forget(i.id.clone()));
+        }
+    }
+    let mut live: Vec<&InstanceView> = sorted.iter().copied().filter(|i| i.is_live()).collect();
+    if app.deleting {
+        actions.extend(live.iter().map(|i| Action::Drain(i.id.clone())));
+        return actions;
+    }
+    // Unhealthy instances leave; the count deficit replaces them.
+    for i in live.iter().filter(|i| i.state == InstanceState::Unhealthy) {
+        actions.push(Action::Drain(i.id.clone()));
+    }
+    live.retain(|i| i.state != InstanceState::Unhealthy);
+    for i in &live {
+        if i.state == InstanceState::Healthy && !i.routable {
+            actions.push(Action::Route(i.id.clone()));
+        }
+    }
+
+    let replicas = app.replicas as usize;
+    let (current, old): (Vec<&InstanceView>, Vec<&InstanceView>) = live
+        .iter()
+        .copied()
+        .partition(|i| i.spec_hash == app.target_hash);
+
+    if old.is_empty() {
+        if current.len() < replicas && app.may_start {
+            actions.push(Action::Start((replicas - current.len()) as u32));
+        }
+        if current.len() > replicas {
+            // Remove the least useful first: not serving, then newest id.
+            let mut extras = current.clone();
+            extras.sort_by(|a, b| (a.is_available(), &b.id).cmp(&(b.is_available(), &a.id)));
+            actions.extend(
+                extras
+                    .iter()
+                    .take(current.len() - replicas)
+                    .map(|i| Action::Drain(i.id.clone())),
+            );
+        }
+        return actions;
+    }
+
+    // A rolling update: surge new instances, retire old ones while enough serve.
+    let max_total = replicas + app.max_surge as usize;
+    let deficit = replicas.saturating_sub(current.len());
+    let room = max_total.saturating_sub(live.len());
+    let starts = deficit.min(room);
+    if starts > 0 && app.may_start {
+        actions.push(Action::Start(starts as u32));
+    }
+    let min_available = replicas.saturating_sub(app.max_unavailable as usize);
+    let mut available = live.iter().filter(|i| i.is_available()).count();
+    for o in old.iter().filter(|i| !i.is_available()) {
+        actions.push(Action::Drain(o.id.clone()));
+    }
+    for o in old.iter().filter(|i| i.is_available()) {
+        if available > min_available {
+            available -= 1;
+            actions.push(Action::Drain(o.id.clone()));
+        }
+    }
+    actions
+}
+
+/// A rollout is done when exactly `replicas` instances of the target
+/// template serve traffic and nothing else is left.
+pub fn rollout_done(app: &AppView, instances: &[InstanceView]) -> bool {
+    let all_current_available = instances
+        .iter()
+        .all(|i| i.spec_hash == app.target_hash && i.is_available());
+    all_current_available && instances.len() == app.replicas as usize
+}
+
+/// Instances of the target template that serve traffic.
+pub fn updated(app: &AppView, instances: &[InstanceView]) -> u32 {
+    instances
+        .iter()
+        .filter(|i| i.spec_hash == app.target_hash && i.is_available())
+        .count() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn app(replicas: u32, surge: u32, unavailable: u32) -> AppView {
+        AppView {
+            replicas,
+            target_hash: "new".into(),
+            max_surge: surge,
+            max_unavailable: unavailable,
+            deleting: false,
+            may_start: true,
+        }
+    }
+
+    fn inst(id: &str, hash: &str, state: InstanceState, routable: bool) -> InstanceView {
+        InstanceView {
+            id: id.into(),
+            spec_hash: hash.into(),
+            state,
+            routable,
+            stopping: false,
+        }
+    }
+
+    fn serving(id: &str, hash: &str) -> InstanceView {
+        inst(id, hash, InstanceState::Healthy, true)
+    }
+
+    /// Checks `plan` for a table of situations.
+    fn check(app: &AppView, instances: &[InstanceView], expected: &[Action]) {
+        assert_eq!(plan(app, instances), expected, "instances: {instances:#?}");
+    }
+
+    #[test]
+    fn decisions_for_common_situations() {
+        use Action::*;
+        use InstanceState::*;
+        let a = app(3, 1, 0);
+        check(&a, &[], &[Start(3)]);
+        check(
+            &a,
+            &[
+                serving("a", "new"),
+                serving("b", "new"),
+                serving("c", "new"),
+            ],
+            &[],
+        );
+        check(
+            &a,
+            &[
+                serving("a", "new"),
+                inst("b", "new", Failed, true),
+                serving("c", "new"),
+            ],
+            &[Forget("b".into()), Start(1)],
+        );
+        check(
+            &a,
+            &[
+                serving("a", "new"),
+                inst("b", "new", Healthy, false),
+                serving("c", "new"),
+            ],
+            &[Route("b".into())],
+        );
+        check(
+            &app(1, 1, 0),
+            &[serving("a", "new"), inst("b", "new", Starting, false)],
+            &[Drain("b".into())],
+        );
+        // Rolling: surge one new instance, retire nothing yet.
+        check(
+            &a,
+            &[
+                serving("a", "old"),
+                serving("b", "old"),
+                serving("c", "old"),
+            ],
+            &[Start(1)],
+        );
+        // The new one serves: one old may go.
+        check(
+            &a,
+            &[
+                serving("a", "old"),
+                serving("b", "old"),
+                serving("c", "old"),
+                serving("d", "new"),
+            ],
+            &[Drain("a".into())],
+        );
+        // Healthy but not routed yet does not count as serving.
+        check(
+            &a,
+            &[
+                serving("a", "old"),
+                serving("b", "old"),
+                serving("c", "old"),
+                inst("d", "new", Healthy, false),
+            ],
+            &[Route("d".into())],
+        );
+        let mut deleting = a.clone();
+        deleting.deleting = true;
+        check(
+            &deleting,
+            &[serving("a", "new"), inst("b", "new", Failed, false)],
+            &[Forget("b".into()), Drain("a".into())],
+        );
+        let mut backing_off = a.clone();
+        backing_off.may_start = false;
+        check(&backing_off, &[serving("a", "new")], &[]);
+        check(
+            &a,
+            &[InstanceView {
+                stopping: true,
+                ..serving("a", "new")
+            }],
+            &[Drain("a".into()), Start(3)],
+        );
+        check(
+            &a,
+            &[
+                serving("a", "new"),
+                serving("b", "new"),
+                inst("c", "new", Unhealthy, true),
+            ],
+            &[Drain("c".into()), Start(1)],
+        );
+    }
+
+    /// Applies actions to a simulated world: started instances come up
+    /// healthy one step later, routes and drains take effect at once.
+    fn step(app: &AppView, world: &mut Vec<InstanceView>, next_id: &mut u32) -> Vec<Action> {
+        for i in world.iter_mut() {
+            if i.state == InstanceState::Starting {
+                i.state = InstanceState::Healthy;
+            }
+        }
+        let actions = plan(app, world);
+        for action in &actions {
+            match action {
+                Action::Start(n) => {
+                    for _ in 0..*n {
+                        *next_id += 1;
+                        world.push(inst(
+                            &format!("i{next_id:04}"),
+                            &app.target_hash,
+                            InstanceState::Starting,
+                            false,
+                        ));
+                    }
+                }
+                Action::Route(id) => world
+                    .iter_mut()
+                    .filter(|i| &i.id == id)
+                    .for_each(|i| i.routable = true),
+                Action::Drain(id) | Action::Forget(id) => world.retain(|i| &i.id != id),
+            }
+        }
+        actions
+    }
+
+    proptest! {
+        #[test]
+        fn rolling_updates_converge_without_dropping_below_the_floor(
+            replicas in 0u32..8,
+            surge in 0u32..4,
+            unavailable in 0u32..4,
+            old_count in 0u32..10,
+        ) {
+            prop_assume!(surge + unavailable > 0);
+            let app = app(replicas, surge, unavailable);
+            let mut world: Vec<InstanceView> = (0..old_count).map(|i| serving(&format!("o{i:04}"), "old")).collect();
+            let floor = (replicas.saturating_sub(unavailable) as usize).min(old_count as usize);
+            let mut next_id = 0;
+            let mut converged = false;
+            for _ in 0..200 {
+                let actions = step(&app, &mut world, &mut next_id);
+                let available = world.iter().filter(|i| i.is_available()).count();
+                prop_assert!(available >= floor, "availability {available} fell below {floor}");
+                let live = world.iter().filter(|i| !i.stopping).count();
+                prop_assert!(live <= (replicas + surge).max(old_count) as usize + replicas as usize);
+                if actions.is_empty() {
+                    converged = true;
+                    break;
+                }
+            }
+            prop_assert!(converged, "did not converge: {world:#?}");
+            prop_assert!(rollout_done(&app, &world));
+            prop_assert_eq!(world.len(), replicas as usize);
+        }
+
+        #[test]
+        fn planning_a_converged_app_does_nothing(replicas in 0u32..10) {
+            let app = app(replicas, 1, 0);
+            let world: Vec<_> = (0..replicas).map(|i| serving(&format!("i{i}"), "new")).collect();
+            prop_assert!(plan(&app, &world).is_empty());
+        }
+
+        #[test]
+        fn plans_are_deterministic_in_instance_order(
+            states in proptest::collection::vec((0u8..4, any::<bool>(), any::<bool>()), 0..10),
+        ) {
+            let app = app(3, 1, 1);
+            let world: Vec<InstanceView> = states.iter().enumerate().map(|(n, (s, routable, old))| {
+                let state = [InstanceState::Starting, InstanceState::Healthy, InstanceState::Unhealthy, InstanceState::Failed][*s as usize];
+                inst(&format!("i{n}"), if *old { "old" } else { "new" }, state, *routable)
+            }).collect();
+            let mut reversed = world.clone();
+            reversed.reverse();
+            prop_assert_eq!(plan(&app, &world), plan(&app, &reversed));
+        }
+    }
+}

@@ -1,0 +1,731 @@
+//! Command-line parsing and the commands. Every command talks gRPC to the
+//! services; the address and API key come from flags, the environment, or
+//! the data dir of a running `capstan dev`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use capstan_authn::{Authed, TokenSource};
+use capstan_proto::v1::orchestrator_client::OrchestratorClient;
+use capstan_proto::v1::router_config_client::RouterConfigClient;
+use capstan_proto::v1::scheduler_client::SchedulerClient;
+use capstan_proto::v1::{
+    AppStatus, ApplyAppRequest, DeleteAppRequest, GetAppRequest, ListAppsRequest,
+    ListEventsRequest, ListNodesRequest, NodeStatus, RenderTraefikRequest, RolloutState,
+    ScaleAppRequest, WatchEventsRequest,
+};
+use capstan_secrets::Secret;
+use capstan_types::AppSpec;
+use capstan_types::spec::SpecFormat;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::dev;
+
+#[derive(Parser)]
+#[command(
+    name = "capstan",
+    version,
+    about = "Deploy, scale and route containerised apps across your nodes."
+)]
+#[command(
+    after_help = "Examples:\n  capstan dev\n  capstan app deploy -f examples/hello.toml\n  capstan app status hello\n  curl -H 'Host: hello.localhost' http://127.0.0.1:8080/"
+)]
+pub struct Args {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Args {
+    pub fn is_dev(&self) -> bool {
+        matches!(self.command, Command::Dev { .. })
+    }
+}
+
+#[derive(clap::Args)]
+struct Global {
+    /// Data dir of `capstan dev`: its endpoints and admin API key are read from here.
+    #[arg(long, global = true, env = "CAPSTAN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Orchestrator address (host:port); default: from the data dir.
+    #[arg(long, global = true, env = "CAPSTAN_ADDR")]
+    addr: Option<String>,
+    /// API key; default: the data dir's admin.key.
+    #[arg(long, global = true, env = "CAPSTAN_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole platform on this machine, in one process.
+    #[command(after_help = "Example:\n  capstan dev --http-addr 127.0.0.1:8080")]
+    Dev {
+        /// Where the edge proxy listens for app traffic.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "CAPSTAN_HTTP_ADDR")]
+        http_addr: SocketAddr,
+        /// Use this RabbitMQ (amqp://user:pass@host:port/vhost) instead of the in-memory event bus.
+        #[arg(long, env = "CAPSTAN_AMQP_URL", hide_env_values = true)]
+        amqp_url: Option<String>,
+        /// Where Traefik's HTTP provider fetches /traefik.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        traefik_provider_addr: SocketAddr,
+        /// Do not connect to Docker; image apps then fail to start.
+        #[arg(long)]
+        no_docker: bool,
+        /// CPU this node offers, in millicores.
+        #[arg(long, default_value_t = 4000)]
+        cpu_millis: u32,
+        /// Memory this node offers, in MB.
+        #[arg(long, default_value_t = 8192)]
+        memory_mb: u32,
+    },
+    /// Deploy and manage apps.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Show platform events.
+    #[command(after_help = "Examples:\n  capstan events\n  capstan events --follow --app hello")]
+    Events {
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this app's events.
+        #[arg(long)]
+        app: Option<String>,
+        /// How many past events to show.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show routing configuration.
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Subcommand)]
+enum AppCommand {
+    /// Create or update an app from a spec file (.toml, .yaml or .yml).
+    #[command(after_help = "Example:\n  capstan app deploy -f examples/hello.toml")]
+    Deploy {
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Return once the spec is accepted, without waiting for the rollout.
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this long (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
+    /// List apps.
+    Ls {
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show an app, its rollout and its instances.
+    Status {
+        name: String,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Set the number of replicas.
+    #[command(after_help = "Example:\n  capstan app scale hello 5")]
+    Scale { name: String, replicas: u32 },
+    /// Delete an app: take it out of rotation and stop its instances.
+    Rm {
+        name: String,
+        /// Return without waiting for the instances to stop.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List nodes with their capacity, allocations and status.
+    Ls {
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCommand {
+    /// Print the routing table as a Traefik v3 dynamic configuration (JSON).
+    Traefik,
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("XDG_DATA_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share").into_os_string())
+    }) {
+        Some(base) => PathBuf::from(base).join("capstan"),
+        None => PathBuf::from(".capstan"),
+    }
+}
+
+/// Connections to the services, authenticated with one API key.
+struct Api {
+    endpoints: Option<dev::Endpoints>,
+    orchestrator: String,
+    tokens: Arc<TokenSource>,
+}
+
+impl Api {
+    fn connect(global: &Global) -> Result<Api> {
+        let data_dir = global.data_dir.clone().unwrap_or_else(default_data_dir);
+        let endpoints: Option<dev::Endpoints> =
+            std::fs::read_to_string(dev::endpoints_path(&data_dir))
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+        let orchestrator = global
+            .addr
+            .clone()
+            .or_else(|| endpoints.as_ref().map(|e| e.orchestrator.clone()))
+            .ok_or_else(|| anyhow!("no Capstan API found: start `capstan dev`, or pass --addr / CAPSTAN_ADDR (data dir: {})", data_dir.display()))?;
+        let api_key = match &global.api_key {
+            Some(key) => key.clone(),
+            None => std::fs::read_to_string(dev::admin_key_path(&data_dir))
+                .map(|k| k.trim().to_string())
+                .with_context(|| format!("no API key: pass --api-key / CAPSTAN_API_KEY, or run `capstan dev` (reads {})", dev::admin_key_path(&data_dir).display()))?,
+        };
+        let auth = endpoints
+            .as_ref()
+            .map(|e| e.auth.clone())
+            .unwrap_or_else(|| orchestrator.clone());
+        let auth = std::env::var("CAPSTAN_AUTH_ADDR").unwrap_or(auth);
+        let tokens = TokenSource::new(Secret::new(api_key), capstan_server::channel_to(&auth)?);
+        Ok(Api {
+            endpoints,
+            orchestrator,
+            tokens,
+        })
+    }
+
+    fn channel(&self, address: &str) -> Result<Authed> {
+        Ok(Authed::new(
+            capstan_server::channel_to(address)?,
+            self.tokens.clone(),
+        ))
+    }
+
+    fn orchestrator(&self) -> Result<OrchestratorClient<Authed>> {
+        Ok(OrchestratorClient::new(self.channel(&self.orchestrator)?))
+    }
+
+    fn service_address(
+        &self,
+        env: &str,
+        pick: impl Fn(&dev::Endpoints) -> String,
+    ) -> Result<String> {
+        std::env::var(env)
+            .ok()
+            .or_else(|| self.endpoints.as_ref().map(pick))
+            .ok_or_else(|| anyhow!("set {env}: no running `capstan dev` found to read it from"))
+    }
+}
+
+/// Turns a gRPC status into an error that reads well.
+fn rpc(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unavailable => anyhow!(
+            "cannot reach Capstan ({}); is `capstan dev` running?",
+            status.message()
+        ),
+        tonic::Code::Unauthenticated => anyhow!("not authenticated: {}", status.message()),
+        _ => anyhow!("{}", status.message()),
+    }
+}
+
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let global = args.global;
+    match args.command {
+        Command::Dev {
+            http_addr,
+            amqp_url,
+            traefik_provider_addr,
+            no_docker,
+            cpu_millis,
+            memory_mb,
+        } => {
+            let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
+            dev::run(dev::DevOptions {
+                data_dir,
+                http_addr,
+                amqp_url,
+                traefik_provider_addr,
+                docker: !no_docker,
+                cpu_millis,
+                memory_mb,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::App(command) => app(&global, command).await,
+        Command::Events {
+            follow,
+            app,
+            limit,
+            output,
+        } => events(&global, follow, app.unwrap_or_default(), limit, output).await,
+        Command::Node(NodeCommand::Ls { output }) => nodes(&global, output).await,
+        Command::Route(RouteCommand::Traefik) => {
+            let api = Api::connect(&global)?;
+            let address =
+                api.service_address("CAPSTAN_ROUTER_ADDR", |e| e.router_config.clone())?;
+            let response = RouterConfigClient::new(api.channel(&address)?)
+                .render_traefik(RenderTraefikRequest {})
+                .await
+                .map_err(rpc)?;
+            println!("{}", response.into_inner().json);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
+    match command {
+        AppCommand::Deploy {
+            file,
+            detach,
+            timeout,
+        } => {
+            let path = file.display().to_string();
+            let timeout =
+                capstan_types::duration::parse(&timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
+            let format = SpecFormat::from_path(&path).map_err(|e| anyhow!("{e}"))?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("read {path}"))?;
+            let spec = match AppSpec::parse(&text, format) {
+                Ok(spec) => spec,
+                Err(capstan_types::Error::Invalid(errors)) => {
+                    eprintln!("error: {path} is not a valid app spec:");
+                    for e in errors {
+                        eprintln!("  {}: {}", e.field, e.reason);
+                    }
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(anyhow!("{e}")),
+            };
+            let api = Api::connect(global)?;
+            let mut client = api.orchestrator()?;
+            let response = client
+                .apply_app(ApplyAppRequest {
+                    spec: Some(capstan_proto::spec_to_wire(&spec)),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let verb = if response.created {
+                "created"
+            } else if response.changed {
+                "updated"
+            } else {
+                "unchanged"
+            };
+            let hash = response.app.map(|a| a.spec_hash).unwrap_or_default();
+            println!("app {} {verb} (template {hash})", spec.name);
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_rollout(&mut client, &spec.name, &hash, timeout).await
+        }
+        AppCommand::Ls { output } => {
+            let api = Api::connect(global)?;
+            let apps = api
+                .orchestrator()?
+                .list_apps(ListAppsRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .apps;
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&Value::Array(
+                        apps.iter().map(app_json).collect()
+                    ))?
+                );
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>8} {:<12} HOSTS",
+                    "NAME", "REPLICAS", "HEALTHY", "ROLLOUT"
+                );
+                for app in &apps {
+                    let spec = app.spec.clone().unwrap_or_default();
+                    let hosts = spec.route.map(|r| r.hosts.join(",")).unwrap_or_default();
+                    println!(
+                        "{:<24} {:>8} {:>8} {:<12} {}",
+                        spec.name,
+                        spec.replicas,
+                        app.healthy,
+                        rollout_state(app),
+                        hosts
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AppCommand::Status { name, output } => {
+            let api = Api::connect(global)?;
+            let app = api
+                .orchestrator()?
+                .get_app(GetAppRequest { name })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&app_json(&app))?);
+            } else {
+                print_status(&app);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AppCommand::Scale { name, replicas } => {
+            let api = Api::connect(global)?;
+            api.orchestrator()?
+                .scale_app(ScaleAppRequest {
+                    name: name.clone(),
+                    replicas,
+                })
+                .await
+                .map_err(rpc)?;
+            println!("app {name} scaled to {replicas} replicas");
+            Ok(ExitCode::SUCCESS)
+        }
+        AppCommand::Rm { name, detach } => {
+            let api = Api::connect(global)?;
+            let mut client = api.orchestrator()?;
+            client
+                .delete_app(DeleteAppRequest { name: name.clone() })
+                .await
+                .map_err(rpc)?;
+            if !detach {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    match client.get_app(GetAppRequest { name: name.clone() }).await {
+                        Err(status) if status.code() == tonic::Code::NotFound => break,
+                        Err(status) => return Err(rpc(status)),
+                        Ok(_) if Instant::now() > deadline => {
+                            return Err(anyhow!("app {name} is still being deleted after 120s"));
+                        }
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }
+            println!("app {name} deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn rollout_state(app: &AppStatus) -> &'static str {
+    if app.deleting {
+        return "deleting";
+    }
+    match app
+        .rollout
+        .as_ref()
+        .and_then(|r| RolloutState::try_from(r.state).ok())
+    {
+        Some(RolloutState::InProgress) => "in_progress",
+        Some(RolloutState::Completed) => "completed",
+        Some(RolloutState::RolledBack) => "rolled_back",
+        Some(RolloutState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    capstan_proto::state_from_wire(state).map_or("unknown", |s| s.as_str())
+}
+
+fn app_json(app: &AppStatus) -> Value {
+    let spec = app.spec.clone().unwrap_or_default();
+    let rollout = app.rollout.clone().unwrap_or_default();
+    json!({
+        "name": spec.name,
+        "replicas": spec.replicas,
+        "healthy": app.healthy,
+        "spec_hash": app.spec_hash,
+        "deleting": app.deleting,
+        "hosts": spec.route.map(|r| r.hosts).unwrap_or_default(),
+        "rollout": {
+            "state": rollout_state(app),
+            "target_hash": rollout.target_hash,
+            "message": rollout.message,
+            "updated": rollout.updated,
+            "desired": rollout.desired,
+        },
+        "instances": app.instances.iter().map(|i| json!({
+            "id": i.id,
+            "node": i.node_id,
+            "state": state_name(i.state),
+            "address": i.address,
+            "routable": i.routable,
+            "spec_hash": i.spec_hash,
+            "message": i.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(app: &AppStatus) {
+    let spec = app.spec.clone().unwrap_or_default();
+    let rollout = app.rollout.clone().unwrap_or_default();
+    println!("app:       {}", spec.name);
+    println!(
+        "replicas:  {} desired, {} healthy",
+        spec.replicas, app.healthy
+    );
+    println!("template:  {}", app.spec_hash);
+    println!(
+        "hosts:     {}",
+        spec.route.map(|r| r.hosts.join(", ")).unwrap_or_default()
+    );
+    println!("rollout:   {} {}", rollout_state(app), rollout.message);
+    println!();
+    println!(
+        "{:<24} {:<18} {:<10} {:<22} {:<8} MESSAGE",
+        "INSTANCE", "NODE", "STATE", "ADDRESS", "ROUTED"
+    );
+    for i in &app.instances {
+        println!(
+            "{:<24} {:<18} {:<10} {:<22} {:<8} {}",
+            i.id,
+            i.node_id,
+            state_name(i.state),
+            i.address,
+            if i.routable { "yes" } else { "no" },
+            i.message
+        );
+    }
+}
+
+async fn wait_for_rollout(
+    client: &mut OrchestratorClient<Authed>,
+    name: &str,
+    hash: &str,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let app = client
+            .get_app(GetAppRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let rollout = app.rollout.clone().unwrap_or_default();
+        let replicas = app.spec.as_ref().map_or(0, |s| s.replicas);
+        let progress = format!(
+            "rollout {}: {} of {replicas} updated, {} healthy",
+            rollout_state(&app),
+            rollout.updated,
+            app.healthy
+        );
+        if progress != last {
+            println!("{progress}");
+            last = progress;
+        }
+        let state = RolloutState::try_from(rollout.state).unwrap_or(RolloutState::Unspecified);
+        if rollout.target_hash == hash {
+            match state {
+                RolloutState::Completed if app.healthy >= replicas => {
+                    println!("app {name} is running: {} healthy instances", app.healthy);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                RolloutState::RolledBack | RolloutState::Failed => {
+                    eprintln!("error: deploy of {name} failed: {}", rollout.message);
+                    return Ok(ExitCode::FAILURE);
+                }
+                _ => {}
+            }
+        } else if app.spec_hash != hash {
+            eprintln!(
+                "error: app {name} changed to template {} while waiting",
+                app.spec_hash
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: deploy of {name} did not finish within {}: {}",
+                capstan_types::duration::format(timeout),
+                rollout.message
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+fn print_event(event: &capstan_proto::v1::Event, output: Output) {
+    if output == Output::Json {
+        let line = json!({
+            "id": event.id, "time_ms": event.time_ms, "kind": event.kind, "app": event.app,
+            "instance": event.instance_id, "node": event.node_id, "message": event.message,
+        });
+        println!("{line}");
+    } else {
+        let subject = [
+            event.app.as_str(),
+            event.instance_id.as_str(),
+            event.node_id.as_str(),
+        ]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+        println!(
+            "{} {:<20} {:<40} {}",
+            format_time(event.time_ms),
+            event.kind,
+            subject,
+            event.message
+        );
+    }
+}
+
+async fn events(
+    global: &Global,
+    follow: bool,
+    app: String,
+    limit: u32,
+    output: Output,
+) -> Result<ExitCode> {
+    use futures::StreamExt;
+    let api = Api::connect(global)?;
+    let mut client = api.orchestrator()?;
+    if follow {
+        let mut stream = client
+            .watch_events(WatchEventsRequest {
+                app,
+                history: limit,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        while let Some(event) = stream.next().await {
+            print_event(&event.map_err(rpc)?, output);
+        }
+    } else {
+        let events = client
+            .list_events(ListEventsRequest { app, limit })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .events;
+        for event in &events {
+            print_event(event, output);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn nodes(global: &Global, output: Output) -> Result<ExitCode> {
+    let api = Api::connect(global)?;
+    let address = api.service_address("CAPSTAN_SCHEDULER_ADDR", |e| e.scheduler.clone())?;
+    let nodes = SchedulerClient::new(api.channel(&address)?)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .nodes;
+    let status = |s: i32| {
+        if s == NodeStatus::Ready as i32 {
+            "ready"
+        } else {
+            "down"
+        }
+    };
+    if output == Output::Json {
+        let list: Vec<Value> = nodes
+            .iter()
+            .map(|n| {
+                let (cap, alloc) = (n.capacity.unwrap_or_default(), n.allocated.unwrap_or_default());
+                json!({
+                    "id": n.id, "address": n.address, "status": status(n.status), "instances": n.instances,
+                    "capacity": {"cpu_millis": cap.cpu_millis, "memory_mb": cap.memory_mb},
+                    "allocated": {"cpu_millis": alloc.cpu_millis, "memory_mb": alloc.memory_mb},
+                    "labels": n.labels,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<18} {:<7} {:>9} {:>15} {:>17} ADDRESS",
+            "NODE", "STATUS", "INSTANCES", "CPU (alloc/cap)", "MEMORY (alloc/cap)"
+        );
+        for n in &nodes {
+            let (cap, alloc) = (
+                n.capacity.unwrap_or_default(),
+                n.allocated.unwrap_or_default(),
+            );
+            println!(
+                "{:<18} {:<7} {:>9} {:>15} {:>17} {}",
+                n.id,
+                status(n.status),
+                n.instances,
+                format!("{}m/{}m", alloc.cpu_millis, cap.cpu_millis),
+                format!("{}/{} MB", alloc.memory_mb, cap.memory_mb),
+                n.address
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_times_as_rfc3339() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time(1_795_000_000_123), "2026-11-18T07:06:40.123Z");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,283 @@
+//! `capstan dev`: every service in one process, each a real gRPC server on
+//! its own loopback port, wired with the embedded adapters (in-process
+//! registry, SQLite store, file secrets, in-memory bus or RabbitMQ).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use capstan_authn::Role;
+use capstan_events::{EventBus, MemoryBus, RabbitBus};
+use capstan_registry::EmbeddedRegistry;
+use capstan_secrets::{FileSecretStore, Secret, SecretStore};
+use capstan_server::Platform;
+use capstan_store::SqliteStore;
+use capstan_types::Resources;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const SERVICE_KEY_PATH: &str = "capstan/service-key";
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+pub struct DevOptions {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub amqp_url: Option<String>,
+    pub traefik_provider_addr: SocketAddr,
+    pub docker: bool,
+    pub cpu_millis: u32,
+    pub memory_mb: u32,
+}
+
+/// Where each service of a running `capstan dev` listens; the CLI reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub orchestrator: String,
+    pub scheduler: String,
+    pub router_config: String,
+    pub auth: String,
+    pub proxy: String,
+    pub traefik_provider: String,
+    pub pid: u32,
+}
+
+pub fn endpoints_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("endpoints.json")
+}
+
+pub fn admin_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.key")
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads the file's trimmed contents, or creates it with `make()`.
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = make();
+            write_private(path, format!("{value}\n").as_bytes())
+                .with_context(|| format!("write {}", path.display()))?;
+            Ok(value)
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+}
+
+pub async fn run(options: DevOptions) -> Result<()> {
+    let data_dir = &options.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    if let Ok(text) = std::fs::read_to_string(endpoints_path(data_dir))
+        && let Ok(previous) = serde_json::from_str::<Endpoints>(&text)
+        && previous.pid != std::process::id()
+        && Path::new(&format!("/proc/{}", previous.pid)).exists()
+        && std::fs::read_to_string(format!("/proc/{}/comm", previous.pid))
+            .is_ok_and(|c| c.trim() == "capstan")
+    {
+        bail!(
+            "another capstan dev (pid {}) is using {}; stop it first",
+            previous.pid,
+            data_dir.display()
+        );
+    }
+
+    let shutdown = CancellationToken::new();
+    let store =
+        Arc::new(SqliteStore::open(&data_dir.join("state.db")).context("open the state store")?);
+    let secrets: Arc<dyn SecretStore> = Arc::new(FileSecretStore::new(data_dir));
+    let bus: Arc<dyn EventBus> = match &options.amqp_url {
+        Some(url) => RabbitBus::connect(url)
+            .await
+            .context("connect to RabbitMQ")?,
+        None => Arc::new(MemoryBus::new()),
+    };
+    let registry = Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+
+    let service_key = match secrets.get(SERVICE_KEY_PATH).await? {
+        Some(key) => key,
+        None => {
+            let key = Secret::new(capstan_authn::generate_api_key());
+            secrets.put(SERVICE_KEY_PATH, key.clone()).await?;
+            key
+        }
+    };
+    let admin_key = Secret::new(read_or_create(
+        &admin_key_path(data_dir),
+        capstan_authn::generate_api_key,
+    )?);
+    let node_id = read_or_create(&data_dir.join("node-id"), || capstan_server::new_id("node"))?;
+
+    let platform = Platform::new(registry, bus, store, secrets, service_key.clone());
+    capstan_auth::ensure_api_key(&platform, &service_key, "capstan-services", Role::Service)
+        .await?;
+    capstan_auth::ensure_api_key(&platform, &admin_key, "admin", Role::Admin).await?;
+
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let auth_listener = bind(loopback, "auth service").await?;
+    let scheduler_listener = bind(loopback, "scheduler").await?;
+    let router_listener = bind(loopback, "router-config service").await?;
+    let orchestrator_listener = bind(loopback, "orchestrator").await?;
+    let agent_listener = bind(loopback, "agent").await?;
+    let proxy_listener = bind(
+        options.http_addr,
+        "edge proxy (use --http-addr to pick another)",
+    )
+    .await?;
+    let provider_listener =
+        bind(options.traefik_provider_addr, "Traefik provider endpoint").await?;
+
+    let endpoints = Endpoints {
+        orchestrator: orchestrator_listener.local_addr()?.to_string(),
+        scheduler: scheduler_listener.local_addr()?.to_string(),
+        router_config: router_listener.local_addr()?.to_string(),
+        auth: auth_listener.local_addr()?.to_string(),
+        proxy: proxy_listener.local_addr()?.to_string(),
+        traefik_provider: provider_listener.local_addr()?.to_string(),
+        pid: std::process::id(),
+    };
+
+    let tasks = TaskTracker::new();
+    let spawn = |name: &'static str,
+                 future: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), capstan_types::Error>> + Send>,
+    >| {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = future.await {
+                tracing::error!("{name} stopped: {e}; shutting down");
+                shutdown.cancel();
+            }
+        });
+    };
+    spawn(
+        "auth",
+        Box::pin(capstan_auth::run(
+            platform.clone(),
+            auth_listener,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        "scheduler",
+        Box::pin(capstan_scheduler::run(
+            platform.clone(),
+            scheduler_listener,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        "orchestrator",
+        Box::pin(capstan_orchestrator::run(
+            platform.clone(),
+            orchestrator_listener,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        "router-config",
+        Box::pin(capstan_router_config::run(
+            platform.clone(),
+            capstan_router_config::RouterOptions {
+                proxy: Some(proxy_listener),
+                provider: Some(provider_listener),
+            },
+            router_listener,
+            shutdown.clone(),
+        )),
+    );
+    let agent = capstan_agent::AgentConfig {
+        node_id: node_id.clone(),
+        state_dir: data_dir.join("agents").join(&node_id),
+        capacity: Resources {
+            cpu_millis: options.cpu_millis,
+            memory_mb: options.memory_mb,
+        },
+        labels: [("capstan.io/mode".to_string(), "dev".to_string())].into(),
+        docker: options.docker,
+    };
+    spawn(
+        "agent",
+        Box::pin(capstan_agent::run(
+            platform.clone(),
+            agent,
+            agent_listener,
+            shutdown.clone(),
+        )),
+    );
+
+    write_private(
+        &endpoints_path(data_dir),
+        serde_json::to_string_pretty(&endpoints)?.as_bytes(),
+    )?;
+    println!("Capstan is running (embedded mode, node {node_id}).");
+    println!(
+        "  apps:     http://{}  (route by Host header)",
+        endpoints.proxy
+    );
+    println!(
+        "  API:      {} (gRPC; the CLI finds it in {})",
+        endpoints.orchestrator,
+        data_dir.display()
+    );
+    println!(
+        "  API key:  {} (admin, mode 0600; the CLI reads it from there)",
+        admin_key_path(data_dir).display()
+    );
+    println!(
+        "  Traefik:  http://{}/traefik (HTTP provider; bearer token in secrets.json)",
+        endpoints.traefik_provider
+    );
+    println!(
+        "Deploy the example:  capstan app deploy -f examples/hello.toml --data-dir {}",
+        data_dir.display()
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("services still busy after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    let _ = std::fs::remove_file(endpoints_path(data_dir));
+    println!(
+        "Capstan stopped. Running instances keep running and are re-adopted on the next `capstan dev`."
+    );
+    Ok(())
+}
