@@ -4,9 +4,10 @@
 use std::process::Command;
 use std::sync::Mutex;
 
-/// A busybox image whose `/www/index.html` says "hello from busybox".
+/// A busybox image whose `/www/index.html` says "hello from busybox" and whose
+/// `/www/cgi-bin/whoami` answers "$GREETING from $CAPSTAN_INSTANCE_ID".
 /// Run it as `httpd -f -p 8080 -h /www`.
-pub const BUSYBOX_IMAGE: &str = "capstan-test/busybox:latest";
+pub const BUSYBOX_IMAGE: &str = "capstan-test/busybox:2";
 
 static BUILD: Mutex<()> = Mutex::new(());
 
@@ -49,7 +50,7 @@ pub fn busybox_image() -> &'static str {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().join("rootfs");
-    for sub in ["bin", "www", "tmp", "etc"] {
+    for sub in ["bin", "www/cgi-bin", "tmp", "etc"] {
         std::fs::create_dir_all(root.join(sub)).expect("rootfs dir");
     }
     std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
@@ -57,6 +58,11 @@ pub fn busybox_image() -> &'static str {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet link");
     }
     std::fs::write(root.join("www/index.html"), "hello from busybox\n").expect("index");
+    let whoami = root.join("www/cgi-bin/whoami");
+    std::fs::write(&whoami, "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s from %s\\n' \"$GREETING\" \"$CAPSTAN_INSTANCE_ID\"\n")
+        .expect("cgi script");
+    std::fs::set_permissions(&whoami, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod cgi");
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",

@@ -1,0 +1,367 @@
+//! The end-to-end harness: runs the real `capstan` binary (`capstan dev` and
+//! CLI commands) against a throwaway data dir, and talks HTTP to its proxy.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_capstan");
+
+pub struct Dev {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    amqp_url: Option<String>,
+    child: Option<Child>,
+}
+
+impl Dev {
+    pub fn start(amqp_url: Option<String>) -> Dev {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http_port = capstan_testkit::free_port();
+        let mut dev = Dev {
+            dir,
+            http_port,
+            amqp_url,
+            child: None,
+        };
+        dev.spawn();
+        dev
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.data_dir().join("endpoints.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir().join("dev.log"))
+            .expect("log");
+        let mut command = Command::new(BIN);
+        command
+            .args(["dev", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if let Some(url) = &self.amqp_url {
+            command.args(["--amqp-url", url]);
+        }
+        self.child = Some(command.spawn().expect("start capstan dev"));
+        wait_until("capstan dev answers", Duration::from_secs(60), || {
+            self.data_dir().join("endpoints.json").exists()
+                && self.cli(&["node", "ls", "-o", "json"]).status.success()
+        });
+        wait_until("the node is ready", Duration::from_secs(30), || {
+            let nodes = self.json(&["node", "ls", "-o", "json"]);
+            nodes
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["status"] == "ready"))
+        });
+    }
+
+    /// Stops `capstan dev` the way a crash would (SIGKILL), workloads untouched.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops `capstan dev` gracefully (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .expect("run capstan")
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`capstan {}` failed ({}):\nstdout: {}\nstderr: {}\n--- dev log tail ---\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    pub fn status(&self, app: &str) -> Value {
+        self.json(&["app", "status", app, "-o", "json"])
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.data_dir().join("dev.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// GET through the edge proxy with a Host header: (status, body).
+    pub fn get(&self, host: &str) -> Option<(u16, String)> {
+        http_get(self.http_port, host, "/")
+    }
+
+    /// Distinct bodies seen over `n` requests.
+    pub fn bodies(&self, host: &str, n: usize) -> BTreeSet<String> {
+        (0..n)
+            .filter_map(|_| self.get(host))
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, b)| b.trim().to_string())
+            .collect()
+    }
+
+    pub fn node_id(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("node-id"))
+            .expect("node-id")
+            .trim()
+            .to_string()
+    }
+
+    /// Process records the agent's driver holds: one per running process instance.
+    pub fn process_records(&self) -> Vec<Value> {
+        let dir = self
+            .data_dir()
+            .join("agents")
+            .join(self.node_id())
+            .join("processes");
+        let mut records: Vec<Value> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.sort_by_key(|r| {
+            r["workload"]["instance_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        });
+        records
+    }
+
+    /// Live process groups started for this data dir.
+    pub fn live_pids(&self) -> Vec<i32> {
+        self.process_records()
+            .iter()
+            .filter_map(|r| r["pid"].as_i64())
+            .map(|p| p as i32)
+            .filter(|p| is_running(*p))
+            .collect()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- capstan dev log (last 40 lines) ---\n{}",
+                self.log_tail()
+            );
+        }
+        self.crash();
+        // Leave nothing behind, even when a test failed half-way.
+        for pid in self.live_pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+        if let Ok(node) = std::fs::read_to_string(self.data_dir().join("node-id")) {
+            let filter = format!("label=io.capstan.node={}", node.trim());
+            if let Ok(out) = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &filter])
+                .output()
+            {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+    }
+}
+
+pub fn is_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+pub fn http_get(port: u16, host: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    // HTTP/1.0: the answer comes unchunked, ending at close.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.get(9..12)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting until {what}");
+}
+
+/// Sends requests back to back until stopped; counts outcomes.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub ok: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, host: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, o, f, host) = (stop.clone(), ok.clone(), failures.clone(), host.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match http_get(port, &host, "/") {
+                    Some((200, _)) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => f.lock().unwrap().push(format!("{other:?}")),
+                }
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the load and returns (ok, failures).
+    pub fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failures.lock().unwrap().clone(),
+        )
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Writes a spec file into `dir` and returns its path.
+pub fn spec_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write spec");
+    path.display().to_string()
+}
+
+pub fn whoami_spec(name: &str, replicas: u32, greeting: &str) -> String {
+    capstan_testkit::require_tool("python3", "apt-get install -y python3");
+    format!(
+        r#"name = "{name}"
+replicas = {replicas}
+
+[run]
+command = ["python3", "{script}"]
+
+[env]
+GREETING = "{greeting}"
+
+[health]
+http_path = "/"
+interval = "500ms"
+timeout = "400ms"
+unhealthy_after = 2
+
+[route]
+hosts = ["{name}.localhost"]
+
+[update]
+max_surge = 1
+max_unavailable = 0
+progress_deadline = "30s"
+"#,
+        script = fixture("whoami.py").display()
+    )
+}
+
+pub fn instance_ids(status: &Value) -> Vec<String> {
+    status["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn healthy(status: &Value) -> u64 {
+    status["healthy"].as_u64().unwrap_or(0)
+}
