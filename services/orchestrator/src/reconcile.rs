@@ -149,13 +149,13 @@ impl Reconciler {
                     record.message.clone_from(&seen.message);
                 }
                 None if record.state.is_terminal() => {}
-                None if observation.reported.contains_key(&record.node_id) => {
-                    if record.state != InstanceState::Pending
-                        || now - record.created_ms > PENDING_GRACE_MS
-                    {
-                        record.state = InstanceState::Lost;
-                        record.message = format!("node {} no longer runs it", record.node_id);
-                    }
+                // Its node answers but no longer runs it (past the grace a new instance gets).
+                None if observation.reported.contains_key(&record.node_id)
+                    && (record.state != InstanceState::Pending
+                        || now - record.created_ms > PENDING_GRACE_MS) =>
+                {
+                    record.state = InstanceState::Lost;
+                    record.message = format!("node {} no longer runs it", record.node_id);
                 }
                 None if !observation.ready_nodes.contains(&record.node_id) => {
                     record.state = InstanceState::Lost;
