@@ -28,9 +28,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-/// While an instance has not passed a check yet, probe it this often, so a
-/// new instance becomes routable soon after it listens.
-const STARTING_PROBE_EVERY: Duration = Duration::from_millis(100);
+/// While an instance has not passed a check yet, probe it after 5 ms, then
+/// back off doubling to this: a new instance becomes routable soon after it
+/// listens, and a slow starter costs few probes.
+const STARTING_PROBE_MAX: Duration = Duration::from_millis(100);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
@@ -176,12 +177,14 @@ impl Inner {
         };
         let (mut passes, mut failures) = (0u32, 0u32);
         let mut ever_healthy = false;
+        let mut starting_wait = Duration::from_millis(5);
         loop {
             let wait = if ever_healthy {
                 health.interval
             } else {
-                STARTING_PROBE_EVERY.min(health.interval)
+                starting_wait.min(health.interval)
             };
+            starting_wait = (starting_wait * 2).min(STARTING_PROBE_MAX);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
