@@ -720,7 +720,7 @@ mod tests {
     #[test]
     fn formats_times_as_rfc3339() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_time(1_795_000_000_123), "2026-11-18T07:06:40.123Z");
+        assert_eq!(format_time(1_795_000_000_123), "2026-11-18T11:06:40.123Z");
     }
 
     #[test]
