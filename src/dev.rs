@@ -3,16 +3,16 @@
 //! registry, SQLite store, file secrets, in-memory bus or RabbitMQ).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use capstan_authn::Role;
+
 use capstan_events::{EventBus, MemoryBus, RabbitBus};
 use capstan_registry::EmbeddedRegistry;
-use capstan_secrets::{FileSecretStore, Secret, SecretStore};
+use capstan_secrets::{FileSecretStore, SecretStore};
 use capstan_server::Platform;
 use capstan_store::SqliteStore;
 use capstan_types::Resources;
@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const SERVICE_KEY_PATH: &str = "capstan/service-key";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 pub struct DevOptions {
@@ -52,35 +51,6 @@ pub fn endpoints_path(data_dir: &Path) -> PathBuf {
 
 pub fn admin_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.key")
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Reads the file's trimmed contents, or creates it with `make()`.
-fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(text.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let value = make();
-            write_private(path, format!("{value}\n").as_bytes())
-                .with_context(|| format!("write {}", path.display()))?;
-            Ok(value)
-        }
-        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
-    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
@@ -122,24 +92,13 @@ pub async fn run(options: DevOptions) -> Result<()> {
     };
     let registry = Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
 
-    let service_key = match secrets.get(SERVICE_KEY_PATH).await? {
-        Some(key) => key,
-        None => {
-            let key = Secret::new(capstan_authn::generate_api_key());
-            secrets.put(SERVICE_KEY_PATH, key.clone()).await?;
-            key
-        }
-    };
-    let admin_key = Secret::new(read_or_create(
-        &admin_key_path(data_dir),
-        capstan_authn::generate_api_key,
-    )?);
-    let node_id = read_or_create(&data_dir.join("node-id"), || capstan_server::new_id("node"))?;
-
-    let platform = Platform::new(registry, bus, store, secrets, service_key.clone());
-    capstan_auth::ensure_api_key(&platform, &service_key, "capstan-services", Role::Service)
-        .await?;
-    capstan_auth::ensure_api_key(&platform, &admin_key, "admin", Role::Admin).await?;
+    let service_key = capstan_server::standalone::service_key(secrets.as_ref(), true).await?;
+    let node_id = capstan_secrets::read_or_create_private_file(&data_dir.join("node-id"), || {
+        capstan_server::new_id("node")
+    })
+    .context("read the node id")?;
+    let platform = Platform::new(registry, bus, store, secrets, service_key);
+    capstan_auth::bootstrap_keys(&platform, data_dir).await?;
 
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let auth_listener = bind(loopback, "auth service").await?;
@@ -234,7 +193,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         )),
     );
 
-    write_private(
+    capstan_secrets::write_private_file(
         &endpoints_path(data_dir),
         serde_json::to_string_pretty(&endpoints)?.as_bytes(),
     )?;

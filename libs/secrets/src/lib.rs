@@ -147,6 +147,37 @@ impl SecretStore for FileSecretStore {
     }
 }
 
+/// Writes `contents` to `path` atomically, readable by the owner only (0600).
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The trimmed contents of `path`, or `make()` written there (0600) first.
+pub fn read_or_create_private_file(
+    path: &Path,
+    make: impl FnOnce() -> String,
+) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = make();
+            write_private_file(path, format!("{value}\n").as_bytes())?;
+            Ok(value)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

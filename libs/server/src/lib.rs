@@ -6,6 +6,8 @@
 //! [`Platform`] holds the infrastructure ports a service is given and makes
 //! authenticated clients of other services, found through the registry.
 
+pub mod standalone;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

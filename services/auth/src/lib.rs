@@ -67,6 +67,29 @@ pub async fn signing_key(platform: &Platform) -> Result<Arc<TokenSigner>, Error>
     Ok(Arc::new(signer))
 }
 
+/// Makes sure the keys of a single-host installation exist and are known:
+/// the admin key in `<data_dir>/admin.key` (0600), for the CLI, and the
+/// service key the services call each other with. Returns the admin key.
+pub async fn bootstrap_keys(
+    platform: &Platform,
+    data_dir: &std::path::Path,
+) -> Result<Secret, Error> {
+    let path = data_dir.join("admin.key");
+    let admin_key =
+        capstan_secrets::read_or_create_private_file(&path, capstan_authn::generate_api_key)
+            .map_err(|e| Error::Internal(format!("admin key {}: {e}", path.display())))?;
+    let admin_key = Secret::new(admin_key);
+    ensure_api_key(
+        platform,
+        &platform.service_key,
+        "capstan-services",
+        Role::Service,
+    )
+    .await?;
+    ensure_api_key(platform, &admin_key, "admin", Role::Admin).await?;
+    Ok(admin_key)
+}
+
 /// Records an API key (by digest) with a name and role. Idempotent.
 pub async fn ensure_api_key(
     platform: &Platform,

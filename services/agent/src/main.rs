@@ -1,0 +1,58 @@
+//! `capstan-agent`: the node agent in its own process.
+
+use std::collections::BTreeMap;
+
+use clap::Parser;
+
+/// Runs this node's instances and reports them.
+#[derive(Parser)]
+#[command(name = "capstan-agent", version)]
+struct Args {
+    #[command(flatten)]
+    standalone: capstan_server::standalone::StandaloneArgs,
+    /// This node's id, stable across restarts (a DNS label).
+    #[arg(long, env = "CAPSTAN_NODE_ID")]
+    node_id: String,
+    /// CPU this node offers, in millicores.
+    #[arg(long, default_value_t = 4000)]
+    cpu_millis: u32,
+    /// Memory this node offers, in MB.
+    #[arg(long, default_value_t = 8192)]
+    memory_mb: u32,
+    /// A node label, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Do not connect to Docker; image apps then fail to start here.
+    #[arg(long)]
+    no_docker: bool,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Err(reason) = capstan_types::spec::check_dns_label(&args.node_id) {
+        eprintln!("error: --node-id: {reason}");
+        return std::process::ExitCode::from(2);
+    }
+    let config = capstan_agent::AgentConfig {
+        state_dir: args.standalone.data_dir.join("agents").join(&args.node_id),
+        node_id: args.node_id,
+        capacity: capstan_types::Resources {
+            cpu_millis: args.cpu_millis,
+            memory_mb: args.memory_mb,
+        },
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        docker: !args.no_docker,
+    };
+    capstan_server::standalone::main(
+        "capstan-agent",
+        args.standalone,
+        false,
+        |platform, listener, shutdown| capstan_agent::run(platform, config, listener, shutdown),
+    )
+}

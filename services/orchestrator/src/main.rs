@@ -1,0 +1,21 @@
+//! `capstan-orchestrator`: the orchestrator service in its own process.
+
+use clap::Parser;
+
+/// Serves the apps API and reconciles what runs with what should.
+#[derive(Parser)]
+#[command(name = "capstan-orchestrator", version)]
+struct Args {
+    #[command(flatten)]
+    standalone: capstan_server::standalone::StandaloneArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    capstan_server::standalone::main(
+        "capstan-orchestrator",
+        args.standalone,
+        false,
+        capstan_orchestrator::run,
+    )
+}

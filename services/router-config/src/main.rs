@@ -1,0 +1,48 @@
+//! `capstan-router-config`: the router-config service in its own process.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+/// Builds the routing table, runs the edge proxy, serves Traefik's HTTP provider.
+#[derive(Parser)]
+#[command(name = "capstan-router-config", version)]
+struct Args {
+    #[command(flatten)]
+    standalone: capstan_server::standalone::StandaloneArgs,
+    /// Run the built-in edge proxy here (omit when Traefik routes).
+    #[arg(long, env = "CAPSTAN_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Serve the Traefik HTTP provider document (/traefik) here.
+    #[arg(long)]
+    traefik_provider_addr: Option<SocketAddr>,
+}
+
+async fn bind(
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, capstan_types::Error> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| capstan_types::Error::Unavailable(format!("listen on {addr}: {e}"))),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let (http_addr, provider_addr) = (args.http_addr, args.traefik_provider_addr);
+    capstan_server::standalone::main(
+        "capstan-router-config",
+        args.standalone,
+        false,
+        |platform, listener, shutdown| async move {
+            let options = capstan_router_config::RouterOptions {
+                proxy: bind(http_addr).await?,
+                provider: bind(provider_addr).await?,
+            };
+            capstan_router_config::run(platform, options, listener, shutdown).await
+        },
+    )
+}
