@@ -18,7 +18,11 @@ impl Policy {
     /// Health checks and reflection are always public.
     pub fn new() -> Self {
         Policy {
-            public: vec!["/grpc.health.v1.Health/", "/grpc.reflection."],
+            public: vec![
+                "/grpc.health.v1.Health/",
+                "/grpc.reflection.v1.ServerReflection/",
+                "/grpc.reflection.v1alpha.ServerReflection/",
+            ],
             ..Default::default()
         }
     }
@@ -170,6 +174,10 @@ mod tests {
             .read("/capstan.v1.Orchestrator/GetApp")
             .admin("/capstan.v1.Auth/CreateApiKey");
         assert_eq!(policy.access("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            policy.access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            None
+        );
         assert_eq!(policy.access("/capstan.v1.Auth/IssueToken"), None);
         assert_eq!(
             policy.access("/capstan.v1.Orchestrator/GetApp"),

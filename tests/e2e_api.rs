@@ -1,0 +1,249 @@
+//! The gRPC surface as any client sees it: health and reflection on every
+//! service, tokens required and roles enforced, the Traefik provider
+//! endpoint, and the proxy's answers when nothing is healthy.
+
+mod common;
+
+use std::time::Duration;
+
+use capstan_proto::v1::auth_client::AuthClient;
+use capstan_proto::v1::orchestrator_client::OrchestratorClient;
+use capstan_proto::v1::{ApplyAppRequest, CreateApiKeyRequest, IssueTokenRequest, ListAppsRequest};
+use common::*;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+fn endpoints(dev: &Dev) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dev.data_dir().join("endpoints.json")).unwrap())
+        .unwrap()
+}
+
+fn channel(address: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reflection_and_authorisation() {
+    let dev = tokio::task::spawn_blocking(|| Dev::start(None))
+        .await
+        .unwrap();
+    let endpoints = endpoints(&dev);
+
+    for service in ["orchestrator", "scheduler", "router_config", "auth"] {
+        let address = endpoints[service].as_str().unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
+        let response = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        assert_eq!(
+            response.expect("health needs no token").into_inner().status,
+            1,
+            "{service} is SERVING"
+        );
+
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(channel(address))
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("reflection needs no token")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("{service}: no service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("capstan.v1.")),
+            "{service} reflects {names:?}"
+        );
+    }
+
+    let orchestrator = endpoints["orchestrator"].as_str().unwrap();
+    let mut client = OrchestratorClient::new(channel(orchestrator));
+    let missing = client.list_apps(ListAppsRequest {}).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated, "{missing:?}");
+    let garbage = client
+        .list_apps(with_token(ListAppsRequest {}, "not.a.jwt"))
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), Code::Unauthenticated);
+
+    // An admin creates a viewer key; the viewer may read but not write.
+    let admin_key = std::fs::read_to_string(dev.data_dir().join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut auth = AuthClient::new(channel(endpoints["auth"].as_str().unwrap()));
+    let admin = auth
+        .issue_token(IssueTokenRequest { api_key: admin_key })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let viewer_key = auth
+        .create_api_key(with_token(
+            CreateApiKeyRequest {
+                name: "ci-viewer".into(),
+                role: "viewer".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let bad_role = auth
+        .create_api_key(with_token(
+            CreateApiKeyRequest {
+                name: "x".into(),
+                role: "root".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_role.code(), Code::InvalidArgument);
+    assert!(
+        bad_role.message().contains("role:"),
+        "{}",
+        bad_role.message()
+    );
+    let viewer = auth
+        .issue_token(IssueTokenRequest {
+            api_key: viewer_key,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert!(
+        client
+            .list_apps(with_token(ListAppsRequest {}, &viewer))
+            .await
+            .is_ok()
+    );
+    let spec = capstan_types::AppSpec::parse(
+        &whoami_spec("nope", 1, "x"),
+        capstan_types::spec::SpecFormat::Toml,
+    )
+    .unwrap();
+    let denied = client
+        .apply_app(with_token(
+            ApplyAppRequest {
+                spec: Some(capstan_proto::spec_to_wire(&spec)),
+            },
+            &viewer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied_key = auth
+        .create_api_key(with_token(
+            CreateApiKeyRequest {
+                name: "y".into(),
+                role: "admin".into(),
+            },
+            &viewer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied_key.code(), Code::PermissionDenied);
+
+    // Validation errors come back as INVALID_ARGUMENT naming the field.
+    let mut bad = capstan_proto::spec_to_wire(&spec);
+    bad.replicas = 5000;
+    let invalid = client
+        .apply_app(with_token(ApplyAppRequest { spec: Some(bad) }, &admin))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid
+            .message()
+            .contains("replicas: must be between 0 and 1000"),
+        "{}",
+        invalid.message()
+    );
+    drop(dev);
+}
+
+#[test]
+fn traefik_config_and_proxy_answers() {
+    let dev = Dev::start(None);
+    let spec = spec_file(dev.data_dir(), "t.toml", &whoami_spec("tr", 1, "hi"));
+    dev.ok(&["app", "deploy", "-f", &spec]);
+
+    let document: serde_json::Value =
+        serde_json::from_str(&dev.ok(&["route", "traefik"])).expect("route traefik prints JSON");
+    assert_eq!(
+        document["http"]["routers"]["capstan-tr"]["rule"],
+        "Host(`tr.localhost`)"
+    );
+    let address = dev.status("tr")["instances"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        document["http"]["services"]["capstan-tr"]["loadBalancer"]["servers"][0]["url"],
+        format!("http://{address}")
+    );
+
+    // The same document over HTTP for Traefik's provider, behind its bearer token.
+    let endpoints = endpoints(&dev);
+    let provider = endpoints["traefik_provider"].as_str().unwrap();
+    let port: u16 = provider.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(http_get(port, "x", "/traefik").unwrap().0, 401);
+    let secrets: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dev.data_dir().join("secrets.json")).unwrap(),
+    )
+    .unwrap();
+    let token = secrets["router-config/provider-token"].as_str().unwrap();
+    let mut stream = std::net::TcpStream::connect(provider).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /traefik HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    let body: serde_json::Value =
+        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body, document);
+
+    // Nothing healthy: 503 with a clear body. Unknown host: 404.
+    dev.ok(&["app", "scale", "tr", "0"]);
+    wait_until("the app has no instance", Duration::from_secs(20), || {
+        instance_ids(&dev.status("tr")).is_empty()
+    });
+    wait_until("the proxy answers 503", Duration::from_secs(10), || {
+        dev.get("tr.localhost").is_some_and(|(code, _)| code == 503)
+    });
+    let (_, body) = dev.get("tr.localhost").unwrap();
+    assert_eq!(
+        body,
+        "capstan: app `tr` has no healthy instances right now\n"
+    );
+    assert_eq!(dev.get("nobody.localhost").unwrap().0, 404);
+}
