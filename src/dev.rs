@@ -125,14 +125,20 @@ pub async fn run(options: DevOptions) -> Result<()> {
     };
 
     let tasks = TaskTracker::new();
+    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
     let spawn = |name: &'static str,
                  future: std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<(), capstan_types::Error>> + Send>,
     >| {
         let shutdown = shutdown.clone();
+        let failed = failed.clone();
         tasks.spawn(async move {
             if let Err(e) = future.await {
                 tracing::error!("{name} stopped: {e}; shutting down");
+                failed
+                    .lock()
+                    .expect("failure lock poisoned")
+                    .get_or_insert(format!("{name} failed: {e}"));
                 shutdown.cancel();
             }
         });
@@ -235,6 +241,9 @@ pub async fn run(options: DevOptions) -> Result<()> {
         tracing::warn!("services still busy after {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     let _ = std::fs::remove_file(endpoints_path(data_dir));
+    if let Some(failure) = failed.lock().expect("failure lock poisoned").take() {
+        bail!("{failure}");
+    }
     println!(
         "Capstan stopped. Running instances keep running and are re-adopted on the next `capstan dev`."
     );

@@ -313,3 +313,40 @@ fn every_call_needs_a_valid_token() {
     assert_eq!(mode & 0o777, 0o600);
     assert!(dev.cli(&["app", "ls"]).status.success());
 }
+
+#[test]
+fn dev_refuses_a_busy_data_dir_or_port() {
+    let dev = Dev::start(None);
+    let second = std::process::Command::new(BIN)
+        .args(["dev", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dev.data_dir())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another capstan dev") && stderr.contains("stop it first"),
+        "{stderr}"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let clash = std::process::Command::new(BIN)
+        .args([
+            "dev",
+            "--http-addr",
+            &format!("127.0.0.1:{}", dev.http_port),
+            "--data-dir",
+        ])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(!clash.status.success());
+    let stderr = String::from_utf8_lossy(&clash.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{} for the edge proxy",
+            dev.http_port
+        )),
+        "{stderr}"
+    );
+}
