@@ -45,6 +45,14 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 impl DockerDriver {
+    async fn force_remove(&self, name: &str) -> Result<(), bollard::errors::Error> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        self.docker.remove_container(name, Some(options)).await
+    }
+
     /// Connects to the local engine (DOCKER_HOST or the default socket) and
     /// negotiates the API version with it.
     pub async fn connect(node_id: &str) -> Result<Self, DriverError> {
@@ -87,16 +95,7 @@ impl Driver for DockerDriver {
             return Ok(workload);
         }
         // A stopped leftover under the same name would block the create.
-        let _ = self
-            .docker
-            .remove_container(
-                &name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
+        let _ = self.force_remove(&name).await;
 
         let port_key = format!("{container_port}/tcp");
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -159,16 +158,7 @@ impl Driver for DockerDriver {
             .await
             .map_err(|e| start_err(e.to_string()))?;
         if let Err(e) = self.docker.start_container(&name, None).await {
-            let _ = self
-                .docker
-                .remove_container(
-                    &name,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        ..Default::default()
-                    }),
-                )
-                .await;
+            let _ = self.force_remove(&name).await;
             return Err(start_err(e.to_string()));
         }
         Ok(workload)
@@ -196,17 +186,7 @@ impl Driver for DockerDriver {
             }) => {}
             Err(e) => return Err(unavailable(e)),
         }
-        match self
-            .docker
-            .remove_container(
-                &name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
+        match self.force_remove(&name).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // 409: removal already in progress.

@@ -126,6 +126,16 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
             .collect()
     }
 
+    /// Just the values of `list`.
+    pub async fn values(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|(_, _, value)| value)
+            .collect())
+    }
+
     fn decode(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
             table: self.name.to_string(),

@@ -79,6 +79,32 @@ fn instance_to_wire(record: &InstanceRecord) -> capstan_proto::v1::Instance {
     }
 }
 
+/// The wire status of `app`, from all instance records.
+fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord]) -> AppStatus {
+    let mut instances: Vec<&InstanceRecord> =
+        all.iter().filter(|r| r.app == app.spec.name).collect();
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
+    let healthy = instances
+        .iter()
+        .filter(|r| r.state == InstanceState::Healthy && !r.stopping)
+        .count() as u32;
+    let mut rollout = rollout_to_wire(&app.rollout, app.spec.replicas);
+    if !app.placement_error.is_empty() && rollout.message.is_empty() {
+        rollout.message.clone_from(&app.placement_error);
+    }
+    AppStatus {
+        spec: Some(capstan_proto::spec_to_wire(&app.spec)),
+        version,
+        spec_hash: app.spec_hash.clone(),
+        rollout: Some(rollout),
+        instances: instances.iter().map(|r| instance_to_wire(r)).collect(),
+        healthy,
+        created_at_ms: app.created_ms,
+        updated_at_ms: app.updated_ms,
+        deleting: app.deleting,
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Status> {
     capstan_types::spec::check_dns_label(name)
         .map_err(|reason| status(Error::invalid("name", reason)))
@@ -95,36 +121,9 @@ impl Api {
         }
     }
 
-    async fn app_status(&self, app: &AppRecord) -> Result<AppStatus, Status> {
-        let mut instances: Vec<InstanceRecord> = self
-            .instances
-            .list("")
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .map(|(_, _, r)| r)
-            .filter(|r| r.app == app.spec.name)
-            .collect();
-        instances.sort_by(|a, b| a.id.cmp(&b.id));
-        let healthy = instances
-            .iter()
-            .filter(|r| r.state == InstanceState::Healthy && !r.stopping)
-            .count() as u32;
-        let mut rollout = rollout_to_wire(&app.rollout, app.spec.replicas);
-        if !app.placement_error.is_empty() && rollout.message.is_empty() {
-            rollout.message.clone_from(&app.placement_error);
-        }
-        Ok(AppStatus {
-            spec: Some(capstan_proto::spec_to_wire(&app.spec)),
-            version: 0,
-            spec_hash: app.spec_hash.clone(),
-            rollout: Some(rollout),
-            instances: instances.iter().map(instance_to_wire).collect(),
-            healthy,
-            created_at_ms: app.created_ms,
-            updated_at_ms: app.updated_ms,
-            deleting: app.deleting,
-        })
+    async fn app_status(&self, app: &AppRecord, version: u64) -> Result<AppStatus, Status> {
+        let instances = self.instances.values("").await.map_err(store_err)?;
+        Ok(app_status(app, version, &instances))
     }
 
     async fn load(&self, name: &str) -> Result<(u64, AppRecord), Status> {
@@ -198,8 +197,13 @@ impl Orchestrator for Api {
                 (app, Expect::Version(version), false, changed)
             }
         };
+        let mut version = match expect {
+            Expect::Version(version) => version,
+            _ => 0,
+        };
         if changed {
-            self.apps
+            version = self
+                .apps
                 .put(&spec.name, &record, expect)
                 .await
                 .map_err(store_err)?;
@@ -229,7 +233,7 @@ impl Orchestrator for Api {
             }
             self.wake.notify_one();
         }
-        let app = self.app_status(&record).await?;
+        let app = self.app_status(&record, version).await?;
         Ok(Response::new(ApplyAppResponse {
             app: Some(app),
             created,
@@ -244,25 +248,29 @@ impl Orchestrator for Api {
         let name = request.into_inner().name;
         check_name(&name)?;
         // Deleting apps are shown, so a client can wait until they are gone.
-        let (_, app) = self
+        let (version, app) = self
             .apps
             .get(&name)
             .await
             .map_err(store_err)?
             .ok_or_else(|| status(Error::NotFound(format!("app `{name}`"))))?;
-        Ok(Response::new(self.app_status(&app).await?))
+        Ok(Response::new(self.app_status(&app, version).await?))
     }
 
     async fn list_apps(
         &self,
         _: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
-        let mut apps = Vec::new();
-        for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
-            if !app.deleting {
-                apps.push(self.app_status(&app).await?);
-            }
-        }
+        let instances = self.instances.values("").await.map_err(store_err)?;
+        let apps = self
+            .apps
+            .list("")
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|(_, _, app)| !app.deleting)
+            .map(|(_, version, app)| app_status(&app, version, &instances))
+            .collect();
         Ok(Response::new(ListAppsResponse { apps }))
     }
 
@@ -277,12 +285,13 @@ impl Orchestrator for Api {
                 format!("must be between 0 and {MAX_REPLICAS}, got {}", r.replicas),
             )));
         }
-        let (version, mut app) = self.load(&r.name).await?;
+        let (mut version, mut app) = self.load(&r.name).await?;
         if app.spec.replicas != r.replicas {
             let from = app.spec.replicas;
             app.spec.replicas = r.replicas;
             app.updated_ms = now_ms();
-            self.apps
+            version = self
+                .apps
                 .put(&r.name, &app, Expect::Version(version))
                 .await
                 .map_err(store_err)?;
@@ -294,7 +303,7 @@ impl Orchestrator for Api {
             .await;
             self.wake.notify_one();
         }
-        Ok(Response::new(self.app_status(&app).await?))
+        Ok(Response::new(self.app_status(&app, version).await?))
     }
 
     async fn delete_app(
@@ -378,14 +387,7 @@ impl Orchestrator for Api {
         &self,
         _: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
-        let instances: Vec<InstanceRecord> = self
-            .instances
-            .list("")
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .map(|(_, _, r)| r)
-            .collect();
+        let instances = self.instances.values("").await.map_err(store_err)?;
         let mut apps = Vec::new();
         for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
             if app.deleting || app.spec.route.hosts.is_empty() {

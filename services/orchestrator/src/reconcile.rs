@@ -120,14 +120,7 @@ impl Reconciler {
             .into_iter()
             .map(|(k, v, r)| (k, (v, r)))
             .collect();
-        let mut records: Vec<InstanceRecord> = self
-            .instances
-            .list("")
-            .await
-            .map_err(Error::internal)?
-            .into_iter()
-            .map(|(_, _, r)| r)
-            .collect();
+        let mut records = self.instances.values("").await.map_err(Error::internal)?;
 
         // Merge what the nodes report into the records.
         let mut observed: HashMap<&str, &capstan_proto::v1::Instance> = HashMap::new();
@@ -290,18 +283,16 @@ impl Reconciler {
                 .placement_error = Some(placement_error);
         }
 
+        let mut after: HashMap<String, Vec<InstanceView>> = HashMap::new();
+        for record in self.instances.values("").await.map_err(Error::internal)? {
+            after
+                .entry(record.app.clone())
+                .or_default()
+                .push(instance_view(&record));
+        }
         for name in &names {
             if let Some((version, app)) = apps.get(name) {
-                let instances: Vec<InstanceView> = self
-                    .instances
-                    .list("")
-                    .await
-                    .map_err(Error::internal)?
-                    .into_iter()
-                    .map(|(_, _, r)| r)
-                    .filter(|r| &r.app == name)
-                    .map(|r| instance_view(&r))
-                    .collect();
+                let instances = after.remove(name).unwrap_or_default();
                 let change = changes.remove(name).unwrap_or_default();
                 self.update_app(name, *version, app.clone(), &instances, change, now)
                     .await?;
