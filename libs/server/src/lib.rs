@@ -40,6 +40,8 @@ pub struct Platform {
     /// The API key Capstan's services use to call each other.
     pub service_key: Secret,
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
+    /// One multiplexed HTTP/2 channel per address, reused by every call.
+    channels: Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
 }
 
 impl Platform {
@@ -57,6 +59,7 @@ impl Platform {
             secrets,
             service_key,
             tokens: Arc::default(),
+            channels: Arc::default(),
         }
     }
 
@@ -65,7 +68,7 @@ impl Platform {
         let instance = capstan_registry::resolve(self.registry.as_ref(), service, RESOLVE_TIMEOUT)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        channel_to(&instance.address)
+        self.cached_channel(&instance.address)
     }
 
     /// A channel to `service` that carries this platform's service token.
@@ -77,7 +80,17 @@ impl Platform {
     /// A channel to a known address (an agent) that carries the service token.
     pub async fn client_at(&self, address: &str) -> Result<Authed, Error> {
         let tokens = self.tokens().await?;
-        Ok(Authed::new(channel_to(address)?, tokens))
+        Ok(Authed::new(self.cached_channel(address)?, tokens))
+    }
+
+    fn cached_channel(&self, address: &str) -> Result<Channel, Error> {
+        let mut channels = self.channels.lock().expect("channel cache lock poisoned");
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = channel_to(address)?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
     }
 
     async fn tokens(&self) -> Result<Arc<TokenSource>, Error> {

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 /// While an instance has not passed a check yet, probe it after 5 ms, then
 /// back off doubling to this: a new instance becomes routable soon after it
 /// listens, and a slow starter costs few probes.
-const STARTING_PROBE_MAX: Duration = Duration::from_millis(100);
+const STARTING_PROBE_MAX: Duration = Duration::from_millis(20);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
