@@ -45,6 +45,12 @@ impl ProcessDriver {
         self.state_dir.join(format!("{instance_id}.json"))
     }
 
+    /// The workload's own, initially empty working directory: it must not
+    /// see the agent's (which may hold keys and state).
+    pub fn work_dir(&self, instance_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{instance_id}.work"))
+    }
+
     pub fn log_path(&self, instance_id: &str) -> PathBuf {
         self.state_dir.join(format!("{instance_id}.log"))
     }
@@ -93,6 +99,9 @@ impl Driver for ProcessDriver {
             program: String::new(),
             reason: "empty command".into(),
         })?;
+        let work_dir = self.work_dir(&spec.instance_id);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| DriverError::Io(format!("{}: {e}", work_dir.display())))?;
         let log = std::fs::File::create(self.log_path(&spec.instance_id))
             .map_err(|e| DriverError::Io(e.to_string()))?;
         let log_err = log
@@ -111,6 +120,7 @@ impl Driver for ProcessDriver {
             .env("PORT", spec.host_port.to_string())
             .env("CAPSTAN_INSTANCE_ID", &spec.instance_id)
             .env("CAPSTAN_APP", &spec.app)
+            .current_dir(&work_dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -169,6 +179,7 @@ impl Driver for ProcessDriver {
             }
             let _ = std::fs::remove_file(self.record_path(instance_id));
             let _ = std::fs::remove_file(self.log_path(instance_id));
+            let _ = std::fs::remove_dir_all(self.work_dir(instance_id));
         }
         self.exits
             .lock()

@@ -114,3 +114,56 @@ async fn docker_driver_passes_the_contract() {
     };
     contract::run(&driver, reopen, programs, "dock").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn process_workloads_run_in_their_own_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let driver = ProcessDriver::new(&state).unwrap();
+    let spec = WorkloadSpec {
+        instance_id: "cwd".into(),
+        app: "a".into(),
+        spec_hash: "h".into(),
+        program: Program::Process {
+            argv: vec![
+                busybox(),
+                "ls".into(),
+                "-a".into(),
+                "-1".into(),
+                "/proc/self/cwd/".into(),
+            ],
+        },
+        env: Default::default(),
+        host_port: 1,
+        cpu_millis: 1,
+        memory_mb: 4,
+    };
+    driver.start(&spec).await.unwrap();
+    for _ in 0..50 {
+        if matches!(
+            driver.status("cwd").await.unwrap(),
+            WorkloadStatus::Exited { .. }
+        ) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let listing = std::fs::read_to_string(driver.log_path("cwd")).unwrap();
+    let entries: Vec<&str> = listing
+        .lines()
+        .filter(|l| *l != "." && *l != "..")
+        .collect();
+    assert!(
+        entries.is_empty(),
+        "the workload sees files in its working directory: {entries:?}"
+    );
+    assert!(driver.work_dir("cwd").starts_with(&state));
+    driver
+        .stop("cwd", std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(
+        !driver.work_dir("cwd").exists(),
+        "the working directory is removed on stop"
+    );
+}
