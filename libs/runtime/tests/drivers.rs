@@ -9,6 +9,31 @@ fn busybox() -> String {
     "/bin/busybox".to_string()
 }
 
+/// Runs `argv` as a one-shot process workload until it exits; returns its output.
+async fn run_to_exit(driver: &ProcessDriver, id: &str, argv: Vec<String>) -> String {
+    let spec = WorkloadSpec {
+        instance_id: id.into(),
+        app: "a".into(),
+        spec_hash: "h".into(),
+        program: Program::Process { argv },
+        env: Default::default(),
+        host_port: 1,
+        cpu_millis: 1,
+        memory_mb: 4,
+    };
+    driver.start(&spec).await.unwrap();
+    for _ in 0..50 {
+        if matches!(
+            driver.status(id).await.unwrap(),
+            WorkloadStatus::Exited { .. }
+        ) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    std::fs::read_to_string(driver.log_path(id)).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn process_driver_passes_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,27 +72,7 @@ async fn process_driver_never_uses_a_shell() {
         "/bin/echo".to_string(),
         format!("hello; touch {}", marker.display()),
     ];
-    let spec = WorkloadSpec {
-        instance_id: "noshell".into(),
-        app: "a".into(),
-        spec_hash: "h".into(),
-        program: Program::Process { argv },
-        env: Default::default(),
-        host_port: 1,
-        cpu_millis: 1,
-        memory_mb: 4,
-    };
-    driver.start(&spec).await.unwrap();
-    for _ in 0..50 {
-        if matches!(
-            driver.status("noshell").await.unwrap(),
-            WorkloadStatus::Exited { .. }
-        ) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let log = std::fs::read_to_string(driver.log_path("noshell")).unwrap();
+    let log = run_to_exit(&driver, "noshell", argv).await;
     assert_eq!(log.trim(), format!("hello; touch {}", marker.display()));
     assert!(!marker.exists());
     driver
@@ -120,35 +125,14 @@ async fn process_workloads_run_in_their_own_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let driver = ProcessDriver::new(&state).unwrap();
-    let spec = WorkloadSpec {
-        instance_id: "cwd".into(),
-        app: "a".into(),
-        spec_hash: "h".into(),
-        program: Program::Process {
-            argv: vec![
-                busybox(),
-                "ls".into(),
-                "-a".into(),
-                "-1".into(),
-                "/proc/self/cwd/".into(),
-            ],
-        },
-        env: Default::default(),
-        host_port: 1,
-        cpu_millis: 1,
-        memory_mb: 4,
-    };
-    driver.start(&spec).await.unwrap();
-    for _ in 0..50 {
-        if matches!(
-            driver.status("cwd").await.unwrap(),
-            WorkloadStatus::Exited { .. }
-        ) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let listing = std::fs::read_to_string(driver.log_path("cwd")).unwrap();
+    let argv = vec![
+        busybox(),
+        "ls".into(),
+        "-a".into(),
+        "-1".into(),
+        "/proc/self/cwd/".into(),
+    ];
+    let listing = run_to_exit(&driver, "cwd", argv).await;
     let entries: Vec<&str> = listing
         .lines()
         .filter(|l| *l != "." && *l != "..")
