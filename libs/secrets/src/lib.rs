@@ -127,23 +127,11 @@ impl SecretStore for FileSecretStore {
         let mut all = self.read_all().await?;
         all.insert(path.to_string(), value.0);
         let bytes = serde_json::to_vec_pretty(&all).map_err(|e| self.io_err(e))?;
-        let tmp = self.path.with_extension("json.tmp");
         let target = self.path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &target)
-        })
-        .await
-        .map_err(|e| self.io_err(e))?
-        .map_err(|e| self.io_err(e))
+        tokio::task::spawn_blocking(move || write_private_file(&target, &bytes))
+            .await
+            .map_err(|e| self.io_err(e))?
+            .map_err(|e| self.io_err(e))
     }
 }
 

@@ -175,7 +175,8 @@ impl Inner {
         let Ok(driver) = self.driver(&file.spec) else {
             return;
         };
-        let (mut passes, mut failures) = (0u32, 0u32);
+        // `passing`: the last probe passed. Failures count in a row.
+        let (mut passing, mut failures) = (false, 0u32);
         let mut ever_healthy = false;
         let mut starting_wait = Duration::from_millis(5);
         loop {
@@ -206,16 +207,16 @@ impl Inner {
                 }
             }
             if health::probe(&health.check, file.host_port, health.timeout).await {
-                passes += 1;
                 failures = 0;
-                if !ever_healthy || passes == 1 {
+                if !passing {
+                    passing = true;
                     ever_healthy = true;
                     self.transition(&id, InstanceState::Healthy, String::new())
                         .await;
                 }
             } else {
                 failures += 1;
-                passes = 0;
+                passing = false;
                 if ever_healthy && failures >= health.unhealthy_after {
                     self.transition(
                         &id,

@@ -161,7 +161,7 @@ impl Orchestrator for Api {
         let hash = spec.template_hash();
         let now = now_ms();
         let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
-        let (record, expect, created, changed) = match existing {
+        let (record, expect, created, changed, rollout_started) = match existing {
             Some((_, app)) if app.deleting => {
                 return Err(status(Error::FailedPrecondition(format!(
                     "app `{}` is being deleted; apply it again once it is gone",
@@ -180,21 +180,27 @@ impl Orchestrator for Api {
                     created_ms: now,
                     updated_ms: now,
                 };
-                (record, Expect::Absent, true, true)
+                (record, Expect::Absent, true, true, true)
             }
             Some((version, mut app)) => {
                 let changed = app.spec != spec;
-                if hash != app.spec_hash
+                let rollout_started = hash != app.spec_hash
                     || app.rollout.state != RolloutState::Completed
-                        && hash != app.rollout.target_hash
-                {
+                        && hash != app.rollout.target_hash;
+                if rollout_started {
                     app.rollout = Rollout::start(hash.clone(), now);
                 }
                 app.spec = spec.clone();
                 app.spec_hash = hash.clone();
                 app.backoff = Default::default();
                 app.updated_ms = now;
-                (app, Expect::Version(version), false, changed)
+                (
+                    app,
+                    Expect::Version(version),
+                    false,
+                    changed,
+                    rollout_started,
+                )
             }
         };
         let mut version = match expect {
@@ -222,8 +228,7 @@ impl Orchestrator for Api {
                 )
                 .await;
             }
-            if record.rollout.state == RolloutState::InProgress && record.rollout.started_ms == now
-            {
+            if rollout_started {
                 self.emit(
                     EventKind::RolloutStarted,
                     &spec.name,
