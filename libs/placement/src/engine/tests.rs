@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::{ProptestConfig, any, prop, prop_assert, prop_assert_eq, proptest};
+use proptest::strategy::Strategy as _;
 
 use super::*;
 use crate::{Constraint, NodeSpec, Resources, Spread};
