@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::snapshot::{BUCKETS, Eligibility, Snapshot, bucket_of};
+use crate::snapshot::{Eligibility, SIDE, Snapshot, bucket_of};
 use crate::{Request, Strategy};
 
 /// How many candidates the fast path scores: what Nomad scores.
@@ -12,8 +12,8 @@ pub fn sample_size(eligible: u32) -> usize {
     (log2 as usize).max(2)
 }
 
-/// Nodes the binpack and least-loaded index walks may examine before they
-/// fall back to a full scan.
+/// Nodes the binpack and least-loaded walks examine before they settle for
+/// fewer than `k` candidates.
 const WALK_BUDGET_MIN: usize = 64;
 /// One unit of fitness: a node left completely full.
 const FULL: i64 = 1_000_000;
@@ -340,27 +340,26 @@ impl Engine {
             Mode::Exhaustive => exhaustive(snapshot, ctx, groups.as_ref()),
             Mode::Fast => {
                 let k = sample_size(snapshot.eligible);
+                // Each source is complete: it comes back empty only when no
+                // node in the cluster can take the instance.
                 let candidates = match strategy {
                     Strategy::Binpack => walk(snapshot, ctx, k, true),
                     Strategy::LeastLoaded => walk(snapshot, ctx, k, false),
                     _ => match &groups {
-                        Some(groups) => groups.order.iter().find_map(|&(_, value)| {
-                            let found = self.level_scan(snapshot, ctx, k, |class| {
-                                groups.class_value[class as usize] == value
-                            });
-                            (!found.is_empty()).then_some(found)
-                        }),
-                        None => {
-                            let found = self.level_scan(snapshot, ctx, k, |_| true);
-                            (!found.is_empty()).then_some(found)
-                        }
+                        Some(groups) => groups
+                            .order
+                            .iter()
+                            .find_map(|&(_, value)| {
+                                let found = self.level_scan(snapshot, ctx, k, |class| {
+                                    groups.class_value[class as usize] == value
+                                });
+                                (!found.is_empty()).then_some(found)
+                            })
+                            .unwrap_or_default(),
+                        None => self.level_scan(snapshot, ctx, k, |_| true),
                     },
                 };
-                match candidates {
-                    Some(candidates) => best(snapshot, ctx, candidates.into_iter()),
-                    // The walk hit its budget: a full scan decides.
-                    None => exhaustive(snapshot, ctx, groups.as_ref()),
-                }
+                best(snapshot, ctx, candidates.into_iter())
             }
         }
     }
@@ -441,34 +440,47 @@ impl Engine {
     }
 }
 
-/// Walks the free-memory index: up from the tightest fit for binpack, down
-/// from the emptiest for least-loaded. Returns up to `k` feasible nodes, or
-/// None when the budget ran out before any was found.
-fn walk(snapshot: &Snapshot, ctx: &mut Ctx, k: usize, tightest_first: bool) -> Option<Vec<usize>> {
-    let start = bucket_of(ctx.request.resources.memory_mb) as usize;
+/// Walks the free-resource grid by diagonals (free CPU bucket + free memory
+/// bucket): up from the tightest fit for binpack, down from the emptiest for
+/// least-loaded. Only cells at or above the request's own buckets can fit,
+/// so full nodes are never looked at. Returns up to `k` feasible nodes; past
+/// the budget it takes the first it finds; an empty result means no node in
+/// the cluster fits.
+fn walk(snapshot: &Snapshot, ctx: &mut Ctx, k: usize, tightest_first: bool) -> Vec<usize> {
+    let need = ctx.request.resources;
+    let (sc, sm) = (bucket_of(need.cpu_millis), bucket_of(need.memory_mb));
     let budget = WALK_BUDGET_MIN.max(16 * k);
     let mut examined = 0;
     let mut found = Vec::with_capacity(k);
-    let order: Box<dyn Iterator<Item = usize>> = if tightest_first {
-        Box::new(start..BUCKETS)
+    let diagonals = sc + sm..=2 * (SIDE - 1);
+    let diagonals: Box<dyn Iterator<Item = usize>> = if tightest_first {
+        Box::new(diagonals)
     } else {
-        Box::new((start..BUCKETS).rev())
+        Box::new(diagonals.rev())
     };
-    for bucket in order {
-        for &index in &snapshot.buckets[bucket] {
-            examined += 1;
-            if ctx.check(snapshot, index as usize).is_ok() {
-                found.push(index as usize);
-                if found.len() == k {
-                    return Some(found);
+    for d in diagonals {
+        let first = sc.max(d.saturating_sub(SIDE - 1));
+        let last = (SIDE - 1).min(d - sm);
+        for c in first..=last {
+            let m = d - c;
+            if snapshot.rows[c] & (1 << m) == 0 {
+                continue;
+            }
+            for &index in &snapshot.cells[c * SIDE + m] {
+                examined += 1;
+                if ctx.check(snapshot, index as usize).is_ok() {
+                    found.push(index as usize);
+                    if found.len() == k || examined >= budget {
+                        return found;
+                    }
                 }
             }
-            if examined >= budget {
-                return (!found.is_empty()).then_some(found);
-            }
+        }
+        if examined >= budget && !found.is_empty() {
+            return found;
         }
     }
-    Some(found)
+    found
 }
 
 /// The best of `candidates` by the strategy's score; ties go to the lower

@@ -29,7 +29,8 @@ pub struct NodeSpec {
     pub eligibility: Eligibility,
 }
 
-pub(crate) const BUCKETS: usize = 256;
+/// Buckets per dimension of the free-resource grid.
+pub(crate) const SIDE: usize = 48;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
@@ -40,9 +41,9 @@ pub(crate) struct Node {
     pub allocated: Resources,
     /// Host ports in use, sorted.
     pub ports: Vec<u16>,
-    /// Where the node sits in the free-memory index.
-    pub bucket: u8,
-    pub bucket_pos: u32,
+    /// Where the node sits in the free-resource grid.
+    pub cell: u16,
+    pub cell_pos: u32,
 }
 
 /// Nodes with the same attributes (except their id) form a class: a
@@ -90,24 +91,37 @@ pub struct Snapshot {
     pub(crate) apps: Interner,
     /// Per app id: instances per node index. Sorted, for determinism.
     pub(crate) app_nodes: Vec<BTreeMap<u32, u32>>,
-    /// Free-memory index: `buckets[b]` holds the nodes whose free memory
-    /// falls in bucket `b` (see [`bucket_of`]).
-    pub(crate) buckets: Vec<Vec<u32>>,
+    /// Free-resource grid: `cells[c * SIDE + m]` holds the nodes whose free
+    /// CPU falls in bucket `c` and free memory in bucket `m` (see
+    /// [`bucket_of`]). A request only ever looks at cells at or above its
+    /// own buckets, so full nodes cost nothing.
+    pub(crate) cells: Vec<Vec<u32>>,
+    /// Bit `m` of `rows[c]` is set when cell (c, m) holds a node.
+    pub(crate) rows: [u64; SIDE],
     pub(crate) eligible: u32,
 }
 
-/// Log-scale bucket of a free-memory amount: four buckets per power of two.
-pub(crate) fn bucket_of(free_mb: u64) -> u8 {
-    if free_mb == 0 {
+/// Log-scale bucket of a free amount, two per power of two; monotonic, so
+/// `free < need` implies `bucket_of(free) <= bucket_of(need)`.
+pub(crate) fn bucket_of(free: u64) -> usize {
+    if free == 0 {
         return 0;
     }
-    let log = 63 - free_mb.leading_zeros() as u64;
-    let quarter = if log >= 2 {
-        (free_mb >> (log - 2)) & 3
-    } else {
-        (free_mb << (2 - log)) & 3
-    };
-    (1 + log * 4 + quarter).min(BUCKETS as u64 - 1) as u8
+    let log = 63 - free.leading_zeros() as u64;
+    let half = if log >= 1 { (free >> (log - 1)) & 1 } else { 0 };
+    (1 + log * 2 + half).min(SIDE as u64 - 1) as usize
+}
+
+fn cell_of(node: &Node) -> usize {
+    let free_cpu = node
+        .capacity
+        .cpu_millis
+        .saturating_sub(node.allocated.cpu_millis);
+    let free_mem = node
+        .capacity
+        .memory_mb
+        .saturating_sub(node.allocated.memory_mb);
+    bucket_of(free_cpu) * SIDE + bucket_of(free_mem)
 }
 
 impl Snapshot {
@@ -121,7 +135,8 @@ impl Snapshot {
             strings: Interner::default(),
             apps: Interner::default(),
             app_nodes: Vec::new(),
-            buckets: vec![Vec::new(); BUCKETS],
+            cells: vec![Vec::new(); SIDE * SIDE],
+            rows: [0; SIDE],
             eligible: 0,
         };
         let mut class_ids: HashMap<Vec<(u32, u32)>, u32> = HashMap::new();
@@ -144,19 +159,22 @@ impl Snapshot {
             if spec.eligibility == Eligibility::Eligible {
                 snapshot.eligible += 1;
             }
-            let bucket = bucket_of(spec.capacity.memory_mb);
-            let bucket_pos = snapshot.buckets[bucket as usize].len() as u32;
-            snapshot.buckets[bucket as usize].push(index as u32);
-            snapshot.nodes.push(Node {
+            let mut node = Node {
                 id: spec.id.into(),
                 class,
                 eligibility: spec.eligibility,
                 capacity: spec.capacity,
                 allocated: Resources::default(),
                 ports: Vec::new(),
-                bucket,
-                bucket_pos,
-            });
+                cell: 0,
+                cell_pos: 0,
+            };
+            let cell = cell_of(&node);
+            node.cell = cell as u16;
+            node.cell_pos = snapshot.cells[cell].len() as u32;
+            snapshot.cells[cell].push(index as u32);
+            snapshot.rows[cell / SIDE] |= 1 << (cell % SIDE);
+            snapshot.nodes.push(node);
         }
         snapshot
     }
@@ -286,23 +304,23 @@ impl Snapshot {
 
     fn rebucket(&mut self, index: usize) {
         let node = &self.nodes[index];
-        let free = node
-            .capacity
-            .memory_mb
-            .saturating_sub(node.allocated.memory_mb);
-        let bucket = bucket_of(free);
-        if bucket == node.bucket {
+        let cell = cell_of(node);
+        if cell == node.cell as usize {
             return;
         }
-        let (old, pos) = (node.bucket as usize, node.bucket_pos as usize);
-        self.buckets[old].swap_remove(pos);
-        if let Some(&moved) = self.buckets[old].get(pos) {
-            self.nodes[moved as usize].bucket_pos = pos as u32;
+        let (old, pos) = (node.cell as usize, node.cell_pos as usize);
+        self.cells[old].swap_remove(pos);
+        if let Some(&moved) = self.cells[old].get(pos) {
+            self.nodes[moved as usize].cell_pos = pos as u32;
+        }
+        if self.cells[old].is_empty() {
+            self.rows[old / SIDE] &= !(1 << (old % SIDE));
         }
         let node = &mut self.nodes[index];
-        node.bucket = bucket;
-        node.bucket_pos = self.buckets[bucket as usize].len() as u32;
-        self.buckets[bucket as usize].push(index as u32);
+        node.cell = cell as u16;
+        node.cell_pos = self.cells[cell].len() as u32;
+        self.cells[cell].push(index as u32);
+        self.rows[cell / SIDE] |= 1 << (cell % SIDE);
     }
 
     /// Sum of capacity and of allocations over nodes that hold at least one
@@ -358,10 +376,14 @@ mod tests {
         s.add(2, "web", r, &[]);
         assert!(s.remove(1, "web", r, &[8080]));
         assert!(!s.remove(1, "web", r, &[8080]));
-        for (b, nodes) in s.buckets.iter().enumerate() {
+        for (cell, nodes) in s.cells.iter().enumerate() {
+            assert_eq!(
+                s.rows[cell / SIDE] & (1 << (cell % SIDE)) != 0,
+                !nodes.is_empty()
+            );
             for (pos, &n) in nodes.iter().enumerate() {
-                assert_eq!(s.nodes[n as usize].bucket as usize, b);
-                assert_eq!(s.nodes[n as usize].bucket_pos as usize, pos);
+                assert_eq!(s.nodes[n as usize].cell as usize, cell);
+                assert_eq!(s.nodes[n as usize].cell_pos as usize, pos);
             }
         }
         assert_eq!(s.instances_of("web", 2), 1);
