@@ -14,7 +14,7 @@ use capstan_proto::v1::orchestrator_client::OrchestratorClient;
 use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
-    AppStatus, ApplyAppRequest, DeleteAppRequest, GetAppRequest, ListAppsRequest,
+    AppStatus, ApplyAppRequest, DeleteAppRequest, DrainNodeRequest, GetAppRequest, ListAppsRequest,
     ListEventsRequest, ListNodesRequest, NodeStatus, RenderTraefikRequest, RolloutState,
     ScaleAppRequest, WatchEventsRequest,
 };
@@ -90,6 +90,12 @@ enum Command {
         /// Memory this node offers, in MB.
         #[arg(long, default_value_t = 8192)]
         memory_mb: u32,
+        /// Run this many agents (nodes), with distinct ids, zones and capacities.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dev::MAX_AGENTS as i64))]
+        agents: u32,
+        /// Placement strategy of apps that do not name one: binpack, spread, least-loaded or round-robin.
+        #[arg(long, default_value = "spread", value_parser = parse_strategy)]
+        default_strategy: capstan_placement::Strategy,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -156,10 +162,28 @@ enum AppCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// List nodes with their capacity, allocations and status.
+    /// List nodes with their capacity, allocations, status and attributes.
     Ls {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
+    },
+    /// Stop placing on a node and move its instances elsewhere, one at a
+    /// time: each replacement is healthy and routed before the old instance
+    /// leaves rotation and stops.
+    #[command(
+        after_help = "Examples:\n  capstan node drain node-1a2b\n  capstan node drain node-1a2b --cancel"
+    )]
+    Drain {
+        node: String,
+        /// Make the node eligible again instead.
+        #[arg(long)]
+        cancel: bool,
+        /// Return once the node is marked, without waiting for it to empty.
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this long (like `5m` or `90s`).
+        #[arg(long, default_value = "5m")]
+        timeout: String,
     },
 }
 
@@ -251,6 +275,10 @@ fn rpc(status: tonic::Status) -> anyhow::Error {
     }
 }
 
+fn parse_strategy(text: &str) -> Result<capstan_placement::Strategy, String> {
+    capstan_placement::Strategy::parse(text)
+}
+
 pub async fn run(args: Args) -> Result<ExitCode> {
     let global = args.global;
     match args.command {
@@ -261,6 +289,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             no_docker,
             cpu_millis,
             memory_mb,
+            agents,
+            default_strategy,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             dev::run(dev::DevOptions {
@@ -271,6 +301,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 docker: !no_docker,
                 cpu_millis,
                 memory_mb,
+                agents,
+                default_strategy,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -283,6 +315,16 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             output,
         } => events(&global, follow, app.unwrap_or_default(), limit, output).await,
         Command::Node(NodeCommand::Ls { output }) => nodes(&global, output).await,
+        Command::Node(NodeCommand::Drain {
+            node,
+            cancel,
+            detach,
+            timeout,
+        }) => {
+            let timeout =
+                capstan_types::duration::parse(&timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
+            drain(&global, &node, !cancel, detach, timeout).await
+        }
         Command::Route(RouteCommand::Traefik) => {
             let api = Api::connect(&global)?;
             let address =
@@ -462,6 +504,7 @@ fn app_json(app: &AppStatus) -> Value {
         "healthy": app.healthy,
         "spec_hash": app.spec_hash,
         "deleting": app.deleting,
+        "placement_error": app.placement_error,
         "hosts": spec.route.map(|r| r.hosts).unwrap_or_default(),
         "rollout": {
             "state": rollout_state(app),
@@ -496,6 +539,9 @@ fn print_status(app: &AppStatus) {
         spec.route.map(|r| r.hosts.join(", ")).unwrap_or_default()
     );
     println!("rollout:   {} {}", rollout_state(app), rollout.message);
+    if !app.placement_error.is_empty() {
+        println!("placement: {}", app.placement_error);
+    }
     println!();
     println!(
         "{:<24} {:<18} {:<10} {:<22} {:<8} MESSAGE",
@@ -543,6 +589,19 @@ async fn wait_for_rollout(
             last = progress;
         }
         let state = RolloutState::try_from(rollout.state).unwrap_or(RolloutState::Unspecified);
+        if rollout.target_hash == hash
+            && state == RolloutState::InProgress
+            && !app.placement_error.is_empty()
+        {
+            // Like Nomad's blocked evaluations: the orchestrator keeps
+            // trying (a node may join), but the user learns now.
+            eprintln!(
+                "error: deploy of {name} cannot be placed: {}",
+                app.placement_error
+            );
+            eprintln!("the platform keeps retrying; see `capstan app status {name}`");
+            return Ok(ExitCode::FAILURE);
+        }
         if rollout.target_hash == hash {
             match state {
                 RolloutState::Completed if app.healthy >= replicas => {
@@ -668,20 +727,23 @@ async fn nodes(global: &Global, output: Output) -> Result<ExitCode> {
         .map_err(rpc)?
         .into_inner()
         .nodes;
-    let status = |s: i32| {
-        if s == NodeStatus::Ready as i32 {
-            "ready"
-        } else {
-            "down"
-        }
-    };
+    let status =
+        |n: &capstan_proto::v1::Node| match (n.status == NodeStatus::Ready as i32, n.draining) {
+            (false, _) => "down",
+            (true, true) => "draining",
+            (true, false) => "ready",
+        };
     if output == Output::Json {
         let list: Vec<Value> = nodes
             .iter()
             .map(|n| {
-                let (cap, alloc) = (n.capacity.unwrap_or_default(), n.allocated.unwrap_or_default());
+                let (cap, alloc) = (
+                    n.capacity.unwrap_or_default(),
+                    n.allocated.unwrap_or_default(),
+                );
                 json!({
-                    "id": n.id, "address": n.address, "status": status(n.status), "instances": n.instances,
+                    "id": n.id, "address": n.address, "status": status(n), "draining": n.draining,
+                    "instances": n.instances,
                     "capacity": {"cpu_millis": cap.cpu_millis, "memory_mb": cap.memory_mb},
                     "allocated": {"cpu_millis": alloc.cpu_millis, "memory_mb": alloc.memory_mb},
                     "labels": n.labels,
@@ -691,26 +753,91 @@ async fn nodes(global: &Global, output: Output) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         println!(
-            "{:<18} {:<7} {:>9} {:>15} {:>17} ADDRESS",
-            "NODE", "STATUS", "INSTANCES", "CPU (alloc/cap)", "MEMORY (alloc/cap)"
+            "{:<22} {:<8} {:>9} {:>15} {:>19} {:<21} ATTRIBUTES",
+            "NODE", "STATUS", "INSTANCES", "CPU (alloc/cap)", "MEMORY (alloc/cap)", "ADDRESS"
         );
         for n in &nodes {
             let (cap, alloc) = (
                 n.capacity.unwrap_or_default(),
                 n.allocated.unwrap_or_default(),
             );
+            let mut labels: Vec<String> =
+                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
             println!(
-                "{:<18} {:<7} {:>9} {:>15} {:>17} {}",
+                "{:<22} {:<8} {:>9} {:>15} {:>19} {:<21} {}",
                 n.id,
-                status(n.status),
+                status(n),
                 n.instances,
                 format!("{}m/{}m", alloc.cpu_millis, cap.cpu_millis),
                 format!("{}/{} MB", alloc.memory_mb, cap.memory_mb),
-                n.address
+                n.address,
+                labels.join(",")
             );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn drain(
+    global: &Global,
+    node: &str,
+    enable: bool,
+    detach: bool,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    let api = Api::connect(global)?;
+    let address = api.service_address("CAPSTAN_SCHEDULER_ADDR", |e| e.scheduler.clone())?;
+    let mut client = SchedulerClient::new(api.channel(&address)?);
+    let marked = client
+        .drain_node(DrainNodeRequest {
+            node_id: node.to_string(),
+            enable,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    if !enable {
+        println!("node {node} is eligible for new instances again");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "node {node} is draining: {} instances to move",
+        marked.instances
+    );
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut last = marked.instances;
+    loop {
+        let nodes = client
+            .list_nodes(ListNodesRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .nodes;
+        let Some(current) = nodes.iter().find(|n| n.id == node) else {
+            return Err(anyhow!("node {node} disappeared while draining"));
+        };
+        if current.instances == 0 {
+            println!("node {node} is drained");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if current.instances != last {
+            println!("node {node}: {} instances left", current.instances);
+            last = current.instances;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: node {node} still runs {} instances after {}; it stays draining",
+                current.instances,
+                capstan_types::duration::format(timeout)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,47 @@ pub struct DevOptions {
     pub docker: bool,
     pub cpu_millis: u32,
     pub memory_mb: u32,
+    /// Agents (nodes) to run in this process.
+    pub agents: u32,
+    pub default_strategy: capstan_placement::Strategy,
+}
+
+/// Most agents `capstan dev` runs in one process.
+pub const MAX_AGENTS: u32 = 16;
+
+/// The agents of an embedded platform: the first keeps the data dir's node
+/// id (so a one-agent data dir keeps its workloads), the others add `-N`.
+/// Each gets a zone label cycling through a, b, c, and a capacity that
+/// shrinks with its index, so that placement has real differences to see.
+fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::AgentConfig> {
+    (1..=options.agents)
+        .map(|i| {
+            let node_id = if i == 1 {
+                base_id.to_string()
+            } else {
+                format!("{base_id}-{i}")
+            };
+            let share = |full: u32| {
+                (u64::from(full) * u64::from(options.agents + 1 - i) / u64::from(options.agents))
+                    .max(1) as u32
+            };
+            let zone = ["a", "b", "c"][(i as usize - 1) % 3];
+            capstan_agent::AgentConfig {
+                state_dir: options.data_dir.join("agents").join(&node_id),
+                node_id,
+                capacity: Resources {
+                    cpu_millis: share(options.cpu_millis),
+                    memory_mb: share(options.memory_mb),
+                },
+                labels: [
+                    ("capstan.io/mode".to_string(), "dev".to_string()),
+                    ("zone".to_string(), format!("zone-{zone}")),
+                ]
+                .into(),
+                docker: options.docker,
+            }
+        })
+        .collect()
 }
 
 /// Where each service of a running `capstan dev` listens; the CLI reads it.
@@ -105,7 +146,10 @@ pub async fn run(options: DevOptions) -> Result<()> {
     let scheduler_listener = bind(loopback, "scheduler").await?;
     let router_listener = bind(loopback, "router-config service").await?;
     let orchestrator_listener = bind(loopback, "orchestrator").await?;
-    let agent_listener = bind(loopback, "agent").await?;
+    let mut agent_listeners = Vec::new();
+    for _ in 0..options.agents {
+        agent_listeners.push(bind(loopback, "agent").await?);
+    }
     let proxy_listener = bind(
         options.http_addr,
         "edge proxy (use --http-addr to pick another)",
@@ -155,6 +199,9 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "scheduler",
         Box::pin(capstan_scheduler::run(
             platform.clone(),
+            capstan_scheduler::SchedulerConfig {
+                default_strategy: options.default_strategy,
+            },
             scheduler_listener,
             shutdown.clone(),
         )),
@@ -179,31 +226,29 @@ pub async fn run(options: DevOptions) -> Result<()> {
             shutdown.clone(),
         )),
     );
-    let agent = capstan_agent::AgentConfig {
-        node_id: node_id.clone(),
-        state_dir: data_dir.join("agents").join(&node_id),
-        capacity: Resources {
-            cpu_millis: options.cpu_millis,
-            memory_mb: options.memory_mb,
-        },
-        labels: [("capstan.io/mode".to_string(), "dev".to_string())].into(),
-        docker: options.docker,
-    };
-    spawn(
-        "agent",
-        Box::pin(capstan_agent::run(
-            platform.clone(),
-            agent,
-            agent_listener,
-            shutdown.clone(),
-        )),
-    );
+    let agents = agent_configs(&options, &node_id);
+    let node_ids: Vec<String> = agents.iter().map(|a| a.node_id.clone()).collect();
+    for (agent, listener) in agents.into_iter().zip(agent_listeners) {
+        spawn(
+            "agent",
+            Box::pin(capstan_agent::run(
+                platform.clone(),
+                agent,
+                listener,
+                shutdown.clone(),
+            )),
+        );
+    }
 
     capstan_secrets::write_private_file(
         &endpoints_path(data_dir),
         serde_json::to_string_pretty(&endpoints)?.as_bytes(),
     )?;
-    println!("Capstan is running (embedded mode, node {node_id}).");
+    let plural = if node_ids.len() == 1 { "node" } else { "nodes" };
+    println!(
+        "Capstan is running (embedded mode, {plural} {}).",
+        node_ids.join(", ")
+    );
     println!(
         "  apps:     http://{}  (route by Host header)",
         endpoints.proxy

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::rc::Rc;
 
 use crate::snapshot::{Eligibility, SIDE, Snapshot, bucket_of};
 use crate::{Request, Strategy};
@@ -106,7 +107,14 @@ struct Ctx<'r> {
     /// node has the attribute).
     class_constraints: Vec<(usize, Option<u32>)>,
     node_constraints: Vec<usize>,
+    /// For attribute spread, computed once per request: each class's value
+    /// of the attribute, and the values some feasible class has.
+    spread_classes: Option<SpreadClasses>,
 }
+
+/// Per class, its value of the spread attribute (a string id; None when
+/// unset); and the values at least one feasible class has.
+type SpreadClasses = (Rc<[Option<u32>]>, Vec<Option<u32>>);
 
 impl Ctx<'_> {
     fn class_ok(&mut self, snapshot: &Snapshot, class: u32) -> Result<(), Reject> {
@@ -218,7 +226,7 @@ impl Ctx<'_> {
 /// target share, for the next placement.
 struct Groups {
     /// Attribute value (string id; None = unset) per class.
-    class_value: Vec<Option<u32>>,
+    class_value: Rc<[Option<u32>]>,
     /// (deficit, value) for values with a class that passes the
     /// constraints, best first.
     order: Vec<(i64, Option<u32>)>,
@@ -264,6 +272,7 @@ impl Engine {
             class_state: vec![0; snapshot.classes.len()],
             class_constraints: Vec::new(),
             node_constraints: Vec::new(),
+            spread_classes: None,
         };
         for (i, c) in request.constraints.iter().enumerate() {
             if c.is_per_node() {
@@ -320,6 +329,7 @@ impl Engine {
                 .filter(|(_, c)| c.is_per_node())
                 .map(|(i, _)| i)
                 .collect(),
+            spread_classes: None,
         };
         ctx.check(snapshot, index)
             .map_err(|reject| reason(request, reject))
@@ -521,26 +531,32 @@ fn groups(snapshot: &Snapshot, ctx: &mut Ctx) -> Groups {
         .spread
         .as_ref()
         .expect("groups are only built for attribute spread");
-    let key = snapshot.strings.get(&spread.attribute);
-    let class_value: Vec<Option<u32>> = snapshot
-        .classes
-        .iter()
-        .map(|class| {
-            key.and_then(|key| {
-                class
-                    .attributes
-                    .binary_search_by_key(&key, |&(k, _)| k)
-                    .ok()
-                    .map(|at| class.attributes[at].1)
+    if ctx.spread_classes.is_none() {
+        let key = snapshot.strings.get(&spread.attribute);
+        let class_value: Rc<[Option<u32>]> = snapshot
+            .classes
+            .iter()
+            .map(|class| {
+                key.and_then(|key| {
+                    class
+                        .attributes
+                        .binary_search_by_key(&key, |&(k, _)| k)
+                        .ok()
+                        .map(|at| class.attributes[at].1)
+                })
             })
-        })
-        .collect();
-    let mut counts: BTreeMap<Option<u32>, i64> = BTreeMap::new();
-    for (class, value) in class_value.iter().enumerate() {
-        if ctx.class_ok(snapshot, class as u32).is_ok() {
-            counts.entry(*value).or_insert(0);
+            .collect();
+        // A value counts when one of its classes passes the constraints.
+        let mut feasible: BTreeMap<Option<u32>, ()> = BTreeMap::new();
+        for (class, value) in class_value.iter().enumerate() {
+            if !feasible.contains_key(value) && ctx.class_ok(snapshot, class as u32).is_ok() {
+                feasible.insert(*value, ());
+            }
         }
+        ctx.spread_classes = Some((class_value, feasible.into_keys().collect()));
     }
+    let (class_value, values) = ctx.spread_classes.clone().expect("computed just above");
+    let mut counts: BTreeMap<Option<u32>, i64> = values.iter().map(|&v| (v, 0)).collect();
     let mut total = 1;
     for (&index, &count) in &snapshot.app_nodes[ctx.app as usize] {
         let value = class_value[snapshot.nodes[index as usize].class as usize];

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use capstan_types::spec::{
-    HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
+    HealthCheck, HealthSpec, PlacementSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
 };
 use capstan_types::{AppSpec, Error, Event, EventKind, InstanceState};
 
@@ -60,9 +60,19 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
                 )
             })?),
         };
+        let host_port = match port.host_port {
+            0 => None,
+            p => Some(u16::try_from(p).map_err(|_| {
+                Error::invalid(
+                    format!("ports[{i}].host_port"),
+                    "must be between 1 and 65535",
+                )
+            })?),
+        };
         ports.push(PortSpec {
             name: port.name,
             container_port,
+            host_port,
         });
     }
     let spec = AppSpec {
@@ -88,9 +98,33 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
             hosts: wire.route.map(|r| r.hosts).unwrap_or_default(),
         },
         update,
+        placement: placement_from_wire(wire.placement.unwrap_or_default()),
     };
     spec.validate()?;
     Ok(spec)
+}
+
+pub fn placement_from_wire(wire: v1::PlacementSpec) -> PlacementSpec {
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    PlacementSpec {
+        strategy: non_empty(wire.strategy),
+        constraints: wire.constraints,
+        distinct_hosts: wire.distinct_hosts,
+        spread_by: non_empty(wire.spread_by),
+        spread_targets: wire.spread_targets.into_iter().collect(),
+        anti_affinity: !wire.no_anti_affinity,
+    }
+}
+
+pub fn placement_to_wire(placement: &PlacementSpec) -> v1::PlacementSpec {
+    v1::PlacementSpec {
+        strategy: placement.strategy.clone().unwrap_or_default(),
+        constraints: placement.constraints.clone(),
+        distinct_hosts: placement.distinct_hosts,
+        spread_by: placement.spread_by.clone().unwrap_or_default(),
+        spread_targets: placement.spread_targets.clone().into_iter().collect(),
+        no_anti_affinity: !placement.anti_affinity,
+    }
 }
 
 pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
@@ -112,6 +146,7 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
             .map(|p| v1::PortSpec {
                 name: p.name.clone(),
                 container_port: p.container_port.map_or(0, u32::from),
+                host_port: p.host_port.map_or(0, u32::from),
             })
             .collect(),
         env: spec.env.clone().into_iter().collect(),
@@ -133,6 +168,7 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
             max_unavailable: spec.update.max_unavailable,
             progress_deadline_ms: millis(spec.update.progress_deadline),
         }),
+        placement: Some(placement_to_wire(&spec.placement)),
     }
 }
 

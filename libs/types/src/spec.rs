@@ -27,6 +27,47 @@ pub struct AppSpec {
     pub health: HealthSpec,
     pub route: RouteSpec,
     pub update: UpdateSpec,
+    /// Where instances may run and how they are spread.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+}
+
+/// Placement preferences and rules, checked by the scheduler's engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementSpec {
+    /// binpack, spread, least-loaded or round-robin; None takes the
+    /// cluster's default.
+    pub strategy: Option<String>,
+    /// `ATTRIBUTE OP VALUE` rules every node must meet, like `zone == eu`.
+    pub constraints: Vec<String>,
+    /// At most one instance per node.
+    pub distinct_hosts: bool,
+    /// With strategy spread: spread across this node attribute instead of
+    /// across nodes.
+    pub spread_by: Option<String>,
+    /// Percent of instances per value of `spread_by`.
+    pub spread_targets: BTreeMap<String, u32>,
+    /// Prefer nodes that do not already run an instance of the app.
+    pub anti_affinity: bool,
+}
+
+impl Default for PlacementSpec {
+    fn default() -> Self {
+        PlacementSpec {
+            strategy: None,
+            constraints: Vec::new(),
+            distinct_hosts: false,
+            spread_by: None,
+            spread_targets: BTreeMap::new(),
+            anti_affinity: true,
+        }
+    }
+}
+
+impl PlacementSpec {
+    pub fn is_default(&self) -> bool {
+        *self == PlacementSpec::default()
+    }
 }
 
 /// Exactly one of `command` and `image` is set; `validate` enforces it.
@@ -57,6 +98,10 @@ pub struct PortSpec {
     pub name: String,
     /// Set for image apps only; process apps are given `$PORT`.
     pub container_port: Option<u16>,
+    /// A fixed port on the node instead of an assigned one (first port
+    /// only). Two instances never share it on one node.
+    #[serde(default)]
+    pub host_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,10 +391,85 @@ impl AppSpec {
             );
         }
 
+        for (i, port) in self.ports.iter().enumerate() {
+            match port.host_port {
+                Some(0) => bad(
+                    &format!("ports[{i}].host_port"),
+                    "must be between 1 and 65535".into(),
+                ),
+                Some(_) if i > 0 => bad(
+                    &format!("ports[{i}].host_port"),
+                    "only the first port may set a fixed host port".into(),
+                ),
+                _ => {}
+            }
+        }
+
+        let placement = &self.placement;
+        if let Some(strategy) = &placement.strategy
+            && let Err(reason) = capstan_placement::Strategy::parse(strategy)
+        {
+            bad("placement.strategy", reason);
+        }
+        for (i, constraint) in placement.constraints.iter().enumerate() {
+            if let Err(reason) = capstan_placement::Constraint::parse(constraint) {
+                bad(&format!("placement.constraints[{i}]"), reason);
+            }
+        }
+        let spreads = placement.spread_by.is_some() || !placement.spread_targets.is_empty();
+        if spreads && !matches!(placement.strategy.as_deref(), None | Some("spread")) {
+            bad(
+                "placement.spread_by",
+                "only with strategy = \"spread\"".into(),
+            );
+        }
+        if let Some(attribute) = &placement.spread_by
+            && (attribute.is_empty()
+                || !attribute
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)))
+        {
+            bad(
+                "placement.spread_by",
+                format!("`{attribute}` is not an attribute name"),
+            );
+        }
+        if !placement.spread_targets.is_empty() && placement.spread_by.is_none() {
+            bad(
+                "placement.spread_targets",
+                "needs `spread_by`: the attribute whose values the targets name".into(),
+            );
+        }
+        let mut total = 0;
+        for (value, pct) in &placement.spread_targets {
+            if !(1..=100).contains(pct) {
+                bad(
+                    &format!("placement.spread_targets.{value}"),
+                    format!("must be a percentage between 1 and 100, got {pct}"),
+                );
+            }
+            total += pct;
+        }
+        if total > 100 {
+            bad(
+                "placement.spread_targets",
+                format!("percentages add up to {total}, more than 100"),
+            );
+        }
+
         if errors.is_empty() {
             Ok(())
         } else {
             Err(Error::Invalid(errors))
+        }
+    }
+
+    /// The strategy this app asks for, or `default`.
+    pub fn strategy(&self, default: capstan_placement::Strategy) -> capstan_placement::Strategy {
+        match &self.placement.strategy {
+            Some(name) => capstan_placement::Strategy::parse(name).unwrap_or(default),
+            None if self.placement.spread_by.is_some() => capstan_placement::Strategy::Spread,
+            None => default,
         }
     }
 
@@ -367,6 +487,10 @@ impl AppSpec {
             ports: &'a [PortSpec],
             env: &'a BTreeMap<String, String>,
             health: &'a HealthSpec,
+            // Changing where an app may run moves its instances; left out
+            // when default so that older templates keep their hash.
+            #[serde(skip_serializing_if = "PlacementSpec::is_default")]
+            placement: &'a PlacementSpec,
         }
         let template = Template {
             run: &self.run,
@@ -374,6 +498,7 @@ impl AppSpec {
             ports: &self.ports,
             env: &self.env,
             health: &self.health,
+            placement: &self.placement,
         };
         let json = serde_json::to_vec(&template).expect("a spec always serializes");
         let digest = Sha256::digest(json);
@@ -456,6 +581,28 @@ struct SpecFile {
     route: RouteFile,
     #[serde(default)]
     update: UpdateFile,
+    #[serde(default)]
+    placement: PlacementFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PlacementFile {
+    strategy: Option<String>,
+    #[serde(default)]
+    constraints: Vec<String>,
+    #[serde(default)]
+    distinct_hosts: bool,
+    spread: Option<SpreadFile>,
+    anti_affinity: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpreadFile {
+    attribute: String,
+    #[serde(default)]
+    targets: BTreeMap<String, u32>,
 }
 
 fn one() -> u32 {
@@ -484,6 +631,7 @@ struct ResourcesFile {
 struct PortFile {
     name: String,
     container_port: Option<u16>,
+    host_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -616,6 +764,7 @@ impl SpecFile {
                 .map(|p| PortSpec {
                     name: p.name,
                     container_port: p.container_port,
+                    host_port: p.host_port,
                 })
                 .collect(),
             env: self.env,
@@ -624,6 +773,14 @@ impl SpecFile {
                 hosts: self.route.hosts,
             },
             update,
+            placement: PlacementSpec {
+                strategy: self.placement.strategy,
+                constraints: self.placement.constraints,
+                distinct_hosts: self.placement.distinct_hosts,
+                spread_by: self.placement.spread.as_ref().map(|s| s.attribute.clone()),
+                spread_targets: self.placement.spread.map(|s| s.targets).unwrap_or_default(),
+                anti_affinity: self.placement.anti_affinity.unwrap_or(true),
+            },
         })
     }
 }

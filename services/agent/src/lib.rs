@@ -244,7 +244,11 @@ impl Inner {
             return Ok(self.to_wire(tracked));
         }
         let driver = self.driver(&spec)?;
-        let host_port = free_port()?;
+        // A fixed host port was checked for conflicts by the scheduler.
+        let host_port = match spec.ports.first().and_then(|p| p.host_port) {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let program = match &spec.run.image {
             Some(image) => Program::Image {
                 image: image.clone(),
@@ -438,7 +442,7 @@ impl Inner {
                         id: self.config.node_id.clone(),
                         address: address.clone(),
                         capacity: Some(capstan_proto::resources_to_wire(self.config.capacity)),
-                        labels: self.config.labels.clone().into_iter().collect(),
+                        labels: node_attributes(&self.config).into_iter().collect(),
                     })
                     .await
                     .map(|_| true)
@@ -452,6 +456,28 @@ impl Inner {
             }
         }
     }
+}
+
+/// What the node reports about itself for placement constraints, under the
+/// operator's labels (which win on a clash): `kernel.name`,
+/// `kernel.version`, `cpu.arch`, `capstan.version`, `driver.process`,
+/// `driver.docker`.
+pub fn node_attributes(config: &AgentConfig) -> BTreeMap<String, String> {
+    let mut attributes = BTreeMap::from([
+        ("kernel.name".to_string(), std::env::consts::OS.to_string()),
+        ("cpu.arch".to_string(), std::env::consts::ARCH.to_string()),
+        (
+            "capstan.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("driver.process".to_string(), "true".to_string()),
+        ("driver.docker".to_string(), config.docker.to_string()),
+    ]);
+    if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        attributes.insert("kernel.version".to_string(), release.trim().to_string());
+    }
+    attributes.extend(config.labels.clone());
+    attributes
 }
 
 fn free_port() -> Result<u16, Error> {

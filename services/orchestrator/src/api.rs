@@ -102,6 +102,7 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord]) -> AppStatu
         created_at_ms: app.created_ms,
         updated_at_ms: app.updated_ms,
         deleting: app.deleting,
+        placement_error: app.placement_error.clone(),
     }
 }
 
@@ -189,6 +190,9 @@ impl Orchestrator for Api {
                         && hash != app.rollout.target_hash;
                 if rollout_started {
                     app.rollout = Rollout::start(hash.clone(), now);
+                    // The old template's placement problem says nothing
+                    // about the new one.
+                    app.placement_error.clear();
                 }
                 app.spec = spec.clone();
                 app.spec_hash = hash.clone();

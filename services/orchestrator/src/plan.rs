@@ -23,6 +23,9 @@ pub struct InstanceView {
     pub routable: bool,
     /// Leaving: out of rotation, being stopped.
     pub stopping: bool,
+    /// On a draining node: replaced like an instance of an old template,
+    /// health-gated, then drained.
+    pub migrating: bool,
 }
 
 impl InstanceView {
@@ -81,7 +84,7 @@ pub fn plan(app: &AppView, instances: &[InstanceView]) -> Vec<Action> {
     let (current, old): (Vec<&InstanceView>, Vec<&InstanceView>) = live
         .iter()
         .copied()
-        .partition(|i| i.spec_hash == app.target_hash);
+        .partition(|i| i.spec_hash == app.target_hash && !i.migrating);
 
     if old.is_empty() {
         if current.len() < replicas && app.may_start {
@@ -164,6 +167,7 @@ mod tests {
             state,
             routable,
             stopping: false,
+            migrating: false,
         }
     }
 
@@ -174,6 +178,32 @@ mod tests {
     /// Checks `plan` for a table of situations.
     fn check(app: &AppView, instances: &[InstanceView], expected: &[Action]) {
         assert_eq!(plan(app, instances), expected, "instances: {instances:#?}");
+    }
+
+    #[test]
+    fn a_drain_replaces_before_it_removes() {
+        use Action::*;
+        let a = app(2, 1, 0);
+        let on_drained_node = |id: &str| InstanceView {
+            migrating: true,
+            ..serving(id, "new")
+        };
+        // Surge a replacement first; nothing leaves while only 2 serve.
+        check(
+            &a,
+            &[on_drained_node("a"), serving("b", "new")],
+            &[Start(1)],
+        );
+        // The replacement serves: now the migrating one may go.
+        check(
+            &a,
+            &[
+                on_drained_node("a"),
+                serving("b", "new"),
+                serving("c", "new"),
+            ],
+            &[Drain("a".into())],
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Reconciler {
 
 struct Observation {
     ready_nodes: HashSet<String>,
+    /// Nodes being drained: their instances move elsewhere.
+    draining_nodes: HashSet<String>,
     /// Instances reported by each reachable node.
     reported: HashMap<String, Vec<capstan_proto::v1::Instance>>,
     node_addresses: HashMap<String, String>,
@@ -100,6 +102,11 @@ impl Reconciler {
         .await;
         Ok(Observation {
             ready_nodes: ready.iter().map(|n| n.id.clone()).collect(),
+            draining_nodes: nodes
+                .iter()
+                .filter(|n| n.draining)
+                .map(|n| n.id.clone())
+                .collect(),
             reported: lists.into_iter().flatten().collect(),
             node_addresses: nodes
                 .iter()
@@ -197,7 +204,10 @@ impl Reconciler {
             let instances = by_app.remove(name).unwrap_or_default();
             let app = apps.get(name).map(|(_, a)| a);
             let view = app_view(app, now);
-            let views: Vec<InstanceView> = instances.iter().map(instance_view).collect();
+            let views: Vec<InstanceView> = instances
+                .iter()
+                .map(|r| instance_view(r, &observation.draining_nodes))
+                .collect();
             let change = changes.entry(name.clone()).or_default();
             for action in plan::plan(&view, &views) {
                 let record = |id: &str| instances.iter().find(|r| r.id == id).cloned();
@@ -288,7 +298,7 @@ impl Reconciler {
             after
                 .entry(record.app.clone())
                 .or_default()
-                .push(instance_view(&record));
+                .push(instance_view(&record, &observation.draining_nodes));
         }
         for name in &names {
             if let Some((version, app)) = apps.get(name) {
@@ -375,6 +385,13 @@ impl Reconciler {
             app: app.spec.name.clone(),
             instance_ids: ids,
             resources: Some(capstan_proto::resources_to_wire(app.spec.resources)),
+            placement: Some(capstan_proto::placement_to_wire(&app.spec.placement)),
+            host_ports: app
+                .spec
+                .ports
+                .iter()
+                .filter_map(|p| p.host_port.map(u32::from))
+                .collect(),
         };
         let placed = match self.platform.client("scheduler").await {
             Ok(channel) => SchedulerClient::new(channel)
@@ -583,12 +600,13 @@ fn app_view(app: Option<&AppRecord>, now: i64) -> AppView {
     }
 }
 
-fn instance_view(record: &InstanceRecord) -> InstanceView {
+fn instance_view(record: &InstanceRecord, draining_nodes: &HashSet<String>) -> InstanceView {
     InstanceView {
         id: record.id.clone(),
         spec_hash: record.spec_hash.clone(),
         state: record.state,
         routable: record.routable,
         stopping: record.stopping,
+        migrating: draining_nodes.contains(&record.node_id),
     }
 }

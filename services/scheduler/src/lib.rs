@@ -6,94 +6,66 @@
 //! placements, and a `node.down` event tells the orchestrator to replace its
 //! instances.
 
-pub mod placement;
+pub mod placer;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_placement::Strategy;
 use capstan_proto::v1::scheduler_server::{Scheduler, SchedulerServer};
 use capstan_proto::v1::{
-    HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse, Node, NodeStatus,
-    PlaceRequest, PlaceResponse, Placement, RegisterNodeRequest, ReleaseRequest, ReleaseResponse,
+    DrainNodeRequest, HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse,
+    Node, NodeStatus, PlaceRequest, PlaceResponse, Placement, RegisterNodeRequest, ReleaseRequest,
+    ReleaseResponse,
 };
 use capstan_server::{Platform, Service, now_ms};
-use capstan_store::{Expect, Table};
-use capstan_types::{Error, Event, EventKind, Resources};
-use serde::{Deserialize, Serialize};
+use capstan_store::{Expect, StoreError, Table};
+use capstan_types::{Error, Event, EventKind};
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-pub const NODE_TTL: Duration = Duration::from_secs(5);
+pub use placer::{NODE_TTL, NodeAllocations, NodeRecord, PlaceInput, Placer};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub id: String,
-    pub address: String,
-    pub capacity: Resources,
-    pub labels: BTreeMap<String, String>,
-    pub last_heartbeat_ms: i64,
-    /// Set once `node.down` was published for the current outage.
-    #[serde(default)]
-    pub down_reported: bool,
+/// How the scheduler service runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// The strategy of apps that do not name one.
+    pub default_strategy: Strategy,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Allocation {
-    pub node_id: String,
-    pub app: String,
-    pub resources: Resources,
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            default_strategy: Strategy::Spread,
+        }
+    }
 }
 
 #[derive(Clone)]
 struct SchedulerApi {
     platform: Platform,
-    nodes: Table<NodeRecord>,
-    allocations: Table<Allocation>,
-    /// One placement at a time: two concurrent plans never over-commit a node.
-    placing: Arc<Mutex<()>>,
+    placer: Placer,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
     capstan_proto::status(Error::internal(e))
 }
 
-fn is_ready(node: &NodeRecord, now: i64) -> bool {
-    now - node.last_heartbeat_ms <= NODE_TTL.as_millis() as i64
-}
-
 impl SchedulerApi {
-    async fn snapshot(&self) -> Result<(Vec<NodeRecord>, Vec<(String, Allocation)>), Status> {
-        let nodes = self
-            .nodes
-            .list("")
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|(_, _, n)| n)
-            .collect();
-        let allocations = self
-            .allocations
-            .list("")
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|(k, _, a)| (k, a))
-            .collect();
-        Ok((nodes, allocations))
+    fn nodes(&self) -> &Table<NodeRecord> {
+        &self.placer.nodes
     }
 
     /// Publishes `node.down` once per outage of each node.
     async fn report_down_nodes(&self) -> Result<(), Error> {
         let now = now_ms();
-        for (id, version, mut node) in self.nodes.list("").await.map_err(Error::internal)? {
-            if !is_ready(&node, now) && !node.down_reported {
+        for (id, version, mut node) in self.nodes().list("").await.map_err(Error::internal)? {
+            if !node.is_ready(now) && !node.down_reported {
                 node.down_reported = true;
                 if self
-                    .nodes
+                    .nodes()
                     .put(&id, &node, Expect::Version(version))
                     .await
                     .is_ok()
@@ -110,6 +82,16 @@ impl SchedulerApi {
             }
         }
         Ok(())
+    }
+
+    async fn node_status(&self, id: &str) -> Result<Node, Status> {
+        let cluster = self.placer.cluster().await.map_err(capstan_proto::status)?;
+        let node = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| capstan_proto::status(Error::NotFound(format!("node {id}"))))?;
+        Ok(node_to_wire(node, &cluster.allocations_of(id), now_ms()))
     }
 }
 
@@ -136,6 +118,12 @@ impl Scheduler for SchedulerApi {
                 "cpu_millis and memory_mb must be > 0",
             )));
         }
+        let draining = self
+            .nodes()
+            .get(&r.id)
+            .await
+            .map_err(internal)?
+            .is_some_and(|(_, n)| n.draining);
         let record = NodeRecord {
             id: r.id.clone(),
             address: r.address,
@@ -143,8 +131,10 @@ impl Scheduler for SchedulerApi {
             labels: r.labels.into_iter().collect(),
             last_heartbeat_ms: now_ms(),
             down_reported: false,
+            // A drain outlives the agent's restart.
+            draining,
         };
-        self.nodes
+        self.nodes()
             .put(&r.id, &record, Expect::Any)
             .await
             .map_err(internal)?;
@@ -159,8 +149,7 @@ impl Scheduler for SchedulerApi {
                 .node(&r.id),
             )
             .await;
-        let (_, allocations) = self.snapshot().await?;
-        Ok(Response::new(node_to_wire(&record, &allocations, now_ms())))
+        Ok(Response::new(self.node_status(&record.id).await?))
     }
 
     async fn heartbeat(
@@ -168,14 +157,14 @@ impl Scheduler for SchedulerApi {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let node_id = request.into_inner().node_id;
-        let Some((version, mut node)) = self.nodes.get(&node_id).await.map_err(internal)? else {
+        let Some((version, mut node)) = self.nodes().get(&node_id).await.map_err(internal)? else {
             return Ok(Response::new(HeartbeatResponse { known: false }));
         };
         node.last_heartbeat_ms = now_ms();
         node.down_reported = false;
         // A lost race means a concurrent heartbeat or registration already refreshed it.
         let _ = self
-            .nodes
+            .nodes()
             .put(&node_id, &node, Expect::Version(version))
             .await;
         Ok(Response::new(HeartbeatResponse { known: true }))
@@ -185,12 +174,13 @@ impl Scheduler for SchedulerApi {
         &self,
         _: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let (nodes, allocations) = self.snapshot().await?;
+        let cluster = self.placer.cluster().await.map_err(capstan_proto::status)?;
         let now = now_ms();
         Ok(Response::new(ListNodesResponse {
-            nodes: nodes
+            nodes: cluster
+                .nodes
                 .iter()
-                .map(|n| node_to_wire(n, &allocations, now))
+                .map(|n| node_to_wire(n, &cluster.allocations_of(&n.id), now))
                 .collect(),
         }))
     }
@@ -200,72 +190,52 @@ impl Scheduler for SchedulerApi {
         request: Request<PlaceRequest>,
     ) -> Result<Response<PlaceResponse>, Status> {
         let r = request.into_inner();
-        let need = capstan_proto::resources_from_wire(r.resources);
-        let _placing = self.placing.lock().await;
-        let (nodes, allocations) = self.snapshot().await?;
-        let now = now_ms();
-        let ready: Vec<&NodeRecord> = nodes.iter().filter(|n| is_ready(n, now)).collect();
-        let mut placements = Vec::new();
-        let mut todo = Vec::new();
-        for id in r.instance_ids {
-            // Placing an instance twice returns its first placement.
-            match allocations.iter().find(|(k, _)| *k == id) {
-                Some((_, a)) => {
-                    let address = nodes
-                        .iter()
-                        .find(|n| n.id == a.node_id)
-                        .map(|n| n.address.clone())
-                        .unwrap_or_default();
-                    placements.push(Placement {
-                        instance_id: id,
-                        node_id: a.node_id.clone(),
-                        node_address: address,
-                    });
+        let mut host_ports = Vec::new();
+        for (i, port) in r.host_ports.iter().enumerate() {
+            match u16::try_from(*port) {
+                Ok(p) if p > 0 => host_ports.push(p),
+                _ => {
+                    return Err(capstan_proto::status(Error::invalid(
+                        format!("host_ports[{i}]"),
+                        "must be between 1 and 65535",
+                    )));
                 }
-                None => todo.push(id),
             }
         }
-        let snapshots: Vec<placement::NodeSnapshot> = ready
-            .iter()
-            .map(|n| {
-                let mut snapshot = placement::NodeSnapshot {
-                    id: n.id.clone(),
-                    capacity: n.capacity,
-                    allocated: Resources {
-                        cpu_millis: 0,
-                        memory_mb: 0,
-                    },
-                    apps: BTreeMap::new(),
-                };
-                for (_, a) in allocations.iter().filter(|(_, a)| a.node_id == n.id) {
-                    snapshot.allocated.cpu_millis += a.resources.cpu_millis;
-                    snapshot.allocated.memory_mb += a.resources.memory_mb;
-                    *snapshot.apps.entry(a.app.clone()).or_default() += 1;
-                }
-                snapshot
-            })
+        let input = PlaceInput {
+            app: r.app,
+            instance_ids: r.instance_ids,
+            resources: capstan_proto::resources_from_wire(r.resources),
+            host_ports,
+            placement: capstan_proto::placement_from_wire(r.placement.unwrap_or_default()),
+        };
+        let outcome = self
+            .placer
+            .place(&input, now_ms())
+            .await
+            .map_err(capstan_proto::status)?;
+        let addresses: HashMap<String, String> = self
+            .nodes()
+            .values("")
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|n| (n.id, n.address))
             .collect();
-        let (chosen, explanation) = placement::place(&snapshots, &r.app, need, todo.len());
-        for (id, node_idx) in todo.into_iter().zip(chosen) {
-            let node = ready[node_idx];
-            let allocation = Allocation {
-                node_id: node.id.clone(),
-                app: r.app.clone(),
-                resources: need,
-            };
-            self.allocations
-                .put(&id, &allocation, Expect::Absent)
-                .await
-                .map_err(internal)?;
-            placements.push(Placement {
-                instance_id: id,
-                node_id: node.id.clone(),
-                node_address: node.address.clone(),
-            });
+        if !outcome.explanation.is_empty() {
+            tracing::info!(app = %input.app, "placement fell short: {}", outcome.explanation);
         }
         Ok(Response::new(PlaceResponse {
-            placements,
-            explanation: explanation.unwrap_or_default(),
+            placements: outcome
+                .placed
+                .into_iter()
+                .map(|p| Placement {
+                    node_address: addresses.get(&p.node_id).cloned().unwrap_or_default(),
+                    instance_id: p.instance_id,
+                    node_id: p.node_id,
+                })
+                .collect(),
+            explanation: outcome.explanation,
         }))
     }
 
@@ -273,54 +243,77 @@ impl Scheduler for SchedulerApi {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        for id in request.into_inner().instance_ids {
-            self.allocations
-                .delete(&id, Expect::Any)
-                .await
-                .map_err(internal)?;
-        }
+        self.placer
+            .release(&request.into_inner().instance_ids)
+            .await
+            .map_err(capstan_proto::status)?;
         Ok(Response::new(ReleaseResponse {}))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let r = request.into_inner();
+        loop {
+            let Some((version, mut node)) = self.nodes().get(&r.node_id).await.map_err(internal)?
+            else {
+                return Err(capstan_proto::status(Error::NotFound(format!(
+                    "node {}",
+                    r.node_id
+                ))));
+            };
+            if node.draining == r.enable {
+                break;
+            }
+            node.draining = r.enable;
+            match self
+                .nodes()
+                .put(&r.node_id, &node, Expect::Version(version))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %r.node_id, draining = r.enable, "node eligibility changed");
+                    break;
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Ok(Response::new(self.node_status(&r.node_id).await?))
     }
 }
 
-fn node_to_wire(node: &NodeRecord, allocations: &[(String, Allocation)], now: i64) -> Node {
-    let mine: Vec<&Allocation> = allocations
-        .iter()
-        .map(|(_, a)| a)
-        .filter(|a| a.node_id == node.id)
-        .collect();
-    let allocated = Resources {
-        cpu_millis: mine.iter().map(|a| a.resources.cpu_millis).sum(),
-        memory_mb: mine.iter().map(|a| a.resources.memory_mb).sum(),
-    };
+fn node_to_wire(node: &NodeRecord, allocations: &NodeAllocations, now: i64) -> Node {
     Node {
         id: node.id.clone(),
         address: node.address.clone(),
         capacity: Some(capstan_proto::resources_to_wire(node.capacity)),
-        allocated: Some(capstan_proto::resources_to_wire(allocated)),
+        allocated: Some(capstan_proto::resources_to_wire(allocations.total())),
         labels: node.labels.clone().into_iter().collect(),
-        status: if is_ready(node, now) {
+        status: if node.is_ready(now) {
             NodeStatus::Ready
         } else {
             NodeStatus::Down
         } as i32,
         last_heartbeat_ms: node.last_heartbeat_ms,
-        instances: mine.len() as u32,
+        instances: allocations.instances.len() as u32,
+        draining: node.draining,
     }
 }
 
 /// Serves the scheduler on `listener` until `shutdown`.
 pub async fn run(
     platform: Platform,
+    config: SchedulerConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let api = SchedulerApi {
+        placer: Placer::new(platform.store.clone(), config.default_strategy),
         platform: platform.clone(),
-        nodes: Table::new(platform.store.clone(), "nodes"),
-        allocations: Table::new(platform.store.clone(), "allocations"),
-        placing: Arc::default(),
     };
+    migrate_allocations(&platform).await?;
     let watcher = {
         let api = api.clone();
         let shutdown = shutdown.clone();
@@ -338,6 +331,8 @@ pub async fn run(
             }
         })
     };
+    // Everything else, DrainNode included, needs write access (operator,
+    // admin or a service).
     let policy = Policy::new().read("/capstan.v1.Scheduler/ListNodes");
     let service = Service {
         name: "scheduler",
@@ -349,4 +344,55 @@ pub async fn run(
     let result = capstan_server::serve(&platform, service, listener, shutdown).await;
     watcher.abort();
     result
+}
+
+/// Folds the one-row-per-instance `allocations` table of earlier versions
+/// into per-node rows, once.
+async fn migrate_allocations(platform: &Platform) -> Result<(), Error> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct OldAllocation {
+        node_id: String,
+        app: String,
+        resources: capstan_types::Resources,
+    }
+    let old: Table<OldAllocation> = Table::new(platform.store.clone(), "allocations");
+    let rows = old.list("").await.map_err(Error::internal)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let new: Table<NodeAllocations> = Table::new(platform.store.clone(), "node_allocations");
+    let mut by_node: HashMap<String, NodeAllocations> = HashMap::new();
+    for (id, _, a) in &rows {
+        by_node
+            .entry(a.node_id.clone())
+            .or_default()
+            .instances
+            .insert(
+                id.clone(),
+                placer::Allocation {
+                    app: a.app.clone(),
+                    resources: a.resources,
+                    ports: Vec::new(),
+                },
+            );
+    }
+    for (node, allocations) in by_node {
+        let mut merged = new
+            .get(&node)
+            .await
+            .map_err(Error::internal)?
+            .map(|(_, a)| a)
+            .unwrap_or_default();
+        merged.instances.extend(allocations.instances);
+        new.put(&node, &merged, Expect::Any)
+            .await
+            .map_err(Error::internal)?;
+    }
+    for (id, _, _) in rows {
+        old.delete(&id, Expect::Any)
+            .await
+            .map_err(Error::internal)?;
+    }
+    tracing::info!("migrated allocations to per-node rows");
+    Ok(())
 }

@@ -269,3 +269,57 @@ proptest! {
         prop_assert_eq!(AppSpec::parse(&text, SpecFormat::Toml).is_ok(), is_label);
     }
 }
+
+#[test]
+fn placement_section_parses_and_validates() {
+    let text = format!(
+        "{VALID}\n[placement]\nstrategy = \"spread\"\nconstraints = [\"zone != ap\", \"kernel.version >= 5.10\"]\ndistinct_hosts = true\nspread = {{ attribute = \"zone\", targets = {{ eu = 70, us = 30 }} }}\n"
+    );
+    let spec = AppSpec::parse(&text, SpecFormat::Toml).unwrap();
+    assert_eq!(spec.placement.constraints.len(), 2);
+    assert!(spec.placement.distinct_hosts);
+    assert!(spec.placement.anti_affinity);
+    assert_eq!(spec.placement.spread_by.as_deref(), Some("zone"));
+    assert_eq!(spec.placement.spread_targets["eu"], 70);
+
+    let with = |section: &str| format!("{VALID}\n[placement]\n{section}\n");
+    let toml = SpecFormat::Toml;
+    check_rejected(
+        toml,
+        &with("strategy = \"fastest\""),
+        "placement.strategy",
+        "unknown strategy `fastest`",
+    );
+    check_rejected(
+        toml,
+        &with("constraints = [\"zone == eu\", \"zone <> eu\"]"),
+        "placement.constraints[1]",
+        "unknown operator `<>`",
+    );
+    check_rejected(
+        toml,
+        &with("strategy = \"binpack\"\nspread = { attribute = \"zone\" }"),
+        "placement.spread_by",
+        "only with strategy = \"spread\"",
+    );
+    check_rejected(
+        toml,
+        &with("spread = { attribute = \"zone\", targets = { eu = 80, us = 30 } }"),
+        "placement.spread_targets",
+        "add up to 110",
+    );
+    check_rejected(
+        toml,
+        &with("colour = \"red\""),
+        "placement.colour",
+        "unknown field `colour`",
+    );
+}
+
+#[test]
+fn placement_changes_the_template_only_when_set() {
+    let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    let mut placed = spec.clone();
+    placed.placement.constraints = vec!["zone == eu".into()];
+    assert_ne!(spec.template_hash(), placed.template_hash());
+}

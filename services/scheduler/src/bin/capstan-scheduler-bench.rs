@@ -151,8 +151,8 @@ fn requests(placements: usize, strategy: Strategy, seed: u64) -> Vec<Request> {
         let mut request = Request::new(format!("app-{app}"), count as u32, resources);
         request.strategy = strategy;
         for _ in 0..1 + rng.below(2) {
-            let c = Constraint::parse(*rng.pick::<&str>(&constraints))
-                .expect("bench constraints parse");
+            let c =
+                Constraint::parse(rng.pick::<&str>(&constraints)).expect("bench constraints parse");
             request.constraints.push(c);
         }
         request.distinct_hosts = rng.below(5) == 0;

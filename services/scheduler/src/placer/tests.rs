@@ -1,0 +1,222 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use capstan_placement::Strategy;
+use capstan_store::{MemoryStore, Versioned};
+use proptest::prelude::{ProptestConfig, prop, prop_assert, prop_assert_eq, proptest};
+
+use super::*;
+
+/// A store that yields before every operation, so that concurrent plans
+/// interleave, and counts the conflicts it reports.
+struct Racing {
+    inner: MemoryStore,
+    conflicts: AtomicUsize,
+}
+
+impl Racing {
+    fn count<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Conflict { .. }) = &result {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Store for Racing {
+    async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
+        tokio::task::yield_now().await;
+        self.inner.get(table, key).await
+    }
+    async fn put(
+        &self,
+        table: &str,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        tokio::task::yield_now().await;
+        let result = self.inner.put(table, key, value, expect).await;
+        self.count(result)
+    }
+    async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError> {
+        tokio::task::yield_now().await;
+        let result = self.inner.delete(table, key, expect).await;
+        self.count(result)
+    }
+    async fn list(
+        &self,
+        table: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        tokio::task::yield_now().await;
+        self.inner.list(table, prefix).await
+    }
+}
+
+fn record(id: &str, cpu_millis: u32, memory_mb: u32, zone: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        address: "127.0.0.1:1".into(),
+        capacity: Resources {
+            cpu_millis,
+            memory_mb,
+        },
+        labels: [("zone".to_string(), zone.to_string())].into(),
+        last_heartbeat_ms: NOW,
+        down_reported: false,
+        draining: false,
+    }
+}
+
+const NOW: i64 = 1_000_000;
+
+fn input(app: &str, ids: &[&str], memory_mb: u32) -> PlaceInput {
+    PlaceInput {
+        app: app.into(),
+        instance_ids: ids.iter().map(|s| s.to_string()).collect(),
+        resources: Resources {
+            cpu_millis: 100,
+            memory_mb,
+        },
+        host_ports: Vec::new(),
+        placement: PlacementSpec::default(),
+    }
+}
+
+async fn add_nodes(placer: &Placer, nodes: &[NodeRecord]) {
+    for n in nodes {
+        placer.nodes.put(&n.id, n, Expect::Any).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_schedulers_never_overcommit_a_node() {
+    let store = Arc::new(Racing {
+        inner: MemoryStore::new(),
+        conflicts: AtomicUsize::new(0),
+    });
+    let nodes = [
+        record("a", 100_000, 1000, "eu"),
+        record("b", 100_000, 1000, "eu"),
+        record("c", 100_000, 1000, "us"),
+    ];
+    // Two schedulers, one store: each places 40 single instances of 100 MB
+    // into room for 30.
+    let schedulers = [
+        Placer::new(store.clone(), Strategy::Binpack),
+        Placer::new(store.clone(), Strategy::Binpack),
+    ];
+    add_nodes(&schedulers[0], &nodes).await;
+    let mut tasks = Vec::new();
+    for (s, placer) in schedulers.iter().enumerate() {
+        for i in 0..40 {
+            let placer = placer.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("s{s}-{i}");
+                placer
+                    .place(&input("web", &[id.as_str()], 100), NOW)
+                    .await
+                    .unwrap()
+                    .placed
+                    .len()
+            }));
+        }
+    }
+    let mut placed = 0;
+    for task in tasks {
+        placed += task.await.unwrap();
+    }
+    let cluster = schedulers[0].cluster().await.unwrap();
+    let mut stored = 0;
+    for n in &nodes {
+        let total = cluster.allocations_of(&n.id).total();
+        assert!(
+            total.memory_mb <= n.capacity.memory_mb,
+            "{} over-committed: {total:?}",
+            n.id
+        );
+        stored += cluster.allocations_of(&n.id).instances.len();
+    }
+    assert_eq!(placed, 30, "every bit of room is used, no more");
+    assert_eq!(stored, 30);
+    assert!(
+        store.conflicts.load(Ordering::Relaxed) > 0,
+        "the schedulers never raced: the test proves nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_constraint_names_its_field_and_writes_nothing() {
+    let store = Arc::new(MemoryStore::new());
+    let placer = Placer::new(store, Strategy::Spread);
+    add_nodes(&placer, &[record("a", 1000, 1000, "eu")]).await;
+    let mut bad = input("web", &["w1"], 10);
+    bad.placement.constraints = vec!["zone == eu".into(), "zone ~= eu".into()];
+    let err = placer.place(&bad, NOW).await.unwrap_err();
+    assert!(
+        err.to_string().contains("placement.constraints[1]"),
+        "{err}"
+    );
+    assert!(placer.cluster().await.unwrap().allocations.is_empty());
+}
+
+#[tokio::test]
+async fn unmet_constraints_are_explained() {
+    let store = Arc::new(MemoryStore::new());
+    let placer = Placer::new(store, Strategy::Spread);
+    add_nodes(
+        &placer,
+        &[record("a", 1000, 1000, "eu"), record("b", 1000, 100, "us")],
+    )
+    .await;
+    let mut r = input("web", &["w1", "w2"], 500);
+    r.placement.constraints = vec!["zone == us".into()];
+    let outcome = placer.place(&r, NOW).await.unwrap();
+    assert!(outcome.placed.is_empty());
+    assert_eq!(
+        outcome.explanation,
+        "placed 0 of 2 instances of web: of 2 nodes, 1 filtered by constraint zone == us; 1 exhausted memory"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// Placing the same instance ids again returns the same nodes and
+    /// writes nothing.
+    #[test]
+    fn replanning_a_satisfied_request_changes_nothing(
+        sizes in prop::collection::vec((1u32..8, 0usize..3), 1..6),
+        count in 1usize..12,
+        strategy in prop::sample::select(Strategy::ALL.to_vec()),
+        memory_mb in 50u32..400,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let placer = Placer::new(Arc::new(MemoryStore::new()), strategy);
+            let nodes: Vec<NodeRecord> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, (size, zone))| {
+                    record(&format!("n{i}"), 4000, size * 256, ["eu", "us", "ap"][*zone])
+                })
+                .collect();
+            add_nodes(&placer, &nodes).await;
+            let ids: Vec<String> = (0..count).map(|i| format!("i{i}")).collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let request = input("web", &ids, memory_mb);
+            let first = placer.place(&request, NOW).await.unwrap();
+            let before = placer.allocations.list("").await.unwrap();
+            // Only what was placed counts as satisfied.
+            let placed: Vec<&str> = first.placed.iter().map(|p| p.instance_id.as_str()).collect();
+            let again = placer.place(&input("web", &placed, memory_mb), NOW).await.unwrap();
+            let after = placer.allocations.list("").await.unwrap();
+            prop_assert_eq!(&first.placed, &again.placed);
+            prop_assert_eq!(before, after);
+            prop_assert!(again.explanation.is_empty());
+            Ok(())
+        })?;
+    }
+}
