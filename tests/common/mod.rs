@@ -21,17 +21,24 @@ pub struct Dev {
     pub dir: tempfile::TempDir,
     pub http_port: u16,
     amqp_url: Option<String>,
+    /// Extra `capstan dev` flags, like `--agents 3`.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Dev {
     pub fn start(amqp_url: Option<String>) -> Dev {
+        Dev::start_with(amqp_url, &[])
+    }
+
+    pub fn start_with(amqp_url: Option<String>, extra: &[&str]) -> Dev {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = capstan_testkit::free_port();
         let mut dev = Dev {
             dir,
             http_port,
             amqp_url,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         dev.spawn();
@@ -61,16 +68,23 @@ impl Dev {
         if let Some(url) = &self.amqp_url {
             command.args(["--amqp-url", url]);
         }
+        command.args(&self.extra);
         self.child = Some(command.spawn().expect("start capstan dev"));
         wait_until("capstan dev answers", Duration::from_secs(60), || {
             self.data_dir().join("endpoints.json").exists()
                 && self.cli(&["node", "ls", "-o", "json"]).status.success()
         });
-        wait_until("the node is ready", Duration::from_secs(30), || {
+        let agents: usize = self
+            .extra
+            .iter()
+            .position(|a| a == "--agents")
+            .and_then(|i| self.extra.get(i + 1)?.parse().ok())
+            .unwrap_or(1);
+        wait_until("the nodes are ready", Duration::from_secs(30), || {
             let nodes = self.json(&["node", "ls", "-o", "json"]);
             nodes
                 .as_array()
-                .is_some_and(|n| n.iter().any(|n| n["status"] == "ready"))
+                .is_some_and(|n| n.iter().filter(|n| n["status"] == "ready").count() >= agents)
         });
     }
 
