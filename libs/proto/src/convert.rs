@@ -51,28 +51,17 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
     };
     let mut ports = Vec::with_capacity(wire.ports.len());
     for (i, port) in wire.ports.into_iter().enumerate() {
-        let container_port = match port.container_port {
-            0 => None,
-            p => Some(u16::try_from(p).map_err(|_| {
-                Error::invalid(
-                    format!("ports[{i}].container_port"),
-                    "must be between 1 and 65535",
-                )
-            })?),
-        };
-        let host_port = match port.host_port {
-            0 => None,
-            p => Some(u16::try_from(p).map_err(|_| {
-                Error::invalid(
-                    format!("ports[{i}].host_port"),
-                    "must be between 1 and 65535",
-                )
-            })?),
+        // 0 is proto3's "unset".
+        let optional_port = |value: u32, field: &str| match value {
+            0 => Ok(None),
+            p => u16::try_from(p).map(Some).map_err(|_| {
+                Error::invalid(format!("ports[{i}].{field}"), "must be between 1 and 65535")
+            }),
         };
         ports.push(PortSpec {
+            container_port: optional_port(port.container_port, "container_port")?,
+            host_port: optional_port(port.host_port, "host_port")?,
             name: port.name,
-            container_port,
-            host_port,
         });
     }
     let spec = AppSpec {
