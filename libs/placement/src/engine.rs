@@ -116,7 +116,27 @@ struct Ctx<'r> {
 /// unset); and the values at least one feasible class has.
 type SpreadClasses = (Rc<[Option<u32>]>, Vec<Option<u32>>);
 
-impl Ctx<'_> {
+impl<'r> Ctx<'r> {
+    fn new(snapshot: &mut Snapshot, request: &'r Request) -> Ctx<'r> {
+        let mut ctx = Ctx {
+            request,
+            app: snapshot.app_id(&request.app),
+            class_state: vec![0; snapshot.classes.len()],
+            class_constraints: Vec::new(),
+            node_constraints: Vec::new(),
+            spread_classes: None,
+        };
+        for (i, c) in request.constraints.iter().enumerate() {
+            if c.is_per_node() {
+                ctx.node_constraints.push(i);
+            } else {
+                ctx.class_constraints
+                    .push((i, snapshot.strings.get(&c.attribute)));
+            }
+        }
+        ctx
+    }
+
     fn class_ok(&mut self, snapshot: &Snapshot, class: u32) -> Result<(), Reject> {
         let state = &mut self.class_state[class as usize];
         if *state == 0 {
@@ -265,23 +285,8 @@ impl Engine {
     /// goes (so later requests see them). Stops at the first instance that
     /// fits nowhere and explains why.
     pub fn place(&mut self, snapshot: &mut Snapshot, request: &Request) -> Plan {
-        let app = snapshot.app_id(&request.app);
-        let mut ctx = Ctx {
-            request,
-            app,
-            class_state: vec![0; snapshot.classes.len()],
-            class_constraints: Vec::new(),
-            node_constraints: Vec::new(),
-            spread_classes: None,
-        };
-        for (i, c) in request.constraints.iter().enumerate() {
-            if c.is_per_node() {
-                ctx.node_constraints.push(i);
-            } else {
-                ctx.class_constraints
-                    .push((i, snapshot.strings.get(&c.attribute)));
-            }
-        }
+        let mut ctx = Ctx::new(snapshot, request);
+        let app = ctx.app;
         let mut nodes = Vec::with_capacity(request.count as usize);
         for _ in 0..request.count {
             match self.choose(snapshot, &mut ctx) {
@@ -310,28 +315,8 @@ impl Engine {
     /// Why node `index` cannot take one more instance of `request` now:
     /// the check a committer runs against the latest state.
     pub fn check(snapshot: &mut Snapshot, index: usize, request: &Request) -> Result<(), String> {
-        let app = snapshot.app_id(&request.app);
-        let mut ctx = Ctx {
-            request,
-            app,
-            class_state: vec![0; snapshot.classes.len()],
-            class_constraints: request
-                .constraints
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| !c.is_per_node())
-                .map(|(i, c)| (i, snapshot.strings.get(&c.attribute)))
-                .collect(),
-            node_constraints: request
-                .constraints
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.is_per_node())
-                .map(|(i, _)| i)
-                .collect(),
-            spread_classes: None,
-        };
-        ctx.check(snapshot, index)
+        Ctx::new(snapshot, request)
+            .check(snapshot, index)
             .map_err(|reject| reason(request, reject))
     }
 

@@ -85,13 +85,21 @@ impl SchedulerApi {
     }
 
     async fn node_status(&self, id: &str) -> Result<Node, Status> {
-        let cluster = self.placer.cluster().await.map_err(capstan_proto::status)?;
-        let node = cluster
-            .nodes
-            .iter()
-            .find(|n| n.id == id)
+        let (_, node) = self
+            .nodes()
+            .get(id)
+            .await
+            .map_err(internal)?
             .ok_or_else(|| capstan_proto::status(Error::NotFound(format!("node {id}"))))?;
-        Ok(node_to_wire(node, &cluster.allocations_of(id), now_ms()))
+        let allocations = self
+            .placer
+            .allocations
+            .get(id)
+            .await
+            .map_err(internal)?
+            .map(|(_, a)| a)
+            .unwrap_or_default();
+        Ok(node_to_wire(&node, &allocations, now_ms()))
     }
 }
 
@@ -214,14 +222,6 @@ impl Scheduler for SchedulerApi {
             .place(&input, now_ms())
             .await
             .map_err(capstan_proto::status)?;
-        let addresses: HashMap<String, String> = self
-            .nodes()
-            .values("")
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|n| (n.id, n.address))
-            .collect();
         if !outcome.explanation.is_empty() {
             tracing::info!(app = %input.app, "placement fell short: {}", outcome.explanation);
         }
@@ -230,9 +230,9 @@ impl Scheduler for SchedulerApi {
                 .placed
                 .into_iter()
                 .map(|p| Placement {
-                    node_address: addresses.get(&p.node_id).cloned().unwrap_or_default(),
                     instance_id: p.instance_id,
                     node_id: p.node_id,
+                    node_address: p.node_address,
                 })
                 .collect(),
             explanation: outcome.explanation,

@@ -124,6 +124,8 @@ pub struct PlaceInput {
 pub struct Placed {
     pub instance_id: String,
     pub node_id: String,
+    /// The node agent's address as of the snapshot.
+    pub node_address: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -242,11 +244,19 @@ impl Placer {
     /// placed before keeps its node, and a request whose ids are all placed
     /// changes nothing.
     pub async fn place(&self, input: &PlaceInput, now: i64) -> Result<PlaceOutcome, Error> {
-        // Fail on a bad request before reading anything.
-        compile(input, self.default_strategy, 0)?;
+        // Fails on a bad request before anything is read.
+        let mut request = compile(input, self.default_strategy, 0)?;
         let mut outcome = PlaceOutcome::default();
         for round in 0..ROUNDS {
             let cluster = self.cluster().await?;
+            let address = |node: &str| {
+                cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == node)
+                    .map(|n| n.address.clone())
+                    .unwrap_or_default()
+            };
             let mut todo = Vec::new();
             for id in &input.instance_ids {
                 let existing = cluster
@@ -259,6 +269,7 @@ impl Placer {
                             outcome.placed.push(Placed {
                                 instance_id: id.clone(),
                                 node_id: node.clone(),
+                                node_address: address(node),
                             });
                         }
                     }
@@ -269,7 +280,7 @@ impl Placer {
                 outcome.explanation.clear();
                 break;
             }
-            let request = compile(input, self.default_strategy, todo.len() as u32)?;
+            request.count = todo.len() as u32;
             let mut snapshot = cluster.snapshot(now);
             let cursor = self
                 .state
@@ -303,6 +314,7 @@ impl Placer {
                     .placed
                     .extend(committed.into_iter().map(|instance_id| Placed {
                         instance_id,
+                        node_address: address(&node),
                         node_id: node.clone(),
                     }));
             }
@@ -344,11 +356,7 @@ impl Placer {
                     committed.push(id.clone());
                     continue;
                 }
-                let one = Request {
-                    count: 1,
-                    ..request.clone()
-                };
-                if let Err(reason) = Engine::check(&mut single, 0, &one) {
+                if let Err(reason) = Engine::check(&mut single, 0, request) {
                     tracing::debug!(node, instance = %id, "placement no longer fits: {reason}");
                     continue;
                 }
