@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use capstan_authn::{Authed, TokenSource};
+use capstan_proto::v1::auth_client::AuthClient;
 use capstan_proto::v1::orchestrator_client::OrchestratorClient;
 use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
-    AppStatus, ApplyAppRequest, DeleteAppRequest, DrainNodeRequest, GetAppRequest, ListAppsRequest,
-    ListEventsRequest, ListNodesRequest, NodeStatus, RenderTraefikRequest, RolloutState,
-    ScaleAppRequest, WatchEventsRequest,
+    AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
+    GetAppRequest, ListAppsRequest, ListEventsRequest, ListNodesRequest, NodeStatus,
+    RenderTraefikRequest, RolloutState, ScaleAppRequest, WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::AppSpec;
@@ -121,6 +122,25 @@ enum Command {
     /// Show routing configuration.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Manage API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an API key and print it once; only its digest is stored.
+    #[command(
+        after_help = "Roles: viewer (reads), operator (changes apps), admin (everything),\nnode (an agent joining as node NAME: pass the key to capstan-agent --node-key-file).\n\nExamples:\n  capstan key create --name ci --role operator\n  capstan key create --name node-7 --role node > node-7.key"
+    )]
+    Create {
+        /// The key's name: who or what holds it (a node id for role node).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator, admin or node.
+        #[arg(long)]
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -324,6 +344,16 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             let timeout =
                 capstan_types::duration::parse(&timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
             drain(&global, &node, !cancel, detach, timeout).await
+        }
+        Command::Key(KeyCommand::Create { name, role }) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let response = AuthClient::new(api.channel(&address)?)
+                .create_api_key(CreateApiKeyRequest { name, role })
+                .await
+                .map_err(rpc)?;
+            println!("{}", response.into_inner().api_key);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Route(RouteCommand::Traefik) => {
             let api = Api::connect(&global)?;

@@ -3,7 +3,6 @@
 //! registry, SQLite store, file secrets, in-memory bus or RabbitMQ).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +55,11 @@ fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::Agen
                     .max(1) as u32
             };
             let zone = ["a", "b", "c"][(i as usize - 1) % 3];
+            let state_dir = options.data_dir.join("agents").join(&node_id);
             capstan_agent::AgentConfig {
-                state_dir: options.data_dir.join("agents").join(&node_id),
+                work_root: capstan_agent::default_work_root(&node_id, &state_dir),
+                run_as: capstan_agent::DEFAULT_RUN_AS.to_string(),
+                state_dir,
                 node_id,
                 capacity: Resources {
                     cpu_millis: share(options.cpu_millis),
@@ -102,11 +104,8 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 
 pub async fn run(options: DevOptions) -> Result<()> {
     let data_dir = &options.data_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    capstan_secrets::ensure_private_dir(data_dir)
+        .with_context(|| format!("make data dir {} private (0700)", data_dir.display()))?;
     if let Ok(text) = std::fs::read_to_string(endpoints_path(data_dir))
         && let Ok(previous) = serde_json::from_str::<Endpoints>(&text)
         && previous.pid != std::process::id()
@@ -229,10 +228,13 @@ pub async fn run(options: DevOptions) -> Result<()> {
     let agents = agent_configs(&options, &node_id);
     let node_ids: Vec<String> = agents.iter().map(|a| a.node_id.clone()).collect();
     for (agent, listener) in agents.into_iter().zip(agent_listeners) {
+        // Each agent calls with its own node key: it may act only as itself.
+        let node = capstan_types::NodeId::parse("node_id", &agent.node_id)?;
+        let node_platform = platform.with_api_key(capstan_auth::node_key(&platform, &node).await?);
         spawn(
             "agent",
             Box::pin(capstan_agent::run(
-                platform.clone(),
+                node_platform,
                 agent,
                 listener,
                 shutdown.clone(),

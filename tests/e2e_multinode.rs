@@ -169,8 +169,17 @@ fn a_separate_agent_joins_and_its_instances_come_back_elsewhere_when_it_dies() {
         "{} is missing: build the service binaries first with `cargo build --workspace --bins`",
         agent_binary.display()
     );
+    // An admin issues the joining node its key: it may act only as `joiner`.
+    let node_key = dev.data_dir().join("joiner.key");
+    std::fs::write(
+        &node_key,
+        dev.ok(&["key", "create", "--name", "joiner", "--role", "node"]),
+    )
+    .unwrap();
     let log = std::fs::File::create(dev.data_dir().join("joiner.log")).unwrap();
     let mut joiner = Command::new(&agent_binary)
+        .arg("--node-key-file")
+        .arg(&node_key)
         .args([
             "--node-id",
             "joiner",

@@ -86,12 +86,6 @@ fn services_run_as_separate_processes() {
         router,
         &["--http-addr".into(), format!("127.0.0.1:{http}")],
     ));
-    processes.0.push(spawn(
-        "capstan-agent",
-        agent,
-        &["--node-id".into(), "solo".into(), "--no-docker".into()],
-    ));
-
     let cli = |args: &[&str]| {
         Command::new(BIN)
             .args(args)
@@ -105,6 +99,30 @@ fn services_run_as_separate_processes() {
             .unwrap()
     };
     let logs = || std::fs::read_to_string(dir.path().join("services.log")).unwrap_or_default();
+    // The admin issues the agent its node key once auth is up.
+    let mut node_key = None;
+    for _ in 0..150 {
+        let out = cli(&["key", "create", "--name", "solo", "--role", "node"]);
+        if out.status.success() {
+            node_key = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let node_key = node_key.unwrap_or_else(|| panic!("no node key from auth:\n{}", logs()));
+    let key_file = dir.path().join("solo.key");
+    std::fs::write(&key_file, node_key).unwrap();
+    processes.0.push(spawn(
+        "capstan-agent",
+        agent,
+        &[
+            "--node-id".into(),
+            "solo".into(),
+            "--no-docker".into(),
+            "--node-key-file".into(),
+            key_file.display().to_string(),
+        ],
+    ));
     let mut ready = false;
     for _ in 0..150 {
         let out = cli(&["node", "ls", "-o", "json"]);

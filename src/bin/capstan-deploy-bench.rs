@@ -201,7 +201,12 @@ async fn main() -> anyhow::Result<()> {
         capstan_server::channel_to(&endpoints.orchestrator)?,
         tokens,
     ));
+    // World-readable: the agent runs process apps as an unprivileged user.
     let www = tempfile::tempdir()?;
+    std::fs::set_permissions(
+        www.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     std::fs::write(www.path().join("index.html"), "bench\n")?;
     let www = www.path().display().to_string();
 

@@ -322,10 +322,22 @@ impl Load {
     }
 }
 
+/// A test fixture, copied where an unprivileged app user can read it: the
+/// agent (root in CI) runs process apps as `nobody`, and a clone of the repo
+/// may sit under a home directory nobody else can enter.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    use std::os::unix::fs::PermissionsExt;
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(name)
+        .join(name);
+    let dir = std::env::temp_dir().join(format!("capstan-fixtures-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the fixtures dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod fixtures dir");
+    let copy = dir.join(name);
+    std::fs::copy(&source, &copy).expect("copy the fixture");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).expect("chmod fixture");
+    copy
 }
 
 /// Writes a spec file into `dir` and returns its path.

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use capstan_types::Error;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
@@ -18,6 +18,13 @@ pub const AUDIENCE: &str = "capstan";
 const LEEWAY_SECS: i64 = 30;
 /// An unknown key id triggers at most one key refresh per this interval.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How long one key fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A failed key fetch is not retried for this long: forged key ids cannot
+/// turn an auth outage into a queue of stalled calls.
+const FAILURE_TTL: Duration = Duration::from_secs(2);
+/// No token is accepted whose `exp - iat` is longer, whoever signed it.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -26,7 +33,20 @@ pub struct Claims {
     pub sub: String,
     pub role: Role,
     pub iat: i64,
+    /// Not valid before (seconds since the epoch).
+    #[serde(default)]
+    pub nbf: i64,
     pub exp: i64,
+    /// Unique per token.
+    #[serde(default)]
+    pub jti: String,
+}
+
+impl Claims {
+    /// The node this caller is, when it is an agent.
+    pub fn node_id(&self) -> Option<&str> {
+        (self.role == Role::Node).then_some(self.sub.as_str())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -81,7 +101,9 @@ impl TokenSigner {
             sub: sub.into(),
             role,
             iat,
+            nbf: iat,
             exp: iat + ttl.as_secs() as i64,
+            jti: format!("{:032x}", rand::random::<u128>()),
         };
         let header = Header {
             alg: "EdDSA".into(),
@@ -119,14 +141,20 @@ impl KeySource for StaticKeys {
 }
 
 /// Verifies tokens against cached public keys.
+///
+/// A known key id never waits: the cache lock is held only to read or swap
+/// the key set, never across a fetch. Fetches happen one at a time, time out
+/// after [`FETCH_TIMEOUT`], and a failure is remembered for [`FAILURE_TTL`].
 pub struct Verifier {
     source: Arc<dyn KeySource>,
     cache: RwLock<Cache>,
+    fetching: tokio::sync::Mutex<()>,
 }
 
 struct Cache {
     keys: HashMap<String, VerifyingKey>,
     refreshed: Option<tokio::time::Instant>,
+    failed: Option<(tokio::time::Instant, String)>,
 }
 
 impl Verifier {
@@ -136,7 +164,9 @@ impl Verifier {
             cache: RwLock::new(Cache {
                 keys: HashMap::new(),
                 refreshed: None,
+                failed: None,
             }),
+            fetching: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -144,26 +174,56 @@ impl Verifier {
         if let Some(key) = self.cache.read().await.keys.get(kid) {
             return Ok(*key);
         }
+        let unknown = || Error::Unauthenticated(format!("unknown signing key `{kid}`"));
+        let _fetching = self.fetching.lock().await;
+        {
+            let cache = self.cache.read().await;
+            if let Some(key) = cache.keys.get(kid) {
+                return Ok(*key);
+            }
+            if let Some((at, why)) = &cache.failed
+                && at.elapsed() < FAILURE_TTL
+            {
+                return Err(Error::Unavailable(format!(
+                    "cannot verify tokens signed with key `{kid}`: {why}"
+                )));
+            }
+            if cache
+                .refreshed
+                .is_some_and(|at| at.elapsed() < REFRESH_EVERY)
+            {
+                return Err(unknown());
+            }
+        }
+        let fetched = match tokio::time::timeout(FETCH_TIMEOUT, self.source.fetch()).await {
+            Ok(Ok(keys)) => Ok(keys),
+            Ok(Err(e)) => Err(format!("fetching the signing keys failed: {e}")),
+            Err(_) => Err(format!(
+                "fetching the signing keys timed out after {FETCH_TIMEOUT:?}"
+            )),
+        };
+        let now = tokio::time::Instant::now();
         let mut cache = self.cache.write().await;
-        if let Some(key) = cache.keys.get(kid) {
-            return Ok(*key);
+        match fetched {
+            Ok(keys) => {
+                cache.refreshed = Some(now);
+                cache.failed = None;
+                cache.keys = keys
+                    .into_iter()
+                    .filter_map(|(kid, bytes)| {
+                        VerifyingKey::from_bytes(&bytes).ok().map(|k| (kid, k))
+                    })
+                    .collect();
+                cache.keys.get(kid).copied().ok_or_else(unknown)
+            }
+            Err(why) => {
+                tracing::warn!("{why}");
+                cache.failed = Some((now, why.clone()));
+                Err(Error::Unavailable(format!(
+                    "cannot verify tokens signed with key `{kid}`: {why}"
+                )))
+            }
         }
-        let due = cache
-            .refreshed
-            .is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
-        if due {
-            let fetched = self.source.fetch().await?;
-            cache.refreshed = Some(tokio::time::Instant::now());
-            cache.keys = fetched
-                .into_iter()
-                .filter_map(|(kid, bytes)| VerifyingKey::from_bytes(&bytes).ok().map(|k| (kid, k)))
-                .collect();
-        }
-        cache
-            .keys
-            .get(kid)
-            .copied()
-            .ok_or_else(|| Error::Unauthenticated(format!("unknown signing key `{kid}`")))
     }
 
     pub async fn verify(&self, token: &str) -> Result<Claims, Error> {
@@ -186,7 +246,7 @@ impl Verifier {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| bad("signature encoding"))?;
-        key.verify(
+        key.verify_strict(
             format!("{h}.{c}").as_bytes(),
             &Signature::from_bytes(&signature_bytes),
         )
@@ -206,6 +266,12 @@ impl Verifier {
         }
         if claims.iat - LEEWAY_SECS > now {
             return Err(bad("issued in the future"));
+        }
+        if claims.nbf - LEEWAY_SECS > now {
+            return Err(bad("not valid yet (nbf)"));
+        }
+        if claims.exp - claims.iat > MAX_TOKEN_LIFETIME.as_secs() as i64 {
+            return Err(bad("lifetime longer than the maximum of one hour"));
         }
         Ok(claims)
     }
@@ -276,6 +342,11 @@ mod tests {
             ),
             ("aud", Box::new(|c: &mut Claims| c.aud = "other".into())),
             ("exp", Box::new(|c: &mut Claims| c.exp = now_secs() - 3600)),
+            ("nbf", Box::new(|c: &mut Claims| c.nbf = now_secs() + 600)),
+            (
+                "lifetime",
+                Box::new(|c: &mut Claims| c.exp = c.iat + 2 * 3600),
+            ),
         ] {
             let mut bad = claims.clone();
             mutate(&mut bad);
@@ -287,6 +358,77 @@ mod tests {
         for garbage in ["", "a.b", "a.b.c", "a.b.c.d"] {
             assert!(verifier.verify(garbage).await.is_err());
         }
+    }
+
+    /// A key source that never answers, counting the calls.
+    struct Hanging(std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl KeySource for Hanging {
+        async fn fetch(&self) -> Result<VerifyingKeys, Error> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending().await
+        }
+    }
+
+    /// A token signed by `signer` but naming a key id nobody published.
+    fn with_kid(signer: &TokenSigner, kid: &str) -> String {
+        let stranger = TokenSigner {
+            kid: kid.to_string(),
+            key: SigningKey::from_bytes(&signer.secret_bytes()),
+        };
+        stranger
+            .issue("mallory", Role::Admin, Duration::from_secs(60))
+            .0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forged_key_id_does_not_stall_verification() {
+        let signer = TokenSigner::generate();
+        let source = Arc::new(Hanging(Default::default()));
+        let verifier = Arc::new(Verifier::new(source.clone()));
+        // Seed the cache with the real key, as a first successful fetch would.
+        verifier.cache.write().await.keys.insert(
+            signer.kid().to_string(),
+            VerifyingKey::from_bytes(&signer.public_key()).unwrap(),
+        );
+        let forged = with_kid(&signer, "forged");
+        let stalled = tokio::spawn({
+            let verifier = verifier.clone();
+            let forged = forged.clone();
+            async move { verifier.verify(&forged).await }
+        });
+        tokio::task::yield_now().await;
+        // While that fetch hangs, a token with a known key verifies at once.
+        let started = tokio::time::Instant::now();
+        let (token, _) = signer.issue("alice", Role::Viewer, Duration::from_secs(60));
+        tokio::time::timeout(Duration::from_secs(1), verifier.verify(&token))
+            .await
+            .expect("a known key waited for a hanging fetch")
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "a known key waited");
+        // The hanging fetch gives up after its timeout ...
+        let error = stalled.await.unwrap().unwrap_err();
+        assert!(matches!(error, Error::Unavailable(_)), "{error}");
+        assert!(started.elapsed() <= FETCH_TIMEOUT + Duration::from_millis(10));
+        // ... and the failure is cached: the next forged id fetches nothing.
+        let error = verifier
+            .verify(&with_kid(&signer, "forged-2"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Unavailable(_)), "{error}");
+        assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn rejects_malleable_signatures() {
+        // verify_strict refuses a signature whose R is a small-order point;
+        // an all-zero signature is the simplest such forgery.
+        let signer = TokenSigner::generate();
+        let (token, _) = signer.issue("alice", Role::Viewer, Duration::from_secs(60));
+        let (input, _) = token.rsplit_once('.').unwrap();
+        let forged = format!("{input}.{}", B64.encode([0u8; 64]));
+        assert!(verifier_for(&signer).verify(&forged).await.is_err());
     }
 
     #[test]

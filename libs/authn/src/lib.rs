@@ -4,7 +4,12 @@
 //! - Every other service verifies them against the auth service's public
 //!   keys, cached and refreshed on an unknown key id ([`Verifier`]).
 //! - [`RequireAuthLayer`] wraps a gRPC server: no token or a bad one is
-//!   UNAUTHENTICATED, a role without the access is PERMISSION_DENIED.
+//!   UNAUTHENTICATED; a principal the method's [`Rule`] does not admit is
+//!   PERMISSION_DENIED, and so is every method with no rule (default deny).
+//! - Three kinds of principal: users (admin, operator, viewer API keys),
+//!   Capstan's services (the service key), and nodes (one key per agent,
+//!   whose tokens name the node). A user's key can never hold the service or
+//!   node role; see [`Role::is_user`].
 //! - [`TokenSource`] and [`Authed`] give clients a fresh token on every call.
 
 mod client;
@@ -15,7 +20,7 @@ pub use client::{Authed, TokenSource};
 pub use jwt::{
     AUDIENCE, Claims, ISSUER, KeySource, StaticKeys, TokenSigner, Verifier, VerifyingKeys,
 };
-pub use middleware::{Policy, RequireAuthLayer};
+pub use middleware::{Policy, RequireAuthLayer, Rule, caller};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +33,10 @@ pub enum Role {
     Operator,
     /// Reads only.
     Viewer,
-    /// Capstan's own services calling each other.
+    /// Capstan's own services calling each other. Never a user's.
     Service,
+    /// One agent, acting only as the node its token names (`sub`).
+    Node,
 }
 
 /// What a call needs.
@@ -47,6 +54,7 @@ impl Role {
             "operator" => Some(Role::Operator),
             "viewer" => Some(Role::Viewer),
             "service" => Some(Role::Service),
+            "node" => Some(Role::Node),
             _ => None,
         }
     }
@@ -57,14 +65,25 @@ impl Role {
             Role::Operator => "operator",
             Role::Viewer => "viewer",
             Role::Service => "service",
+            Role::Node => "node",
         }
     }
 
+    /// Roles a person's API key may hold.
+    pub const USER_ROLES: [Role; 3] = [Role::Admin, Role::Operator, Role::Viewer];
+
+    pub fn is_user(self) -> bool {
+        Self::USER_ROLES.contains(&self)
+    }
+
+    /// What a user role may do; the service and node roles are no user's and
+    /// get nothing from this (their methods name them in a [`Rule`]).
     pub fn allows(self, access: Access) -> bool {
         match self {
             Role::Admin => true,
-            Role::Operator | Role::Service => access <= Access::Write,
+            Role::Operator => access <= Access::Write,
             Role::Viewer => access == Access::Read,
+            Role::Service | Role::Node => false,
         }
     }
 }
@@ -101,6 +120,10 @@ mod tests {
         assert!(Role::Operator.allows(Access::Write));
         assert!(!Role::Operator.allows(Access::Admin));
         assert!(Role::Admin.allows(Access::Admin));
+        for role in [Role::Service, Role::Node] {
+            assert!(!role.is_user());
+            assert!(!role.allows(Access::Read), "{role:?} got user access");
+        }
     }
 
     #[test]

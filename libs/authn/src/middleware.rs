@@ -3,68 +3,135 @@ use std::task::{Context, Poll};
 
 use capstan_types::Error;
 
-use crate::{Access, Verifier};
+use crate::{Access, Claims, Role, Verifier};
 
-/// Which access each gRPC method needs. Methods not listed need `Write`;
-/// public ones need no token at all.
-#[derive(Clone, Default)]
+/// Who may call one gRPC method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// No token needed (health, reflection, token exchange).
+    Public,
+    /// Users whose role grants `access`; with `services`, Capstan's own
+    /// services too (the orchestrator reading nodes, say).
+    Users { access: Access, services: bool },
+    /// Capstan's services only: the internal control-plane calls.
+    Services,
+    /// Agents only. The handler must also check that the node the call is
+    /// about is the caller's own ([`Claims::node_id`]).
+    Nodes,
+}
+
+impl Rule {
+    fn admits(self, claims: &Claims) -> bool {
+        match self {
+            Rule::Public => true,
+            Rule::Users { access, services } => {
+                claims.role.allows(access) || (services && claims.role == Role::Service)
+            }
+            Rule::Services => claims.role == Role::Service,
+            Rule::Nodes => claims.role == Role::Node,
+        }
+    }
+}
+
+/// The rule of every method a server serves. A method without one is
+/// denied to everybody: adding a method means deciding who may call it.
+#[derive(Clone, Debug)]
 pub struct Policy {
-    public: Vec<&'static str>,
-    read: Vec<&'static str>,
-    admin: Vec<&'static str>,
+    rules: Vec<(&'static str, Rule)>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Policy {
     /// Health checks and reflection are always public.
     pub fn new() -> Self {
         Policy {
-            public: vec![
-                "/grpc.health.v1.Health/",
-                "/grpc.reflection.v1.ServerReflection/",
-                "/grpc.reflection.v1alpha.ServerReflection/",
+            rules: vec![
+                ("/grpc.health.v1.Health/", Rule::Public),
+                ("/grpc.reflection.v1.ServerReflection/", Rule::Public),
+                ("/grpc.reflection.v1alpha.ServerReflection/", Rule::Public),
             ],
-            ..Default::default()
         }
     }
 
     /// `path` is a full method (`/capstan.v1.Auth/IssueToken`) or a prefix ending in `/`.
-    pub fn public(mut self, path: &'static str) -> Self {
-        self.public.push(path);
+    pub fn rule(mut self, path: &'static str, rule: Rule) -> Self {
+        self.rules.push((path, rule));
         self
     }
 
-    pub fn read(mut self, path: &'static str) -> Self {
-        self.read.push(path);
-        self
+    pub fn public(self, path: &'static str) -> Self {
+        self.rule(path, Rule::Public)
     }
 
-    pub fn admin(mut self, path: &'static str) -> Self {
-        self.admin.push(path);
-        self
+    /// Viewers and up.
+    pub fn read(self, path: &'static str) -> Self {
+        self.users(path, Access::Read, false)
     }
 
-    fn matches(patterns: &[&str], path: &str) -> bool {
-        patterns.iter().any(|p| {
-            if p.ends_with('/') {
-                path.starts_with(p)
+    /// Operators and up.
+    pub fn write(self, path: &'static str) -> Self {
+        self.users(path, Access::Write, false)
+    }
+
+    pub fn admin(self, path: &'static str) -> Self {
+        self.users(path, Access::Admin, false)
+    }
+
+    pub fn users(self, path: &'static str, access: Access, services: bool) -> Self {
+        self.rule(path, Rule::Users { access, services })
+    }
+
+    pub fn services(self, path: &'static str) -> Self {
+        self.rule(path, Rule::Services)
+    }
+
+    pub fn nodes(self, path: &'static str) -> Self {
+        self.rule(path, Rule::Nodes)
+    }
+
+    /// The rule for a full method path; `None` means nobody may call it.
+    pub fn rule_for(&self, path: &str) -> Option<Rule> {
+        self.rules.iter().find_map(|(pattern, rule)| {
+            let hit = if pattern.ends_with('/') {
+                path.starts_with(pattern)
             } else {
-                path == *p
-            }
+                path == *pattern
+            };
+            hit.then_some(*rule)
         })
     }
 
-    /// `None` for public methods.
-    fn access(&self, path: &str) -> Option<Access> {
-        if Self::matches(&self.public, path) {
-            None
-        } else if Self::matches(&self.read, path) {
-            Some(Access::Read)
-        } else if Self::matches(&self.admin, path) {
-            Some(Access::Admin)
-        } else {
-            Some(Access::Write)
+    /// Whether `claims` (none: no token) may call `path`, and if not, why.
+    pub fn decide(&self, path: &str, claims: Option<&Claims>) -> Result<(), Error> {
+        match (self.rule_for(path), claims) {
+            (None, _) => Err(Error::PermissionDenied(format!(
+                "`{path}` has no access rule, so nobody may call it"
+            ))),
+            (Some(Rule::Public), _) => Ok(()),
+            (Some(_), None) => Err(Error::Unauthenticated(
+                "missing `authorization: Bearer <token>` header".into(),
+            )),
+            (Some(rule), Some(claims)) if rule.admits(claims) => Ok(()),
+            (Some(_), Some(claims)) => Err(Error::PermissionDenied(format!(
+                "role `{}` may not call `{path}`",
+                claims.role.as_str()
+            ))),
         }
     }
+}
+
+/// The verified caller of a request that passed [`RequireAuthLayer`]; an
+/// error for public methods, which carry no caller.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Claims, Error> {
+    request
+        .extensions()
+        .get::<Claims>()
+        .ok_or_else(|| Error::Unauthenticated("this call carries no verified caller".into()))
 }
 
 /// A tower layer for a tonic server: checks the bearer token and the role
@@ -120,76 +187,133 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
             let path = request.uri().path().to_string();
-            if let Some(access) = layer.policy.access(&path)
-                && let Err(err) = authorize(&layer.verifier, request.headers(), access).await
-            {
-                tracing::debug!(%path, "rejected call: {err}");
-                return Ok(capstan_proto::status(err).into_http());
+            match authorize(&layer, &path, request.headers()).await {
+                Ok(Some(claims)) => {
+                    request.extensions_mut().insert(claims);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(%path, "rejected call: {err}");
+                    return Ok(capstan_proto::status(err).into_http());
+                }
             }
             inner.call(request).await
         })
     }
 }
 
+/// The verified claims of the caller (none for a public method).
 async fn authorize(
-    verifier: &Verifier,
+    layer: &RequireAuthLayer,
+    path: &str,
     headers: &http::HeaderMap,
-    access: Access,
-) -> Result<(), Error> {
-    let header = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
-        Error::Unauthenticated("missing `authorization: Bearer <token>` header".into())
-    })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            Error::Unauthenticated("authorization header must be `Bearer <token>`".into())
-        })?;
-    let claims = verifier.verify(token.trim()).await?;
-    if claims.role.allows(access) {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(format!(
-            "role `{}` may not make this call",
-            claims.role.as_str()
-        )))
+) -> Result<Option<Claims>, Error> {
+    if layer.policy.rule_for(path) == Some(Rule::Public) {
+        return Ok(None);
     }
+    // Refuse a method with no rule before spending a verification on it.
+    layer.policy.rule_for(path).ok_or_else(|| {
+        Error::PermissionDenied(format!(
+            "`{path}` has no access rule, so nobody may call it"
+        ))
+    })?;
+    let claims = match headers.get(http::header::AUTHORIZATION) {
+        None => None,
+        Some(header) => {
+            let token = header
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    Error::Unauthenticated("authorization header must be `Bearer <token>`".into())
+                })?;
+            Some(layer.verifier.verify(token.trim()).await?)
+        }
+    };
+    layer.policy.decide(path, claims.as_ref())?;
+    Ok(claims)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn claims(role: Role) -> Claims {
+        Claims {
+            iss: crate::ISSUER.into(),
+            aud: crate::AUDIENCE.into(),
+            sub: "someone".into(),
+            role,
+            iat: 0,
+            nbf: 0,
+            exp: 0,
+            jti: String::new(),
+        }
+    }
+
     #[test]
-    fn policy_classifies_methods() {
+    fn policy_denies_what_it_does_not_name() {
         let policy = Policy::new()
             .public("/capstan.v1.Auth/IssueToken")
             .read("/capstan.v1.Orchestrator/GetApp")
+            .services("/capstan.v1.Scheduler/Place")
+            .nodes("/capstan.v1.Scheduler/Heartbeat")
             .admin("/capstan.v1.Auth/CreateApiKey");
-        assert_eq!(policy.access("/grpc.health.v1.Health/Check"), None);
         assert_eq!(
-            policy.access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
-            None
+            policy.rule_for("/grpc.health.v1.Health/Check"),
+            Some(Rule::Public)
         );
-        assert_eq!(policy.access("/capstan.v1.Auth/IssueToken"), None);
-        assert_eq!(
-            policy.access("/capstan.v1.Orchestrator/GetApp"),
-            Some(Access::Read)
+        assert!(policy.decide("/capstan.v1.Auth/IssueToken", None).is_ok());
+        let admin = claims(Role::Admin);
+        let service = claims(Role::Service);
+        let node = claims(Role::Node);
+        // Unlisted: denied even to admin.
+        assert_eq!(policy.rule_for("/capstan.v1.Orchestrator/ApplyApp"), None);
+        assert!(matches!(
+            policy.decide("/capstan.v1.Orchestrator/ApplyApp", Some(&admin)),
+            Err(Error::PermissionDenied(_))
+        ));
+        // Internal methods: the service role only, not even admin.
+        assert!(
+            policy
+                .decide("/capstan.v1.Scheduler/Place", Some(&service))
+                .is_ok()
         );
-        assert_eq!(
-            policy.access("/capstan.v1.Orchestrator/ApplyApp"),
-            Some(Access::Write)
+        assert!(
+            policy
+                .decide("/capstan.v1.Scheduler/Place", Some(&admin))
+                .is_err()
         );
-        assert_eq!(
-            policy.access("/capstan.v1.Auth/CreateApiKey"),
-            Some(Access::Admin)
+        assert!(
+            policy
+                .decide("/capstan.v1.Scheduler/Place", Some(&node))
+                .is_err()
         );
+        assert!(
+            policy
+                .decide("/capstan.v1.Scheduler/Heartbeat", Some(&node))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .decide("/capstan.v1.Scheduler/Heartbeat", Some(&service))
+                .is_err()
+        );
+        // The service role is no user: it cannot read what users read.
+        assert!(
+            policy
+                .decide("/capstan.v1.Orchestrator/GetApp", Some(&service))
+                .is_err()
+        );
+        assert!(matches!(
+            policy.decide("/capstan.v1.Orchestrator/GetApp", None),
+            Err(Error::Unauthenticated(_))
+        ));
     }
 }

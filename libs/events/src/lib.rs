@@ -106,10 +106,26 @@ impl Deduper {
         }
     }
 
-    /// True the first time an id is seen.
+    /// True the first time an id is seen. Only for consumers whose work
+    /// cannot fail; the others check [`Deduper::contains`] and
+    /// [`Deduper::insert`] once their work is committed, so a failed attempt
+    /// is retried when the bus delivers the event again.
     pub fn first_time(&mut self, id: &str) -> bool {
-        if self.seen.contains(id) {
+        if self.contains(id) {
             return false;
+        }
+        self.insert(id);
+        true
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    /// Remembers `id`, forgetting the oldest id past the capacity.
+    pub fn insert(&mut self, id: &str) {
+        if self.seen.contains(id) {
+            return;
         }
         if self.order.len() == self.capacity
             && let Some(oldest) = self.order.pop_front()
@@ -118,7 +134,39 @@ impl Deduper {
         }
         self.seen.insert(id.to_string());
         self.order.push_back(id.to_string());
-        true
+    }
+}
+
+/// `scheme://user:<redacted>@host/...`: a broker URL fit for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:<redacted>@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("amqp://capstan:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://capstan:<redacted>@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert!(!redact_url("amqp://u:p@ss@h/v").contains("p@ss"));
     }
 }
 

@@ -212,6 +212,8 @@ pub fn event_to_wire(event: &Event) -> v1::Event {
         instance_id: event.instance_id.clone(),
         node_id: event.node_id.clone(),
         message: event.message.clone(),
+        actor: event.actor.clone(),
+        actor_role: event.actor_role.clone(),
     }
 }
 
@@ -226,6 +228,8 @@ pub fn event_from_wire(wire: v1::Event) -> Result<Event, Error> {
         instance_id: wire.instance_id,
         node_id: wire.node_id,
         message: wire.message,
+        actor: wire.actor,
+        actor_role: wire.actor_role,
     })
 }
 

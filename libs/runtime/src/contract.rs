@@ -5,16 +5,22 @@
 
 use std::time::Duration;
 
+use capstan_types::InstanceId;
+
 use crate::{Driver, Program, WorkloadSpec, WorkloadStatus};
+
+fn instance_id(text: &str) -> InstanceId {
+    InstanceId::parse("instance_id", text).expect("contract ids are valid")
+}
 
 pub struct Programs {
     pub serve: Program,
     pub crash: Program,
 }
 
-fn spec(id: &str, program: Program, port: u16) -> WorkloadSpec {
+fn spec(id: &InstanceId, program: Program, port: u16) -> WorkloadSpec {
     WorkloadSpec {
-        instance_id: id.to_string(),
+        instance_id: id.clone(),
         app: "contract".into(),
         spec_hash: "h1".into(),
         program,
@@ -59,7 +65,7 @@ pub async fn run(
     prefix: &str,
 ) {
     let port = free_port();
-    let id = format!("{prefix}-serve");
+    let id = instance_id(&format!("{prefix}-serve"));
     let started = driver
         .start(&spec(&id, programs.serve.clone(), port))
         .await
@@ -126,7 +132,7 @@ pub async fn run(
         .await
         .expect("stopping twice succeeds");
 
-    let crash_id = format!("{prefix}-crash");
+    let crash_id = instance_id(&format!("{prefix}-crash"));
     driver
         .start(&spec(&crash_id, programs.crash, free_port()))
         .await
@@ -138,15 +144,19 @@ pub async fn run(
         )
     })
     .await;
-    if let WorkloadStatus::Exited { code, .. } = driver.status(&crash_id).await.unwrap() {
-        assert!(code.is_none() || code == Some(3), "exit code {code:?}");
+    // The exit code is what a user debugs a crash with: every driver reports it.
+    match driver.status(&crash_id).await.unwrap() {
+        WorkloadStatus::Exited { code, reason } => {
+            assert_eq!(code, Some(3), "exit code of the crash program ({reason})")
+        }
+        other => panic!("crash workload is {other:?}"),
     }
     driver
         .stop(&crash_id, Duration::from_secs(1))
         .await
         .unwrap();
     assert_eq!(
-        driver.status("never-started").await.unwrap(),
+        driver.status(&instance_id("never-started")).await.unwrap(),
         WorkloadStatus::Missing
     );
 }

@@ -7,6 +7,7 @@ use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig,
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StopContainerOptions,
 };
+use capstan_types::InstanceId;
 
 use crate::{
     Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute_port,
@@ -103,7 +104,7 @@ impl Driver for DockerDriver {
         env.push(format!("CAPSTAN_INSTANCE_ID={}", spec.instance_id));
         env.push(format!("CAPSTAN_APP={}", spec.app));
         let labels = HashMap::from([
-            (LABEL_INSTANCE.to_string(), spec.instance_id.clone()),
+            (LABEL_INSTANCE.to_string(), spec.instance_id.to_string()),
             (LABEL_APP.to_string(), spec.app.clone()),
             (LABEL_NODE.to_string(), self.node_id.clone()),
             (LABEL_HASH.to_string(), spec.spec_hash.clone()),
@@ -164,7 +165,7 @@ impl Driver for DockerDriver {
         Ok(workload)
     }
 
-    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), DriverError> {
+    async fn stop(&self, instance_id: &InstanceId, grace: Duration) -> Result<(), DriverError> {
         let name = container_name(&self.node_id, instance_id);
         let seconds = i32::try_from(grace.as_secs().max(1)).unwrap_or(i32::MAX);
         match self
@@ -197,7 +198,7 @@ impl Driver for DockerDriver {
         }
     }
 
-    async fn status(&self, instance_id: &str) -> Result<WorkloadStatus, DriverError> {
+    async fn status(&self, instance_id: &InstanceId) -> Result<WorkloadStatus, DriverError> {
         let name = container_name(&self.node_id, instance_id);
         let inspect = match self.docker.inspect_container(&name, None).await {
             Ok(inspect) => inspect,
@@ -240,7 +241,7 @@ impl Driver for DockerDriver {
             .filter_map(|c| {
                 let labels = c.labels?;
                 Some(Workload {
-                    instance_id: labels.get(LABEL_INSTANCE)?.clone(),
+                    instance_id: InstanceId::try_from(labels.get(LABEL_INSTANCE)?.clone()).ok()?,
                     app: labels.get(LABEL_APP)?.clone(),
                     spec_hash: labels.get(LABEL_HASH).cloned().unwrap_or_default(),
                     host_port: labels.get(LABEL_PORT)?.parse().ok()?,

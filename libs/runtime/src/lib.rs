@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use capstan_types::InstanceId;
 use serde::{Deserialize, Serialize};
 
 pub mod contract;
@@ -20,7 +21,7 @@ mod docker;
 mod process;
 
 pub use docker::DockerDriver;
-pub use process::ProcessDriver;
+pub use process::{ProcessDriver, Sandbox};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Program {
@@ -35,7 +36,7 @@ pub enum Program {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadSpec {
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     pub app: String,
     pub spec_hash: String,
     pub program: Program,
@@ -49,7 +50,7 @@ pub struct WorkloadSpec {
 /// What a driver knows of a workload it started, also after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     pub app: String,
     pub spec_hash: String,
     pub host_port: u16,
@@ -82,8 +83,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn start(&self, spec: &WorkloadSpec) -> Result<Workload, DriverError>;
     /// Asks the workload to stop, kills it after `grace`, forgets it.
     /// Stopping an unknown workload succeeds.
-    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), DriverError>;
-    async fn status(&self, instance_id: &str) -> Result<WorkloadStatus, DriverError>;
+    async fn stop(&self, instance_id: &InstanceId, grace: Duration) -> Result<(), DriverError>;
+    async fn status(&self, instance_id: &InstanceId) -> Result<WorkloadStatus, DriverError>;
     /// Every workload this driver started and has not stopped, running or not.
     async fn list(&self) -> Result<Vec<Workload>, DriverError>;
 }

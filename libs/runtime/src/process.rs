@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -6,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use capstan_types::InstanceId;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -14,12 +16,52 @@ use crate::{
     Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute_port,
 };
 
+/// Who process workloads run as, and where their working directories are.
+///
+/// Nomad's `exec` driver is the model: an agent running as root starts each
+/// workload as an unprivileged user, in a directory outside the agent's data
+/// dir, so an app cannot read the platform's keys or state.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// `(uid, gid)` to run as; `None` runs as the agent's own user.
+    pub user: Option<(u32, u32)>,
+    /// Parent of the workloads' working directories.
+    pub work_root: PathBuf,
+}
+
+impl Sandbox {
+    /// As the agent's own user (what a non-root agent can do).
+    pub fn same_user(work_root: &Path) -> Sandbox {
+        Sandbox {
+            user: None,
+            work_root: work_root.to_path_buf(),
+        }
+    }
+
+    /// As the named user, looked up in the system's user database.
+    pub fn as_user(name: &str, work_root: &Path) -> Result<Sandbox, DriverError> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| DriverError::Io(format!("look up user `{name}`: {e}")))?
+            .ok_or_else(|| DriverError::Io(format!("no user `{name}` on this node")))?;
+        if user.uid.is_root() {
+            return Err(DriverError::Io(format!(
+                "user `{name}` is root: workloads must run unprivileged"
+            )));
+        }
+        Ok(Sandbox {
+            user: Some((user.uid.as_raw(), user.gid.as_raw())),
+            work_root: work_root.to_path_buf(),
+        })
+    }
+}
+
 /// Runs programs as child processes. State (one JSON file per workload)
 /// lives in `state_dir`, so a restarted agent finds its processes again.
 pub struct ProcessDriver {
     state_dir: PathBuf,
+    sandbox: Sandbox,
     /// Exit statuses of children this process spawned and reaped.
-    exits: Arc<Mutex<HashMap<String, std::process::ExitStatus>>>,
+    exits: Arc<Mutex<HashMap<InstanceId, std::process::ExitStatus>>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,30 +74,42 @@ struct ProcessRecord {
 }
 
 impl ProcessDriver {
-    pub fn new(state_dir: &Path) -> Result<Self, DriverError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| DriverError::Io(format!("{}: {e}", state_dir.display())))?;
+    pub fn new(state_dir: &Path, sandbox: Sandbox) -> Result<Self, DriverError> {
+        let io =
+            |path: &Path, e: std::io::Error| DriverError::Io(format!("{}: {e}", path.display()));
+        // State (records, logs) is the agent's alone.
+        std::fs::create_dir_all(state_dir).map_err(|e| io(state_dir, e))?;
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(state_dir, e))?;
+        // Workloads may pass through the work root to their own directory,
+        // but not list it.
+        std::fs::create_dir_all(&sandbox.work_root).map_err(|e| io(&sandbox.work_root, e))?;
+        if sandbox.user.is_some() {
+            std::fs::set_permissions(&sandbox.work_root, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| io(&sandbox.work_root, e))?;
+        }
         Ok(ProcessDriver {
             state_dir: state_dir.to_path_buf(),
+            sandbox,
             exits: Arc::default(),
         })
     }
 
-    fn record_path(&self, instance_id: &str) -> PathBuf {
+    fn record_path(&self, instance_id: &InstanceId) -> PathBuf {
         self.state_dir.join(format!("{instance_id}.json"))
     }
 
     /// The workload's own, initially empty working directory: it must not
     /// see the agent's (which may hold keys and state).
-    pub fn work_dir(&self, instance_id: &str) -> PathBuf {
-        self.state_dir.join(format!("{instance_id}.work"))
+    pub fn work_dir(&self, instance_id: &InstanceId) -> PathBuf {
+        self.sandbox.work_root.join(instance_id.as_str())
     }
 
-    pub fn log_path(&self, instance_id: &str) -> PathBuf {
+    pub fn log_path(&self, instance_id: &InstanceId) -> PathBuf {
         self.state_dir.join(format!("{instance_id}.log"))
     }
 
-    fn read_record(&self, instance_id: &str) -> Option<ProcessRecord> {
+    fn read_record(&self, instance_id: &InstanceId) -> Option<ProcessRecord> {
         let bytes = std::fs::read(self.record_path(instance_id)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
@@ -65,11 +119,22 @@ impl ProcessDriver {
 fn proc_start_ticks(pid: i32) -> Option<(u64, bool)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: parse after the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
+    let after = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     let state = *fields.first()?;
     let ticks = fields.get(19)?.parse().ok()?;
     Some((ticks, state == "Z"))
+}
+
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 fn is_alive(record: &ProcessRecord) -> bool {
@@ -100,9 +165,20 @@ impl Driver for ProcessDriver {
             reason: "empty command".into(),
         })?;
         let work_dir = self.work_dir(&spec.instance_id);
-        std::fs::create_dir_all(&work_dir)
-            .map_err(|e| DriverError::Io(format!("{}: {e}", work_dir.display())))?;
-        let log = std::fs::File::create(self.log_path(&spec.instance_id))
+        let io = |e: std::io::Error| DriverError::Io(format!("{}: {e}", work_dir.display()));
+        std::fs::create_dir_all(&work_dir).map_err(io)?;
+        std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        if let Some((uid, gid)) = self.sandbox.user {
+            std::os::unix::fs::chown(&work_dir, Some(uid), Some(gid)).map_err(io)?;
+        }
+        // The log holds what the app prints, env values included: 0600, the
+        // agent's. The app writes it through the descriptor it inherits.
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.log_path(&spec.instance_id))
             .map_err(|e| DriverError::Io(e.to_string()))?;
         let log_err = log
             .try_clone()
@@ -118,7 +194,7 @@ impl Driver for ProcessDriver {
             .env("LANG", "C.UTF-8")
             .envs(&spec.env)
             .env("PORT", spec.host_port.to_string())
-            .env("CAPSTAN_INSTANCE_ID", &spec.instance_id)
+            .env("CAPSTAN_INSTANCE_ID", spec.instance_id.as_str())
             .env("CAPSTAN_APP", &spec.app)
             .current_dir(&work_dir)
             .stdin(Stdio::null())
@@ -128,6 +204,10 @@ impl Driver for ProcessDriver {
             // the agent does not take the workload with it.
             .process_group(0)
             .kill_on_drop(false);
+        if let Some((uid, gid)) = self.sandbox.user {
+            // std drops supplementary groups too when switching from root.
+            command.uid(uid).gid(gid);
+        }
         let mut child = command.spawn().map_err(|e| DriverError::Start {
             program: program.clone(),
             reason: e.to_string(),
@@ -149,7 +229,7 @@ impl Driver for ProcessDriver {
             start_ticks,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| DriverError::Io(e.to_string()))?;
-        std::fs::write(self.record_path(&spec.instance_id), bytes)
+        write_owner_only(&self.record_path(&spec.instance_id), &bytes)
             .map_err(|e| DriverError::Io(e.to_string()))?;
         let exits = self.exits.clone();
         let instance_id = spec.instance_id.clone();
@@ -164,7 +244,7 @@ impl Driver for ProcessDriver {
         Ok(workload)
     }
 
-    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), DriverError> {
+    async fn stop(&self, instance_id: &InstanceId, grace: Duration) -> Result<(), DriverError> {
         if let Some(record) = self.read_record(instance_id) {
             if is_alive(&record) {
                 let group = Pid::from_raw(record.pid);
@@ -188,7 +268,7 @@ impl Driver for ProcessDriver {
         Ok(())
     }
 
-    async fn status(&self, instance_id: &str) -> Result<WorkloadStatus, DriverError> {
+    async fn status(&self, instance_id: &InstanceId) -> Result<WorkloadStatus, DriverError> {
         let Some(record) = self.read_record(instance_id) else {
             return Ok(WorkloadStatus::Missing);
         };

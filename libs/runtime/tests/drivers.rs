@@ -2,7 +2,14 @@
 //! engine with an image built here from a static busybox.
 
 use capstan_runtime::contract::{self, Programs};
-use capstan_runtime::{DockerDriver, Driver, ProcessDriver, Program, WorkloadSpec, WorkloadStatus};
+use capstan_runtime::{
+    DockerDriver, Driver, ProcessDriver, Program, Sandbox, WorkloadSpec, WorkloadStatus,
+};
+use capstan_types::InstanceId;
+
+fn id(text: &str) -> InstanceId {
+    InstanceId::parse("instance_id", text).unwrap()
+}
 
 fn busybox() -> String {
     capstan_testkit::require_tool("/bin/busybox", "apt-get install -y busybox-static");
@@ -10,9 +17,9 @@ fn busybox() -> String {
 }
 
 /// Runs `argv` as a one-shot process workload until it exits; returns its output.
-async fn run_to_exit(driver: &ProcessDriver, id: &str, argv: Vec<String>) -> String {
+async fn run_to_exit(driver: &ProcessDriver, id: &InstanceId, argv: Vec<String>) -> String {
     let spec = WorkloadSpec {
-        instance_id: id.into(),
+        instance_id: id.clone(),
         app: "a".into(),
         spec_hash: "h".into(),
         program: Program::Process { argv },
@@ -41,7 +48,7 @@ async fn process_driver_passes_the_contract() {
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "hi").unwrap();
     let state = dir.path().join("state");
-    let driver = ProcessDriver::new(&state).unwrap();
+    let driver = ProcessDriver::new(&state, Sandbox::same_user(&dir.path().join("work"))).unwrap();
     let programs = Programs {
         serve: Program::Process {
             argv: vec![
@@ -58,25 +65,29 @@ async fn process_driver_passes_the_contract() {
             argv: vec![busybox(), "sh".into(), "-c".into(), "exit 3".into()],
         },
     };
-    let reopen = || Box::new(ProcessDriver::new(&state).unwrap()) as Box<dyn Driver>;
+    let work = dir.path().join("work");
+    let reopen = || {
+        Box::new(ProcessDriver::new(&state, Sandbox::same_user(&work)).unwrap()) as Box<dyn Driver>
+    };
     contract::run(&driver, reopen, programs, "proc").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn process_driver_never_uses_a_shell() {
     let dir = tempfile::tempdir().unwrap();
-    let driver = ProcessDriver::new(dir.path()).unwrap();
+    let driver =
+        ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work"))).unwrap();
     let marker = dir.path().join("pwned");
     // Were this run through `sh -c`, the `;` would create the marker file.
     let argv = vec![
         "/bin/echo".to_string(),
         format!("hello; touch {}", marker.display()),
     ];
-    let log = run_to_exit(&driver, "noshell", argv).await;
+    let log = run_to_exit(&driver, &id("noshell"), argv).await;
     assert_eq!(log.trim(), format!("hello; touch {}", marker.display()));
     assert!(!marker.exists());
     driver
-        .stop("noshell", std::time::Duration::from_secs(1))
+        .stop(&id("noshell"), std::time::Duration::from_secs(1))
         .await
         .unwrap();
 }
@@ -124,7 +135,7 @@ async fn docker_driver_passes_the_contract() {
 async fn process_workloads_run_in_their_own_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let driver = ProcessDriver::new(&state).unwrap();
+    let driver = ProcessDriver::new(&state, Sandbox::same_user(&dir.path().join("work"))).unwrap();
     let argv = vec![
         busybox(),
         "ls".into(),
@@ -132,7 +143,7 @@ async fn process_workloads_run_in_their_own_empty_directory() {
         "-1".into(),
         "/proc/self/cwd/".into(),
     ];
-    let listing = run_to_exit(&driver, "cwd", argv).await;
+    let listing = run_to_exit(&driver, &id("cwd"), argv).await;
     let entries: Vec<&str> = listing
         .lines()
         .filter(|l| *l != "." && *l != "..")
@@ -141,13 +152,68 @@ async fn process_workloads_run_in_their_own_empty_directory() {
         entries.is_empty(),
         "the workload sees files in its working directory: {entries:?}"
     );
-    assert!(driver.work_dir("cwd").starts_with(&state));
+    assert!(
+        driver
+            .work_dir(&id("cwd"))
+            .starts_with(dir.path().join("work"))
+    );
+    assert!(!driver.work_dir(&id("cwd")).starts_with(&state));
     driver
-        .stop("cwd", std::time::Duration::from_secs(1))
+        .stop(&id("cwd"), std::time::Duration::from_secs(1))
         .await
         .unwrap();
     assert!(
-        !driver.work_dir("cwd").exists(),
+        !driver.work_dir(&id("cwd")).exists(),
         "the working directory is removed on stop"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandboxed_workload_runs_unprivileged_and_cannot_read_the_agents_files() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users, so it must run as root (CI does); run it with sudo"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // The workload must be able to pass through to its own directory.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let work = dir.path().join("work");
+    let driver = ProcessDriver::new(&state, Sandbox::as_user("nobody", &work).unwrap()).unwrap();
+    let secret = state.join("signing.key");
+    std::fs::write(&secret, "top-secret-canary").unwrap();
+    // A world-readable file in a directory only the agent may enter.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let argv = vec![
+        busybox(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "{} id -u; {} cat {}; true",
+            busybox(),
+            busybox(),
+            secret.display()
+        ),
+    ];
+    let log = run_to_exit(&driver, &id("sandboxed"), argv).await;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        log.lines().next(),
+        Some(nobody.uid.to_string().as_str()),
+        "the workload did not run as nobody: {log}"
+    );
+    assert!(
+        !log.contains("top-secret-canary"),
+        "the workload read the agent's file: {log}"
+    );
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(!driver.work_dir(&id("sandboxed")).starts_with(&state));
+    driver
+        .stop(&id("sandboxed"), std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
 }

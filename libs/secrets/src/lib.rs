@@ -135,10 +135,31 @@ impl SecretStore for FileSecretStore {
     }
 }
 
+/// Creates `dir` if needed and makes it 0700, on every start and not only
+/// when new: the data dir holds keys, state and apps' env values.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Writes `contents` to `path` atomically, readable by the owner only (0600).
+/// The temporary file's name is unique per process and call, so writers in
+/// several processes never share one.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = PathBuf::from(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -151,12 +172,26 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// The trimmed contents of `path`, or `make()` written there (0600) first.
+/// A file that others may read is refused: it has leaked already, or will.
 pub fn read_or_create_private_file(
     path: &Path,
     make: impl FnOnce() -> String,
 ) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(text.trim().to_string()),
+        Ok(text) => {
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} has mode {mode:o}, so others may read it; it must be 0600 (run chmod 600 {}; if others did read it, replace the key)",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(text.trim().to_string())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let value = make();
             write_private_file(path, format!("{value}\n").as_bytes())?;
@@ -225,6 +260,31 @@ mod tests {
             store.get("../etc").await,
             Err(SecretError::InvalidPath(_))
         ));
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.key");
+        let key = read_or_create_private_file(&path, || "k1".into()).unwrap();
+        assert_eq!(
+            read_or_create_private_file(&path, || "k2".into()).unwrap(),
+            key
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = read_or_create_private_file(&path, || "k3".into()).unwrap_err();
+        assert!(error.to_string().contains("chmod 600"), "{error}");
+    }
+
+    #[test]
+    fn private_dirs_are_0700_on_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&data).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

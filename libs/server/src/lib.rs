@@ -37,8 +37,9 @@ pub struct Platform {
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn Store>,
     pub secrets: Arc<dyn SecretStore>,
-    /// The API key Capstan's services use to call each other.
-    pub service_key: Secret,
+    /// The API key this service calls others with: the service key, or an
+    /// agent's node key (whose tokens name the node).
+    pub api_key: Secret,
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
     /// One multiplexed HTTP/2 channel per address, reused by every call.
     channels: Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
@@ -50,16 +51,25 @@ impl Platform {
         bus: Arc<dyn EventBus>,
         store: Arc<dyn Store>,
         secrets: Arc<dyn SecretStore>,
-        service_key: Secret,
+        api_key: Secret,
     ) -> Self {
         Platform {
             registry,
             bus,
             store,
             secrets,
-            service_key,
+            api_key,
             tokens: Arc::default(),
             channels: Arc::default(),
+        }
+    }
+
+    /// The same platform calling with another API key (an agent's node key).
+    pub fn with_api_key(&self, api_key: Secret) -> Platform {
+        Platform {
+            api_key,
+            tokens: Arc::default(),
+            ..self.clone()
         }
     }
 
@@ -98,7 +108,7 @@ impl Platform {
             .tokens
             .get_or_try_init(|| async {
                 Ok::<_, Error>(TokenSource::new(
-                    self.service_key.clone(),
+                    self.api_key.clone(),
                     self.channel("auth").await?,
                 ))
             })

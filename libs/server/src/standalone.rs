@@ -23,10 +23,11 @@ use tokio_util::sync::CancellationToken;
 use crate::Platform;
 
 pub const SERVICE_KEY_PATH: &str = "capstan/service-key";
-/// Peers named on the command line stay registered this long between renewals.
-const PEER_TTL: Duration = Duration::from_secs(3600);
+/// Peers named on the command line are taken as healthy: their TTL check is
+/// renewed every third of this for as long as the process runs.
+const PEER_TTL: Duration = Duration::from_secs(30);
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct StandaloneArgs {
     /// Where to serve gRPC.
     #[arg(long, env = "CAPSTAN_LISTEN", default_value = "127.0.0.1:0")]
@@ -41,6 +42,70 @@ pub struct StandaloneArgs {
     /// orchestrator, router-config.
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+}
+
+/// Redacts the AMQP URL's password: `Debug` output reaches logs.
+impl std::fmt::Debug for StandaloneArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandaloneArgs")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("amqp_url", &capstan_events::redact_url(&self.amqp_url))
+            .field("peers", &self.peers)
+            .finish()
+    }
+}
+
+/// What a standalone service calls other services with.
+pub enum Credential {
+    /// The service key, created if absent (the auth service).
+    CreateServiceKey,
+    /// The service key, waited for until the auth service has created it.
+    ServiceKey,
+    /// An agent's node key, read from this file (`capstan key create
+    /// --role node --name NODE` prints one).
+    NodeKeyFile(PathBuf),
+}
+
+/// Registers `--peer` services and keeps them passing until `shutdown`.
+pub async fn register_peers(
+    registry: Arc<dyn ServiceRegistry>,
+    peers: &[(String, String)],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut ids = Vec::new();
+    for (name, address) in peers {
+        let id = format!("peer-{name}");
+        registry
+            .register(Registration {
+                id: id.clone(),
+                name: name.clone(),
+                address: address.clone(),
+                tags: vec![],
+                check: Check::Ttl { ttl: PEER_TTL },
+            })
+            .await?;
+        registry.pass_ttl(&id).await?;
+        ids.push(id);
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PEER_TTL / 3);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for id in &ids {
+                if let Err(e) = registry.pass_ttl(id).await {
+                    tracing::warn!(peer = %id, "failed to renew peer registration: {e}");
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 fn parse_peer(text: &str) -> Result<(String, String), String> {
@@ -75,32 +140,28 @@ pub async fn service_key(secrets: &dyn SecretStore, create: bool) -> anyhow::Res
 
 async fn platform(
     args: &StandaloneArgs,
-    create_key: bool,
+    credential: &Credential,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Platform> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    capstan_secrets::ensure_private_dir(&args.data_dir)
+        .with_context(|| format!("make data dir {} private (0700)", args.data_dir.display()))?;
     let store = Arc::new(SqliteStore::open(&args.data_dir.join("state.db"))?);
     let secrets = Arc::new(FileSecretStore::new(&args.data_dir));
     let bus = RabbitBus::connect(&args.amqp_url)
         .await
         .context("connect to RabbitMQ")?;
-    let registry = Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
-    for (name, address) in &args.peers {
-        let id = format!("peer-{name}");
-        let check = Check::Ttl { ttl: PEER_TTL };
-        registry
-            .register(Registration {
-                id: id.clone(),
-                name: name.clone(),
-                address: address.clone(),
-                tags: vec![],
-                check,
-            })
-            .await?;
-        registry.pass_ttl(&id).await?;
-    }
-    let key = service_key(secrets.as_ref(), create_key).await?;
+    let registry: Arc<dyn ServiceRegistry> =
+        Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+    register_peers(registry.clone(), &args.peers, shutdown.child_token()).await?;
+    let key = match credential {
+        Credential::CreateServiceKey => service_key(secrets.as_ref(), true).await?,
+        Credential::ServiceKey => service_key(secrets.as_ref(), false).await?,
+        Credential::NodeKeyFile(path) => Secret::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read the node key from {}", path.display()))?
+                .trim(),
+        ),
+    };
     Ok(Platform::new(registry, bus, store, secrets, key))
 }
 
@@ -109,7 +170,7 @@ async fn platform(
 pub fn main<F, Fut>(
     name: &'static str,
     args: StandaloneArgs,
-    creates_service_key: bool,
+    credential: Credential,
     serve: F,
 ) -> ExitCode
 where
@@ -130,7 +191,7 @@ where
     };
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let platform = platform(&args, creates_service_key, &shutdown).await?;
+        let platform = platform(&args, &credential, &shutdown).await?;
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen on {}", args.listen))?;
@@ -158,5 +219,30 @@ where
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_stay_registered_for_as_long_as_the_process_runs() {
+        let shutdown = CancellationToken::new();
+        let registry: Arc<dyn ServiceRegistry> =
+            Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+        let peers = [("auth".to_string(), "127.0.0.1:7001".to_string())];
+        register_peers(registry.clone(), &peers, shutdown.child_token())
+            .await
+            .unwrap();
+        for hours in 1..=3 {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            let found = capstan_registry::resolve(registry.as_ref(), "auth", Duration::ZERO).await;
+            assert!(
+                found.is_ok_and(|i| i.address == "127.0.0.1:7001"),
+                "peer gone after {hours} h"
+            );
+        }
+        shutdown.cancel();
     }
 }

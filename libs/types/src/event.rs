@@ -43,10 +43,18 @@ pub enum EventKind {
     NodeDown,
     #[serde(rename = "routes.updated")]
     RoutesUpdated,
+    #[serde(rename = "node.drain_started")]
+    NodeDrainStarted,
+    #[serde(rename = "node.drain_cancelled")]
+    NodeDrainCancelled,
+    #[serde(rename = "allocation.released")]
+    AllocationReleased,
+    #[serde(rename = "key.created")]
+    KeyCreated,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::AppCreated,
         EventKind::AppUpdated,
         EventKind::AppScaled,
@@ -65,6 +73,10 @@ impl EventKind {
         EventKind::NodeRegistered,
         EventKind::NodeDown,
         EventKind::RoutesUpdated,
+        EventKind::NodeDrainStarted,
+        EventKind::NodeDrainCancelled,
+        EventKind::AllocationReleased,
+        EventKind::KeyCreated,
     ];
 
     /// The dotted name, also the message routing key.
@@ -88,6 +100,10 @@ impl EventKind {
             EventKind::NodeRegistered => "node.registered",
             EventKind::NodeDown => "node.down",
             EventKind::RoutesUpdated => "routes.updated",
+            EventKind::NodeDrainStarted => "node.drain_started",
+            EventKind::NodeDrainCancelled => "node.drain_cancelled",
+            EventKind::AllocationReleased => "allocation.released",
+            EventKind::KeyCreated => "key.created",
         }
     }
 
@@ -116,6 +132,12 @@ pub struct Event {
     pub node_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Who asked for the change (key name, node id or service); empty when
+    /// the platform acted by itself. The audit trail builds on it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub actor_role: String,
 }
 
 impl Event {
@@ -129,7 +151,16 @@ impl Event {
             instance_id: String::new(),
             node_id: String::new(),
             message: String::new(),
+            actor: String::new(),
+            actor_role: String::new(),
         }
+    }
+
+    /// Records who caused the event.
+    pub fn actor(mut self, subject: impl Into<String>, role: impl Into<String>) -> Self {
+        self.actor = subject.into();
+        self.actor_role = role.into();
+        self
     }
 
     pub fn app(mut self, app: impl Into<String>) -> Self {

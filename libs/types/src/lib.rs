@@ -7,11 +7,13 @@
 pub mod duration;
 pub mod error;
 pub mod event;
+pub mod id;
 pub mod instance;
 pub mod spec;
 
 pub use error::{Error, FieldError, Result};
 pub use event::{Event, EventKind};
+pub use id::{AppName, InstanceId, KeyName, NodeId};
 pub use instance::InstanceState;
 pub use spec::{
     AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,

@@ -16,7 +16,34 @@ use crate::error::{Error, FieldError};
 pub const MAX_REPLICAS: u32 = 1000;
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Caps on what one spec may hold: a spec is stored, sent to every agent
+/// that runs it and logged about, so none of it may be unbounded. The
+/// README's "Limits" table lists these with the servers' limits.
+pub mod limits {
+    pub const MAX_SPEC_BYTES: usize = 256 * 1024;
+    pub const MAX_ENV_VARS: usize = 128;
+    pub const MAX_ENV_NAME_LEN: usize = 128;
+    pub const MAX_ENV_VALUE_LEN: usize = 32 * 1024;
+    pub const MAX_ARGS: usize = 256;
+    pub const MAX_ARG_LEN: usize = 4096;
+    pub const MAX_IMAGE_LEN: usize = 512;
+    pub const MAX_PORTS: usize = 16;
+    pub const MAX_HOSTS: usize = 32;
+    pub const MAX_HEALTH_PATH_LEN: usize = 1024;
+    pub const MAX_CONSTRAINTS: usize = 32;
+    pub const MAX_CONSTRAINT_LEN: usize = 256;
+    pub const MAX_SPREAD_TARGETS: usize = 64;
+    pub const MAX_ATTRIBUTE_LEN: usize = 128;
+    /// Node labels (checked by the scheduler when a node registers).
+    pub const MAX_NODE_LABELS: usize = 64;
+    pub const MAX_LABEL_KEY_LEN: usize = 128;
+    pub const MAX_LABEL_VALUE_LEN: usize = 256;
+}
+use limits::*;
+
+/// `Debug` shows env names but never their values: they hold credentials,
+/// and a spec reaches logs through `{:?}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
     pub name: String,
     pub replicas: u32,
@@ -49,6 +76,48 @@ pub struct PlacementSpec {
     pub spread_targets: BTreeMap<String, u32>,
     /// Prefer nodes that do not already run an instance of the app.
     pub anti_affinity: bool,
+}
+
+impl std::fmt::Debug for AppSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: BTreeMap<&str, &str> = self
+            .env
+            .keys()
+            .map(|k| (k.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("AppSpec")
+            .field("name", &self.name)
+            .field("replicas", &self.replicas)
+            .field("run", &self.run)
+            .field("resources", &self.resources)
+            .field("ports", &self.ports)
+            .field("env", &env)
+            .field("health", &self.health)
+            .field("route", &self.route)
+            .field("update", &self.update)
+            .field("placement", &self.placement)
+            .finish()
+    }
+}
+
+/// Reports `count` items over `max` at `field`.
+fn too_many(bad: &mut impl FnMut(&str, String), field: &str, count: usize, max: usize) {
+    if count > max {
+        bad(field, format!("at most {max} allowed, got {count}"));
+    }
+}
+
+/// Reports a string longer than `max` bytes at `field`.
+fn too_long(bad: &mut impl FnMut(&str, String), field: &str, text: &str, max: usize) -> bool {
+    if text.len() > max {
+        bad(
+            field,
+            format!("at most {max} bytes allowed, got {}", text.len()),
+        );
+        true
+    } else {
+        false
+    }
 }
 
 impl Default for PlacementSpec {
@@ -178,6 +247,12 @@ impl SpecFormat {
 impl AppSpec {
     /// Parses and validates a spec document.
     pub fn parse(text: &str, format: SpecFormat) -> Result<AppSpec, Error> {
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(Error::invalid(
+                "spec",
+                format!("at most {MAX_SPEC_BYTES} bytes allowed, got {}", text.len()),
+            ));
+        }
         let file: SpecFile = match format {
             SpecFormat::Toml => {
                 let deserializer = toml::Deserializer::parse(text).map_err(|e| {
@@ -201,7 +276,67 @@ impl AppSpec {
         let mut bad = |field: &str, reason: String| errors.push(FieldError::new(field, reason));
 
         if let Err(reason) = check_dns_label(&self.name) {
-            bad("name", reason);
+            bad("name", crate::id::shorten(&reason));
+        }
+        too_many(&mut bad, "env", self.env.len(), MAX_ENV_VARS);
+        for (key, value) in &self.env {
+            too_long(
+                &mut bad,
+                &format!("env.{}", crate::id::shorten(key)),
+                key,
+                MAX_ENV_NAME_LEN,
+            );
+            too_long(
+                &mut bad,
+                &format!("env.{}", crate::id::shorten(key)),
+                value,
+                MAX_ENV_VALUE_LEN,
+            );
+        }
+        too_many(&mut bad, "run.command", self.run.command.len(), MAX_ARGS);
+        too_many(&mut bad, "run.args", self.run.args.len(), MAX_ARGS);
+        for (i, arg) in self.run.command.iter().enumerate() {
+            too_long(&mut bad, &format!("run.command[{i}]"), arg, MAX_ARG_LEN);
+        }
+        for (i, arg) in self.run.args.iter().enumerate() {
+            too_long(&mut bad, &format!("run.args[{i}]"), arg, MAX_ARG_LEN);
+        }
+        if let Some(image) = &self.run.image {
+            too_long(&mut bad, "run.image", image, MAX_IMAGE_LEN);
+        }
+        too_many(&mut bad, "ports", self.ports.len(), MAX_PORTS);
+        too_many(&mut bad, "route.hosts", self.route.hosts.len(), MAX_HOSTS);
+        if let HealthCheck::Http { path } = &self.health.check {
+            too_long(&mut bad, "health.http_path", path, MAX_HEALTH_PATH_LEN);
+        }
+        let placement = &self.placement;
+        too_many(
+            &mut bad,
+            "placement.constraints",
+            placement.constraints.len(),
+            MAX_CONSTRAINTS,
+        );
+        for (i, constraint) in placement.constraints.iter().enumerate() {
+            too_long(
+                &mut bad,
+                &format!("placement.constraints[{i}]"),
+                constraint,
+                MAX_CONSTRAINT_LEN,
+            );
+        }
+        too_many(
+            &mut bad,
+            "placement.spread_targets",
+            placement.spread_targets.len(),
+            MAX_SPREAD_TARGETS,
+        );
+        if let Some(attribute) = &placement.spread_by {
+            too_long(
+                &mut bad,
+                "placement.spread_by",
+                attribute,
+                MAX_ATTRIBUTE_LEN,
+            );
         }
         if self.replicas > MAX_REPLICAS {
             bad(
@@ -440,7 +575,8 @@ impl AppSpec {
                 "needs `spread_by`: the attribute whose values the targets name".into(),
             );
         }
-        let mut total = 0;
+        // u64: the targets come off the wire, and u32::MAX twice overflows.
+        let mut total = 0u64;
         for (value, pct) in &placement.spread_targets {
             if !(1..=100).contains(pct) {
                 bad(
@@ -448,7 +584,7 @@ impl AppSpec {
                     format!("must be a percentage between 1 and 100, got {pct}"),
                 );
             }
-            total += pct;
+            total += u64::from(*pct);
         }
         if total > 100 {
             bad(

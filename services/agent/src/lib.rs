@@ -20,9 +20,11 @@ use capstan_proto::v1::{
     HeartbeatRequest, Instance, ListInstancesRequest, ListInstancesResponse, RegisterNodeRequest,
     StartInstanceRequest, StopInstanceRequest, StopInstanceResponse,
 };
-use capstan_runtime::{DockerDriver, Driver, ProcessDriver, Program, WorkloadSpec, WorkloadStatus};
+use capstan_runtime::{
+    DockerDriver, Driver, ProcessDriver, Program, Sandbox, WorkloadSpec, WorkloadStatus,
+};
 use capstan_server::{Platform, Service, now_ms};
-use capstan_types::{AppSpec, Error, Event, EventKind, InstanceState, Resources};
+use capstan_types::{AppSpec, Error, Event, EventKind, InstanceId, InstanceState, Resources};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,12 +45,32 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Connect to the local Docker engine for image apps.
     pub docker: bool,
+    /// The user process apps run as when the agent is root.
+    pub run_as: String,
+    /// Where process apps get their working directories: outside the data
+    /// dir, traversable by `run_as`.
+    pub work_root: PathBuf,
+}
+
+/// The user process apps run as by default.
+pub const DEFAULT_RUN_AS: &str = "nobody";
+
+/// Where a node's process apps work by default: under /var/lib/capstan/work
+/// when the agent is root (apps run as another user and must reach it, but
+/// never the data dir), else in the agent's state dir (apps run as the
+/// agent's user and could read its files anyway).
+pub fn default_work_root(node_id: &str, state_dir: &std::path::Path) -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/lib/capstan/work").join(node_id)
+    } else {
+        state_dir.join("work")
+    }
 }
 
 /// What the agent persists per instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct InstanceFile {
-    instance_id: String,
+    instance_id: InstanceId,
     spec_hash: String,
     spec: AppSpec,
     host_port: u16,
@@ -73,12 +95,17 @@ struct Inner {
     process: ProcessDriver,
     docker: Option<DockerDriver>,
     docker_error: String,
-    instances: Mutex<HashMap<String, Tracked>>,
+    instances: Mutex<HashMap<InstanceId, Tracked>>,
 }
 
 impl Inner {
     fn instances_dir(&self) -> PathBuf {
         self.config.state_dir.join("instances")
+    }
+
+    /// An instance's file; the id type keeps it inside the instances dir.
+    fn instance_file(&self, instance_id: &InstanceId) -> PathBuf {
+        self.instances_dir().join(format!("{instance_id}.json"))
     }
 
     fn driver(&self, spec: &AppSpec) -> Result<&dyn Driver, Error> {
@@ -104,7 +131,7 @@ impl Inner {
     }
 
     /// Moves an instance to `state` and publishes the matching event.
-    async fn transition(&self, id: &str, state: InstanceState, message: String) {
+    async fn transition(&self, id: &InstanceId, state: InstanceState, message: String) {
         let event = {
             let mut instances = self.instances.lock().expect("instances lock poisoned");
             let Some(tracked) = instances.get_mut(id) else {
@@ -130,7 +157,7 @@ impl Inner {
 
     fn to_wire(&self, tracked: &Tracked) -> Instance {
         Instance {
-            id: tracked.file.instance_id.clone(),
+            id: tracked.file.instance_id.to_string(),
             app: tracked.file.spec.name.clone(),
             node_id: self.config.node_id.clone(),
             spec_hash: tracked.file.spec_hash.clone(),
@@ -142,7 +169,8 @@ impl Inner {
         }
     }
 
-    fn track(self: &Arc<Self>, file: InstanceFile, state: InstanceState) {
+    /// Starts supervising an instance; returns its wire form.
+    fn track(self: &Arc<Self>, file: InstanceFile, state: InstanceState) -> Instance {
         let stop = CancellationToken::new();
         let id = file.instance_id.clone();
         let tracked = Tracked {
@@ -152,16 +180,18 @@ impl Inner {
             updated_ms: now_ms(),
             stop: stop.clone(),
         };
+        let wire = self.to_wire(&tracked);
         self.instances
             .lock()
             .expect("instances lock poisoned")
             .insert(id.clone(), tracked);
         let inner = self.clone();
         tokio::spawn(async move { inner.supervise(id, stop).await });
+        wire
     }
 
     /// Watches one instance until it stops: exit detection and health checks.
-    async fn supervise(self: Arc<Self>, id: String, stop: CancellationToken) {
+    async fn supervise(self: Arc<Self>, id: InstanceId, stop: CancellationToken) {
         let Some(file) = self
             .instances
             .lock()
@@ -231,7 +261,7 @@ impl Inner {
 
     async fn start(
         self: &Arc<Self>,
-        instance_id: String,
+        instance_id: InstanceId,
         spec_hash: String,
         spec: AppSpec,
     ) -> Result<Instance, Error> {
@@ -280,13 +310,9 @@ impl Inner {
             host_port,
         };
         let bytes = serde_json::to_vec(&file).map_err(Error::internal)?;
-        std::fs::write(
-            self.instances_dir().join(format!("{instance_id}.json")),
-            bytes,
-        )
-        .map_err(Error::internal)?;
+        write_private(self.instance_file(&instance_id), bytes).await?;
         if let Err(e) = driver.start(&workload).await {
-            let _ = std::fs::remove_file(self.instances_dir().join(format!("{instance_id}.json")));
+            let _ = tokio::fs::remove_file(self.instance_file(&instance_id)).await;
             let event = self.event(EventKind::InstanceFailed, &file, e.to_string());
             self.platform.emit(event).await;
             return Err(Error::FailedPrecondition(e.to_string()));
@@ -297,13 +323,14 @@ impl Inner {
             &file,
             format!("listening on 127.0.0.1:{host_port}"),
         );
-        self.track(file, InstanceState::Starting);
+        // Answer with what was started: a concurrent StopInstance may
+        // already have removed the entry by the time the event is out.
+        let started = self.track(file, InstanceState::Starting);
         self.platform.emit(event).await;
-        let instances = self.instances.lock().expect("instances lock poisoned");
-        Ok(self.to_wire(instances.get(&instance_id).expect("just tracked")))
+        Ok(started)
     }
 
-    async fn stop(&self, instance_id: &str, grace: Duration) -> Result<(), Error> {
+    async fn stop(&self, instance_id: &InstanceId, grace: Duration) -> Result<(), Error> {
         let tracked = {
             let mut instances = self.instances.lock().expect("instances lock poisoned");
             instances.get_mut(instance_id).map(|t| {
@@ -332,7 +359,7 @@ impl Inner {
                 }
             }
         }
-        let _ = std::fs::remove_file(self.instances_dir().join(format!("{instance_id}.json")));
+        let _ = tokio::fs::remove_file(self.instance_file(instance_id)).await;
         self.instances
             .lock()
             .expect("instances lock poisoned")
@@ -349,19 +376,11 @@ impl Inner {
     /// After a restart: re-adopt what still runs, report what died, stop
     /// workloads nothing refers to.
     async fn adopt(self: &Arc<Self>) -> Result<(), Error> {
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(self.instances_dir())
-            .map_err(Error::internal)?
-            .flatten()
-        {
-            match std::fs::read(entry.path()).map(|b| serde_json::from_slice::<InstanceFile>(&b)) {
-                Ok(Ok(file)) => files.push(file),
-                _ => {
-                    tracing::warn!(path = %entry.path().display(), "ignoring unreadable instance file")
-                }
-            }
-        }
-        let known: Vec<String> = files.iter().map(|f| f.instance_id.clone()).collect();
+        let dir = self.instances_dir();
+        let files = tokio::task::spawn_blocking(move || read_instance_files(&dir))
+            .await
+            .map_err(Error::internal)??;
+        let known: Vec<InstanceId> = files.iter().map(|f| f.instance_id.clone()).collect();
         for file in files {
             let status = match self.driver(&file.spec) {
                 Ok(driver) => driver
@@ -480,6 +499,30 @@ pub fn node_attributes(config: &AgentConfig) -> BTreeMap<String, String> {
     attributes
 }
 
+/// Every readable instance file in `dir`; unreadable ones (a bad id, bad
+/// JSON) are logged and skipped.
+fn read_instance_files(dir: &std::path::Path) -> Result<Vec<InstanceFile>, Error> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(Error::internal)?.flatten() {
+        match std::fs::read(entry.path()).map(|b| serde_json::from_slice::<InstanceFile>(&b)) {
+            Ok(Ok(file)) => files.push(file),
+            _ => {
+                tracing::warn!(path = %entry.path().display(), "ignoring unreadable instance file")
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Writes an instance file, readable by the agent's user only: it holds
+/// the app's environment.
+async fn write_private(path: PathBuf, bytes: Vec<u8>) -> Result<(), Error> {
+    tokio::task::spawn_blocking(move || capstan_secrets::write_private_file(&path, &bytes))
+        .await
+        .map_err(Error::internal)?
+        .map_err(Error::internal)
+}
+
 fn free_port() -> Result<u16, Error> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -494,16 +537,15 @@ impl Agent for AgentApi {
         request: Request<StartInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         let r = request.into_inner();
-        if let Err(reason) = capstan_types::spec::check_dns_label(&r.instance_id) {
-            return Err(capstan_proto::status(Error::invalid("instance_id", reason)));
-        }
+        let instance_id =
+            InstanceId::parse("instance_id", &r.instance_id).map_err(capstan_proto::status)?;
         let spec = r
             .spec
             .ok_or_else(|| capstan_proto::status(Error::invalid("spec", "missing")))
             .and_then(|s| capstan_proto::spec_from_wire(s).map_err(capstan_proto::status))?;
         let instance = self
             .inner
-            .start(r.instance_id, r.spec_hash, spec)
+            .start(instance_id, r.spec_hash, spec)
             .await
             .map_err(capstan_proto::status)?;
         Ok(Response::new(instance))
@@ -514,9 +556,11 @@ impl Agent for AgentApi {
         request: Request<StopInstanceRequest>,
     ) -> Result<Response<StopInstanceResponse>, Status> {
         let r = request.into_inner();
+        let instance_id =
+            InstanceId::parse("instance_id", &r.instance_id).map_err(capstan_proto::status)?;
         let grace = Duration::from_millis(r.grace_ms.clamp(100, 60_000));
         self.inner
-            .stop(&r.instance_id, grace)
+            .stop(&instance_id, grace)
             .await
             .map_err(capstan_proto::status)?;
         Ok(Response::new(StopInstanceResponse {}))
@@ -533,11 +577,21 @@ impl Agent for AgentApi {
             .expect("instances lock poisoned");
         let mut list: Vec<Instance> = instances.values().map(|t| self.inner.to_wire(t)).collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
+        drop(instances);
         Ok(Response::new(ListInstancesResponse {
             node_id: self.inner.config.node_id.clone(),
             instances: list,
         }))
     }
+}
+
+/// Only Capstan's services (the orchestrator) may call an agent: these
+/// calls start arbitrary programs and hand them apps' environment.
+pub fn policy() -> Policy {
+    Policy::new()
+        .services("/capstan.v1.Agent/StartInstance")
+        .services("/capstan.v1.Agent/StopInstance")
+        .services("/capstan.v1.Agent/ListInstances")
 }
 
 /// Serves the agent on `listener` until `shutdown`. Workloads keep running
@@ -548,8 +602,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let process =
-        ProcessDriver::new(&config.state_dir.join("processes")).map_err(Error::internal)?;
+    let sandbox = if nix::unistd::geteuid().is_root() {
+        Sandbox::as_user(&config.run_as, &config.work_root).map_err(Error::internal)?
+    } else {
+        tracing::warn!(
+            "the agent is not root, so process apps run as its own user and can read its files; run it as root to isolate them"
+        );
+        Sandbox::same_user(&config.work_root)
+    };
+    let process = ProcessDriver::new(&config.state_dir.join("processes"), sandbox)
+        .map_err(Error::internal)?;
     let (docker, docker_error) = if config.docker {
         match DockerDriver::connect(&config.node_id).await {
             Ok(docker) => (Some(docker), String::new()),
@@ -571,11 +633,13 @@ pub async fn run(
         docker_error,
         instances: Mutex::default(),
     });
-    std::fs::create_dir_all(inner.instances_dir()).map_err(Error::internal)?;
+    tokio::fs::create_dir_all(inner.instances_dir())
+        .await
+        .map_err(Error::internal)?;
     inner.adopt().await?;
     let address = listener.local_addr().map_err(Error::internal)?.to_string();
     let heartbeat = tokio::spawn(inner.clone().heartbeat(address, shutdown.clone()));
-    let policy = Policy::new().read("/capstan.v1.Agent/ListInstances");
+    let policy = policy();
     let service = Service {
         name: "agent",
         instance_id: inner.config.node_id.clone(),

@@ -25,6 +25,17 @@ struct Args {
     /// Do not connect to Docker; image apps then fail to start here.
     #[arg(long)]
     no_docker: bool,
+    /// The user process apps run as (when the agent runs as root).
+    #[arg(long, default_value = capstan_agent::DEFAULT_RUN_AS)]
+    run_as: String,
+    /// Where process apps get their working directories (default:
+    /// /var/lib/capstan/work/NODE_ID as root, else under --data-dir).
+    #[arg(long)]
+    work_dir: Option<std::path::PathBuf>,
+    /// A file holding this node's API key, which acts only as this node.
+    /// Create one with `capstan key create --role node --name NODE_ID`.
+    #[arg(long, env = "CAPSTAN_NODE_KEY_FILE")]
+    node_key_file: std::path::PathBuf,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -39,8 +50,13 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: --node-id: {reason}");
         return std::process::ExitCode::from(2);
     }
+    let state_dir = args.standalone.data_dir.join("agents").join(&args.node_id);
     let config = capstan_agent::AgentConfig {
-        state_dir: args.standalone.data_dir.join("agents").join(&args.node_id),
+        work_root: args
+            .work_dir
+            .unwrap_or_else(|| capstan_agent::default_work_root(&args.node_id, &state_dir)),
+        run_as: args.run_as,
+        state_dir,
         node_id: args.node_id,
         capacity: capstan_types::Resources {
             cpu_millis: args.cpu_millis,
@@ -52,7 +68,7 @@ fn main() -> std::process::ExitCode {
     capstan_server::standalone::main(
         "capstan-agent",
         args.standalone,
-        false,
+        capstan_server::standalone::Credential::NodeKeyFile(args.node_key_file),
         |platform, listener, shutdown| capstan_agent::run(platform, config, listener, shutdown),
     )
 }

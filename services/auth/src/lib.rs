@@ -19,7 +19,7 @@ use capstan_proto::v1::{
 use capstan_secrets::Secret;
 use capstan_server::{Platform, Service, now_ms};
 use capstan_store::{Expect, Table};
-use capstan_types::Error;
+use capstan_types::{Error, Event, EventKind, KeyName, NodeId};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -81,13 +81,34 @@ pub async fn bootstrap_keys(
     let admin_key = Secret::new(admin_key);
     ensure_api_key(
         platform,
-        &platform.service_key,
+        &platform.api_key,
         "capstan-services",
         Role::Service,
     )
     .await?;
     ensure_api_key(platform, &admin_key, "admin", Role::Admin).await?;
     Ok(admin_key)
+}
+
+/// The API key of one agent, kept in the secret store under
+/// `nodes/<node_id>/api-key` and recorded with the node role: its tokens may
+/// act only as that node. Created on first use; idempotent.
+pub async fn node_key(platform: &Platform, node_id: &NodeId) -> Result<Secret, Error> {
+    let path = format!("nodes/{node_id}/api-key");
+    let key = match platform.secrets.get(&path).await.map_err(Error::internal)? {
+        Some(key) => key,
+        None => {
+            let key = Secret::new(capstan_authn::generate_api_key());
+            platform
+                .secrets
+                .put(&path, key.clone())
+                .await
+                .map_err(Error::internal)?;
+            key
+        }
+    };
+    ensure_api_key(platform, &key, node_id.as_str(), Role::Node).await?;
+    Ok(key)
 }
 
 /// Records an API key (by digest) with a name and role. Idempotent.
@@ -110,6 +131,7 @@ pub async fn ensure_api_key(
 }
 
 struct AuthApi {
+    platform: Platform,
     signer: Arc<TokenSigner>,
     keys: Table<ApiKeyRecord>,
 }
@@ -154,20 +176,32 @@ impl Auth for AuthApi {
         &self,
         request: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
         let request = request.into_inner();
-        let name = request.name.trim();
-        if name.is_empty() || name.len() > 64 {
-            return Err(capstan_proto::status(Error::invalid(
-                "name",
-                "must be 1 to 64 characters",
-            )));
-        }
-        let role = Role::parse(&request.role).ok_or_else(|| {
-            capstan_proto::status(Error::invalid(
-                "role",
-                "must be one of admin, operator, viewer, service",
-            ))
-        })?;
+        let role = match Role::parse(&request.role) {
+            Some(role) if role.is_user() || role == Role::Node => role,
+            _ => {
+                return Err(capstan_proto::status(Error::invalid(
+                    "role",
+                    format!(
+                        "must be one of admin, operator, viewer (people) or node (an agent), got `{}`",
+                        request.role
+                    ),
+                )));
+            }
+        };
+        let name = if role == Role::Node {
+            NodeId::parse("name", &request.name)
+                .map_err(capstan_proto::status)?
+                .to_string()
+        } else {
+            KeyName::parse("name", &request.name)
+                .map_err(capstan_proto::status)?
+                .to_string()
+        };
+        let name = name.as_str();
         let api_key = capstan_authn::generate_api_key();
         let record = ApiKeyRecord {
             name: name.to_string(),
@@ -178,9 +212,28 @@ impl Auth for AuthApi {
             .put(&api_key_digest(&api_key), &record, Expect::Absent)
             .await
             .map_err(|e| capstan_proto::status(Error::internal(e)))?;
-        tracing::info!(name, role = role.as_str(), "created API key");
+        tracing::info!(name, role = role.as_str(), by = %caller.sub, "created API key");
+        self.platform
+            .emit(
+                Event::new(
+                    capstan_server::new_id("ev"),
+                    now_ms(),
+                    EventKind::KeyCreated,
+                )
+                .message(format!("API key `{name}` with role {}", role.as_str()))
+                .actor(&caller.sub, caller.role.as_str()),
+            )
+            .await;
         Ok(Response::new(CreateApiKeyResponse { api_key }))
     }
+}
+
+/// Who may call what on the auth service.
+pub fn policy() -> Policy {
+    Policy::new()
+        .public("/capstan.v1.Auth/IssueToken")
+        .public("/capstan.v1.Auth/GetVerificationKeys")
+        .admin("/capstan.v1.Auth/CreateApiKey")
 }
 
 /// Serves the auth service on `listener` until `shutdown`.
@@ -195,11 +248,9 @@ pub async fn run(
         signer.kid().to_string(),
         signer.public_key(),
     )]))));
-    let policy = Policy::new()
-        .public("/capstan.v1.Auth/IssueToken")
-        .public("/capstan.v1.Auth/GetVerificationKeys")
-        .admin("/capstan.v1.Auth/CreateApiKey");
+    let policy = policy();
     let api = AuthApi {
+        platform: platform.clone(),
         signer,
         keys: Table::new(platform.store.clone(), API_KEYS),
     };

@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
     capstan_server::standalone::main(
         "capstan-auth",
         args.standalone,
-        true,
+        capstan_server::standalone::Credential::CreateServiceKey,
         |platform, listener, shutdown| async move {
             capstan_auth::bootstrap_keys(&platform, &data_dir).await?;
             capstan_auth::run(platform, listener, shutdown).await

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use capstan_authn::{Access, Claims};
 use capstan_proto::v1::orchestrator_server::Orchestrator;
 use capstan_proto::v1::{
     AppEndpoints, AppStatus, ApplyAppRequest, ApplyAppResponse, DeleteAppRequest,
@@ -15,7 +16,7 @@ use capstan_proto::v1::{
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, StoreError, Table};
 use capstan_types::spec::MAX_REPLICAS;
-use capstan_types::{Error, Event, EventKind, InstanceState};
+use capstan_types::{AppName, Error, Event, EventKind, InstanceState};
 use futures::Stream;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -23,8 +24,12 @@ use tonic::{Request, Response, Status};
 use crate::event_log::EventLog;
 use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState};
 
+/// Most `WatchEvents` streams open at once; one more is RESOURCE_EXHAUSTED.
+pub const MAX_WATCHERS: usize = 64;
+
 pub struct Api {
     platform: Platform,
+    watchers: Arc<tokio::sync::Semaphore>,
     apps: Table<AppRecord>,
     instances: Table<InstanceRecord>,
     events: EventLog,
@@ -79,8 +84,12 @@ fn instance_to_wire(record: &InstanceRecord) -> capstan_proto::v1::Instance {
     }
 }
 
-/// The wire status of `app`, from all instance records.
-fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord]) -> AppStatus {
+/// What a caller without write access sees of env values.
+pub const REDACTED: &str = "<redacted>";
+
+/// The wire status of `app`, from all instance records. Env values are
+/// shown only to `show_env` callers (those who may change them anyway).
+fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord], show_env: bool) -> AppStatus {
     let mut instances: Vec<&InstanceRecord> =
         all.iter().filter(|r| r.app == app.spec.name).collect();
     instances.sort_by(|a, b| a.id.cmp(&b.id));
@@ -92,8 +101,14 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord]) -> AppStatu
     if !app.placement_error.is_empty() && rollout.message.is_empty() {
         rollout.message.clone_from(&app.placement_error);
     }
+    let mut spec = capstan_proto::spec_to_wire(&app.spec);
+    if !show_env {
+        for value in spec.env.values_mut() {
+            *value = REDACTED.to_string();
+        }
+    }
     AppStatus {
-        spec: Some(capstan_proto::spec_to_wire(&app.spec)),
+        spec: Some(spec),
         version,
         spec_hash: app.spec_hash.clone(),
         rollout: Some(rollout),
@@ -106,9 +121,25 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord]) -> AppStatu
     }
 }
 
-fn check_name(name: &str) -> Result<(), Status> {
-    capstan_types::spec::check_dns_label(name)
-        .map_err(|reason| status(Error::invalid("name", reason)))
+fn check_name(name: &str) -> Result<AppName, Status> {
+    AppName::parse("name", name).map_err(status)
+}
+
+/// An optional app filter: empty means every app.
+fn check_filter(app: &str) -> Result<(), Status> {
+    if !app.is_empty() {
+        AppName::parse("app", app).map_err(status)?;
+    }
+    Ok(())
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Claims, Status> {
+    capstan_authn::caller(request).cloned().map_err(status)
+}
+
+/// Whether the caller may see env values: only roles that may write them.
+fn sees_env(caller: &Claims) -> bool {
+    caller.role.allows(Access::Write)
 }
 
 impl Api {
@@ -117,14 +148,20 @@ impl Api {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
             platform,
+            watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
             events,
             wake,
         }
     }
 
-    async fn app_status(&self, app: &AppRecord, version: u64) -> Result<AppStatus, Status> {
+    async fn app_status(
+        &self,
+        app: &AppRecord,
+        version: u64,
+        show_env: bool,
+    ) -> Result<AppStatus, Status> {
         let instances = self.instances.values("").await.map_err(store_err)?;
-        Ok(app_status(app, version, &instances))
+        Ok(app_status(app, version, &instances, show_env))
     }
 
     async fn load(&self, name: &str) -> Result<(u64, AppRecord), Status> {
@@ -135,15 +172,27 @@ impl Api {
         }
     }
 
-    async fn emit(&self, kind: EventKind, app: &str, message: String) {
+    /// Records a change `caller` made.
+    async fn emit(&self, kind: EventKind, app: &str, message: String, caller: &Claims) {
         self.platform
             .emit(
                 Event::new(new_id("ev"), now_ms(), kind)
                     .app(app)
-                    .message(message),
+                    .message(message)
+                    .actor(&caller.sub, caller.role.as_str()),
             )
             .await;
     }
+}
+
+/// One open `WatchEvents` stream; holds a watcher slot until dropped.
+struct Watch {
+    live: tokio::sync::broadcast::Receiver<Event>,
+    seen: HashSet<String>,
+    app: String,
+    deadline: tokio::time::Instant,
+    ended: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<capstan_proto::v1::Event, Status>> + Send>>;
@@ -154,6 +203,7 @@ impl Orchestrator for Api {
         &self,
         request: Request<ApplyAppRequest>,
     ) -> Result<Response<ApplyAppResponse>, Status> {
+        let caller = caller(&request)?;
         let wire = request
             .into_inner()
             .spec
@@ -222,6 +272,7 @@ impl Orchestrator for Api {
                     EventKind::AppCreated,
                     &spec.name,
                     format!("{} replicas", spec.replicas),
+                    &caller,
                 )
                 .await;
             } else {
@@ -229,6 +280,7 @@ impl Orchestrator for Api {
                     EventKind::AppUpdated,
                     &spec.name,
                     format!("template {hash}"),
+                    &caller,
                 )
                 .await;
             }
@@ -237,12 +289,13 @@ impl Orchestrator for Api {
                     EventKind::RolloutStarted,
                     &spec.name,
                     format!("to template {hash}"),
+                    &caller,
                 )
                 .await;
             }
             self.wake.notify_one();
         }
-        let app = self.app_status(&record, version).await?;
+        let app = self.app_status(&record, version, true).await?;
         Ok(Response::new(ApplyAppResponse {
             app: Some(app),
             created,
@@ -254,6 +307,7 @@ impl Orchestrator for Api {
         &self,
         request: Request<GetAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
+        let show_env = sees_env(&caller(&request)?);
         let name = request.into_inner().name;
         check_name(&name)?;
         // Deleting apps are shown, so a client can wait until they are gone.
@@ -263,13 +317,16 @@ impl Orchestrator for Api {
             .await
             .map_err(store_err)?
             .ok_or_else(|| status(Error::NotFound(format!("app `{name}`"))))?;
-        Ok(Response::new(self.app_status(&app, version).await?))
+        Ok(Response::new(
+            self.app_status(&app, version, show_env).await?,
+        ))
     }
 
     async fn list_apps(
         &self,
-        _: Request<ListAppsRequest>,
+        request: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
+        let show_env = sees_env(&caller(&request)?);
         let instances = self.instances.values("").await.map_err(store_err)?;
         let apps = self
             .apps
@@ -278,7 +335,7 @@ impl Orchestrator for Api {
             .map_err(store_err)?
             .into_iter()
             .filter(|(_, _, app)| !app.deleting)
-            .map(|(_, version, app)| app_status(&app, version, &instances))
+            .map(|(_, version, app)| app_status(&app, version, &instances, show_env))
             .collect();
         Ok(Response::new(ListAppsResponse { apps }))
     }
@@ -287,6 +344,7 @@ impl Orchestrator for Api {
         &self,
         request: Request<ScaleAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         if r.replicas > MAX_REPLICAS {
             return Err(status(Error::invalid(
@@ -308,17 +366,19 @@ impl Orchestrator for Api {
                 EventKind::AppScaled,
                 &r.name,
                 format!("{from} → {} replicas", r.replicas),
+                &caller,
             )
             .await;
             self.wake.notify_one();
         }
-        Ok(Response::new(self.app_status(&app, version).await?))
+        Ok(Response::new(self.app_status(&app, version, true).await?))
     }
 
     async fn delete_app(
         &self,
         request: Request<DeleteAppRequest>,
     ) -> Result<Response<DeleteAppResponse>, Status> {
+        let caller = caller(&request)?;
         let name = request.into_inner().name;
         let (version, mut app) = self.load(&name).await?;
         app.deleting = true;
@@ -327,7 +387,8 @@ impl Orchestrator for Api {
             .put(&name, &app, Expect::Version(version))
             .await
             .map_err(store_err)?;
-        self.emit(EventKind::AppDeleted, &name, String::new()).await;
+        self.emit(EventKind::AppDeleted, &name, String::new(), &caller)
+            .await;
         self.wake.notify_one();
         Ok(Response::new(DeleteAppResponse {}))
     }
@@ -337,6 +398,7 @@ impl Orchestrator for Api {
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         let r = request.into_inner();
+        check_filter(&r.app)?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(5000) } as usize;
         let events = self.events.recent(&r.app, limit).await.map_err(status)?;
         Ok(Response::new(ListEventsResponse {
@@ -350,7 +412,15 @@ impl Orchestrator for Api {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // A stream lives no longer than the token that opened it.
+        let expires_ms = caller(&request)?.exp.saturating_mul(1000);
         let r = request.into_inner();
+        check_filter(&r.app)?;
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            status(Error::ResourceExhausted(format!(
+                "{MAX_WATCHERS} event watchers are open already; retry later"
+            )))
+        })?;
         // Subscribe before reading history, so nothing falls between the two.
         let live = self.events.subscribe();
         let history = self
@@ -364,30 +434,47 @@ impl Orchestrator for Api {
                 .into_iter()
                 .map(|e| Ok(capstan_proto::event_to_wire(&e))),
         );
-        let live = futures::stream::unfold(
-            (live, seen, r.app),
-            |(mut live, mut seen, app)| async move {
-                loop {
-                    match live.recv().await {
-                        Ok(event) => {
-                            if (app.is_empty() || event.app == app) && seen.insert(event.id.clone())
-                            {
-                                return Some((
-                                    Ok(capstan_proto::event_to_wire(&event)),
-                                    (live, seen, app),
-                                ));
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            let lagged =
-                                Status::data_loss(format!("missed {n} events; watch again"));
-                            return Some((Err(lagged), (live, seen, app)));
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms()).max(0) as u64);
+        let watch = Watch {
+            live,
+            seen,
+            app: r.app,
+            deadline,
+            ended: false,
+            _permit: permit,
+        };
+        let live = futures::stream::unfold(watch, |mut watch| async move {
+            if watch.ended {
+                return None;
+            }
+            loop {
+                let received = tokio::select! {
+                    received = watch.live.recv() => received,
+                    _ = tokio::time::sleep_until(watch.deadline) => {
+                        watch.ended = true;
+                        let expired = Status::unauthenticated(
+                            "token expired; watch again with a fresh token",
+                        );
+                        return Some((Err(expired), watch));
                     }
+                };
+                match received {
+                    Ok(event) => {
+                        if (watch.app.is_empty() || event.app == watch.app)
+                            && watch.seen.insert(event.id.clone())
+                        {
+                            return Some((Ok(capstan_proto::event_to_wire(&event)), watch));
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let lagged = Status::data_loss(format!("missed {n} events; watch again"));
+                        return Some((Err(lagged), watch));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-            },
-        );
+            }
+        });
         let stream: EventStream = Box::pin(futures::StreamExt::chain(history, live));
         Ok(Response::new(stream))
     }
@@ -409,6 +496,7 @@ impl Orchestrator for Api {
                         && r.routable
                         && !r.stopping
                         && r.state == InstanceState::Healthy
+                        && !r.address.is_empty()
                 })
                 .map(|r| Endpoint {
                     instance_id: r.id.clone(),

@@ -93,7 +93,7 @@ impl EventLog {
                     d = subscription.next() => match d { Some(d) => d, None => break },
                 };
                 let event = delivery.event.clone();
-                if dedupe.first_time(&event.id) {
+                if !dedupe.contains(&event.id) {
                     match self.append(&event).await {
                         Ok(true) => {
                             let _ = self.live.send(event.clone());
@@ -101,11 +101,14 @@ impl EventLog {
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            // Not acked: the bus hands it out again.
+                            // Not acked, not marked seen: the bus hands it
+                            // out again and the next attempt stores it.
                             tracing::warn!("failed to store event: {e}");
                             continue;
                         }
                     }
+                    // Only a committed event counts as seen.
+                    dedupe.insert(&event.id);
                     if matches!(
                         event.kind,
                         EventKind::InstanceFailed
@@ -127,5 +130,106 @@ impl EventLog {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use capstan_events::{EventBus, MemoryBus};
+    use capstan_registry::EmbeddedRegistry;
+    use capstan_secrets::{FileSecretStore, Secret};
+    use capstan_store::{Expect, MemoryStore, Store, StoreError, Versioned};
+
+    use super::*;
+
+    /// A memory store whose first `fail` writes to the events table fail.
+    struct FlakyEvents {
+        inner: MemoryStore,
+        fail: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for FlakyEvents {
+        async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.inner.get(table, key).await
+        }
+        async fn put(
+            &self,
+            table: &str,
+            key: &str,
+            value: Vec<u8>,
+            expect: Expect,
+        ) -> Result<u64, StoreError> {
+            if table == EVENTS
+                && self
+                    .fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(StoreError::Backend("injected failure".into()));
+            }
+            self.inner.put(table, key, value, expect).await
+        }
+        async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError> {
+            self.inner.delete(table, key, expect).await
+        }
+        async fn list(
+            &self,
+            table: &str,
+            prefix: &str,
+        ) -> Result<Vec<(String, Versioned)>, StoreError> {
+            self.inner.list(table, prefix).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_write_failed_is_stored_when_redelivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let bus = Arc::new(MemoryBus::new());
+        let platform = Platform::new(
+            Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+            bus.clone(),
+            Arc::new(FlakyEvents {
+                inner: MemoryStore::new(),
+                fail: AtomicUsize::new(1),
+            }),
+            Arc::new(FileSecretStore::new(dir.path())),
+            Secret::new("unused"),
+        );
+        let log = EventLog::new(&platform);
+        let consumer = tokio::spawn(log.clone().consume(
+            platform,
+            Arc::new(Notify::new()),
+            shutdown.clone(),
+        ));
+        // Wait until the consumer's queue exists, then publish once.
+        let event = Event::new("ev-1".into(), 1, EventKind::AppCreated).app("web");
+        for _ in 0..100 {
+            bus.publish(&event).await.unwrap();
+            if log
+                .recent("", 10)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| e.id == "ev-1")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored = log.recent("", 10).await.unwrap();
+        assert_eq!(
+            stored.iter().filter(|e| e.id == "ev-1").count(),
+            1,
+            "the event was lost after its first write failed: {stored:?}"
+        );
+        shutdown.cancel();
+        consumer.await.unwrap();
     }
 }

@@ -13,7 +13,7 @@ pub mod records;
 
 use std::sync::Arc;
 
-use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_authn::{Access, Policy, RequireAuthLayer};
 use capstan_proto::v1::orchestrator_server::OrchestratorServer;
 use capstan_server::{Platform, Service};
 use capstan_types::Error;
@@ -22,6 +22,19 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Serves the orchestrator on `listener` until `shutdown`.
+/// Viewers read, operators change apps; router-config reads the endpoints.
+pub fn policy() -> Policy {
+    Policy::new()
+        .write("/capstan.v1.Orchestrator/ApplyApp")
+        .write("/capstan.v1.Orchestrator/ScaleApp")
+        .write("/capstan.v1.Orchestrator/DeleteApp")
+        .read("/capstan.v1.Orchestrator/GetApp")
+        .read("/capstan.v1.Orchestrator/ListApps")
+        .read("/capstan.v1.Orchestrator/ListEvents")
+        .read("/capstan.v1.Orchestrator/WatchEvents")
+        .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
+}
+
 pub async fn run(
     platform: Platform,
     listener: TcpListener,
@@ -37,12 +50,7 @@ pub async fn run(
     );
     tasks.spawn(reconcile::Reconciler::new(platform.clone()).run(wake.clone(), shutdown.clone()));
 
-    let policy = Policy::new()
-        .read("/capstan.v1.Orchestrator/GetApp")
-        .read("/capstan.v1.Orchestrator/ListApps")
-        .read("/capstan.v1.Orchestrator/ListEvents")
-        .read("/capstan.v1.Orchestrator/WatchEvents")
-        .read("/capstan.v1.Orchestrator/ListEndpoints");
+    let policy = policy();
     let service = Service {
         name: "orchestrator",
         instance_id: capstan_server::new_id("orchestrator"),

@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
     capstan_server::standalone::main(
         "capstan-orchestrator",
         args.standalone,
-        false,
+        capstan_server::standalone::Credential::ServiceKey,
         capstan_orchestrator::run,
     )
 }

@@ -11,8 +11,8 @@ use capstan_proto::v1::agent_client::AgentClient;
 use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
-    ListInstancesRequest, ListNodesRequest, NodeStatus, PlaceRequest, ReleaseRequest,
-    StartInstanceRequest, StopInstanceRequest, SyncRequest,
+    ListAllocationsRequest, ListInstancesRequest, ListNodesRequest, NodeStatus, PlaceRequest,
+    ReleaseRequest, StartInstanceRequest, StopInstanceRequest, SyncRequest,
 };
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, Table};
@@ -31,6 +31,11 @@ const ROLLOUT_MAX_FAILURES: u32 = 3;
 const PENDING_GRACE_MS: i64 = 30_000;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const BACKOFF_MAX_MS: i64 = 30_000;
+/// Orphaned allocations are collected every this many passes ...
+const COLLECT_EVERY_PASSES: u32 = 30;
+/// ... when older than this: younger ones may belong to a start whose
+/// instance record is still being written.
+const ORPHAN_GRACE_MS: i64 = 60_000;
 
 #[derive(Clone)]
 pub struct Reconciler {
@@ -66,6 +71,7 @@ impl Reconciler {
     }
 
     pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut passes = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -75,7 +81,54 @@ impl Reconciler {
             if let Err(e) = self.reconcile().await {
                 tracing::warn!("reconcile pass failed: {e}");
             }
+            passes = passes.wrapping_add(1);
+            if passes.is_multiple_of(COLLECT_EVERY_PASSES) {
+                match self.collect_orphans(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("released {n} orphaned allocations"),
+                    Err(e) => tracing::warn!("collecting orphaned allocations failed: {e}"),
+                }
+            }
         }
+    }
+
+    /// Releases allocations that no instance record refers to (a record
+    /// deleted while the scheduler was unreachable, a record write that
+    /// failed after `Place`). Level-triggered: it compares what the scheduler
+    /// holds with the records, so every leak is found whatever caused it.
+    pub async fn collect_orphans(&self, now: i64) -> Result<usize, Error> {
+        let mut scheduler = SchedulerClient::new(self.platform.client("scheduler").await?);
+        let allocations = scheduler
+            .list_allocations(ListAllocationsRequest {})
+            .await
+            .map_err(capstan_proto::into_error)?
+            .into_inner()
+            .allocations;
+        // Records are read after the allocations: a record written in
+        // between is seen, so its allocation is never taken for an orphan.
+        let records: HashSet<String> = self
+            .instances
+            .list("")
+            .await
+            .map_err(Error::internal)?
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        let orphans: Vec<String> = allocations
+            .into_iter()
+            .filter(|a| !records.contains(&a.instance_id) && now - a.placed_ms > ORPHAN_GRACE_MS)
+            .map(|a| a.instance_id)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        scheduler
+            .release(ReleaseRequest {
+                instance_ids: orphans.clone(),
+            })
+            .await
+            .map_err(capstan_proto::into_error)?;
+        Ok(orphans.len())
     }
 
     async fn observe(&self) -> Result<Observation, Error> {
@@ -145,8 +198,20 @@ impl Reconciler {
                     {
                         record.state = state;
                     }
-                    record.address.clone_from(&seen.address);
                     record.message.clone_from(&seen.message);
+                    match observation.node_addresses.get(&record.node_id) {
+                        Some(node) if on_node(&seen.address, node) => {
+                            record.address.clone_from(&seen.address);
+                        }
+                        _ => {
+                            // An agent reports addresses; only its own IP is routed.
+                            record.address.clear();
+                            record.message = format!(
+                                "not routed: address `{}` is not on node {}'s registered IP",
+                                seen.address, record.node_id
+                            );
+                        }
+                    }
                 }
                 None if record.state.is_terminal() => {}
                 // Its node answers but no longer runs it (past the grace a new instance gets).
@@ -255,7 +320,9 @@ impl Reconciler {
                                 )
                                 .await;
                             }
-                            self.forget(&r, &observation).await?;
+                            if let Err(e) = self.forget(&r, &observation).await {
+                                tracing::warn!(instance = %r.id, "failed to forget instance; retrying next pass: {e}");
+                            }
                         }
                     }
                     Action::Start(count) => {
@@ -332,14 +399,16 @@ impl Reconciler {
         }
     }
 
-    async fn release(&self, id: &str) {
-        if let Ok(channel) = self.platform.client("scheduler").await {
-            let _ = SchedulerClient::new(channel)
-                .release(ReleaseRequest {
-                    instance_ids: vec![id.to_string()],
-                })
-                .await;
-        }
+    /// Frees an instance's allocation. Its record goes only after this
+    /// succeeds, so a failure leaves the record (and the retry) in place.
+    async fn release(&self, id: &str) -> Result<(), Error> {
+        SchedulerClient::new(self.platform.client("scheduler").await?)
+            .release(ReleaseRequest {
+                instance_ids: vec![id.to_string()],
+            })
+            .await
+            .map_err(capstan_proto::into_error)?;
+        Ok(())
     }
 
     /// Removes an instance that ended by itself: best-effort stop on its node,
@@ -354,7 +423,7 @@ impl Reconciler {
         {
             self.stop_on_node(address, &record.id).await;
         }
-        self.release(&record.id).await;
+        self.release(&record.id).await?;
         self.instances
             .delete(&record.id, Expect::Any)
             .await
@@ -370,11 +439,15 @@ impl Reconciler {
             }
             _ => true,
         };
-        if stopped {
-            self.release(&record.id).await;
-            if let Err(e) = self.instances.delete(&record.id, Expect::Any).await {
-                tracing::warn!(instance = %record.id, "failed to delete instance record: {e}");
-            }
+        if !stopped {
+            return;
+        }
+        if let Err(e) = self.release(&record.id).await {
+            tracing::warn!(instance = %record.id, "failed to release allocation; retrying next pass: {e}");
+            return;
+        }
+        if let Err(e) = self.instances.delete(&record.id, Expect::Any).await {
+            tracing::warn!(instance = %record.id, "failed to delete instance record: {e}");
         }
     }
 
@@ -424,7 +497,12 @@ impl Reconciler {
                 .put(&record.id, &record, Expect::Absent)
                 .await
             {
+                // Nothing refers to the allocation: free it now (orphan
+                // collection catches it if this fails too).
                 tracing::warn!("failed to record instance: {e}");
+                if let Err(e) = self.release(&record.id).await {
+                    tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
+                }
                 return;
             }
             self.emit(
@@ -451,7 +529,9 @@ impl Reconciler {
                     let instance = instance.into_inner();
                     record.state = capstan_proto::state_from_wire(instance.state)
                         .unwrap_or(InstanceState::Starting);
-                    record.address = instance.address;
+                    if on_node(&instance.address, &placement.node_address) {
+                        record.address = instance.address;
+                    }
                 }
                 Err(e) => {
                     record.state = InstanceState::Failed;
@@ -578,6 +658,18 @@ impl Reconciler {
     }
 }
 
+/// Whether an instance address an agent reported is on that agent's own
+/// registered IP: a node cannot point the router at anything else.
+pub fn on_node(address: &str, node_address: &str) -> bool {
+    match (
+        address.parse::<std::net::SocketAddr>(),
+        node_address.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(address), Ok(node)) => address.ip() == node.ip(),
+        _ => false,
+    }
+}
+
 fn app_view(app: Option<&AppRecord>, now: i64) -> AppView {
     match app {
         Some(app) => AppView {
@@ -608,5 +700,20 @@ fn instance_view(record: &InstanceRecord, draining_nodes: &HashSet<String>) -> I
         routable: record.routable,
         stopping: record.stopping,
         migrating: draining_nodes.contains(&record.node_id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_nodes_own_ip_is_routed() {
+        assert!(on_node("127.0.0.1:4000", "127.0.0.1:9000"));
+        assert!(on_node("10.0.0.5:4000", "10.0.0.5:1"));
+        assert!(!on_node("169.254.169.254:80", "10.0.0.5:9000"));
+        assert!(!on_node("10.0.0.6:4000", "10.0.0.5:9000"));
+        assert!(!on_node("metadata.internal:80", "10.0.0.5:9000"));
+        assert!(!on_node("10.0.0.5:4000", ""));
     }
 }

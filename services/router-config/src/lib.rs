@@ -197,6 +197,15 @@ pub async fn provider_token(platform: &Platform) -> Result<Secret, Error> {
     Ok(token)
 }
 
+/// Anyone with a key may read the table; only the orchestrator triggers a
+/// sync (it blocks until in-flight requests drain).
+pub fn policy() -> Policy {
+    Policy::new()
+        .read("/capstan.v1.RouterConfig/GetRoutes")
+        .read("/capstan.v1.RouterConfig/RenderTraefik")
+        .services("/capstan.v1.RouterConfig/Sync")
+}
+
 /// Serves router-config on `listener`, plus the proxy and provider endpoints
 /// in `options`, until `shutdown`.
 pub async fn run(
@@ -285,9 +294,7 @@ pub async fn run(
         }
     });
 
-    let policy = Policy::new()
-        .read("/capstan.v1.RouterConfig/GetRoutes")
-        .read("/capstan.v1.RouterConfig/RenderTraefik");
+    let policy = policy();
     let service = Service {
         name: "router-config",
         instance_id: capstan_server::new_id("router-config"),

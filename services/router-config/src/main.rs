@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
     capstan_server::standalone::main(
         "capstan-router-config",
         args.standalone,
-        false,
+        capstan_server::standalone::Credential::ServiceKey,
         |platform, listener, shutdown| async move {
             let options = capstan_router_config::RouterOptions {
                 proxy: bind(http_addr).await?,

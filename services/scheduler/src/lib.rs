@@ -11,17 +11,17 @@ pub mod placer;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_authn::{Access, Policy, RequireAuthLayer};
 use capstan_placement::Strategy;
 use capstan_proto::v1::scheduler_server::{Scheduler, SchedulerServer};
 use capstan_proto::v1::{
-    DrainNodeRequest, HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse,
-    Node, NodeStatus, PlaceRequest, PlaceResponse, Placement, RegisterNodeRequest, ReleaseRequest,
-    ReleaseResponse,
+    DrainNodeRequest, HeartbeatRequest, HeartbeatResponse, ListAllocationsRequest,
+    ListAllocationsResponse, ListNodesRequest, ListNodesResponse, Node, NodeStatus, PlaceRequest,
+    PlaceResponse, Placement, RegisterNodeRequest, ReleaseRequest, ReleaseResponse,
 };
 use capstan_server::{Platform, Service, now_ms};
 use capstan_store::{Expect, StoreError, Table};
-use capstan_types::{Error, Event, EventKind};
+use capstan_types::{AppName, Error, Event, EventKind, InstanceId, NodeId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -109,10 +109,10 @@ impl Scheduler for SchedulerApi {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<Node>, Status> {
+        let caller = capstan_authn::caller(&request).map_err(capstan_proto::status)?;
+        let node_id = NodeId::parse("id", &request.get_ref().id).map_err(capstan_proto::status)?;
+        as_itself(caller, &node_id)?;
         let r = request.into_inner();
-        if let Err(reason) = capstan_types::spec::check_dns_label(&r.id) {
-            return Err(capstan_proto::status(Error::invalid("id", reason)));
-        }
         if r.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(capstan_proto::status(Error::invalid(
                 "address",
@@ -164,7 +164,10 @@ impl Scheduler for SchedulerApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let node_id = request.into_inner().node_id;
+        let caller = capstan_authn::caller(&request).map_err(capstan_proto::status)?;
+        let node_id =
+            NodeId::parse("node_id", &request.get_ref().node_id).map_err(capstan_proto::status)?;
+        as_itself(caller, &node_id)?;
         let Some((version, mut node)) = self.nodes().get(&node_id).await.map_err(internal)? else {
             return Ok(Response::new(HeartbeatResponse { known: false }));
         };
@@ -198,6 +201,10 @@ impl Scheduler for SchedulerApi {
         request: Request<PlaceRequest>,
     ) -> Result<Response<PlaceResponse>, Status> {
         let r = request.into_inner();
+        AppName::parse("app", &r.app).map_err(capstan_proto::status)?;
+        for (i, id) in r.instance_ids.iter().enumerate() {
+            InstanceId::parse(&format!("instance_ids[{i}]"), id).map_err(capstan_proto::status)?;
+        }
         let mut host_ports = Vec::new();
         for (i, port) in r.host_ports.iter().enumerate() {
             match u16::try_from(*port) {
@@ -243,18 +250,62 @@ impl Scheduler for SchedulerApi {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        self.placer
-            .release(&request.into_inner().instance_ids)
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let ids = request.into_inner().instance_ids;
+        for (i, id) in ids.iter().enumerate() {
+            InstanceId::parse(&format!("instance_ids[{i}]"), id).map_err(capstan_proto::status)?;
+        }
+        let released = self
+            .placer
+            .release(&ids)
             .await
             .map_err(capstan_proto::status)?;
+        for (instance, node) in released {
+            self.platform
+                .emit(
+                    Event::new(
+                        capstan_server::new_id("ev"),
+                        now_ms(),
+                        EventKind::AllocationReleased,
+                    )
+                    .instance(instance)
+                    .node(node)
+                    .actor(&caller.sub, caller.role.as_str()),
+                )
+                .await;
+        }
         Ok(Response::new(ReleaseResponse {}))
+    }
+
+    async fn list_allocations(
+        &self,
+        _: Request<ListAllocationsRequest>,
+    ) -> Result<Response<ListAllocationsResponse>, Status> {
+        let mut allocations = Vec::new();
+        for (node_id, _, node) in self.placer.allocations.list("").await.map_err(internal)? {
+            for (instance_id, a) in node.instances {
+                allocations.push(capstan_proto::v1::Allocation {
+                    instance_id,
+                    node_id: node_id.clone(),
+                    app: a.app,
+                    placed_ms: a.placed_ms,
+                });
+            }
+        }
+        Ok(Response::new(ListAllocationsResponse { allocations }))
     }
 
     async fn drain_node(
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<Node>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
         let r = request.into_inner();
+        NodeId::parse("node_id", &r.node_id).map_err(capstan_proto::status)?;
         loop {
             let Some((version, mut node)) = self.nodes().get(&r.node_id).await.map_err(internal)?
             else {
@@ -273,7 +324,19 @@ impl Scheduler for SchedulerApi {
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(node = %r.node_id, draining = r.enable, "node eligibility changed");
+                    tracing::info!(node = %r.node_id, draining = r.enable, by = %caller.sub, "node eligibility changed");
+                    let kind = if r.enable {
+                        EventKind::NodeDrainStarted
+                    } else {
+                        EventKind::NodeDrainCancelled
+                    };
+                    self.platform
+                        .emit(
+                            Event::new(capstan_server::new_id("ev"), now_ms(), kind)
+                                .node(&r.node_id)
+                                .actor(&caller.sub, caller.role.as_str()),
+                        )
+                        .await;
                     break;
                 }
                 Err(StoreError::Conflict { .. }) => continue,
@@ -281,6 +344,17 @@ impl Scheduler for SchedulerApi {
             }
         }
         Ok(Response::new(self.node_status(&r.node_id).await?))
+    }
+}
+
+/// A node may register and heartbeat only as itself.
+fn as_itself(caller: &capstan_authn::Claims, node_id: &NodeId) -> Result<(), Status> {
+    match caller.node_id() {
+        Some(own) if own == node_id.as_str() => Ok(()),
+        _ => Err(capstan_proto::status(Error::PermissionDenied(format!(
+            "`{}` may act only as its own node, not as `{node_id}`",
+            caller.sub
+        )))),
     }
 }
 
@@ -300,6 +374,19 @@ fn node_to_wire(node: &NodeRecord, allocations: &NodeAllocations, now: i64) -> N
         instances: allocations.instances.len() as u32,
         draining: node.draining,
     }
+}
+
+/// Nodes register and heartbeat as themselves; placement is internal;
+/// draining a node is an admin's call.
+pub fn policy() -> Policy {
+    Policy::new()
+        .nodes("/capstan.v1.Scheduler/RegisterNode")
+        .nodes("/capstan.v1.Scheduler/Heartbeat")
+        .users("/capstan.v1.Scheduler/ListNodes", Access::Read, true)
+        .services("/capstan.v1.Scheduler/Place")
+        .services("/capstan.v1.Scheduler/Release")
+        .services("/capstan.v1.Scheduler/ListAllocations")
+        .admin("/capstan.v1.Scheduler/DrainNode")
 }
 
 /// Serves the scheduler on `listener` until `shutdown`.
@@ -331,9 +418,7 @@ pub async fn run(
             }
         })
     };
-    // Everything else, DrainNode included, needs write access (operator,
-    // admin or a service).
-    let policy = Policy::new().read("/capstan.v1.Scheduler/ListNodes");
+    let policy = policy();
     let service = Service {
         name: "scheduler",
         instance_id: capstan_server::new_id("scheduler"),
@@ -373,6 +458,7 @@ async fn migrate_allocations(platform: &Platform) -> Result<(), Error> {
                     app: a.app.clone(),
                     resources: a.resources,
                     ports: Vec::new(),
+                    placed_ms: 0,
                 },
             );
     }

@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
     capstan_server::standalone::main(
         "capstan-scheduler",
         args.standalone,
-        false,
+        capstan_server::standalone::Credential::ServiceKey,
         move |platform, listener, shutdown| {
             capstan_scheduler::run(platform, config, listener, shutdown)
         },

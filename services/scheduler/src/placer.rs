@@ -81,6 +81,11 @@ pub struct Allocation {
     pub resources: Resources,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// When it was committed (0 in rows older than the field): orphan
+    /// collection leaves young allocations alone, whose instance record may
+    /// not be written yet.
+    #[serde(default)]
+    pub placed_ms: i64,
 }
 
 /// Every instance placed on one node, keyed by instance id.
@@ -367,6 +372,7 @@ impl Placer {
                         app: input.app.clone(),
                         resources: input.resources,
                         ports: input.host_ports.clone(),
+                        placed_ms: now,
                     },
                 );
                 committed.push(id.clone());
@@ -384,17 +390,25 @@ impl Placer {
     }
 
     /// Frees the allocations of `ids`, wherever they are.
-    pub async fn release(&self, ids: &[String]) -> Result<(), Error> {
+    /// Returns each freed (instance, node); releasing what holds nothing is
+    /// a no-op.
+    pub async fn release(&self, ids: &[String]) -> Result<Vec<(String, String)>, Error> {
+        let mut released = Vec::new();
         for _ in 0..CAS_RETRIES {
             let mut conflicted = false;
             for (node, version, mut allocations) in
                 self.allocations.list("").await.map_err(store_error)?
             {
-                let before = allocations.instances.len();
-                allocations.instances.retain(|id, _| !ids.contains(id));
-                if allocations.instances.len() == before {
+                let freed: Vec<String> = allocations
+                    .instances
+                    .keys()
+                    .filter(|id| ids.contains(id))
+                    .cloned()
+                    .collect();
+                if freed.is_empty() {
                     continue;
                 }
+                allocations.instances.retain(|id, _| !ids.contains(id));
                 let written = if allocations.instances.is_empty() {
                     self.allocations
                         .delete(&node, Expect::Version(version))
@@ -407,13 +421,13 @@ impl Placer {
                         .map(|_| ())
                 };
                 match written {
-                    Ok(()) => {}
+                    Ok(()) => released.extend(freed.into_iter().map(|id| (id, node.clone()))),
                     Err(StoreError::Conflict { .. }) => conflicted = true,
                     Err(e) => return Err(store_error(e)),
                 }
             }
             if !conflicted {
-                return Ok(());
+                return Ok(released);
             }
         }
         Err(Error::Unavailable(

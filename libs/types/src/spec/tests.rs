@@ -323,3 +323,85 @@ fn placement_changes_the_template_only_when_set() {
     placed.placement.constraints = vec!["zone == eu".into()];
     assert_ne!(spec.template_hash(), placed.template_hash());
 }
+
+fn valid() -> AppSpec {
+    AppSpec::parse(VALID, SpecFormat::Toml).unwrap()
+}
+
+/// Validates `spec` and checks that it fails on `field` with `reason`.
+fn check_invalid(spec: &AppSpec, field: &str, reason: &str) {
+    let Err(Error::Invalid(errors)) = spec.validate() else {
+        panic!("expected Invalid for {field}");
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == field && e.reason.contains(reason)),
+        "no `{field}: …{reason}…` in {errors:?}"
+    );
+}
+
+#[test]
+fn oversized_specs_are_refused_with_the_field_named() {
+    let mut spec = valid();
+    spec.env = (0..=limits::MAX_ENV_VARS)
+        .map(|i| (format!("V{i}"), "x".into()))
+        .collect();
+    check_invalid(&spec, "env", "at most 128 allowed, got 129");
+
+    let mut spec = valid();
+    spec.env
+        .insert("BIG".into(), "x".repeat(limits::MAX_ENV_VALUE_LEN + 1));
+    check_invalid(&spec, "env.BIG", "at most 32768 bytes");
+
+    let mut spec = valid();
+    spec.run.command = vec!["x".into(); limits::MAX_ARGS + 1];
+    check_invalid(&spec, "run.command", "at most 256 allowed");
+
+    let mut spec = valid();
+    spec.run.command.push("y".repeat(limits::MAX_ARG_LEN + 1));
+    check_invalid(&spec, "run.command[6]", "at most 4096 bytes");
+
+    let mut spec = valid();
+    spec.route.hosts = (0..=limits::MAX_HOSTS)
+        .map(|i| format!("h{i}.localhost"))
+        .collect();
+    check_invalid(&spec, "route.hosts", "at most 32 allowed");
+
+    let mut spec = valid();
+    spec.placement.constraints = vec!["zone == a".into(); limits::MAX_CONSTRAINTS + 1];
+    check_invalid(&spec, "placement.constraints", "at most 32 allowed");
+
+    let mut spec = valid();
+    spec.ports = (0..=limits::MAX_PORTS)
+        .map(|i| PortSpec {
+            name: format!("p{i}"),
+            container_port: None,
+            host_port: None,
+        })
+        .collect();
+    check_invalid(&spec, "ports", "at most 16 allowed");
+
+    let huge = format!("{VALID}\n# {}\n", "x".repeat(limits::MAX_SPEC_BYTES));
+    check_rejected(SpecFormat::Toml, &huge, "spec", "at most 262144 bytes");
+}
+
+#[test]
+fn spread_targets_that_overflow_u32_are_an_error_not_a_panic() {
+    let mut spec = valid();
+    spec.placement.strategy = Some("spread".into());
+    spec.placement.spread_by = Some("zone".into());
+    spec.placement.spread_targets =
+        [("a".to_string(), u32::MAX), ("b".to_string(), u32::MAX)].into();
+    check_invalid(&spec, "placement.spread_targets", "add up to 8589934590");
+}
+
+#[test]
+fn debug_output_never_shows_env_values() {
+    let mut spec = valid();
+    spec.env
+        .insert("DB_PASSWORD".into(), "hunter2-canary".into());
+    let shown = format!("{spec:?} {spec:#?}");
+    assert!(!shown.contains("hunter2-canary"), "{shown}");
+    assert!(shown.contains("DB_PASSWORD"), "names stay visible: {shown}");
+}

@@ -1,0 +1,142 @@
+//! Every gRPC method Capstan serves × every kind of caller, generated from
+//! the compiled service descriptors. A method added to a .proto without an
+//! access rule in its service's `policy()` fails here (and is denied to
+//! everybody at run time); so does a rule that admits someone the table
+//! below does not.
+
+use capstan_authn::{Claims, Policy, Role};
+use prost::Message;
+
+/// Who may call each method: `-` anonymous, `v` viewer, `o` operator,
+/// `a` admin, `s` Capstan's services, `n` a node (agent).
+const EXPECTED: &[(&str, &str)] = &[
+    ("/capstan.v1.Agent/StartInstance", "s"),
+    ("/capstan.v1.Agent/StopInstance", "s"),
+    ("/capstan.v1.Agent/ListInstances", "s"),
+    ("/capstan.v1.Auth/IssueToken", "-voasn"),
+    ("/capstan.v1.Auth/GetVerificationKeys", "-voasn"),
+    ("/capstan.v1.Auth/CreateApiKey", "a"),
+    ("/capstan.v1.Orchestrator/ApplyApp", "oa"),
+    ("/capstan.v1.Orchestrator/GetApp", "voa"),
+    ("/capstan.v1.Orchestrator/ListApps", "voa"),
+    ("/capstan.v1.Orchestrator/ScaleApp", "oa"),
+    ("/capstan.v1.Orchestrator/DeleteApp", "oa"),
+    ("/capstan.v1.Orchestrator/ListEvents", "voa"),
+    ("/capstan.v1.Orchestrator/WatchEvents", "voa"),
+    ("/capstan.v1.Orchestrator/ListEndpoints", "voas"),
+    ("/capstan.v1.RouterConfig/GetRoutes", "voa"),
+    ("/capstan.v1.RouterConfig/Sync", "s"),
+    ("/capstan.v1.RouterConfig/RenderTraefik", "voa"),
+    ("/capstan.v1.Scheduler/RegisterNode", "n"),
+    ("/capstan.v1.Scheduler/Heartbeat", "n"),
+    ("/capstan.v1.Scheduler/ListNodes", "voas"),
+    ("/capstan.v1.Scheduler/Place", "s"),
+    ("/capstan.v1.Scheduler/Release", "s"),
+    ("/capstan.v1.Scheduler/ListAllocations", "s"),
+    ("/capstan.v1.Scheduler/DrainNode", "a"),
+];
+
+const CALLERS: [(char, Option<Role>); 6] = [
+    ('-', None),
+    ('v', Some(Role::Viewer)),
+    ('o', Some(Role::Operator)),
+    ('a', Some(Role::Admin)),
+    ('s', Some(Role::Service)),
+    ('n', Some(Role::Node)),
+];
+
+fn policy_of(service: &str) -> Policy {
+    match service {
+        "capstan.v1.Agent" => capstan_agent::policy(),
+        "capstan.v1.Auth" => capstan_auth::policy(),
+        "capstan.v1.Orchestrator" => capstan_orchestrator::policy(),
+        "capstan.v1.RouterConfig" => capstan_router_config::policy(),
+        "capstan.v1.Scheduler" => capstan_scheduler::policy(),
+        other => panic!("service {other} has no policy in this test: add it"),
+    }
+}
+
+fn claims(role: Role) -> Claims {
+    Claims {
+        iss: capstan_authn::ISSUER.into(),
+        aud: capstan_authn::AUDIENCE.into(),
+        sub: "caller".into(),
+        role,
+        iat: 0,
+        nbf: 0,
+        exp: 0,
+        jti: String::new(),
+    }
+}
+
+/// Every `/package.Service/Method` in the compiled protos.
+fn methods() -> Vec<(String, String)> {
+    let set = prost_types::FileDescriptorSet::decode(capstan_proto::FILE_DESCRIPTOR_SET)
+        .expect("the descriptor set decodes");
+    let mut out = Vec::new();
+    for file in set.file {
+        let package = file.package().to_string();
+        for service in &file.service {
+            let full = format!("{package}.{}", service.name());
+            for method in &service.method {
+                out.push((full.clone(), format!("/{full}/{}", method.name())));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_method_has_a_rule_and_admits_exactly_whom_it_should() {
+    let methods = methods();
+    assert!(
+        methods.len() >= EXPECTED.len(),
+        "descriptor set looks empty"
+    );
+    let mut failures = Vec::new();
+    for (service, path) in &methods {
+        let policy = policy_of(service);
+        if policy.rule_for(path).is_none() {
+            failures.push(format!("{path}: no access rule in {service}'s policy()"));
+            continue;
+        }
+        let Some((_, allowed)) = EXPECTED.iter().find(|(p, _)| p == path) else {
+            failures.push(format!("{path}: missing from EXPECTED in this test"));
+            continue;
+        };
+        for (letter, role) in CALLERS {
+            let claims = role.map(claims);
+            let admitted = policy.decide(path, claims.as_ref()).is_ok();
+            if admitted != allowed.contains(letter) {
+                failures.push(format!(
+                    "{path}: caller `{letter}` is {} but should {}be",
+                    if admitted { "admitted" } else { "refused" },
+                    if allowed.contains(letter) { "" } else { "not " }
+                ));
+            }
+        }
+    }
+    for (path, _) in EXPECTED {
+        if !methods.iter().any(|(_, p)| p == path) {
+            failures.push(format!("{path}: in EXPECTED but not served"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_matrix_can_fail() {
+    // A policy that forgets a method is caught by the same check.
+    let forgetful = capstan_authn::Policy::new().services("/capstan.v1.Agent/StartInstance");
+    assert!(
+        forgetful
+            .rule_for("/capstan.v1.Agent/StopInstance")
+            .is_none()
+    );
+    // And nobody, not even an admin, may call a method without a rule.
+    assert!(
+        forgetful
+            .decide("/capstan.v1.Agent/StopInstance", Some(&claims(Role::Admin)))
+            .is_err()
+    );
+}
