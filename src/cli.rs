@@ -690,6 +690,7 @@ fn print_event(event: &capstan_proto::v1::Event, output: Output) {
         let line = json!({
             "id": event.id, "time_ms": event.time_ms, "kind": event.kind, "app": event.app,
             "instance": event.instance_id, "node": event.node_id, "message": event.message,
+            "actor": event.actor, "actor_role": event.actor_role,
         });
         println!("{line}");
     } else {
@@ -702,8 +703,13 @@ fn print_event(event: &capstan_proto::v1::Event, output: Output) {
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
+        let by = if event.actor.is_empty() {
+            String::new()
+        } else {
+            format!(" (by {} as {})", event.actor, event.actor_role)
+        };
         println!(
-            "{} {:<20} {:<40} {}",
+            "{} {:<20} {:<40} {}{by}",
             format_time(event.time_ms),
             event.kind,
             subject,

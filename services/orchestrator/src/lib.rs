@@ -7,6 +7,7 @@
 
 mod api;
 mod event_log;
+pub use api::MAX_WATCHERS;
 pub mod plan;
 mod reconcile;
 pub mod records;
