@@ -97,6 +97,10 @@ enum Command {
         /// Placement strategy of apps that do not name one: binpack, spread, least-loaded or round-robin.
         #[arg(long, default_value = "spread", value_parser = parse_strategy)]
         default_strategy: capstan_placement::Strategy,
+        /// A load balancer in front of the proxy whose X-Forwarded-* headers
+        /// are believed: an IP or CIDR range (repeatable). Others' are replaced.
+        #[arg(long = "trusted-proxy", value_parser = parse_trusted_proxy)]
+        trusted_proxies: Vec<String>,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -295,6 +299,11 @@ fn rpc(status: tonic::Status) -> anyhow::Error {
     }
 }
 
+fn parse_trusted_proxy(text: &str) -> Result<String, String> {
+    capstan_router_config::TrustedProxies::parse(&[text.to_string()])?;
+    Ok(text.to_string())
+}
+
 fn parse_strategy(text: &str) -> Result<capstan_placement::Strategy, String> {
     capstan_placement::Strategy::parse(text)
 }
@@ -311,8 +320,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             memory_mb,
             agents,
             default_strategy,
+            trusted_proxies,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
+            let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
+                .map_err(|e| anyhow!("--trusted-proxy: {e}"))?;
             dev::run(dev::DevOptions {
                 data_dir,
                 http_addr,
@@ -323,6 +335,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 memory_mb,
                 agents,
                 default_strategy,
+                trusted_proxies,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -33,6 +33,8 @@ pub struct DevOptions {
     /// Agents (nodes) to run in this process.
     pub agents: u32,
     pub default_strategy: capstan_placement::Strategy,
+    /// Peers whose `X-Forwarded-*` headers the edge proxy believes.
+    pub trusted_proxies: capstan_router_config::TrustedProxies,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -220,6 +222,8 @@ pub async fn run(options: DevOptions) -> Result<()> {
             capstan_router_config::RouterOptions {
                 proxy: Some(proxy_listener),
                 provider: Some(provider_listener),
+                limits: capstan_router_config::HttpLimits::default(),
+                trusted_proxies: options.trusted_proxies.clone(),
             },
             router_listener,
             shutdown.clone(),

@@ -100,6 +100,18 @@ pub fn generate_api_key() -> String {
     )
 }
 
+/// Whether two secrets are equal, in time that does not depend on where
+/// they differ or on their lengths: both are hashed first, and every byte of
+/// the digests is compared.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
+}
+
 /// How API keys are stored: only their SHA-256, never the key.
 pub fn api_key_digest(api_key: &str) -> String {
     use sha2::Digest;
@@ -124,6 +136,15 @@ mod tests {
             assert!(!role.is_user());
             assert!(!role.allows(Access::Read), "{role:?} got user access");
         }
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer abc", b"Bearer abd"));
+        assert!(!constant_time_eq(b"Bearer abc", b"Bearer ab"));
+        assert!(!constant_time_eq(b"", b"Bearer abc"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

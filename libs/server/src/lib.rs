@@ -168,6 +168,35 @@ impl KeySource for AuthKeys {
     }
 }
 
+/// The limits of every gRPC server; the README's "Limits" table lists them.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcLimits {
+    /// Longest a unary call (or a stream's opening) may take. Above the
+    /// slowest legitimate call: `StopInstance` waits up to 30 s of grace.
+    pub timeout: Duration,
+    /// Calls served at once on one connection; more wait.
+    pub concurrency_per_connection: usize,
+    /// Concurrent HTTP/2 streams per connection (watch streams included).
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 pings that find dead peers, and how long a ping may go unanswered.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for GrpcLimits {
+    fn default() -> Self {
+        GrpcLimits {
+            timeout: Duration::from_secs(60),
+            concurrency_per_connection: 256,
+            max_concurrent_streams: 256,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
 /// What to serve and under which name.
 pub struct Service {
     /// The registry name: `orchestrator`, `scheduler`, ...
@@ -186,6 +215,17 @@ pub async fn serve(
     service: Service,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> Result<(), Error> {
+    serve_with(platform, service, listener, shutdown, GrpcLimits::default()).await
+}
+
+/// [`serve`] within explicit limits.
+pub async fn serve_with(
+    platform: &Platform,
+    service: Service,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    limits: GrpcLimits,
 ) -> Result<(), Error> {
     let address: SocketAddr = listener.local_addr().map_err(Error::internal)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -236,6 +276,12 @@ pub async fn serve(
     tracing::info!(service = service.name, %address, "serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
+        .timeout(limits.timeout)
+        .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .tcp_keepalive(Some(limits.tcp_keepalive))
         .layer(service.auth)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -558,7 +558,7 @@ impl Agent for AgentApi {
         let r = request.into_inner();
         let instance_id =
             InstanceId::parse("instance_id", &r.instance_id).map_err(capstan_proto::status)?;
-        let grace = Duration::from_millis(r.grace_ms.clamp(100, 60_000));
+        let grace = Duration::from_millis(r.grace_ms.clamp(100, 30_000));
         self.inner
             .stop(&instance_id, grace)
             .await

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::proxy::EdgeProxy;
+pub use crate::proxy::{HttpLimits, TrustedProxies};
 use crate::table::{Route, RouteTable, Upstream};
 
 pub const REBUILD_EVERY: Duration = Duration::from_secs(2);
@@ -45,6 +46,9 @@ pub struct RouterOptions {
     pub proxy: Option<TcpListener>,
     /// Where Traefik's HTTP provider fetches `/traefik`; `None` serves nothing.
     pub provider: Option<TcpListener>,
+    pub limits: HttpLimits,
+    /// Peers whose `X-Forwarded-*` headers the proxy believes.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Clone)]
@@ -216,7 +220,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let router = Router {
         platform: platform.clone(),
-        proxy: EdgeProxy::new(),
+        proxy: EdgeProxy::new(options.limits, options.trusted_proxies.clone()),
         rebuilding: Arc::default(),
     };
     let tasks = tokio_util::task::TaskTracker::new();
@@ -229,17 +233,18 @@ pub async fn run(
             handler,
             shutdown.clone(),
             Duration::from_secs(10),
+            options.limits,
         ));
     }
     if let Some(provider_listener) = options.provider {
         let expected = format!("Bearer {}", provider_token(&platform).await?.expose());
         let proxy = router.proxy.clone();
         let handler = move |request: http::Request<hyper::body::Incoming>, _remote| {
-            let authorized = request
+            let presented = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                == Some(expected.as_str());
+                .map_or(&b""[..], |v| v.as_bytes());
+            let authorized = capstan_authn::constant_time_eq(presented, expected.as_bytes());
             let response = if !authorized {
                 proxy::text(
                     StatusCode::UNAUTHORIZED,
@@ -266,6 +271,7 @@ pub async fn run(
             handler,
             shutdown.clone(),
             Duration::from_secs(1),
+            options.limits,
         ));
     }
 

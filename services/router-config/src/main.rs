@@ -16,6 +16,15 @@ struct Args {
     /// Serve the Traefik HTTP provider document (/traefik) here.
     #[arg(long)]
     traefik_provider_addr: Option<SocketAddr>,
+    /// A load balancer in front of the proxy whose X-Forwarded-* headers
+    /// are believed: an IP or CIDR range (repeatable). Others' are replaced.
+    #[arg(long = "trusted-proxy", value_parser = parse_trusted_proxy)]
+    trusted_proxies: Vec<String>,
+}
+
+fn parse_trusted_proxy(text: &str) -> Result<String, String> {
+    capstan_router_config::TrustedProxies::parse(&[text.to_string()])?;
+    Ok(text.to_string())
 }
 
 async fn bind(
@@ -33,6 +42,14 @@ async fn bind(
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (http_addr, provider_addr) = (args.http_addr, args.traefik_provider_addr);
+    let trusted_proxies = match capstan_router_config::TrustedProxies::parse(&args.trusted_proxies)
+    {
+        Ok(trusted) => trusted,
+        Err(e) => {
+            eprintln!("error: --trusted-proxy: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     capstan_server::standalone::main(
         "capstan-router-config",
         args.standalone,
@@ -41,6 +58,8 @@ fn main() -> std::process::ExitCode {
             let options = capstan_router_config::RouterOptions {
                 proxy: bind(http_addr).await?,
                 provider: bind(provider_addr).await?,
+                limits: capstan_router_config::HttpLimits::default(),
+                trusted_proxies,
             };
             capstan_router_config::run(platform, options, listener, shutdown).await
         },

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -41,10 +41,90 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// The limits of Capstan's HTTP servers (the edge proxy and the Traefik
+/// provider endpoint). Every one is explicit; the README's "Limits" table
+/// lists them.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Time to receive a request's headers. hyper runs the same timer while
+    /// a keep-alive connection waits for its next request, so it is also the
+    /// idle timeout: a slowloris client is cut off after it.
+    pub header_read_timeout: Duration,
+    /// Open client connections; a connection past this is closed at once.
+    pub max_connections: usize,
+    /// Time for an upstream to answer with its headers; then 504.
+    pub upstream_timeout: Duration,
+    /// Bytes of buffered request head (HTTP/1).
+    pub max_header_bytes: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_h2_streams: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(15),
+            max_connections: 10_000,
+            upstream_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_h2_streams: 256,
+        }
+    }
+}
+
+/// Peers whose `X-Forwarded-*` headers are believed: a load balancer in
+/// front of the proxy. Everyone else's are replaced, so a client cannot
+/// choose the address an app sees.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<(std::net::IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// `10.0.0.0/8`, `192.0.2.7` or `2001:db8::/32`, one per entry.
+    pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
+        let mut nets = Vec::new();
+        for entry in entries {
+            let (ip, bits) = match entry.split_once('/') {
+                Some((ip, bits)) => (ip, Some(bits)),
+                None => (entry.as_str(), None),
+            };
+            let ip: std::net::IpAddr = ip
+                .parse()
+                .map_err(|_| format!("`{entry}` is not an IP address or CIDR range"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(bits) => bits
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|b| *b <= max)
+                    .ok_or_else(|| format!("`{entry}`: the prefix length must be 0 to {max}"))?,
+            };
+            nets.push((ip, bits));
+        }
+        Ok(TrustedProxies(nets))
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|(net, bits)| match (net, ip) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*bits)).unwrap_or(0);
+                u32::from(*net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*bits)).unwrap_or(0);
+                u128::from(*net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        })
+    }
+}
+
 pub struct EdgeProxy {
     table: RwLock<Arc<Compiled>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     client: Client<HttpConnector, ProxyBody>,
+    limits: HttpLimits,
+    trusted: TrustedProxies,
 }
 
 struct Compiled {
@@ -54,7 +134,7 @@ struct Compiled {
 }
 
 impl EdgeProxy {
-    pub fn new() -> Arc<Self> {
+    pub fn new(limits: HttpLimits, trusted: TrustedProxies) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -66,6 +146,8 @@ impl EdgeProxy {
             table: RwLock::new(Arc::new(compile(RouteTable::default()))),
             in_flight: Mutex::default(),
             client,
+            limits,
+            trusted,
         })
     }
 
@@ -156,7 +238,7 @@ impl EdgeProxy {
                     headers.append(name, value.clone());
                 }
             }
-            forwarded_headers(headers, &host, remote);
+            forwarded_headers(headers, &host, remote, self.trusted.contains(remote.ip()));
             let outgoing_body = if retryable {
                 Empty::new().map_err(|never| match never {}).boxed()
             } else {
@@ -167,7 +249,19 @@ impl EdgeProxy {
                 break;
             };
             let guard = self.track(&upstream.address);
-            match self.client.request(outgoing).await {
+            let answered =
+                tokio::time::timeout(self.limits.upstream_timeout, self.client.request(outgoing))
+                    .await;
+            let Ok(answered) = answered else {
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "capstan: `{}` did not answer within {:?}\n",
+                        route.app, self.limits.upstream_timeout
+                    ),
+                );
+            };
+            match answered {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     for name in HOP_BY_HOP {
@@ -220,19 +314,35 @@ fn is_retryable(request: &Request<Incoming>) -> bool {
         && !request.headers().contains_key(header::TRANSFER_ENCODING)
 }
 
-fn forwarded_headers(headers: &mut http::HeaderMap, host: &str, remote: SocketAddr) {
+/// Sets `X-Forwarded-For`, `-Host` and `-Proto`. A trusted peer's values
+/// are extended (its own client is the real one); anyone else's are
+/// replaced by what this proxy saw.
+fn forwarded_headers(
+    headers: &mut http::HeaderMap,
+    host: &str,
+    remote: SocketAddr,
+    trusted_peer: bool,
+) {
     let client_ip = remote.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let previous = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| trusted_peer);
+    let forwarded_for = match previous {
         Some(previous) => format!("{previous}, {client_ip}"),
         None => client_ip,
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    if let Ok(value) = HeaderValue::from_str(host) {
+    if !(trusted_peer && headers.contains_key("x-forwarded-host"))
+        && let Ok(value) = HeaderValue::from_str(host)
+    {
         headers.insert("x-forwarded-host", value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !(trusted_peer && headers.contains_key("x-forwarded-proto")) {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
 }
 
 pub fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -283,18 +393,33 @@ impl Body for Tracked {
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 with `handler` until `shutdown`, then gives
-/// open connections up to `grace` to finish.
+/// Serves HTTP/1.1 and HTTP/2 with `handler` within `limits` until
+/// `shutdown`, then gives open connections up to `grace` to finish.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
     shutdown: CancellationToken,
     grace: Duration,
+    limits: HttpLimits,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let connections = tokio_util::task::TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_h2_streams)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -307,15 +432,30 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, "connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let builder = builder.clone();
         connections.spawn(async move {
+            let _slot = slot;
+            // The auto builder sniffs HTTP/1 or HTTP/2 from the first bytes
+            // with no timer of its own: bound that wait too.
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                return;
+            }
             let service = hyper::service::service_fn(move |request| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(request, remote).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
@@ -339,6 +479,46 @@ pub async fn serve<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_match_their_ranges() {
+        let trusted = TrustedProxies::parse(&[
+            "10.0.0.0/8".into(),
+            "192.0.2.7".into(),
+            "2001:db8::/32".into(),
+        ])
+        .unwrap();
+        for ip in ["10.1.2.3", "192.0.2.7", "2001:db8::1"] {
+            assert!(trusted.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["11.0.0.1", "192.0.2.8", "127.0.0.1", "2001:db9::1"] {
+            assert!(!trusted.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        assert!(TrustedProxies::parse(&["proxy.local".into()]).is_err());
+        assert!(
+            TrustedProxies::parse(&["0.0.0.0/0".into()])
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_peers_are_replaced() {
+        let remote: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        forwarded_headers(&mut headers, "app.example", remote, false);
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        forwarded_headers(&mut headers, "app.example", remote, true);
+        assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 203.0.113.9");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+    }
 
     #[test]
     fn strips_ports_from_hosts() {

@@ -119,6 +119,7 @@ impl Scheduler for SchedulerApi {
                 "must be host:port",
             )));
         }
+        check_labels(&r.labels).map_err(capstan_proto::status)?;
         let capacity = capstan_proto::resources_from_wire(r.capacity);
         if capacity.cpu_millis == 0 || capacity.memory_mb == 0 {
             return Err(capstan_proto::status(Error::invalid(
@@ -347,6 +348,35 @@ impl Scheduler for SchedulerApi {
     }
 }
 
+/// Node labels are stored and evaluated on every placement: bounded.
+fn check_labels(labels: &HashMap<String, String>) -> Result<(), Error> {
+    use capstan_types::spec::limits::{MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_NODE_LABELS};
+    if labels.len() > MAX_NODE_LABELS {
+        return Err(Error::invalid(
+            "labels",
+            format!("at most {MAX_NODE_LABELS} allowed, got {}", labels.len()),
+        ));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY_LEN {
+            return Err(Error::invalid(
+                "labels",
+                format!("keys must be 1 to {MAX_LABEL_KEY_LEN} bytes"),
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE_LEN {
+            return Err(Error::invalid(
+                format!("labels.{key}"),
+                format!(
+                    "at most {MAX_LABEL_VALUE_LEN} bytes allowed, got {}",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A node may register and heartbeat only as itself.
 fn as_itself(caller: &capstan_authn::Claims, node_id: &NodeId) -> Result<(), Status> {
     match caller.node_id() {
@@ -481,4 +511,31 @@ async fn migrate_allocations(platform: &Platform) -> Result<(), Error> {
     }
     tracing::info!("migrated allocations to per-node rows");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_labels_are_bounded() {
+        let many: HashMap<String, String> = (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert!(
+            check_labels(&many)
+                .unwrap_err()
+                .to_string()
+                .contains("labels: at most 64")
+        );
+        let long = HashMap::from([("zone".to_string(), "x".repeat(257))]);
+        assert!(
+            check_labels(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("labels.zone")
+        );
+        let fine = HashMap::from([("zone".to_string(), "eu-1".to_string())]);
+        assert!(check_labels(&fine).is_ok());
+    }
 }
