@@ -15,7 +15,9 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct RabbitMq {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dist_port: u16,
+    node: String,
+    dir: tempfile::TempDir,
 }
 
 impl RabbitMq {
@@ -29,42 +31,41 @@ impl RabbitMq {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let base = dir.path();
-        let log = std::fs::File::create(base.join("server.log")).expect("log file");
-        let child = Command::new(SERVER)
-            .env(
-                "HOME",
-                std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-            )
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-            .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", base.join("log"))
-            .env(
-                "RABBITMQ_ENABLED_PLUGINS_FILE",
-                base.join("enabled_plugins"),
-            )
-            .env("RABBITMQ_CONFIG_FILE", base.join("rabbitmq"))
-            .env("RABBITMQ_PID_FILE", base.join("pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("start rabbitmq-server");
+        let child = spawn(dir.path(), &node, port, dist_port);
         let broker = RabbitMq {
             child,
             port,
-            _dir: dir,
+            dist_port,
+            node,
+            dir,
         };
-        if !crate::wait_for_port(port, Duration::from_secs(60)).await {
-            let log =
-                std::fs::read_to_string(broker._dir.path().join("server.log")).unwrap_or_default();
-            panic!("rabbitmq-server did not listen on {port} within 60s; its log:\n{log}");
-        }
+        broker.wait_until_listening().await;
         broker
+    }
+
+    /// Kills the broker (SIGKILL, like a crash) and starts it again on the
+    /// same port and data: durable queues and confirmed messages survive.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(self.dir.path(), &self.node, self.port, self.dist_port);
+        self.wait_until_listening().await;
+    }
+
+    async fn wait_until_listening(&self) {
+        if !crate::wait_for_port(self.port, Duration::from_secs(60)).await {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "rabbitmq-server did not listen on {} within 60s; its log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    fn kill(&mut self) {
+        let pgid = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = self.child.wait();
     }
 
     pub fn amqp_uri(&self) -> String {
@@ -76,10 +77,39 @@ impl RabbitMq {
     }
 }
 
+fn spawn(base: &std::path::Path, node: &str, port: u16, dist_port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.join("server.log"))
+        .expect("log file");
+    Command::new(SERVER)
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        )
+        .env("RABBITMQ_NODENAME", node)
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", base.join("log"))
+        .env(
+            "RABBITMQ_ENABLED_PLUGINS_FILE",
+            base.join("enabled_plugins"),
+        )
+        .env("RABBITMQ_CONFIG_FILE", base.join("rabbitmq"))
+        .env("RABBITMQ_PID_FILE", base.join("pid"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("start rabbitmq-server")
+}
+
 impl Drop for RabbitMq {
     fn drop(&mut self) {
-        let pgid = Pid::from_raw(self.child.id() as i32);
-        let _ = killpg(pgid, Signal::SIGKILL);
-        let _ = self.child.wait();
+        self.kill();
     }
 }
