@@ -285,8 +285,13 @@ fn restart_readopts_without_duplicates_or_orphans() {
     wait_until("keep stays at 3", Duration::from_secs(30), || {
         healthy(&dev.status("keep")) == 3
     });
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(dev.live_pids().len(), 3, "exactly the desired count runs");
+    // The deleted app's processes are stopped as orphans: wait for that
+    // condition rather than sleeping and counting.
+    wait_until(
+        "exactly the desired count runs",
+        Duration::from_secs(30),
+        || dev.live_pids().len() == 3,
+    );
     assert_eq!(dev.get("gone.localhost").unwrap().0, 404);
     assert_eq!(dev.bodies("keep.localhost", 20).len(), 3);
     dev.ok(&["app", "rm", "keep"]);

@@ -29,13 +29,19 @@ async fn next(sub: &mut crate::Subscription) -> crate::Delivery {
         .expect("subscription ended")
 }
 
-async fn nothing_more(sub: &mut crate::Subscription) {
-    let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
-    assert!(
-        extra.is_err(),
-        "unexpected delivery: {:?}",
-        extra.ok().flatten().map(|d| d.event.id.clone())
-    );
+/// Checks that `sub` holds nothing but what comes next: publishes a
+/// sentinel of `kind` (which `sub` is bound to) and expects it as the very
+/// next delivery. A condition, not a wait: no timing decides it.
+async fn nothing_more(
+    bus: &dyn EventBus,
+    sub: &mut crate::Subscription,
+    kind: EventKind,
+    id: &str,
+) {
+    bus.publish(&event(id, kind)).await.unwrap();
+    let got = next(sub).await;
+    assert_eq!(got.event.id, id, "unexpected delivery before the sentinel");
+    got.ack().await.unwrap();
 }
 
 async fn routes_by_topic(bus: &dyn EventBus, prefix: &str) {
@@ -58,16 +64,30 @@ async fn routes_by_topic(bus: &dyn EventBus, prefix: &str) {
     assert_eq!(got.event.kind, EventKind::InstanceHealthy);
     assert_eq!(got.event.app, "contract");
     got.ack().await.unwrap();
-    nothing_more(&mut instances).await;
+    nothing_more(
+        bus,
+        &mut instances,
+        EventKind::InstanceStarted,
+        &format!("{prefix}-s1"),
+    )
+    .await;
 
+    // `#` sees everything, the sentinel included.
     let mut kinds = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let d = next(&mut all).await;
         kinds.push(d.event.kind);
         d.ack().await.unwrap();
     }
     kinds.sort_by_key(|k| k.as_str());
-    assert_eq!(kinds, [EventKind::AppCreated, EventKind::InstanceHealthy]);
+    assert_eq!(
+        kinds,
+        [
+            EventKind::AppCreated,
+            EventKind::InstanceHealthy,
+            EventKind::InstanceStarted
+        ]
+    );
 }
 
 async fn queues_keep_events_while_nobody_consumes(bus: &dyn EventBus, prefix: &str) {
@@ -98,7 +118,13 @@ async fn unacked_deliveries_come_back(bus: &dyn EventBus, prefix: &str) {
         "a dropped delivery comes back marked redelivered"
     );
     again.ack().await.unwrap();
-    nothing_more(&mut sub).await;
+    nothing_more(
+        bus,
+        &mut sub,
+        EventKind::RolloutCompleted,
+        &format!("{prefix}-s2"),
+    )
+    .await;
 }
 
 async fn consumers_dedupe_redeliveries(bus: &dyn EventBus, prefix: &str) {

@@ -212,10 +212,19 @@ impl ServiceRegistry for EmbeddedRegistry {
 
 #[cfg(test)]
 mod tests {
-    #[tokio::test]
-    async fn passes_the_contract() {
+    /// Time is paused: TTLs and watch waits are exact, and no test waits
+    /// on the wall clock for them.
+    #[tokio::test(start_paused = true)]
+    async fn passes_the_timed_contract() {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        crate::contract::run(&super::EmbeddedRegistry::start(shutdown.clone())).await;
+        crate::contract::run_timed(&super::EmbeddedRegistry::start(shutdown.clone())).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn passes_the_networked_contract() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        crate::contract::run_networked(&super::EmbeddedRegistry::start(shutdown.clone())).await;
         shutdown.cancel();
     }
 }

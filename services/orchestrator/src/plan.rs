@@ -305,15 +305,22 @@ mod tests {
         );
     }
 
-    /// Applies actions to a simulated world: started instances come up
-    /// healthy one step later, routes and drains take effect at once.
-    fn step(app: &AppView, world: &mut Vec<InstanceView>, next_id: &mut u32) -> Vec<Action> {
+    /// One step of a simulated world: started instances come up healthy one
+    /// step after they start; a drained instance leaves rotation at once and
+    /// is stopped (removed) one step later, as the reconciler does it.
+    fn step(
+        planner: &dyn Fn(&AppView, &[InstanceView]) -> Vec<Action>,
+        app: &AppView,
+        world: &mut Vec<InstanceView>,
+        next_id: &mut u32,
+    ) -> Vec<Action> {
+        world.retain(|i| !i.stopping);
         for i in world.iter_mut() {
             if i.state == InstanceState::Starting {
                 i.state = InstanceState::Healthy;
             }
         }
-        let actions = plan(app, world);
+        let actions = planner(app, world);
         for action in &actions {
             match action {
                 Action::Start(n) => {
@@ -331,15 +338,139 @@ mod tests {
                     .iter_mut()
                     .filter(|i| &i.id == id)
                     .for_each(|i| i.routable = true),
-                Action::Drain(id) | Action::Forget(id) => world.retain(|i| &i.id != id),
+                Action::Drain(id) => world.iter_mut().filter(|i| &i.id == id).for_each(|i| {
+                    i.stopping = true;
+                    i.routable = false;
+                }),
+                Action::Forget(id) => world.retain(|i| &i.id != id),
             }
         }
         actions
     }
 
+    /// Runs `planner` on `world` until it plans nothing, checking on every
+    /// step that availability stays at `floor` and that no more than
+    /// `ceiling` instances run outside a drain; then that the result is what
+    /// was asked for and that planning it again does nothing (idempotence).
+    fn simulate(
+        planner: &dyn Fn(&AppView, &[InstanceView]) -> Vec<Action>,
+        app: &AppView,
+        mut world: Vec<InstanceView>,
+        floor: usize,
+        ceiling: usize,
+    ) -> Result<(), String> {
+        let mut next_id = 0;
+        for _ in 0..200 {
+            let actions = step(planner, app, &mut world, &mut next_id);
+            let available = world.iter().filter(|i| i.is_available()).count();
+            if available < floor {
+                return Err(format!("availability {available} fell below {floor}"));
+            }
+            let running = world.iter().filter(|i| !i.stopping).count();
+            if running > ceiling {
+                return Err(format!(
+                    "{running} instances run, more than the surge ceiling {ceiling}"
+                ));
+            }
+            if actions.is_empty() && world.iter().all(|i| !i.stopping) {
+                if !rollout_done(app, &world) || world.len() != app.replicas as usize {
+                    return Err(format!("settled short of the goal: {world:?}"));
+                }
+                let again = planner(app, &world);
+                if !again.is_empty() {
+                    return Err(format!(
+                        "not idempotent: a converged world still plans {again:?}"
+                    ));
+                }
+                return Ok(());
+            }
+        }
+        Err(format!("did not converge within 200 steps: {world:?}"))
+    }
+
+    fn world_of(specs: &[(u8, bool, bool)]) -> Vec<InstanceView> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(n, (s, routable, old))| {
+                let state = [
+                    InstanceState::Starting,
+                    InstanceState::Healthy,
+                    InstanceState::Unhealthy,
+                    InstanceState::Failed,
+                ][*s as usize % 4];
+                let routable = *routable && state == InstanceState::Healthy;
+                inst(
+                    &format!("w{n:04}"),
+                    if *old { "old" } else { "new" },
+                    state,
+                    routable,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_simulation_catches_a_planner_that_surges_too_far() {
+        let app = app(3, 1, 0);
+        let greedy = |app: &AppView, world: &[InstanceView]| {
+            let mut actions = plan(app, world);
+            if actions.iter().any(|a| matches!(a, Action::Start(_))) {
+                actions.push(Action::Start(2));
+            }
+            actions
+        };
+        let old: Vec<_> = (0..3).map(|i| serving(&format!("o{i}"), "old")).collect();
+        let verdict = simulate(&greedy, &app, old, 3, 4);
+        assert!(
+            verdict.is_err_and(|e| e.contains("surge ceiling")),
+            "the bound cannot fail"
+        );
+    }
+
+    #[test]
+    fn the_simulation_catches_a_planner_that_drops_availability() {
+        let app = app(3, 1, 0);
+        let hasty = |app: &AppView, world: &[InstanceView]| {
+            let mut actions = plan(app, world);
+            // Drains every old instance at once.
+            for i in world
+                .iter()
+                .filter(|i| i.spec_hash != app.target_hash && !i.stopping)
+            {
+                if !actions.contains(&Action::Drain(i.id.clone())) {
+                    actions.push(Action::Drain(i.id.clone()));
+                }
+            }
+            actions
+        };
+        let old: Vec<_> = (0..3).map(|i| serving(&format!("o{i}"), "old")).collect();
+        let verdict = simulate(&hasty, &app, old, 3, 4);
+        assert!(
+            verdict.is_err_and(|e| e.contains("availability")),
+            "the floor cannot fail"
+        );
+    }
+
+    #[test]
+    fn the_simulation_catches_a_planner_that_is_not_idempotent() {
+        let app = app(2, 1, 0);
+        let restless = |app: &AppView, world: &[InstanceView]| {
+            let actions = plan(app, world);
+            if actions.is_empty() {
+                // Re-routes what is already routed, forever.
+                world.iter().map(|i| Action::Route(i.id.clone())).collect()
+            } else {
+                actions
+            }
+        };
+        let verdict = simulate(&restless, &app, Vec::new(), 0, 3);
+        assert!(verdict.is_err(), "idempotence cannot fail");
+    }
+
     proptest! {
         #[test]
-        fn rolling_updates_converge_without_dropping_below_the_floor(
+        fn rolling_updates_converge_within_the_floor_and_the_surge(
             replicas in 0u32..8,
             surge in 0u32..4,
             unavailable in 0u32..4,
@@ -347,31 +478,24 @@ mod tests {
         ) {
             prop_assume!(surge + unavailable > 0);
             let app = app(replicas, surge, unavailable);
-            let mut world: Vec<InstanceView> = (0..old_count).map(|i| serving(&format!("o{i:04}"), "old")).collect();
+            let world: Vec<InstanceView> = (0..old_count).map(|i| serving(&format!("o{i:04}"), "old")).collect();
             let floor = (replicas.saturating_sub(unavailable) as usize).min(old_count as usize);
-            let mut next_id = 0;
-            let mut converged = false;
-            for _ in 0..200 {
-                let actions = step(&app, &mut world, &mut next_id);
-                let available = world.iter().filter(|i| i.is_available()).count();
-                prop_assert!(available >= floor, "availability {available} fell below {floor}");
-                let live = world.iter().filter(|i| !i.stopping).count();
-                prop_assert!(live <= (replicas + surge).max(old_count) as usize + replicas as usize);
-                if actions.is_empty() {
-                    converged = true;
-                    break;
-                }
-            }
-            prop_assert!(converged, "did not converge: {world:#?}");
-            prop_assert!(rollout_done(&app, &world));
-            prop_assert_eq!(world.len(), replicas as usize);
+            let ceiling = (replicas.max(old_count) + surge) as usize;
+            prop_assert_eq!(simulate(&plan, &app, world, floor, ceiling), Ok(()));
         }
 
+        /// From any mix of states, templates and routes, planning converges
+        /// to the goal, and a converged world plans nothing.
         #[test]
-        fn planning_a_converged_app_does_nothing(replicas in 0u32..10) {
-            let app = app(replicas, 1, 0);
-            let world: Vec<_> = (0..replicas).map(|i| serving(&format!("i{i}"), "new")).collect();
-            prop_assert!(plan(&app, &world).is_empty());
+        fn any_world_converges_and_then_plans_nothing(
+            replicas in 0u32..6,
+            surge in 1u32..3,
+            specs in proptest::collection::vec((0u8..4, any::<bool>(), any::<bool>()), 0..10),
+        ) {
+            let app = app(replicas, surge, 0);
+            let world = world_of(&specs);
+            let ceiling = (replicas as usize).max(world.len()) + surge as usize;
+            prop_assert_eq!(simulate(&plan, &app, world, 0, ceiling), Ok(()));
         }
 
         #[test]
