@@ -122,14 +122,17 @@ fn parse_peer(text: &str) -> Result<(String, String), String> {
 /// Reads the service key, creating it when `create` (the auth service does;
 /// the others wait for it).
 pub async fn service_key(secrets: &dyn SecretStore, create: bool) -> anyhow::Result<Secret> {
+    if create {
+        return Ok(
+            capstan_secrets::get_or_create(secrets, SERVICE_KEY_PATH, || {
+                Secret::new(capstan_authn::generate_api_key())
+            })
+            .await?,
+        );
+    }
     for _ in 0..300 {
         if let Some(key) = secrets.get(SERVICE_KEY_PATH).await? {
-            return Ok(key);
-        }
-        if create {
-            let key = Secret::new(capstan_authn::generate_api_key());
-            secrets.put(SERVICE_KEY_PATH, key.clone()).await?;
-            return Ok(key);
+            return Ok(key.value);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

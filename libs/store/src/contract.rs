@@ -1,144 +1,239 @@
 //! The contract every [`Store`] adapter passes. Adapters call [`run`] from
-//! their own tests; a future Scylla adapter runs it against a live cluster.
+//! their own tests with a `prefix` unique to the run: every table name
+//! starts with it, so a live cluster (the Scylla adapter's) can run the
+//! suite again and again.
 
-use crate::{Expect, Store, StoreError, Versioned};
+use std::time::Duration;
 
-pub async fn run(store: &dyn Store) {
-    insert_if_absent(store).await;
-    compare_and_set(store).await;
-    delete_semantics(store).await;
-    list_by_prefix_in_key_order(store).await;
-    tables_are_separate(store).await;
-    concurrent_writers_never_both_win(store).await;
+use crate::{Expect, Store, StoreError};
+
+pub async fn run(store: &dyn Store, prefix: &str) {
+    let t = |name: &str| format!("{prefix}_{name}");
+    insert_if_absent(store, &t("insert")).await;
+    compare_and_set(store, &t("cas")).await;
+    versions_never_repeat_for_a_key(store, &t("aba")).await;
+    plain_writes_and_removes(store, &t("plain")).await;
+    rows_with_a_ttl_expire(store, &t("ttl")).await;
+    list_by_prefix_in_key_order(store, &t("list")).await;
+    scans_page_through_a_table(store, &t("scan")).await;
+    tables_are_separate(store, &t("sep_a"), &t("sep_b")).await;
+    concurrent_writers_never_both_win(store, &t("race")).await;
 }
 
-async fn insert_if_absent(store: &dyn Store) {
-    assert_eq!(store.get("c1", "a").await.unwrap(), None);
-    assert_eq!(
-        store
-            .put("c1", "a", b"1".to_vec(), Expect::Absent)
-            .await
-            .unwrap(),
-        1
-    );
-    let err = store
-        .put("c1", "a", b"2".to_vec(), Expect::Absent)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, StoreError::Conflict { found: Some(1), .. }),
-        "{err}"
-    );
-    assert_eq!(
-        store.get("c1", "a").await.unwrap(),
-        Some(Versioned {
-            version: 1,
-            value: b"1".to_vec()
-        })
-    );
-}
-
-async fn compare_and_set(store: &dyn Store) {
-    store
-        .put("c2", "a", b"1".to_vec(), Expect::Absent)
+async fn insert_if_absent(store: &dyn Store, table: &str) {
+    assert_eq!(store.get(table, "a").await.unwrap(), None);
+    let v1 = store
+        .put(table, "a", b"1".to_vec(), Expect::Absent)
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .put("c2", "a", b"2".to_vec(), Expect::Version(1))
-            .await
-            .unwrap(),
-        2
-    );
-    let stale = store
-        .put("c2", "a", b"3".to_vec(), Expect::Version(1))
+    let err = store
+        .put(table, "a", b"2".to_vec(), Expect::Absent)
         .await
         .unwrap_err();
     assert!(
-        matches!(stale, StoreError::Conflict { found: Some(2), .. }),
+        matches!(err, StoreError::Conflict { found: Some(found), .. } if found == v1),
+        "{err}"
+    );
+    let row = store.get(table, "a").await.unwrap().unwrap();
+    assert_eq!((row.version, row.value.as_slice()), (v1, &b"1"[..]));
+}
+
+async fn compare_and_set(store: &dyn Store, table: &str) {
+    let v1 = store
+        .put(table, "a", b"1".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    let v2 = store
+        .put(table, "a", b"2".to_vec(), Expect::Version(v1))
+        .await
+        .unwrap();
+    assert!(v2 > v1, "versions go up");
+    let stale = store
+        .put(table, "a", b"3".to_vec(), Expect::Version(v1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, StoreError::Conflict { found: Some(found), .. } if found == v2),
         "{stale}"
     );
-    assert_eq!(
-        store
-            .put("c2", "a", b"4".to_vec(), Expect::Any)
-            .await
-            .unwrap(),
-        3
-    );
     let missing = store
-        .put("c2", "nope", b"x".to_vec(), Expect::Version(1))
+        .put(table, "nope", b"x".to_vec(), Expect::Version(v1))
         .await
         .unwrap_err();
     assert!(
         matches!(missing, StoreError::Conflict { found: None, .. }),
         "{missing}"
     );
-    assert_eq!(store.get("c2", "a").await.unwrap().unwrap().value, b"4");
-}
-
-async fn delete_semantics(store: &dyn Store) {
-    store
-        .put("c3", "a", b"1".to_vec(), Expect::Absent)
-        .await
-        .unwrap();
-    assert!(store.delete("c3", "a", Expect::Version(2)).await.is_err());
-    assert!(store.delete("c3", "a", Expect::Version(1)).await.unwrap());
-    assert!(!store.delete("c3", "a", Expect::Any).await.unwrap());
-    assert!(store.delete("c3", "a", Expect::Version(1)).await.is_err());
-    // A deleted row starts again at version 1.
-    assert_eq!(
-        store
-            .put("c3", "a", b"2".to_vec(), Expect::Absent)
-            .await
-            .unwrap(),
-        1
+    assert_eq!(store.get(table, "a").await.unwrap().unwrap().value, b"2");
+    assert!(
+        store.delete(table, "a", v1).await.is_err(),
+        "a stale delete"
+    );
+    store.delete(table, "a", v2).await.unwrap();
+    assert!(
+        store.delete(table, "a", v2).await.is_err(),
+        "deleting twice"
     );
 }
 
-async fn list_by_prefix_in_key_order(store: &dyn Store) {
+/// A deleted and re-created row never gets a version it had before, so a
+/// writer holding an old version cannot overwrite the new row (ABA).
+async fn versions_never_repeat_for_a_key(store: &dyn Store, table: &str) {
+    let old = store
+        .put(table, "k", b"old".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    store.delete(table, "k", old).await.unwrap();
+    let new = store
+        .put(table, "k", b"new".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    assert_ne!(new, old, "a re-created row reused version {old}");
+    assert!(
+        store
+            .put(table, "k", b"stale".to_vec(), Expect::Version(old))
+            .await
+            .is_err(),
+        "a stale version matched the re-created row"
+    );
+    store.remove(table, "k").await.unwrap();
+    store
+        .write(table, "k", b"plain".to_vec(), None)
+        .await
+        .unwrap();
+    let plain = store.get(table, "k").await.unwrap().unwrap().version;
+    assert!(plain != old && plain != new);
+}
+
+async fn plain_writes_and_removes(store: &dyn Store, table: &str) {
+    store.write(table, "hb", b"1".to_vec(), None).await.unwrap();
+    store.write(table, "hb", b"2".to_vec(), None).await.unwrap();
+    assert_eq!(store.get(table, "hb").await.unwrap().unwrap().value, b"2");
+    store.remove(table, "hb").await.unwrap();
+    assert_eq!(store.get(table, "hb").await.unwrap(), None);
+    store.remove(table, "hb").await.unwrap();
+}
+
+/// A row written with a TTL disappears from reads and scans once it has
+/// passed; one without stays. Waits on the condition, not a fixed sleep.
+async fn rows_with_a_ttl_expire(store: &dyn Store, table: &str) {
+    store
+        .write(
+            table,
+            "lease",
+            b"x".to_vec(),
+            Some(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    store
+        .write(table, "stays", b"y".to_vec(), None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.get(table, "lease").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a row outlived its TTL by 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let keys: Vec<String> = store
+        .list(table, "")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["stays"]);
+    // An expired row is absent for compare-and-set too.
+    store
+        .write(table, "gone", b"z".to_vec(), Some(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    while store.get(table, "gone").await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store
+        .put(table, "gone", b"again".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+}
+
+async fn list_by_prefix_in_key_order(store: &dyn Store, table: &str) {
     for key in ["b/2", "a/1", "b/1", "c", "b/10"] {
         store
-            .put("c4", key, key.as_bytes().to_vec(), Expect::Any)
+            .write(table, key, key.as_bytes().to_vec(), None)
             .await
             .unwrap();
     }
     let keys: Vec<String> = store
-        .list("c4", "b/")
+        .list(table, "b/")
         .await
         .unwrap()
         .into_iter()
         .map(|(k, _)| k)
         .collect();
     assert_eq!(keys, ["b/1", "b/10", "b/2"]);
-    assert_eq!(store.list("c4", "").await.unwrap().len(), 5);
-    assert!(store.list("c4", "z").await.unwrap().is_empty());
+    assert_eq!(store.list(table, "").await.unwrap().len(), 5);
+    assert!(store.list(table, "z").await.unwrap().is_empty());
 }
 
-async fn tables_are_separate(store: &dyn Store) {
+async fn scans_page_through_a_table(store: &dyn Store, table: &str) {
+    let keys: Vec<String> = (0..23).map(|i| format!("k{i:03}")).collect();
+    for key in &keys {
+        store.write(table, key, b"v".to_vec(), None).await.unwrap();
+    }
     store
-        .put("c5a", "k", b"a".to_vec(), Expect::Absent)
+        .write(table, "other", b"v".to_vec(), None)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.scan(table, "k", after.as_deref(), 5).await.unwrap();
+        assert!(page.rows.len() <= 5, "a page holds at most its limit");
+        seen.extend(page.rows.into_iter().map(|(k, _)| k));
+        pages += 1;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, keys, "pages cover every key once, in order");
+    assert_eq!(pages, 5);
+}
+
+async fn tables_are_separate(store: &dyn Store, a: &str, b: &str) {
+    store
+        .put(a, "k", b"a".to_vec(), Expect::Absent)
         .await
         .unwrap();
     store
-        .put("c5b", "k", b"b".to_vec(), Expect::Absent)
+        .put(b, "k", b"b".to_vec(), Expect::Absent)
         .await
         .unwrap();
-    assert_eq!(store.get("c5a", "k").await.unwrap().unwrap().value, b"a");
-    assert_eq!(store.list("c5b", "").await.unwrap().len(), 1);
+    assert_eq!(store.get(a, "k").await.unwrap().unwrap().value, b"a");
+    assert_eq!(store.list(b, "").await.unwrap().len(), 1);
 }
 
-async fn concurrent_writers_never_both_win(store: &dyn Store) {
-    store
-        .put("c6", "k", b"0".to_vec(), Expect::Absent)
+async fn concurrent_writers_never_both_win(store: &dyn Store, table: &str) {
+    let v1 = store
+        .put(table, "k", b"0".to_vec(), Expect::Absent)
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        store.put("c6", "k", b"a".to_vec(), Expect::Version(1)),
-        store.put("c6", "k", b"b".to_vec(), Expect::Version(1)),
+        store.put(table, "k", b"a".to_vec(), Expect::Version(v1)),
+        store.put(table, "k", b"b".to_vec(), Expect::Version(v1)),
     );
     assert!(
         a.is_ok() != b.is_ok(),
         "exactly one CAS must win: {a:?} {b:?}"
     );
-    assert_eq!(store.get("c6", "k").await.unwrap().unwrap().version, 2);
+    let winner = a.or(b).unwrap();
+    assert_eq!(
+        store.get(table, "k").await.unwrap().unwrap().version,
+        winner
+    );
 }

@@ -1,12 +1,22 @@
-//! The state-store port: rows addressed by (table, key), each with a version
-//! that every write bumps, and compare-and-set on that version.
+//! The state-store port: rows addressed by (table, key), each with a
+//! version.
 //!
-//! The shape is Scylla's lightweight transactions (`INSERT ... IF NOT EXISTS`,
-//! `UPDATE ... IF version = ?`), so a Scylla adapter slots in beside SQLite.
-//! Callers never read-modify-write without [`Expect`]: that is how two writers
-//! never overwrite each other.
+//! It is shaped for ScyllaDB, whose adapter slots in beside SQLite:
+//! - [`Store::put`] and [`Store::delete`] are compare-and-set ([`Expect`]):
+//!   lightweight transactions (`IF NOT EXISTS`, `IF version = ?`), for rows
+//!   two writers can meet on;
+//! - [`Store::write`] and [`Store::remove`] are plain, unconditional writes
+//!   (no Paxos round), optionally expiring after a TTL, for rows with one
+//!   writer (heartbeats, logs, leases' renewals);
+//! - versions never repeat for a key, not even after a delete, so a stale
+//!   `Expect::Version` can never match a new row (no ABA);
+//! - [`Store::scan`] reads one page at a time, in key order.
+//!
+//! A row is either CAS-written or plainly written: mixing both on one row is
+//! as undefined here as LWT and plain writes are in Scylla.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -19,21 +29,31 @@ mod sqlite;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
+/// Rows [`Store::list`] reads per page.
+pub const PAGE: usize = 500;
+/// Compare-and-set attempts [`Table::update`] makes before giving up.
+pub const UPDATE_ATTEMPTS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
     pub version: u64,
     pub value: Vec<u8>,
 }
 
-/// The precondition of a write.
+/// The precondition of a compare-and-set write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// Write whatever is there.
-    Any,
     /// Only if the row does not exist.
     Absent,
     /// Only if the row exists at exactly this version.
     Version(u64),
+}
+
+/// One page of a scan; `next` is the key to scan after for the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    pub rows: Vec<(String, Versioned)>,
+    pub next: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +77,9 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The row, unless it is missing or expired.
     async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError>;
-    /// Writes and returns the new version (1 for a new row).
+    /// Compare-and-set write; returns the new version.
     async fn put(
         &self,
         table: &str,
@@ -66,11 +87,45 @@ pub trait Store: Send + Sync + 'static {
         value: Vec<u8>,
         expect: Expect,
     ) -> Result<u64, StoreError>;
-    /// Returns whether a row was deleted. `Expect::Version` on a missing row is a conflict.
-    async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError>;
-    /// Rows whose key starts with `prefix`, ordered by key.
-    async fn list(&self, table: &str, prefix: &str)
-    -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// Unconditional write, gone after `ttl` when given.
+    async fn write(
+        &self,
+        table: &str,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
+    /// Compare-and-set delete: only a row at exactly `version`.
+    async fn delete(&self, table: &str, key: &str, version: u64) -> Result<(), StoreError>;
+    /// Unconditional delete; removing a missing row succeeds.
+    async fn remove(&self, table: &str, key: &str) -> Result<(), StoreError>;
+    /// Up to `limit` live rows whose key starts with `prefix` and sorts
+    /// after `after`, in key order.
+    async fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Every live row under `prefix`, in key order, read a [`PAGE`] at a time.
+    async fn list(
+        &self,
+        table: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.scan(table, prefix, after.as_deref(), PAGE).await?;
+            out.extend(page.rows);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
 }
 
 /// A typed view of one table, storing values as JSON.
@@ -107,15 +162,62 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
     }
 
     pub async fn put(&self, key: &str, value: &T, expect: Expect) -> Result<u64, StoreError> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|e| StoreError::Backend(format!("encode {}/{key}: {e}", self.name)))?;
-        self.store.put(self.name, key, bytes, expect).await
+        self.store
+            .put(self.name, key, self.encode(key, value)?, expect)
+            .await
     }
 
-    pub async fn delete(&self, key: &str, expect: Expect) -> Result<bool, StoreError> {
-        self.store.delete(self.name, key, expect).await
+    /// An unconditional write (see [`Store::write`]).
+    pub async fn write(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .write(self.name, key, self.encode(key, value)?, ttl)
+            .await
     }
 
+    pub async fn delete(&self, key: &str, version: u64) -> Result<(), StoreError> {
+        self.store.delete(self.name, key, version).await
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.store.remove(self.name, key).await
+    }
+
+    /// Read-modify-write with compare-and-set, retried on conflict: the one
+    /// way to change a row two writers can meet on. `change` sees the
+    /// current value (`None`: no row) and returns the new one, or `None` to
+    /// write nothing. Returns what was written and its version.
+    pub async fn update(
+        &self,
+        key: &str,
+        mut change: impl FnMut(Option<&T>) -> Option<T>,
+    ) -> Result<Option<(u64, T)>, StoreError> {
+        let mut last = None;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = self.get(key).await?;
+            let Some(next) = change(current.as_ref().map(|(_, v)| v)) else {
+                return Ok(None);
+            };
+            let expect = current.map_or(Expect::Absent, |(v, _)| Expect::Version(v));
+            match self.put(key, &next, expect).await {
+                Ok(version) => return Ok(Some((version, next))),
+                Err(conflict @ StoreError::Conflict { .. }) => last = Some(conflict),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    fn encode(&self, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value)
+            .map_err(|e| StoreError::Backend(format!("encode {}/{key}: {e}", self.name)))
+    }
+
+    /// Every row under `prefix` (see [`Store::list`]).
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64, T)>, StoreError> {
         let rows = self.store.list(self.name, prefix).await?;
         rows.into_iter()
@@ -147,7 +249,6 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
 
 fn check(table: &str, key: &str, expect: Expect, found: Option<u64>) -> Result<(), StoreError> {
     let ok = match expect {
-        Expect::Any => true,
         Expect::Absent => found.is_none(),
         Expect::Version(v) => found == Some(v),
     };
@@ -161,4 +262,12 @@ fn check(table: &str, key: &str, expect: Expect, found: Option<u64>) -> Result<(
             found,
         })
     }
+}
+
+/// Milliseconds since the epoch, for TTL deadlines.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }

@@ -1,18 +1,23 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{Expect, Store, StoreError, Versioned, check};
+use crate::{Expect, Page, Store, StoreError, Versioned, check, now_ms};
 
 /// The embedded adapter: one SQLite file in the data dir, WAL mode.
 ///
 /// Each call runs on the blocking pool and holds the connection for one
-/// transaction, so a compare-and-set is atomic.
+/// transaction, so a compare-and-set is atomic. Versions come from one
+/// store-wide sequence, so a key deleted and created again never reuses one.
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
+
+/// Only rows that have not expired.
+const LIVE: &str = "(expires_ms IS NULL OR expires_ms > :now)";
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -28,6 +33,20 @@ impl SqliteStore {
                  value BLOB NOT NULL,
                  PRIMARY KEY (tbl, key)
              ) WITHOUT ROWID;",
+        )
+        .map_err(backend)?;
+        // Stores from before TTLs and the version sequence.
+        let has_expiry = conn
+            .prepare("SELECT 1 FROM pragma_table_info('rows') WHERE name = 'expires_ms'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(backend)?;
+        if !has_expiry {
+            conn.execute_batch("ALTER TABLE rows ADD COLUMN expires_ms INTEGER;")
+                .map_err(backend)?;
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS version_seq (id INTEGER PRIMARY KEY CHECK (id = 0), last INTEGER NOT NULL);
+             INSERT OR IGNORE INTO version_seq (id, last) SELECT 0, COALESCE(MAX(version), 0) FROM rows;",
         )
         .map_err(backend)?;
         restrict_to_owner(path)?;
@@ -56,19 +75,47 @@ fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn current_version(
+fn live_version(
     tx: &rusqlite::Transaction<'_>,
     table: &str,
     key: &str,
 ) -> Result<Option<u64>, StoreError> {
     tx.query_row(
-        "SELECT version FROM rows WHERE tbl = ?1 AND key = ?2",
-        params![table, key],
+        &format!("SELECT version FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"),
+        rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
         |r| r.get::<_, i64>(0),
     )
     .optional()
     .map(|v| v.map(|v| v as u64))
     .map_err(backend)
+}
+
+fn next_version(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+    tx.query_row(
+        "UPDATE version_seq SET last = last + 1 WHERE id = 0 RETURNING last",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+    .map_err(backend)
+}
+
+fn upsert(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    key: &str,
+    value: &[u8],
+    expires_ms: Option<i64>,
+) -> Result<u64, StoreError> {
+    let version = next_version(tx)?;
+    tx.execute(
+        "INSERT INTO rows (tbl, key, version, value, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, value = excluded.value,
+             expires_ms = excluded.expires_ms",
+        params![table, key, version as i64, value, expires_ms],
+    )
+    .map_err(backend)?;
+    Ok(version)
 }
 
 #[async_trait]
@@ -77,8 +124,10 @@ impl Store for SqliteStore {
         let (table, key) = (table.to_string(), key.to_string());
         self.with_conn(move |conn| {
             conn.query_row(
-                "SELECT version, value FROM rows WHERE tbl = ?1 AND key = ?2",
-                params![table, key],
+                &format!(
+                    "SELECT version, value FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
+                ),
+                rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
                 |r| {
                     Ok(Versioned {
                         version: r.get::<_, i64>(0)? as u64,
@@ -102,53 +151,107 @@ impl Store for SqliteStore {
         let (table, key) = (table.to_string(), key.to_string());
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(backend)?;
-            let found = current_version(&tx, &table, &key)?;
-            check(&table, &key, expect, found)?;
-            let version = found.unwrap_or(0) + 1;
-            tx.execute(
-                "INSERT INTO rows (tbl, key, version, value) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, value = excluded.value",
-                params![table, key, version as i64, value],
-            )
-            .map_err(backend)?;
+            check(&table, &key, expect, live_version(&tx, &table, &key)?)?;
+            let version = upsert(&tx, &table, &key, &value, None)?;
             tx.commit().map_err(backend)?;
             Ok(version)
         })
         .await
     }
 
-    async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError> {
+    async fn write(
+        &self,
+        table: &str,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
         let (table, key) = (table.to_string(), key.to_string());
         self.with_conn(move |conn| {
+            let now = now_ms();
             let tx = conn.transaction().map_err(backend)?;
-            let found = current_version(&tx, &table, &key)?;
-            check(&table, &key, expect, found)?;
-            let deleted = tx
-                .execute(
-                    "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
-                    params![table, key],
-                )
-                .map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(deleted > 0)
+            upsert(
+                &tx,
+                &table,
+                &key,
+                &value,
+                ttl.map(|t| now + t.as_millis() as i64),
+            )?;
+            // Expired rows of this table go as their table is written.
+            tx.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND expires_ms IS NOT NULL AND expires_ms <= ?2",
+                params![table, now],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
         })
         .await
     }
 
-    async fn list(
+    async fn delete(&self, table: &str, key: &str, version: u64) -> Result<(), StoreError> {
+        let (table, key) = (table.to_string(), key.to_string());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let found = live_version(&tx, &table, &key)?;
+            check(&table, &key, Expect::Version(version), found)?;
+            tx.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove(&self, table: &str, key: &str) -> Result<(), StoreError> {
+        let (table, key) = (table.to_string(), key.to_string());
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn scan(
         &self,
         table: &str,
         prefix: &str,
-    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let (table, prefix) = (table.to_string(), prefix.to_string());
+        let from = match after {
+            Some(after) if after >= prefix.as_str() => after.to_string(),
+            _ => prefix.clone(),
+        };
+        let strictly_after = after.is_some_and(|a| a >= prefix.as_str());
+        let limit = limit.max(1);
         self.with_conn(move |conn| {
+            let op = if strictly_after { ">" } else { ">=" };
             let mut stmt = conn
-                .prepare_cached("SELECT key, version, value FROM rows WHERE tbl = ?1 AND key >= ?2 ORDER BY key")
+                .prepare_cached(&format!(
+                    "SELECT key, version, value FROM rows WHERE tbl = :tbl AND key {op} :from AND {LIVE}
+                     ORDER BY key LIMIT :limit"
+                ))
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![table, prefix], |r| {
-                    Ok((r.get::<_, String>(0)?, Versioned { version: r.get::<_, i64>(1)? as u64, value: r.get(2)? }))
-                })
+                .query_map(
+                    rusqlite::named_params! {":tbl": table, ":from": from, ":now": now_ms(), ":limit": (limit + 1) as i64},
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            Versioned {
+                                version: r.get::<_, i64>(1)? as u64,
+                                value: r.get(2)?,
+                            },
+                        ))
+                    },
+                )
                 .map_err(backend)?;
             let mut out = Vec::new();
             for row in rows {
@@ -158,45 +261,15 @@ impl Store for SqliteStore {
                 }
                 out.push((key, value));
             }
-            Ok(out)
+            let next = if out.len() > limit {
+                out.pop();
+                out.last().map(|(k, _)| k.clone())
+            } else {
+                None
+            };
+            Ok(Page { rows: out, next })
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn passes_the_contract() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        crate::contract::run(&store).await;
-    }
-
-    #[tokio::test]
-    async fn rows_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        SqliteStore::open(&path)
-            .unwrap()
-            .put("t", "k", b"v".to_vec(), Expect::Absent)
-            .await
-            .unwrap();
-        let row = SqliteStore::open(&path)
-            .unwrap()
-            .get("t", "k")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            row,
-            Versioned {
-                version: 1,
-                value: b"v".to_vec()
-            }
-        );
     }
 }
 
@@ -242,5 +315,50 @@ mod permission_tests {
             let mode = file.metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} is {mode:o}", file.path().display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        crate::contract::run(&store, "sqlite").await;
+        // Twice on one database: every run's names are its own.
+        crate::contract::run(&store, "sqlite2").await;
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_sequence_keeps_versions_rising() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE rows (tbl TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
+                     value BLOB NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID;
+                 INSERT INTO rows VALUES ('apps', 'web', 7, x'7b7d');",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let row = store.get("apps", "web").await.unwrap().unwrap();
+        assert_eq!(row.version, 7);
+        let next = store
+            .put("apps", "web", b"{}".to_vec(), Expect::Version(7))
+            .await
+            .unwrap();
+        assert!(next > 7);
+        let fresh = store
+            .put("apps", "api", b"{}".to_vec(), Expect::Absent)
+            .await
+            .unwrap();
+        assert!(
+            fresh > next,
+            "a new row reuses no version of the old database"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! a tool is missing: no test skips silently.
 
 pub mod docker;
+pub mod faulty_store;
 pub mod rabbitmq;
 
 use std::net::TcpListener;

@@ -36,35 +36,25 @@ pub struct ApiKeyRecord {
     pub created_ms: i64,
 }
 
-/// Loads the signing key from the secret store, creating it on first start.
+/// Loads the signing key from the secret store, creating it on first start
+/// (check-and-set: auth replicas starting together agree on one key).
 pub async fn signing_key(platform: &Platform) -> Result<Arc<TokenSigner>, Error> {
-    let stored = platform
-        .secrets
-        .get(SIGNING_KEY_PATH)
+    let secret =
+        capstan_secrets::get_or_create(platform.secrets.as_ref(), SIGNING_KEY_PATH, || {
+            Secret::new(B64.encode(TokenSigner::generate().secret_bytes()))
+        })
         .await
         .map_err(Error::internal)?;
-    if let Some(secret) = stored {
-        let bytes: [u8; 32] = B64
-            .decode(secret.expose())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "secret `{SIGNING_KEY_PATH}` is not a base64 Ed25519 key"
-                ))
-            })?;
-        return Ok(Arc::new(TokenSigner::from_bytes(&bytes)));
-    }
-    let signer = TokenSigner::generate();
-    platform
-        .secrets
-        .put(
-            SIGNING_KEY_PATH,
-            Secret::new(B64.encode(signer.secret_bytes())),
-        )
-        .await
-        .map_err(Error::internal)?;
-    Ok(Arc::new(signer))
+    let bytes: [u8; 32] = B64
+        .decode(secret.expose())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            Error::Internal(format!(
+                "secret `{SIGNING_KEY_PATH}` is not a base64 Ed25519 key"
+            ))
+        })?;
+    Ok(Arc::new(TokenSigner::from_bytes(&bytes)))
 }
 
 /// Makes sure the keys of a single-host installation exist and are known:
@@ -95,18 +85,11 @@ pub async fn bootstrap_keys(
 /// act only as that node. Created on first use; idempotent.
 pub async fn node_key(platform: &Platform, node_id: &NodeId) -> Result<Secret, Error> {
     let path = format!("nodes/{node_id}/api-key");
-    let key = match platform.secrets.get(&path).await.map_err(Error::internal)? {
-        Some(key) => key,
-        None => {
-            let key = Secret::new(capstan_authn::generate_api_key());
-            platform
-                .secrets
-                .put(&path, key.clone())
-                .await
-                .map_err(Error::internal)?;
-            key
-        }
-    };
+    let key = capstan_secrets::get_or_create(platform.secrets.as_ref(), &path, || {
+        Secret::new(capstan_authn::generate_api_key())
+    })
+    .await
+    .map_err(Error::internal)?;
     ensure_api_key(platform, &key, node_id.as_str(), Role::Node).await?;
     Ok(key)
 }
@@ -124,7 +107,7 @@ pub async fn ensure_api_key(
         role,
         created_ms: now_ms(),
     };
-    keys.put(&api_key_digest(api_key.expose()), &record, Expect::Any)
+    keys.write(&api_key_digest(api_key.expose()), &record, None)
         .await
         .map_err(Error::internal)?;
     Ok(())

@@ -57,10 +57,7 @@ impl EventLog {
     async fn trim(&self) -> Result<(), Error> {
         let rows = self.table.list("").await.map_err(Error::internal)?;
         for (key, _, _) in rows.iter().take(rows.len().saturating_sub(RETAIN)) {
-            self.table
-                .delete(key, Expect::Any)
-                .await
-                .map_err(Error::internal)?;
+            self.table.remove(key).await.map_err(Error::internal)?;
         }
         Ok(())
     }
@@ -136,69 +133,28 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use async_trait::async_trait;
     use capstan_events::{EventBus, MemoryBus};
     use capstan_registry::EmbeddedRegistry;
     use capstan_secrets::{FileSecretStore, Secret};
-    use capstan_store::{Expect, MemoryStore, Store, StoreError, Versioned};
+    use capstan_store::MemoryStore;
+    use capstan_testkit::faulty_store::{FaultyStore, StoreOp};
 
     use super::*;
-
-    /// A memory store whose first `fail` writes to the events table fail.
-    struct FlakyEvents {
-        inner: MemoryStore,
-        fail: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Store for FlakyEvents {
-        async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
-            self.inner.get(table, key).await
-        }
-        async fn put(
-            &self,
-            table: &str,
-            key: &str,
-            value: Vec<u8>,
-            expect: Expect,
-        ) -> Result<u64, StoreError> {
-            if table == EVENTS
-                && self
-                    .fail
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-            {
-                return Err(StoreError::Backend("injected failure".into()));
-            }
-            self.inner.put(table, key, value, expect).await
-        }
-        async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError> {
-            self.inner.delete(table, key, expect).await
-        }
-        async fn list(
-            &self,
-            table: &str,
-            prefix: &str,
-        ) -> Result<Vec<(String, Versioned)>, StoreError> {
-            self.inner.list(table, prefix).await
-        }
-    }
 
     #[tokio::test]
     async fn an_event_whose_write_failed_is_stored_when_redelivered() {
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let bus = Arc::new(MemoryBus::new());
+        // The first write of an event fails.
+        let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+        store.arm(StoreOp::Insert, EVENTS);
         let platform = Platform::new(
             Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
             bus.clone(),
-            Arc::new(FlakyEvents {
-                inner: MemoryStore::new(),
-                fail: AtomicUsize::new(1),
-            }),
+            store,
             Arc::new(FileSecretStore::new(dir.path())),
             Secret::new("unused"),
         );

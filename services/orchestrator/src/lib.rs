@@ -6,11 +6,14 @@
 //! scheduler does); it never reads another service's tables.
 
 mod api;
+mod cluster;
 mod event_log;
-pub use api::MAX_WATCHERS;
-pub mod plan;
 mod reconcile;
-pub mod records;
+
+pub use api::MAX_WATCHERS;
+pub use capstan_rollout::{plan, records};
+pub use cluster::{Cluster, GrpcCluster};
+pub use reconcile::Reconciler;
 
 use std::sync::Arc;
 
@@ -22,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Serves the orchestrator on `listener` until `shutdown`.
 /// Viewers read, operators change apps; router-config reads the endpoints.
 pub fn policy() -> Policy {
     Policy::new()
@@ -36,6 +38,7 @@ pub fn policy() -> Policy {
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
 }
 
+/// Serves the orchestrator on `listener` until `shutdown`.
 pub async fn run(
     platform: Platform,
     listener: TcpListener,

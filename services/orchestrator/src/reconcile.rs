@@ -1,45 +1,44 @@
 //! The reconciler: observe (agents' instance lists), merge into stored
-//! instance records, plan each app ([`crate::plan`]), act. Level-triggered:
-//! it runs every second and on events, and a second run over a converged
-//! platform does nothing.
+//! instance records, plan each app ([`crate::plan`]), act, then advance each
+//! app's rollout ([`capstan_rollout::machine`]). Level-triggered: it runs
+//! every second and on events, and a second run over a converged platform
+//! does nothing. It reaches the rest of the platform only through
+//! [`Cluster`], so every step can be failed on purpose in tests.
+//!
+//! Instance records are written with compare-and-set on the version read in
+//! the same pass: a record changed by anyone else meanwhile is left for the
+//! next pass, never overwritten.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_proto::v1::agent_client::AgentClient;
-use capstan_proto::v1::router_config_client::RouterConfigClient;
-use capstan_proto::v1::scheduler_client::SchedulerClient;
-use capstan_proto::v1::{
-    ListAllocationsRequest, ListInstancesRequest, ListNodesRequest, NodeStatus, PlaceRequest,
-    ReleaseRequest, StartInstanceRequest, StopInstanceRequest, SyncRequest,
-};
+use capstan_proto::v1::{Instance, NodeStatus, PlaceRequest, StartInstanceRequest};
+use capstan_rollout::machine::{self, Next, Progress};
 use capstan_server::{Platform, new_id, now_ms};
-use capstan_store::{Expect, Table};
+use capstan_store::{Expect, StoreError, Table};
 use capstan_types::{Error, Event, EventKind, InstanceState};
 use futures::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::plan::{self, Action, AppView, InstanceView};
-use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState};
+use crate::cluster::{Cluster, GrpcCluster};
+use crate::plan::{self, Action, InstanceView};
+use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord};
 
 const TICK: Duration = Duration::from_secs(1);
-/// Failures of new instances after which a rollout is abandoned.
-const ROLLOUT_MAX_FAILURES: u32 = 3;
 /// How long an instance may stay pending before its node must report it.
 const PENDING_GRACE_MS: i64 = 30_000;
-const STOP_GRACE: Duration = Duration::from_secs(10);
-const BACKOFF_MAX_MS: i64 = 30_000;
 /// Orphaned allocations are collected every this many passes ...
 const COLLECT_EVERY_PASSES: u32 = 30;
 /// ... when older than this: younger ones may belong to a start whose
 /// instance record is still being written.
-const ORPHAN_GRACE_MS: i64 = 60_000;
+pub const ORPHAN_GRACE_MS: i64 = 60_000;
 
 #[derive(Clone)]
 pub struct Reconciler {
     platform: Platform,
+    cluster: Arc<dyn Cluster>,
     apps: Table<AppRecord>,
     instances: Table<InstanceRecord>,
 }
@@ -49,24 +48,68 @@ struct Observation {
     /// Nodes being drained: their instances move elsewhere.
     draining_nodes: HashSet<String>,
     /// Instances reported by each reachable node.
-    reported: HashMap<String, Vec<capstan_proto::v1::Instance>>,
+    reported: HashMap<String, Vec<Instance>>,
     node_addresses: HashMap<String, String>,
 }
 
-/// Changes to one app record decided during a pass, applied with CAS.
-#[derive(Default)]
-struct AppChanges {
-    failures: u32,
-    became_healthy: bool,
-    placement_error: Option<String>,
+/// Instance records of one pass with the versions they were read at.
+struct Records {
+    table: Table<InstanceRecord>,
+    versions: HashMap<String, u64>,
+}
+
+impl Records {
+    /// Writes `record` if nobody changed it since this pass read it.
+    async fn update(&mut self, record: &InstanceRecord) -> Result<bool, Error> {
+        let Some(version) = self.versions.get(&record.id).copied() else {
+            return Ok(false);
+        };
+        match self
+            .table
+            .put(&record.id, record, Expect::Version(version))
+            .await
+        {
+            Ok(next) => {
+                self.versions.insert(record.id.clone(), next);
+                Ok(true)
+            }
+            Err(StoreError::Conflict { .. }) => {
+                tracing::debug!(instance = %record.id, "record changed concurrently; next pass");
+                Ok(false)
+            }
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
+
+    /// Deletes `id` if nobody changed it since this pass read it.
+    async fn delete(&mut self, id: &str) -> Result<(), Error> {
+        let Some(version) = self.versions.get(id).copied() else {
+            return Ok(());
+        };
+        match self.table.delete(id, version).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {
+                self.versions.remove(id);
+                Ok(())
+            }
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
 }
 
 impl Reconciler {
     pub fn new(platform: Platform) -> Self {
+        let cluster = Arc::new(GrpcCluster::new(platform.clone()));
+        Self::with_cluster(platform, cluster)
+    }
+
+    /// A reconciler over any [`Cluster`]: the platform is used for the
+    /// store and to publish events.
+    pub fn with_cluster(platform: Platform, cluster: Arc<dyn Cluster>) -> Self {
         Reconciler {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
             platform,
+            cluster,
         }
     }
 
@@ -78,7 +121,7 @@ impl Reconciler {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
-            if let Err(e) = self.reconcile().await {
+            if let Err(e) = self.reconcile(now_ms()).await {
                 tracing::warn!("reconcile pass failed: {e}");
             }
             passes = passes.wrapping_add(1);
@@ -97,13 +140,7 @@ impl Reconciler {
     /// failed after `Place`). Level-triggered: it compares what the scheduler
     /// holds with the records, so every leak is found whatever caused it.
     pub async fn collect_orphans(&self, now: i64) -> Result<usize, Error> {
-        let mut scheduler = SchedulerClient::new(self.platform.client("scheduler").await?);
-        let allocations = scheduler
-            .list_allocations(ListAllocationsRequest {})
-            .await
-            .map_err(capstan_proto::into_error)?
-            .into_inner()
-            .allocations;
+        let allocations = self.cluster.allocations().await?;
         // Records are read after the allocations: a record written in
         // between is seen, so its allocation is never taken for an orphan.
         let records: HashSet<String> = self
@@ -122,35 +159,20 @@ impl Reconciler {
         if orphans.is_empty() {
             return Ok(0);
         }
-        scheduler
-            .release(ReleaseRequest {
-                instance_ids: orphans.clone(),
-            })
-            .await
-            .map_err(capstan_proto::into_error)?;
-        Ok(orphans.len())
+        let count = orphans.len();
+        self.cluster.release(orphans).await?;
+        Ok(count)
     }
 
     async fn observe(&self) -> Result<Observation, Error> {
-        let nodes = SchedulerClient::new(self.platform.client("scheduler").await?)
-            .list_nodes(ListNodesRequest {})
-            .await
-            .map_err(capstan_proto::into_error)?
-            .into_inner()
-            .nodes;
+        let nodes = self.cluster.nodes().await?;
         let ready: Vec<_> = nodes
             .iter()
             .filter(|n| n.status == NodeStatus::Ready as i32)
             .collect();
         let lists = join_all(ready.iter().map(|node| async move {
-            let channel = self.platform.client_at(&node.address).await.ok()?;
-            let mut request = tonic::Request::new(ListInstancesRequest {});
-            request.set_timeout(Duration::from_secs(3));
-            let response = AgentClient::new(channel)
-                .list_instances(request)
-                .await
-                .ok()?;
-            Some((node.id.clone(), response.into_inner().instances))
+            let instances = self.cluster.instances(node).await?;
+            Some((node.id.clone(), instances))
         }))
         .await;
         Ok(Observation {
@@ -168,10 +190,9 @@ impl Reconciler {
         })
     }
 
-    /// One pass over every app.
-    pub async fn reconcile(&self) -> Result<(), Error> {
+    /// One pass over every app, at time `now`.
+    pub async fn reconcile(&self, now: i64) -> Result<(), Error> {
         let observation = self.observe().await?;
-        let now = now_ms();
         let apps: HashMap<String, (u64, AppRecord)> = self
             .apps
             .list("")
@@ -180,10 +201,15 @@ impl Reconciler {
             .into_iter()
             .map(|(k, v, r)| (k, (v, r)))
             .collect();
-        let mut records = self.instances.values("").await.map_err(Error::internal)?;
+        let listed = self.instances.list("").await.map_err(Error::internal)?;
+        let mut store = Records {
+            table: self.instances.clone(),
+            versions: listed.iter().map(|(k, v, _)| (k.clone(), *v)).collect(),
+        };
+        let mut records: Vec<InstanceRecord> = listed.into_iter().map(|(_, _, r)| r).collect();
 
         // Merge what the nodes report into the records.
-        let mut observed: HashMap<&str, &capstan_proto::v1::Instance> = HashMap::new();
+        let mut observed: HashMap<&str, &Instance> = HashMap::new();
         for instances in observation.reported.values() {
             for instance in instances {
                 observed.insert(instance.id.as_str(), instance);
@@ -191,49 +217,15 @@ impl Reconciler {
         }
         for record in &mut records {
             let before = record.clone();
-            match observed.get(record.id.as_str()) {
-                Some(seen) => {
-                    if let Some(state) = capstan_proto::state_from_wire(seen.state)
-                        && state != InstanceState::Stopping
-                    {
-                        record.state = state;
-                    }
-                    record.message.clone_from(&seen.message);
-                    match observation.node_addresses.get(&record.node_id) {
-                        Some(node) if on_node(&seen.address, node) => {
-                            record.address.clone_from(&seen.address);
-                        }
-                        _ => {
-                            // An agent reports addresses; only its own IP is routed.
-                            record.address.clear();
-                            record.message = format!(
-                                "not routed: address `{}` is not on node {}'s registered IP",
-                                seen.address, record.node_id
-                            );
-                        }
-                    }
-                }
-                None if record.state.is_terminal() => {}
-                // Its node answers but no longer runs it (past the grace a new instance gets).
-                None if observation.reported.contains_key(&record.node_id)
-                    && (record.state != InstanceState::Pending
-                        || now - record.created_ms > PENDING_GRACE_MS) =>
-                {
-                    record.state = InstanceState::Lost;
-                    record.message = format!("node {} no longer runs it", record.node_id);
-                }
-                None if !observation.ready_nodes.contains(&record.node_id) => {
-                    record.state = InstanceState::Lost;
-                    record.message = format!("node {} is down", record.node_id);
-                }
-                None => {}
-            }
+            merge(
+                record,
+                observed.get(record.id.as_str()).copied(),
+                &observation,
+                now,
+            );
             if *record != before {
                 record.updated_ms = now;
-                self.instances
-                    .put(&record.id, record, Expect::Any)
-                    .await
-                    .map_err(Error::internal)?;
+                store.update(record).await?;
             }
         }
 
@@ -261,19 +253,19 @@ impl Reconciler {
             .collect();
         names.sort();
 
-        let mut routes = Vec::new();
+        let mut routes = 0usize;
         let mut drains = Vec::new();
         let mut starts = Vec::new();
-        let mut changes: HashMap<String, AppChanges> = HashMap::new();
+        let mut progress: HashMap<String, Progress> = HashMap::new();
         for name in &names {
             let instances = by_app.remove(name).unwrap_or_default();
             let app = apps.get(name).map(|(_, a)| a);
-            let view = app_view(app, now);
+            let view = machine::app_view(app, now);
             let views: Vec<InstanceView> = instances
                 .iter()
                 .map(|r| instance_view(r, &observation.draining_nodes))
                 .collect();
-            let change = changes.entry(name.clone()).or_default();
+            let seen = progress.entry(name.clone()).or_default();
             for action in plan::plan(&view, &views) {
                 let record = |id: &str| instances.iter().find(|r| r.id == id).cloned();
                 match action {
@@ -281,12 +273,10 @@ impl Reconciler {
                         if let Some(mut r) = record(&id) {
                             r.routable = true;
                             r.updated_ms = now;
-                            self.instances
-                                .put(&id, &r, Expect::Any)
-                                .await
-                                .map_err(Error::internal)?;
-                            change.became_healthy = true;
-                            routes.push(id);
+                            if store.update(&r).await? {
+                                seen.became_healthy = true;
+                                routes += 1;
+                            }
                         }
                     }
                     Action::Drain(id) => {
@@ -295,10 +285,9 @@ impl Reconciler {
                                 r.stopping = true;
                                 r.routable = false;
                                 r.updated_ms = now;
-                                self.instances
-                                    .put(&id, &r, Expect::Any)
-                                    .await
-                                    .map_err(Error::internal)?;
+                                if !store.update(&r).await? {
+                                    continue;
+                                }
                             }
                             drains.push(r);
                         }
@@ -308,7 +297,7 @@ impl Reconciler {
                             if r.spec_hash == view.target_hash
                                 && matches!(r.state, InstanceState::Failed | InstanceState::Lost)
                             {
-                                change.failures += 1;
+                                seen.failures += 1;
                             }
                             if r.state == InstanceState::Lost {
                                 self.emit(
@@ -320,7 +309,7 @@ impl Reconciler {
                                 )
                                 .await;
                             }
-                            if let Err(e) = self.forget(&r, &observation).await {
+                            if let Err(e) = self.forget(&r, &observation, &mut store).await {
                                 tracing::warn!(instance = %r.id, "failed to forget instance; retrying next pass: {e}");
                             }
                         }
@@ -336,25 +325,20 @@ impl Reconciler {
 
         // Out of rotation first, then stopped: the router drops drained
         // instances and waits for their requests before anything is killed.
-        if !routes.is_empty() || !drains.is_empty() {
-            let synced = match self.platform.client("router-config").await {
-                Ok(channel) => RouterConfigClient::new(channel)
-                    .sync(SyncRequest {})
-                    .await
-                    .map_err(capstan_proto::into_error),
-                Err(e) => Err(e),
-            };
-            match synced {
-                Ok(_) => {
-                    join_all(drains.iter().map(|r| self.finish_drain(r, &observation))).await;
+        if routes > 0 || !drains.is_empty() {
+            match self.cluster.sync_routes().await {
+                Ok(()) => {
+                    for record in &drains {
+                        self.finish_drain(record, &observation, &mut store).await;
+                    }
                 }
                 Err(e) => tracing::warn!("router sync failed; stopping nothing this pass: {e}"),
             }
         }
 
         for (app, count) in starts {
-            let placement_error = self.start(&app, count).await;
-            changes
+            let placement_error = self.start(&app, count, now).await;
+            progress
                 .entry(app.spec.name.clone())
                 .or_default()
                 .placement_error = Some(placement_error);
@@ -370,9 +354,9 @@ impl Reconciler {
         for name in &names {
             if let Some((version, app)) = apps.get(name) {
                 let instances = after.remove(name).unwrap_or_default();
-                let change = changes.remove(name).unwrap_or_default();
-                self.update_app(name, *version, app.clone(), &instances, change, now)
-                    .await?;
+                let seen = progress.remove(name).unwrap_or_default();
+                self.advance(name, *version, app, &instances, &seen, now)
+                    .await;
             }
         }
         Ok(())
@@ -383,55 +367,39 @@ impl Reconciler {
     }
 
     async fn stop_on_node(&self, address: &str, instance_id: &str) -> bool {
-        let Ok(channel) = self.platform.client_at(address).await else {
-            return false;
-        };
-        let request = StopInstanceRequest {
-            instance_id: instance_id.to_string(),
-            grace_ms: STOP_GRACE.as_millis() as u64,
-        };
-        match AgentClient::new(channel).stop_instance(request).await {
-            Ok(_) => true,
-            Err(status) => {
-                tracing::warn!(instance = %instance_id, "failed to stop instance: {}", status.message());
+        match self.cluster.stop(address, instance_id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(instance = %instance_id, "failed to stop instance: {e}");
                 false
             }
         }
     }
 
-    /// Frees an instance's allocation. Its record goes only after this
-    /// succeeds, so a failure leaves the record (and the retry) in place.
-    async fn release(&self, id: &str) -> Result<(), Error> {
-        SchedulerClient::new(self.platform.client("scheduler").await?)
-            .release(ReleaseRequest {
-                instance_ids: vec![id.to_string()],
-            })
-            .await
-            .map_err(capstan_proto::into_error)?;
-        Ok(())
-    }
-
-    /// Removes an instance that ended by itself: best-effort stop on its node,
-    /// then its allocation and record.
+    /// Removes an instance that ended by itself: best-effort stop on its
+    /// node, then its allocation, then its record. The record goes only
+    /// once the allocation is freed, so a failure is retried next pass.
     async fn forget(
         &self,
         record: &InstanceRecord,
         observation: &Observation,
+        store: &mut Records,
     ) -> Result<(), Error> {
         if observation.reported.contains_key(&record.node_id)
             && let Some(address) = observation.node_addresses.get(&record.node_id)
         {
             self.stop_on_node(address, &record.id).await;
         }
-        self.release(&record.id).await?;
-        self.instances
-            .delete(&record.id, Expect::Any)
-            .await
-            .map_err(Error::internal)?;
-        Ok(())
+        self.cluster.release(vec![record.id.clone()]).await?;
+        store.delete(&record.id).await
     }
 
-    async fn finish_drain(&self, record: &InstanceRecord, observation: &Observation) {
+    async fn finish_drain(
+        &self,
+        record: &InstanceRecord,
+        observation: &Observation,
+        store: &mut Records,
+    ) {
         // The node's address now: an agent may have restarted on another port.
         let stopped = match observation.node_addresses.get(&record.node_id) {
             Some(address) if observation.ready_nodes.contains(&record.node_id) => {
@@ -442,17 +410,17 @@ impl Reconciler {
         if !stopped {
             return;
         }
-        if let Err(e) = self.release(&record.id).await {
+        if let Err(e) = self.cluster.release(vec![record.id.clone()]).await {
             tracing::warn!(instance = %record.id, "failed to release allocation; retrying next pass: {e}");
             return;
         }
-        if let Err(e) = self.instances.delete(&record.id, Expect::Any).await {
+        if let Err(e) = store.delete(&record.id).await {
             tracing::warn!(instance = %record.id, "failed to delete instance record: {e}");
         }
     }
 
     /// Places and starts `count` instances; returns why placement fell short.
-    async fn start(&self, app: &AppRecord, count: u32) -> String {
+    async fn start(&self, app: &AppRecord, count: u32, now: i64) -> String {
         let ids: Vec<String> = (0..count).map(|_| new_id(&app.spec.name)).collect();
         let request = PlaceRequest {
             app: app.spec.name.clone(),
@@ -466,18 +434,10 @@ impl Reconciler {
                 .filter_map(|p| p.host_port.map(u32::from))
                 .collect(),
         };
-        let placed = match self.platform.client("scheduler").await {
-            Ok(channel) => SchedulerClient::new(channel)
-                .place(request)
-                .await
-                .map_err(capstan_proto::into_error),
-            Err(e) => Err(e),
-        };
-        let placed = match placed {
-            Ok(response) => response.into_inner(),
+        let placed = match self.cluster.place(request).await {
+            Ok(placed) => placed,
             Err(e) => return format!("scheduler unavailable: {e}"),
         };
-        let now = now_ms();
         let starts = placed.placements.iter().map(|placement| async move {
             let mut record = InstanceRecord {
                 id: placement.instance_id.clone(),
@@ -492,19 +452,22 @@ impl Reconciler {
                 created_ms: now,
                 updated_ms: now,
             };
-            if let Err(e) = self
+            let version = match self
                 .instances
                 .put(&record.id, &record, Expect::Absent)
                 .await
             {
-                // Nothing refers to the allocation: free it now (orphan
-                // collection catches it if this fails too).
-                tracing::warn!("failed to record instance: {e}");
-                if let Err(e) = self.release(&record.id).await {
-                    tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
+                Ok(version) => version,
+                Err(e) => {
+                    // Nothing refers to the allocation: free it now (orphan
+                    // collection catches it if this fails too).
+                    tracing::warn!("failed to record instance: {e}");
+                    if let Err(e) = self.cluster.release(vec![record.id.clone()]).await {
+                        tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
+                    }
+                    return;
                 }
-                return;
-            }
+            };
             self.emit(
                 Event::new(new_id("ev"), now, EventKind::InstanceScheduled)
                     .app(&record.app)
@@ -517,16 +480,8 @@ impl Reconciler {
                 spec_hash: record.spec_hash.clone(),
                 spec: Some(capstan_proto::spec_to_wire(&app.spec)),
             };
-            let result = match self.platform.client_at(&placement.node_address).await {
-                Ok(channel) => AgentClient::new(channel)
-                    .start_instance(request)
-                    .await
-                    .map_err(capstan_proto::into_error),
-                Err(e) => Err(e),
-            };
-            match result {
+            match self.cluster.start(&placement.node_address, request).await {
                 Ok(instance) => {
-                    let instance = instance.into_inner();
                     record.state = capstan_proto::state_from_wire(instance.state)
                         .unwrap_or(InstanceState::Starting);
                     if on_node(&instance.address, &placement.node_address) {
@@ -538,8 +493,12 @@ impl Reconciler {
                     record.message = e.to_string();
                 }
             }
-            record.updated_ms = now_ms();
-            if let Err(e) = self.instances.put(&record.id, &record, Expect::Any).await {
+            if let Err(e) = self
+                .instances
+                .put(&record.id, &record, Expect::Version(version))
+                .await
+            {
+                // The next pass observes the instance on its node instead.
                 tracing::warn!("failed to update instance record: {e}");
             }
         });
@@ -547,114 +506,88 @@ impl Reconciler {
         placed.explanation
     }
 
-    /// Advances the rollout, backoff and bookkeeping of one app (CAS; a lost
-    /// race is retried on the next pass).
-    async fn update_app(
+    /// Advances one app's rollout and bookkeeping (compare-and-set: a lost
+    /// race is retried on the next pass), then publishes what changed.
+    async fn advance(
         &self,
         name: &str,
         version: u64,
-        mut app: AppRecord,
+        app: &AppRecord,
         instances: &[InstanceView],
-        change: AppChanges,
+        progress: &Progress,
         now: i64,
-    ) -> Result<(), Error> {
-        let before = app.clone();
-        if app.deleting {
-            if instances.is_empty() {
-                self.apps.delete(name, Expect::Version(version)).await.ok();
-                tracing::info!(app = name, "app deleted");
+    ) {
+        match machine::advance(app, instances, progress, now) {
+            Next::Unchanged => {}
+            Next::Delete => {
+                if self.apps.delete(name, version).await.is_ok() {
+                    tracing::info!(app = name, "app deleted");
+                }
             }
-            return Ok(());
-        }
-        if change.failures > 0 {
-            app.backoff.failures += change.failures;
-            let delay = (500i64 << app.backoff.failures.min(16)).min(BACKOFF_MAX_MS);
-            app.backoff.until_ms = now + delay;
-        }
-        if change.became_healthy {
-            app.backoff = Default::default();
-        }
-        if let Some(error) = change.placement_error {
-            app.placement_error = error;
-        }
-        let view = app_view(Some(&app), now);
-        let mut events = Vec::new();
-        if app.rollout.state == RolloutState::InProgress {
-            if app.rollout.target_hash == app.spec_hash {
-                app.rollout.failures += change.failures;
-            }
-            let updated = plan::updated(&view, instances);
-            let stalled = now - app.rollout.progress_ms
-                > app.spec.update.progress_deadline.as_millis() as i64;
-            if app.rollout.failures >= ROLLOUT_MAX_FAILURES || stalled {
-                let reason = if stalled {
-                    format!(
-                        "no progress within {}",
-                        capstan_types::duration::format(app.spec.update.progress_deadline)
-                    )
-                } else {
-                    format!("{} new instances failed", app.rollout.failures)
-                };
-                match app
-                    .stable
-                    .clone()
-                    .filter(|s| s.template_hash() != app.spec_hash)
+            Next::Write { app, events } => {
+                if self
+                    .apps
+                    .put(name, &app, Expect::Version(version))
+                    .await
+                    .is_ok()
                 {
-                    Some(stable) => {
-                        let failed_hash = app.spec_hash.clone();
-                        app.spec_hash = stable.template_hash();
-                        app.spec = stable;
-                        app.rollout = Rollout {
-                            state: RolloutState::RolledBack,
-                            message: format!(
-                                "rollout of {failed_hash} failed ({reason}); rolled back to {}",
-                                app.spec_hash
-                            ),
-                            ..Rollout::start(failed_hash, now)
-                        };
-                        events.push((EventKind::RolloutRolledBack, app.rollout.message.clone()));
-                    }
-                    None => {
-                        app.rollout.state = RolloutState::Failed;
-                        app.rollout.message =
-                            format!("rollout of {} failed: {reason}", app.rollout.target_hash);
-                        events.push((EventKind::RolloutFailed, app.rollout.message.clone()));
+                    for (kind, message) in events {
+                        self.emit(
+                            Event::new(new_id("ev"), now, kind)
+                                .app(name)
+                                .message(message),
+                        )
+                        .await;
                     }
                 }
-            } else if plan::rollout_done(&view, instances) {
-                app.rollout.state = RolloutState::Completed;
-                app.rollout.updated = updated;
-                app.rollout.message =
-                    format!("{updated} of {} instances updated", app.spec.replicas);
-                app.stable = Some(app.spec.clone());
-                events.push((EventKind::RolloutCompleted, app.rollout.message.clone()));
-            } else if updated > app.rollout.updated {
-                app.rollout.updated = updated;
-                app.rollout.progress_ms = now;
-                app.rollout.message =
-                    format!("{updated} of {} instances updated", app.spec.replicas);
-                events.push((EventKind::RolloutProgressed, app.rollout.message.clone()));
             }
         }
-        if app != before {
-            app.updated_ms = now;
-            if self
-                .apps
-                .put(name, &app, Expect::Version(version))
-                .await
-                .is_ok()
+    }
+}
+
+/// Folds what a node reports (or does not) into an instance record.
+fn merge(
+    record: &mut InstanceRecord,
+    seen: Option<&Instance>,
+    observation: &Observation,
+    now: i64,
+) {
+    match seen {
+        Some(seen) => {
+            if let Some(state) = capstan_proto::state_from_wire(seen.state)
+                && state != InstanceState::Stopping
             {
-                for (kind, message) in events {
-                    self.emit(
-                        Event::new(new_id("ev"), now, kind)
-                            .app(name)
-                            .message(message),
-                    )
-                    .await;
+                record.state = state;
+            }
+            record.message.clone_from(&seen.message);
+            match observation.node_addresses.get(&record.node_id) {
+                Some(node) if on_node(&seen.address, node) => {
+                    record.address.clone_from(&seen.address);
+                }
+                _ => {
+                    // An agent reports addresses; only its own IP is routed.
+                    record.address.clear();
+                    record.message = format!(
+                        "not routed: address `{}` is not on node {}'s registered IP",
+                        seen.address, record.node_id
+                    );
                 }
             }
         }
-        Ok(())
+        None if record.state.is_terminal() => {}
+        // Its node answers but no longer runs it (past the grace a new instance gets).
+        None if observation.reported.contains_key(&record.node_id)
+            && (record.state != InstanceState::Pending
+                || now - record.created_ms > PENDING_GRACE_MS) =>
+        {
+            record.state = InstanceState::Lost;
+            record.message = format!("node {} no longer runs it", record.node_id);
+        }
+        None if !observation.ready_nodes.contains(&record.node_id) => {
+            record.state = InstanceState::Lost;
+            record.message = format!("node {} is down", record.node_id);
+        }
+        None => {}
     }
 }
 
@@ -670,28 +603,6 @@ pub fn on_node(address: &str, node_address: &str) -> bool {
     }
 }
 
-fn app_view(app: Option<&AppRecord>, now: i64) -> AppView {
-    match app {
-        Some(app) => AppView {
-            replicas: app.spec.replicas,
-            target_hash: app.spec_hash.clone(),
-            max_surge: app.spec.update.max_surge,
-            max_unavailable: app.spec.update.max_unavailable,
-            deleting: app.deleting,
-            may_start: now >= app.backoff.until_ms,
-        },
-        // Instances of an app that no longer exists are removed.
-        None => AppView {
-            replicas: 0,
-            target_hash: String::new(),
-            max_surge: 0,
-            max_unavailable: 0,
-            deleting: true,
-            may_start: false,
-        },
-    }
-}
-
 fn instance_view(record: &InstanceRecord, draining_nodes: &HashSet<String>) -> InstanceView {
     InstanceView {
         id: record.id.clone(),
@@ -704,16 +615,4 @@ fn instance_view(record: &InstanceRecord, draining_nodes: &HashSet<String>) -> I
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_nodes_own_ip_is_routed() {
-        assert!(on_node("127.0.0.1:4000", "127.0.0.1:9000"));
-        assert!(on_node("10.0.0.5:4000", "10.0.0.5:1"));
-        assert!(!on_node("169.254.169.254:80", "10.0.0.5:9000"));
-        assert!(!on_node("10.0.0.6:4000", "10.0.0.5:9000"));
-        assert!(!on_node("metadata.internal:80", "10.0.0.5:9000"));
-        assert!(!on_node("10.0.0.5:4000", ""));
-    }
-}
+mod tests;

@@ -184,21 +184,11 @@ impl RouterConfig for Router {
 
 /// The bearer token Traefik's HTTP provider sends (its `headers` option).
 pub async fn provider_token(platform: &Platform) -> Result<Secret, Error> {
-    if let Some(token) = platform
-        .secrets
-        .get(PROVIDER_TOKEN_PATH)
-        .await
-        .map_err(Error::internal)?
-    {
-        return Ok(token);
-    }
-    let token = Secret::new(capstan_authn::generate_api_key());
-    platform
-        .secrets
-        .put(PROVIDER_TOKEN_PATH, token.clone())
-        .await
-        .map_err(Error::internal)?;
-    Ok(token)
+    capstan_secrets::get_or_create(platform.secrets.as_ref(), PROVIDER_TOKEN_PATH, || {
+        Secret::new(capstan_authn::generate_api_key())
+    })
+    .await
+    .map_err(Error::internal)
 }
 
 /// Anyone with a key may read the table; only the orchestrator triggers a

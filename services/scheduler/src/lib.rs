@@ -20,7 +20,7 @@ use capstan_proto::v1::{
     PlaceResponse, Placement, RegisterNodeRequest, ReleaseRequest, ReleaseResponse,
 };
 use capstan_server::{Platform, Service, now_ms};
-use capstan_store::{Expect, StoreError, Table};
+use capstan_store::{Expect, Table};
 use capstan_types::{AppName, Error, Event, EventKind, InstanceId, NodeId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -127,26 +127,24 @@ impl Scheduler for SchedulerApi {
                 "cpu_millis and memory_mb must be > 0",
             )));
         }
-        let draining = self
+        let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
+        let (_, record) = self
             .nodes()
-            .get(&r.id)
+            .update(&r.id, |existing| {
+                Some(NodeRecord {
+                    id: r.id.clone(),
+                    address: r.address.clone(),
+                    capacity,
+                    labels: labels.clone(),
+                    last_heartbeat_ms: now_ms(),
+                    down_reported: false,
+                    // A drain outlives the agent's restart.
+                    draining: existing.is_some_and(|n| n.draining),
+                })
+            })
             .await
             .map_err(internal)?
-            .is_some_and(|(_, n)| n.draining);
-        let record = NodeRecord {
-            id: r.id.clone(),
-            address: r.address,
-            capacity,
-            labels: r.labels.into_iter().collect(),
-            last_heartbeat_ms: now_ms(),
-            down_reported: false,
-            // A drain outlives the agent's restart.
-            draining,
-        };
-        self.nodes()
-            .put(&r.id, &record, Expect::Any)
-            .await
-            .map_err(internal)?;
+            .ok_or_else(|| internal("node registration wrote nothing"))?;
         tracing::info!(node = %r.id, address = %record.address, "node registered");
         self.platform
             .emit(
@@ -307,42 +305,39 @@ impl Scheduler for SchedulerApi {
             .clone();
         let r = request.into_inner();
         NodeId::parse("node_id", &r.node_id).map_err(capstan_proto::status)?;
-        loop {
-            let Some((version, mut node)) = self.nodes().get(&r.node_id).await.map_err(internal)?
-            else {
-                return Err(capstan_proto::status(Error::NotFound(format!(
-                    "node {}",
-                    r.node_id
-                ))));
+        let mut found = false;
+        let changed = self
+            .nodes()
+            .update(&r.node_id, |node| {
+                found = node.is_some();
+                let node = node.filter(|n| n.draining != r.enable)?;
+                Some(NodeRecord {
+                    draining: r.enable,
+                    ..node.clone()
+                })
+            })
+            .await
+            .map_err(internal)?;
+        if !found {
+            return Err(capstan_proto::status(Error::NotFound(format!(
+                "node {}",
+                r.node_id
+            ))));
+        }
+        if changed.is_some() {
+            tracing::info!(node = %r.node_id, draining = r.enable, by = %caller.sub, "node eligibility changed");
+            let kind = if r.enable {
+                EventKind::NodeDrainStarted
+            } else {
+                EventKind::NodeDrainCancelled
             };
-            if node.draining == r.enable {
-                break;
-            }
-            node.draining = r.enable;
-            match self
-                .nodes()
-                .put(&r.node_id, &node, Expect::Version(version))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(node = %r.node_id, draining = r.enable, by = %caller.sub, "node eligibility changed");
-                    let kind = if r.enable {
-                        EventKind::NodeDrainStarted
-                    } else {
-                        EventKind::NodeDrainCancelled
-                    };
-                    self.platform
-                        .emit(
-                            Event::new(capstan_server::new_id("ev"), now_ms(), kind)
-                                .node(&r.node_id)
-                                .actor(&caller.sub, caller.role.as_str()),
-                        )
-                        .await;
-                    break;
-                }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(internal(e)),
-            }
+            self.platform
+                .emit(
+                    Event::new(capstan_server::new_id("ev"), now_ms(), kind)
+                        .node(&r.node_id)
+                        .actor(&caller.sub, caller.role.as_str()),
+                )
+                .await;
         }
         Ok(Response::new(self.node_status(&r.node_id).await?))
     }
@@ -500,14 +495,12 @@ async fn migrate_allocations(platform: &Platform) -> Result<(), Error> {
             .map(|(_, a)| a)
             .unwrap_or_default();
         merged.instances.extend(allocations.instances);
-        new.put(&node, &merged, Expect::Any)
+        new.write(&node, &merged, None)
             .await
             .map_err(Error::internal)?;
     }
     for (id, _, _) in rows {
-        old.delete(&id, Expect::Any)
-            .await
-            .map_err(Error::internal)?;
+        old.remove(&id).await.map_err(Error::internal)?;
     }
     tracing::info!("migrated allocations to per-node rows");
     Ok(())

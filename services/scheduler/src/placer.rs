@@ -301,7 +301,7 @@ impl Placer {
                 // Best effort: a lost cursor only restarts the rotation.
                 let _ = self
                     .state
-                    .put(ROUND_ROBIN_CURSOR, &cursor.to_string(), Expect::Any)
+                    .write(ROUND_ROBIN_CURSOR, &cursor.to_string(), None)
                     .await;
             }
             let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -410,10 +410,7 @@ impl Placer {
                 }
                 allocations.instances.retain(|id, _| !ids.contains(id));
                 let written = if allocations.instances.is_empty() {
-                    self.allocations
-                        .delete(&node, Expect::Version(version))
-                        .await
-                        .map(|_| ())
+                    self.allocations.delete(&node, version).await
                 } else {
                     self.allocations
                         .put(&node, &allocations, Expect::Version(version))

@@ -40,18 +40,34 @@ impl Store for Racing {
         let result = self.inner.put(table, key, value, expect).await;
         self.count(result)
     }
-    async fn delete(&self, table: &str, key: &str, expect: Expect) -> Result<bool, StoreError> {
+    async fn write(
+        &self,
+        table: &str,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<(), StoreError> {
         tokio::task::yield_now().await;
-        let result = self.inner.delete(table, key, expect).await;
+        self.inner.write(table, key, value, ttl).await
+    }
+    async fn delete(&self, table: &str, key: &str, version: u64) -> Result<(), StoreError> {
+        tokio::task::yield_now().await;
+        let result = self.inner.delete(table, key, version).await;
         self.count(result)
     }
-    async fn list(
+    async fn remove(&self, table: &str, key: &str) -> Result<(), StoreError> {
+        tokio::task::yield_now().await;
+        self.inner.remove(table, key).await
+    }
+    async fn scan(
         &self,
         table: &str,
         prefix: &str,
-    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<capstan_store::Page, StoreError> {
         tokio::task::yield_now().await;
-        self.inner.list(table, prefix).await
+        self.inner.scan(table, prefix, after, limit).await
     }
 }
 
@@ -87,7 +103,7 @@ fn input(app: &str, ids: &[&str], memory_mb: u32) -> PlaceInput {
 
 async fn add_nodes(placer: &Placer, nodes: &[NodeRecord]) {
     for n in nodes {
-        placer.nodes.put(&n.id, n, Expect::Any).await.unwrap();
+        placer.nodes.write(&n.id, n, None).await.unwrap();
     }
 }
 

@@ -1,0 +1,467 @@
+//! The reconciler against an in-memory cluster and a store that fail any
+//! one step on purpose. After every kind of failure the platform converges
+//! to what was asked, no allocation outlives its instance (capacity comes
+//! back), and a pass over a converged platform changes nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use capstan_events::MemoryBus;
+use capstan_proto::v1::{Allocation, Node, PlaceResponse, Placement};
+use capstan_registry::EmbeddedRegistry;
+use capstan_rollout::records::{Backoff, Rollout};
+use capstan_secrets::{FileSecretStore, Secret};
+use capstan_store::MemoryStore;
+use capstan_testkit::faulty_store::{FaultyStore, StoreOp};
+use capstan_types::AppSpec;
+use capstan_types::spec::SpecFormat;
+
+use super::*;
+
+/// A step of the cluster that can be made to fail once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Step {
+    Nodes,
+    Instances,
+    Place,
+    Release,
+    Allocations,
+    Start,
+    Stop,
+    Sync,
+    RecordInstance,
+    DeleteInstance,
+    WriteApp,
+}
+
+const CLUSTER_STEPS: [Step; 8] = [
+    Step::Nodes,
+    Step::Instances,
+    Step::Place,
+    Step::Release,
+    Step::Allocations,
+    Step::Start,
+    Step::Stop,
+    Step::Sync,
+];
+const STORE_STEPS: [Step; 3] = [Step::RecordInstance, Step::DeleteInstance, Step::WriteApp];
+
+#[derive(Default)]
+struct Faults(Mutex<HashSet<Step>>);
+
+impl Faults {
+    fn arm(&self, step: Step) {
+        self.0.lock().unwrap().insert(step);
+    }
+
+    /// Fails the first call of an armed step.
+    fn check(&self, step: Step) -> Result<(), Error> {
+        if self.0.lock().unwrap().remove(&step) {
+            Err(Error::Unavailable(format!("injected failure of {step:?}")))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[derive(Default)]
+struct World {
+    nodes: Vec<Node>,
+    /// Instances a node has room for.
+    slots: usize,
+    /// Instance → (node, placed at).
+    allocations: BTreeMap<String, (String, i64)>,
+    /// Instance → what its node runs.
+    running: BTreeMap<String, Instance>,
+    now: i64,
+}
+
+/// The scheduler, agents and router in memory. Instances become healthy
+/// the first time their node is observed after they start.
+struct FakeCluster {
+    world: Mutex<World>,
+    faults: Arc<Faults>,
+}
+
+impl FakeCluster {
+    fn new(nodes: usize, slots: usize, faults: Arc<Faults>) -> Self {
+        let nodes = (1..=nodes)
+            .map(|i| Node {
+                id: format!("node-{i}"),
+                address: format!("127.0.0.{i}:7000"),
+                status: NodeStatus::Ready as i32,
+                ..Default::default()
+            })
+            .collect();
+        FakeCluster {
+            world: Mutex::new(World {
+                nodes,
+                slots,
+                ..Default::default()
+            }),
+            faults,
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for FakeCluster {
+    async fn nodes(&self) -> Result<Vec<Node>, Error> {
+        self.faults.check(Step::Nodes)?;
+        Ok(self.world.lock().unwrap().nodes.clone())
+    }
+
+    async fn instances(&self, node: &Node) -> Option<Vec<Instance>> {
+        self.faults.check(Step::Instances).ok()?;
+        let mut world = self.world.lock().unwrap();
+        let mut out = Vec::new();
+        for instance in world.running.values_mut().filter(|i| i.node_id == node.id) {
+            if instance.state == capstan_proto::v1::InstanceState::Starting as i32 {
+                instance.state = capstan_proto::v1::InstanceState::Healthy as i32;
+            }
+            out.push(instance.clone());
+        }
+        Some(out)
+    }
+
+    async fn place(&self, request: PlaceRequest) -> Result<PlaceResponse, Error> {
+        self.faults.check(Step::Place)?;
+        let mut world = self.world.lock().unwrap();
+        let mut placements = Vec::new();
+        for id in request.instance_ids {
+            let load = |node: &str, world: &World| {
+                world
+                    .allocations
+                    .values()
+                    .filter(|(n, _)| n == node)
+                    .count()
+            };
+            let Some(node) = world
+                .nodes
+                .iter()
+                .filter(|n| load(&n.id, &world) < world.slots)
+                .min_by_key(|n| (load(&n.id, &world), n.id.clone()))
+                .cloned()
+            else {
+                break;
+            };
+            let now = world.now;
+            world.allocations.insert(id.clone(), (node.id.clone(), now));
+            placements.push(Placement {
+                instance_id: id,
+                node_id: node.id,
+                node_address: node.address,
+            });
+        }
+        Ok(PlaceResponse {
+            placements,
+            explanation: String::new(),
+        })
+    }
+
+    async fn release(&self, instance_ids: Vec<String>) -> Result<(), Error> {
+        self.faults.check(Step::Release)?;
+        let mut world = self.world.lock().unwrap();
+        for id in instance_ids {
+            world.allocations.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn allocations(&self) -> Result<Vec<Allocation>, Error> {
+        self.faults.check(Step::Allocations)?;
+        let world = self.world.lock().unwrap();
+        Ok(world
+            .allocations
+            .iter()
+            .map(|(id, (node, placed))| Allocation {
+                instance_id: id.clone(),
+                node_id: node.clone(),
+                app: String::new(),
+                placed_ms: *placed,
+            })
+            .collect())
+    }
+
+    async fn start(
+        &self,
+        node_address: &str,
+        request: StartInstanceRequest,
+    ) -> Result<Instance, Error> {
+        self.faults.check(Step::Start)?;
+        let mut world = self.world.lock().unwrap();
+        let node = world
+            .nodes
+            .iter()
+            .find(|n| n.address == node_address)
+            .cloned()
+            .ok_or_else(|| Error::Unavailable(format!("no node at {node_address}")))?;
+        let port = 9000 + world.running.len();
+        let instance = world
+            .running
+            .entry(request.instance_id.clone())
+            .or_insert_with(|| Instance {
+                id: request.instance_id.clone(),
+                app: request.spec.map(|s| s.name).unwrap_or_default(),
+                node_id: node.id.clone(),
+                spec_hash: request.spec_hash,
+                state: capstan_proto::v1::InstanceState::Starting as i32,
+                address: format!("{}:{port}", node_address.split(':').next().unwrap_or("")),
+                ..Default::default()
+            });
+        Ok(instance.clone())
+    }
+
+    async fn stop(&self, _node_address: &str, instance_id: &str) -> Result<(), Error> {
+        self.faults.check(Step::Stop)?;
+        self.world.lock().unwrap().running.remove(instance_id);
+        Ok(())
+    }
+
+    async fn sync_routes(&self) -> Result<(), Error> {
+        self.faults.check(Step::Sync)
+    }
+}
+
+struct Harness {
+    reconciler: Reconciler,
+    cluster: Arc<FakeCluster>,
+    faults: Arc<Faults>,
+    store: Arc<FaultyStore>,
+    apps: Table<AppRecord>,
+    instances: Table<InstanceRecord>,
+    now: i64,
+    _dir: tempfile::TempDir,
+    _shutdown: CancellationToken,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let faults = Arc::new(Faults::default());
+        let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+        let platform = Platform::new(
+            Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+            Arc::new(MemoryBus::new()),
+            store.clone(),
+            Arc::new(FileSecretStore::new(dir.path())),
+            Secret::new("unused"),
+        );
+        let cluster = Arc::new(FakeCluster::new(2, 4, faults.clone()));
+        Harness {
+            reconciler: Reconciler::with_cluster(platform.clone(), cluster.clone()),
+            apps: Table::new(platform.store.clone(), APPS),
+            instances: Table::new(platform.store.clone(), INSTANCES),
+            cluster,
+            faults,
+            store,
+            now: 1_000_000,
+            _dir: dir,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// Writes the app as `ApplyApp` would, with `replicas`.
+    async fn apply(&self, replicas: u32) {
+        let spec = AppSpec::parse(
+            &format!("name = \"web\"\nreplicas = {replicas}\n[run]\ncommand = [\"serve\"]\n"),
+            SpecFormat::Toml,
+        )
+        .unwrap();
+        let existing = self.apps.get("web").await.unwrap();
+        let record = match &existing {
+            Some((_, app)) => AppRecord {
+                spec: spec.clone(),
+                ..app.clone()
+            },
+            None => AppRecord {
+                spec_hash: spec.template_hash(),
+                rollout: Rollout::start(spec.template_hash(), self.now),
+                stable: None,
+                spec,
+                deleting: false,
+                backoff: Backoff::default(),
+                placement_error: String::new(),
+                created_ms: self.now,
+                updated_ms: self.now,
+            },
+        };
+        let expect = existing.map_or(Expect::Absent, |(v, _)| Expect::Version(v));
+        self.apps.put("web", &record, expect).await.unwrap();
+    }
+
+    /// One reconcile pass and one orphan collection, five seconds later.
+    async fn pass(&mut self) {
+        self.now += 5_000;
+        self.cluster.world.lock().unwrap().now = self.now;
+        let _ = self.reconciler.reconcile(self.now).await;
+        let _ = self.reconciler.collect_orphans(self.now).await;
+    }
+
+    /// What a user and an operator would check: the rollout completed,
+    /// `replicas` instances serve,
+    /// the nodes run exactly the recorded instances, and the scheduler holds
+    /// allocations for exactly those (no capacity leaked).
+    async fn converged(&self, replicas: usize) -> Result<(), String> {
+        let rollout = self
+            .apps
+            .get("web")
+            .await
+            .unwrap()
+            .map(|(_, a)| a.rollout.state);
+        if rollout != Some(capstan_rollout::records::RolloutState::Completed) {
+            return Err(format!("the rollout is {rollout:?}, not completed"));
+        }
+        let records = self.instances.values("").await.unwrap();
+        let serving = records
+            .iter()
+            .filter(|r| r.state == InstanceState::Healthy && r.routable && !r.stopping)
+            .count();
+        let ids: HashSet<String> = records.iter().map(|r| r.id.clone()).collect();
+        let world = self.cluster.world.lock().unwrap();
+        let running: HashSet<String> = world.running.keys().cloned().collect();
+        let allocated: HashSet<String> = world.allocations.keys().cloned().collect();
+        if records.len() != replicas || serving != replicas {
+            return Err(format!(
+                "{serving} of {} records serve, want {replicas}",
+                records.len()
+            ));
+        }
+        if running != ids {
+            return Err(format!("nodes run {running:?}, records say {ids:?}"));
+        }
+        if allocated != ids {
+            return Err(format!(
+                "allocations {allocated:?} differ from records {ids:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes the next `step` fail, in the cluster or in the store.
+    fn arm(&self, step: Step) {
+        match step {
+            Step::RecordInstance => self.store.arm(StoreOp::Insert, INSTANCES),
+            Step::DeleteInstance => self.store.arm(StoreOp::Delete, INSTANCES),
+            Step::WriteApp => self.store.arm(StoreOp::Update, APPS),
+            cluster => self.faults.arm(cluster),
+        }
+    }
+
+    /// Passes until converged (at most `max`), or the last reason it is not.
+    async fn converge(&mut self, replicas: usize, max: usize) -> Result<usize, String> {
+        let mut why = String::new();
+        for n in 1..=max {
+            self.pass().await;
+            match self.converged(replicas).await {
+                Ok(()) => return Ok(n),
+                Err(reason) => why = reason,
+            }
+        }
+        Err(why)
+    }
+
+    /// Everything a pass could change: records with versions, and the world.
+    async fn snapshot(&self) -> String {
+        let apps = self.apps.list("").await.unwrap();
+        let instances = self.instances.list("").await.unwrap();
+        let world = self.cluster.world.lock().unwrap();
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}",
+            apps.iter().map(|(k, v, _)| (k, v)).collect::<Vec<_>>(),
+            instances.iter().map(|(k, v, _)| (k, v)).collect::<Vec<_>>(),
+            world.running.keys().collect::<Vec<_>>(),
+            world.allocations.keys().collect::<Vec<_>>()
+        )
+    }
+}
+
+/// Allocations are collected once older than the grace: 60 s of 5 s passes.
+const PASSES: usize = 40;
+
+#[tokio::test]
+async fn every_failure_on_the_way_up_and_down_heals_without_leaking_capacity() {
+    for step in CLUSTER_STEPS.into_iter().chain(STORE_STEPS) {
+        let mut h = Harness::new().await;
+        h.apply(3).await;
+        h.arm(step);
+        let up = h.converge(3, PASSES).await;
+        assert!(
+            up.is_ok(),
+            "scaling up with {step:?} failing: {}",
+            up.unwrap_err()
+        );
+
+        // Converged: another pass changes nothing.
+        let before = h.snapshot().await;
+        h.pass().await;
+        assert_eq!(
+            h.snapshot().await,
+            before,
+            "a pass after {step:?} was not idempotent"
+        );
+
+        h.apply(1).await;
+        h.arm(step);
+        let down = h.converge(1, PASSES).await;
+        assert!(
+            down.is_ok(),
+            "scaling down with {step:?} failing: {}",
+            down.unwrap_err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_allocation_whose_record_and_release_both_failed_is_collected() {
+    let mut h = Harness::new().await;
+    h.apply(2).await;
+    // The record write after Place fails, and so does the immediate release:
+    // only orphan collection can free that capacity.
+    h.arm(Step::RecordInstance);
+    h.arm(Step::Release);
+    h.pass().await;
+    let leaked = {
+        let world = h.cluster.world.lock().unwrap();
+        world.allocations.len()
+    };
+    let records = h.instances.values("").await.unwrap().len();
+    assert!(leaked > records, "the fault did not leak an allocation");
+    let healed = h.converge(2, PASSES).await;
+    assert!(healed.is_ok(), "{}", healed.unwrap_err());
+}
+
+#[tokio::test]
+async fn a_young_allocation_without_a_record_is_not_collected() {
+    let h = Harness::new().await;
+    // An allocation placed just now, whose record is still being written.
+    h.cluster
+        .world
+        .lock()
+        .unwrap()
+        .allocations
+        .insert("web-young".into(), ("node-1".into(), h.now));
+    assert_eq!(
+        h.reconciler.collect_orphans(h.now + 1_000).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        h.reconciler
+            .collect_orphans(h.now + ORPHAN_GRACE_MS + 1)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn only_the_nodes_own_ip_is_routed() {
+    assert!(on_node("127.0.0.1:4000", "127.0.0.1:9000"));
+    assert!(on_node("10.0.0.5:4000", "10.0.0.5:1"));
+    assert!(!on_node("169.254.169.254:80", "10.0.0.5:9000"));
+    assert!(!on_node("10.0.0.6:4000", "10.0.0.5:9000"));
+    assert!(!on_node("metadata.internal:80", "10.0.0.5:9000"));
+    assert!(!on_node("10.0.0.5:4000", ""));
+}
