@@ -213,11 +213,7 @@ fn traefik_config_and_proxy_answers() {
     let provider = endpoints["traefik_provider"].as_str().unwrap();
     let port: u16 = provider.rsplit_once(':').unwrap().1.parse().unwrap();
     assert_eq!(http_get(port, "x", "/traefik").unwrap().0, 401);
-    let secrets: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dev.data_dir().join("secrets.json")).unwrap(),
-    )
-    .unwrap();
-    let token = secrets["router-config/provider-token"].as_str().unwrap();
+    let token = stored_secret(dev.data_dir(), "router-config/provider-token");
     let mut stream = std::net::TcpStream::connect(provider).unwrap();
     use std::io::{Read, Write};
     write!(

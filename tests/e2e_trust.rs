@@ -50,14 +50,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
 }
 
 fn secret(dev: &Dev, path: &str) -> String {
-    let secrets: Value = serde_json::from_str(
-        &std::fs::read_to_string(dev.data_dir().join("secrets.json")).unwrap(),
-    )
-    .unwrap();
-    secrets[path]
-        .as_str()
-        .unwrap_or_else(|| panic!("no secret {path}"))
-        .to_string()
+    stored_secret(dev.data_dir(), path)
 }
 
 async fn token(dev: &Dev, api_key: String) -> String {

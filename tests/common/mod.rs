@@ -391,3 +391,16 @@ pub fn instance_ids(status: &Value) -> Vec<String> {
 pub fn healthy(status: &Value) -> u64 {
     status["healthy"].as_u64().unwrap_or(0)
 }
+
+/// A secret from the data dir's file store (`secrets.json`: each path holds
+/// `{"value", "version"}`), as the platform's own services read it.
+pub fn stored_secret(data_dir: &Path, path: &str) -> String {
+    let secrets: Value = serde_json::from_str(
+        &std::fs::read_to_string(data_dir.join("secrets.json")).expect("secrets.json"),
+    )
+    .expect("secrets.json is JSON");
+    secrets[path]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no secret {path} in secrets.json"))
+        .to_string()
+}

@@ -148,6 +148,16 @@ fn parse_set(value: &str) -> Result<Vec<String>, String> {
     Ok(items)
 }
 
+/// Two constraints are equal when they read the same: `Display` is the
+/// canonical text, and regexes compare by their source.
+impl PartialEq for Constraint {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Constraint {}
+
 impl fmt::Display for Constraint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let a = &self.attribute;

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use capstan_types::spec::{
-    HealthCheck, HealthSpec, PlacementSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
+    HealthCheck, HealthSpec, PlacementSpec, PortSpec, Resources, RouteSpec, Run, RunSpec,
+    UpdateSpec,
 };
-use capstan_types::{AppSpec, Error, Event, EventKind, InstanceState};
+use capstan_types::{AppSpec, Error, Event, EventKind, FieldError, InstanceState};
 
 use crate::v1;
 
@@ -64,10 +65,9 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
             name: port.name,
         });
     }
-    let spec = AppSpec {
-        name: wire.name,
-        replicas: wire.replicas,
-        run: RunSpec {
+    let mut errors = Vec::new();
+    let run = Run::parse_into(
+        RunSpec {
             command: run.command,
             image: if run.image.is_empty() {
                 None
@@ -76,6 +76,12 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
             },
             args: run.args,
         },
+        &mut errors,
+    );
+    let spec = AppSpec {
+        name: wire.name,
+        replicas: wire.replicas,
+        run,
         resources: Resources {
             cpu_millis: nonzero_or(resources.cpu_millis, default_resources.cpu_millis),
             memory_mb: nonzero_or(resources.memory_mb, default_resources.memory_mb),
@@ -87,17 +93,35 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
             hosts: wire.route.map(|r| r.hosts).unwrap_or_default(),
         },
         update,
-        placement: placement_from_wire(wire.placement.unwrap_or_default()),
+        placement: placement_parts(wire.placement.unwrap_or_default(), &mut errors),
     };
-    spec.validate()?;
-    Ok(spec)
+    spec.checked(errors)
 }
 
-pub fn placement_from_wire(wire: v1::PlacementSpec) -> PlacementSpec {
+/// Parses the placement rules once, naming `placement.*` fields in errors.
+pub fn placement_from_wire(wire: v1::PlacementSpec) -> Result<PlacementSpec, Error> {
+    let mut errors = Vec::new();
+    let placement = placement_parts(wire, &mut errors);
+    if errors.is_empty() {
+        Ok(placement)
+    } else {
+        Err(Error::Invalid(errors))
+    }
+}
+
+/// The placement rules that parse; what does not lands in `errors`.
+fn placement_parts(wire: v1::PlacementSpec, errors: &mut Vec<FieldError>) -> PlacementSpec {
     let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    let strategy_text = non_empty(wire.strategy);
+    let (strategy, constraints) = capstan_types::spec::parse_placement_rules(
+        "placement",
+        strategy_text.as_deref(),
+        &wire.constraints,
+        errors,
+    );
     PlacementSpec {
-        strategy: non_empty(wire.strategy),
-        constraints: wire.constraints,
+        strategy,
+        constraints,
         distinct_hosts: wire.distinct_hosts,
         spread_by: non_empty(wire.spread_by),
         spread_targets: wire.spread_targets.into_iter().collect(),
@@ -107,8 +131,15 @@ pub fn placement_from_wire(wire: v1::PlacementSpec) -> PlacementSpec {
 
 pub fn placement_to_wire(placement: &PlacementSpec) -> v1::PlacementSpec {
     v1::PlacementSpec {
-        strategy: placement.strategy.clone().unwrap_or_default(),
-        constraints: placement.constraints.clone(),
+        strategy: placement
+            .strategy
+            .map(|s| s.name().to_string())
+            .unwrap_or_default(),
+        constraints: placement
+            .constraints
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         distinct_hosts: placement.distinct_hosts,
         spread_by: placement.spread_by.clone().unwrap_or_default(),
         spread_targets: placement.spread_targets.clone().into_iter().collect(),
@@ -120,10 +151,13 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
     v1::AppSpec {
         name: spec.name.clone(),
         replicas: spec.replicas,
-        run: Some(v1::RunSpec {
-            command: spec.run.command.clone(),
-            image: spec.run.image.clone().unwrap_or_default(),
-            args: spec.run.args.clone(),
+        run: Some({
+            let run = RunSpec::from(spec.run.clone());
+            v1::RunSpec {
+                command: run.command,
+                image: run.image.unwrap_or_default(),
+                args: run.args,
+            }
         }),
         resources: Some(v1::Resources {
             cpu_millis: spec.resources.cpu_millis,
@@ -261,6 +295,29 @@ mod tests {
                     [[ports]]\nname = \"http\"\ncontainer_port = 8080\n[health]\nhttp_path = \"/\"\n";
         let spec = AppSpec::parse(text, SpecFormat::Toml).unwrap();
         assert_eq!(spec_from_wire(spec_to_wire(&spec)).unwrap(), spec);
+    }
+
+    #[test]
+    fn a_bad_constraint_on_the_wire_names_its_field() {
+        let wire = v1::PlacementSpec {
+            constraints: vec!["zone == eu".into(), "zone ~= eu".into()],
+            ..Default::default()
+        };
+        let error = placement_from_wire(wire).unwrap_err();
+        assert!(
+            error.to_string().contains("placement.constraints[1]"),
+            "{error}"
+        );
+        let wire = v1::PlacementSpec {
+            strategy: "fastest".into(),
+            ..Default::default()
+        };
+        assert!(
+            placement_from_wire(wire)
+                .unwrap_err()
+                .to_string()
+                .contains("placement.strategy")
+        );
     }
 
     #[test]

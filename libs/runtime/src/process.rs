@@ -109,10 +109,43 @@ impl ProcessDriver {
         self.state_dir.join(format!("{instance_id}.log"))
     }
 
-    fn read_record(&self, instance_id: &InstanceId) -> Option<ProcessRecord> {
-        let bytes = std::fs::read(self.record_path(instance_id)).ok()?;
+    async fn read_record(&self, instance_id: &InstanceId) -> Option<ProcessRecord> {
+        let bytes = tokio::fs::read(self.record_path(instance_id)).await.ok()?;
         serde_json::from_slice(&bytes).ok()
     }
+}
+
+/// Runs blocking file-system work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DriverError::Io(format!("driver task failed: {e}")))?
+}
+
+/// Makes a workload's private working directory (owned by `user` when it
+/// runs as another user) and opens its log, 0600 and the agent's.
+fn prepare(
+    work_dir: &Path,
+    log_path: &Path,
+    user: Option<(u32, u32)>,
+) -> Result<std::fs::File, DriverError> {
+    let io = |e: std::io::Error| DriverError::Io(format!("{}: {e}", work_dir.display()));
+    std::fs::create_dir_all(work_dir).map_err(io)?;
+    std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(work_dir, Some(uid), Some(gid)).map_err(io)?;
+    }
+    // The log holds what the app prints, env values included. The app
+    // writes it through the descriptor it inherits.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(log_path)
+        .map_err(|e| DriverError::Io(format!("{}: {e}", log_path.display())))
 }
 
 /// Field 22 of /proc/<pid>/stat, and whether the process is a zombie.
@@ -154,7 +187,7 @@ impl Driver for ProcessDriver {
                 reason: "not a process workload".into(),
             });
         };
-        if let Some(existing) = self.read_record(&spec.instance_id)
+        if let Some(existing) = self.read_record(&spec.instance_id).await
             && is_alive(&existing)
         {
             return Ok(existing.workload);
@@ -165,21 +198,11 @@ impl Driver for ProcessDriver {
             reason: "empty command".into(),
         })?;
         let work_dir = self.work_dir(&spec.instance_id);
-        let io = |e: std::io::Error| DriverError::Io(format!("{}: {e}", work_dir.display()));
-        std::fs::create_dir_all(&work_dir).map_err(io)?;
-        std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-        if let Some((uid, gid)) = self.sandbox.user {
-            std::os::unix::fs::chown(&work_dir, Some(uid), Some(gid)).map_err(io)?;
-        }
-        // The log holds what the app prints, env values included: 0600, the
-        // agent's. The app writes it through the descriptor it inherits.
-        let log = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.log_path(&spec.instance_id))
-            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let log = {
+            let (work_dir, log_path) = (work_dir.clone(), self.log_path(&spec.instance_id));
+            let user = self.sandbox.user;
+            blocking(move || prepare(&work_dir, &log_path, user)).await?
+        };
         let log_err = log
             .try_clone()
             .map_err(|e| DriverError::Io(e.to_string()))?;
@@ -229,8 +252,11 @@ impl Driver for ProcessDriver {
             start_ticks,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| DriverError::Io(e.to_string()))?;
-        write_owner_only(&self.record_path(&spec.instance_id), &bytes)
-            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let path = self.record_path(&spec.instance_id);
+        blocking(move || {
+            write_owner_only(&path, &bytes).map_err(|e| DriverError::Io(e.to_string()))
+        })
+        .await?;
         let exits = self.exits.clone();
         let instance_id = spec.instance_id.clone();
         tokio::spawn(async move {
@@ -245,7 +271,7 @@ impl Driver for ProcessDriver {
     }
 
     async fn stop(&self, instance_id: &InstanceId, grace: Duration) -> Result<(), DriverError> {
-        if let Some(record) = self.read_record(instance_id) {
+        if let Some(record) = self.read_record(instance_id).await {
             if is_alive(&record) {
                 let group = Pid::from_raw(record.pid);
                 let _ = killpg(group, Signal::SIGTERM);
@@ -257,9 +283,9 @@ impl Driver for ProcessDriver {
                     let _ = killpg(group, Signal::SIGKILL);
                 }
             }
-            let _ = std::fs::remove_file(self.record_path(instance_id));
-            let _ = std::fs::remove_file(self.log_path(instance_id));
-            let _ = std::fs::remove_dir_all(self.work_dir(instance_id));
+            let _ = tokio::fs::remove_file(self.record_path(instance_id)).await;
+            let _ = tokio::fs::remove_file(self.log_path(instance_id)).await;
+            let _ = tokio::fs::remove_dir_all(self.work_dir(instance_id)).await;
         }
         self.exits
             .lock()
@@ -269,7 +295,7 @@ impl Driver for ProcessDriver {
     }
 
     async fn status(&self, instance_id: &InstanceId) -> Result<WorkloadStatus, DriverError> {
-        let Some(record) = self.read_record(instance_id) else {
+        let Some(record) = self.read_record(instance_id).await else {
             return Ok(WorkloadStatus::Missing);
         };
         if let Some(status) = self
@@ -299,20 +325,24 @@ impl Driver for ProcessDriver {
     }
 
     async fn list(&self) -> Result<Vec<Workload>, DriverError> {
-        let entries =
-            std::fs::read_dir(&self.state_dir).map_err(|e| DriverError::Io(e.to_string()))?;
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json")
-                && let Ok(bytes) = std::fs::read(&path)
-                && let Ok(record) = serde_json::from_slice::<ProcessRecord>(&bytes)
-            {
-                out.push(record.workload);
+        let state_dir = self.state_dir.clone();
+        blocking(move || {
+            let entries =
+                std::fs::read_dir(&state_dir).map_err(|e| DriverError::Io(e.to_string()))?;
+            let mut out = Vec::new();
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "json")
+                    && let Ok(bytes) = std::fs::read(&path)
+                    && let Ok(record) = serde_json::from_slice::<ProcessRecord>(&bytes)
+                {
+                    out.push(record.workload);
+                }
             }
-        }
-        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        Ok(out)
+            out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -16,7 +16,7 @@ pub use event::{Event, EventKind};
 pub use id::{AppName, InstanceId, KeyName, NodeId};
 pub use instance::InstanceState;
 pub use spec::{
-    AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, RunSpec, UpdateSpec,
+    AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, Run, RunSpec, UpdateSpec,
 };
 
 /// Milliseconds since the Unix epoch; the one clock format stored and sent.

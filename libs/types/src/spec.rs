@@ -47,7 +47,7 @@ use limits::*;
 pub struct AppSpec {
     pub name: String,
     pub replicas: u32,
-    pub run: RunSpec,
+    pub run: Run,
     pub resources: Resources,
     pub ports: Vec<PortSpec>,
     pub env: BTreeMap<String, String>,
@@ -59,14 +59,18 @@ pub struct AppSpec {
     pub placement: PlacementSpec,
 }
 
+pub use capstan_placement::{Constraint, Strategy};
+
 /// Placement preferences and rules, checked by the scheduler's engine.
+/// Parsed once where the spec enters (file or wire); stored as text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementSpec {
-    /// binpack, spread, least-loaded or round-robin; None takes the
-    /// cluster's default.
-    pub strategy: Option<String>,
-    /// `ATTRIBUTE OP VALUE` rules every node must meet, like `zone == eu`.
-    pub constraints: Vec<String>,
+    /// None takes the cluster's default (or spread, with `spread_by`).
+    #[serde(with = "strategy_text")]
+    pub strategy: Option<Strategy>,
+    /// Rules every node must meet, like `zone == eu`.
+    #[serde(with = "constraints_text")]
+    pub constraints: Vec<Constraint>,
     /// At most one instance per node.
     pub distinct_hosts: bool,
     /// With strategy spread: spread across this node attribute instead of
@@ -137,14 +141,206 @@ impl PlacementSpec {
     pub fn is_default(&self) -> bool {
         *self == PlacementSpec::default()
     }
+
+    /// The strategy in force: the spec's, else spread when spreading by an
+    /// attribute, else the cluster's `default`.
+    pub fn strategy_or(&self, default: Strategy) -> Strategy {
+        match self.strategy {
+            Some(strategy) => strategy,
+            None if self.spread_by.is_some() => Strategy::Spread,
+            None => default,
+        }
+    }
 }
 
-/// Exactly one of `command` and `image` is set; `validate` enforces it.
+/// Parses placement text wherever it enters (a spec file, the wire),
+/// naming `{field}.strategy` and `{field}.constraints[i]` in its errors.
+/// Lengths are capped before anything is compiled.
+pub fn parse_placement_rules(
+    field: &str,
+    strategy: Option<&str>,
+    constraints: &[String],
+    errors: &mut Vec<FieldError>,
+) -> (Option<Strategy>, Vec<Constraint>) {
+    let strategy = strategy.and_then(|text| {
+        Strategy::parse(text)
+            .map_err(|reason| errors.push(FieldError::new(format!("{field}.strategy"), reason)))
+            .ok()
+    });
+    if constraints.len() > MAX_CONSTRAINTS {
+        errors.push(FieldError::new(
+            format!("{field}.constraints"),
+            format!(
+                "at most {MAX_CONSTRAINTS} allowed, got {}",
+                constraints.len()
+            ),
+        ));
+        return (strategy, Vec::new());
+    }
+    let mut parsed = Vec::new();
+    for (i, text) in constraints.iter().enumerate() {
+        let at = format!("{field}.constraints[{i}]");
+        if text.len() > MAX_CONSTRAINT_LEN {
+            errors.push(FieldError::new(
+                at,
+                format!(
+                    "at most {MAX_CONSTRAINT_LEN} bytes allowed, got {}",
+                    text.len()
+                ),
+            ));
+            continue;
+        }
+        match Constraint::parse(text) {
+            Ok(constraint) => parsed.push(constraint),
+            Err(reason) => errors.push(FieldError::new(at, reason)),
+        }
+    }
+    (strategy, parsed)
+}
+
+/// `strategy` is stored and sent by name.
+mod strategy_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Strategy;
+
+    pub fn serialize<S: Serializer>(value: &Option<Strategy>, s: S) -> Result<S::Ok, S::Error> {
+        value.map(Strategy::name).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Strategy>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| Strategy::parse(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Constraints are stored and sent as their canonical text.
+mod constraints_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Constraint;
+
+    pub fn serialize<S: Serializer>(value: &[Constraint], s: S) -> Result<S::Ok, S::Error> {
+        value
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Constraint>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|text| Constraint::parse(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// What an instance runs: a process or a container image, decided once
+/// where the spec enters. Stored and hashed in the [`RunSpec`] shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RunSpec", into = "RunSpec")]
+pub enum Run {
+    /// argv; `${PORT}` becomes the assigned port.
+    Process {
+        command: Vec<String>,
+    },
+    Image {
+        image: String,
+        args: Vec<String>,
+    },
+}
+
+/// The stored and wire shape of [`Run`]: exactly one of `command` and
+/// `image` is set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RunSpec {
     pub command: Vec<String>,
     pub image: Option<String>,
     pub args: Vec<String>,
+}
+
+impl TryFrom<RunSpec> for Run {
+    type Error = FieldError;
+
+    fn try_from(run: RunSpec) -> Result<Run, FieldError> {
+        match (run.image, run.command.is_empty()) {
+            (Some(_), false) => Err(FieldError::new(
+                "run",
+                "set exactly one of `command` and `image`, not both",
+            )),
+            (None, true) => Err(FieldError::new(
+                "run",
+                "set exactly one of `command` (a process) or `image` (a container)",
+            )),
+            (Some(image), true) => Ok(Run::Image {
+                image,
+                args: run.args,
+            }),
+            (None, false) if !run.args.is_empty() => Err(FieldError::new(
+                "run.args",
+                "only for image apps; put arguments in `command`",
+            )),
+            (None, false) => Ok(Run::Process {
+                command: run.command,
+            }),
+        }
+    }
+}
+
+impl Run {
+    /// Parses the run section, recording a problem in `errors` and answering
+    /// with a stand-in of the kind it aimed at: the rest of the spec is still
+    /// validated, so a user sees every problem at once.
+    pub fn parse_into(run: RunSpec, errors: &mut Vec<FieldError>) -> Run {
+        let image_like = run.image.is_some();
+        Run::try_from(run).unwrap_or_else(|error| {
+            errors.push(error);
+            if image_like {
+                Run::Image {
+                    image: "stand-in".into(),
+                    args: Vec::new(),
+                }
+            } else {
+                Run::Process {
+                    command: vec!["stand-in".into()],
+                }
+            }
+        })
+    }
+}
+
+impl AppSpec {
+    /// Validates a spec built from parts that already reported `errors`,
+    /// and answers with all of them at once.
+    pub fn checked(self, mut errors: Vec<FieldError>) -> Result<AppSpec, Error> {
+        if let Err(Error::Invalid(more)) = self.validate() {
+            errors.extend(more);
+        }
+        if errors.is_empty() {
+            Ok(self)
+        } else {
+            Err(Error::Invalid(errors))
+        }
+    }
+}
+
+impl From<Run> for RunSpec {
+    fn from(run: Run) -> RunSpec {
+        match run {
+            Run::Process { command } => RunSpec {
+                command,
+                image: None,
+                args: Vec::new(),
+            },
+            Run::Image { image, args } => RunSpec {
+                command: Vec::new(),
+                image: Some(image),
+                args,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,9 +461,8 @@ impl AppSpec {
                 serde_path_to_error::deserialize(deserializer).map_err(path_error)?
             }
         };
-        let spec = file.into_spec()?;
-        spec.validate()?;
-        Ok(spec)
+        let (spec, errors) = file.into_spec()?;
+        spec.checked(errors)
     }
 
     /// Checks every rule and reports every violation.
@@ -293,37 +488,12 @@ impl AppSpec {
                 MAX_ENV_VALUE_LEN,
             );
         }
-        too_many(&mut bad, "run.command", self.run.command.len(), MAX_ARGS);
-        too_many(&mut bad, "run.args", self.run.args.len(), MAX_ARGS);
-        for (i, arg) in self.run.command.iter().enumerate() {
-            too_long(&mut bad, &format!("run.command[{i}]"), arg, MAX_ARG_LEN);
-        }
-        for (i, arg) in self.run.args.iter().enumerate() {
-            too_long(&mut bad, &format!("run.args[{i}]"), arg, MAX_ARG_LEN);
-        }
-        if let Some(image) = &self.run.image {
-            too_long(&mut bad, "run.image", image, MAX_IMAGE_LEN);
-        }
         too_many(&mut bad, "ports", self.ports.len(), MAX_PORTS);
         too_many(&mut bad, "route.hosts", self.route.hosts.len(), MAX_HOSTS);
         if let HealthCheck::Http { path } = &self.health.check {
             too_long(&mut bad, "health.http_path", path, MAX_HEALTH_PATH_LEN);
         }
         let placement = &self.placement;
-        too_many(
-            &mut bad,
-            "placement.constraints",
-            placement.constraints.len(),
-            MAX_CONSTRAINTS,
-        );
-        for (i, constraint) in placement.constraints.iter().enumerate() {
-            too_long(
-                &mut bad,
-                &format!("placement.constraints[{i}]"),
-                constraint,
-                MAX_CONSTRAINT_LEN,
-            );
-        }
         too_many(
             &mut bad,
             "placement.spread_targets",
@@ -348,49 +518,37 @@ impl AppSpec {
             );
         }
 
-        let is_image = match (&self.run.image, self.run.command.is_empty()) {
-            (Some(_), false) => {
-                bad(
-                    "run",
-                    "set exactly one of `command` and `image`, not both".into(),
-                );
-                true
-            }
-            (None, true) => {
-                bad(
-                    "run",
-                    "set exactly one of `command` (a process) or `image` (a container)".into(),
-                );
-                false
-            }
-            (Some(image), true) => {
+        let (is_image, argv): (bool, Vec<(&str, &[String])>) = match &self.run {
+            Run::Image { image, args } => {
                 if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
                     bad(
                         "run.image",
                         "must be an image reference like `name:tag`".into(),
                     );
                 }
-                true
+                too_long(&mut bad, "run.image", image, MAX_IMAGE_LEN);
+                (true, vec![("run.args", args.as_slice())])
             }
-            (None, false) => {
-                if self.run.command[0].trim().is_empty() {
+            Run::Process { command } => {
+                if command
+                    .first()
+                    .is_none_or(|program| program.trim().is_empty())
+                {
                     bad("run.command[0]", "must name the program to run".into());
                 }
-                if !self.run.args.is_empty() {
-                    bad(
-                        "run.args",
-                        "only for image apps; put arguments in `command`".into(),
-                    );
-                }
-                false
+                (false, vec![("run.command", command.as_slice())])
             }
         };
-        for (i, arg) in self.run.command.iter().chain(&self.run.args).enumerate() {
-            if arg.contains('\0') {
-                bad(
-                    &format!("run.command[{i}]"),
-                    "must not contain a NUL byte".into(),
-                );
+        for (field, list) in argv {
+            too_many(&mut bad, field, list.len(), MAX_ARGS);
+            for (i, arg) in list.iter().enumerate() {
+                too_long(&mut bad, &format!("{field}[{i}]"), arg, MAX_ARG_LEN);
+                if arg.contains('\0') {
+                    bad(
+                        &format!("{field}[{i}]"),
+                        "must not contain a NUL byte".into(),
+                    );
+                }
             }
         }
 
@@ -541,18 +699,8 @@ impl AppSpec {
         }
 
         let placement = &self.placement;
-        if let Some(strategy) = &placement.strategy
-            && let Err(reason) = capstan_placement::Strategy::parse(strategy)
-        {
-            bad("placement.strategy", reason);
-        }
-        for (i, constraint) in placement.constraints.iter().enumerate() {
-            if let Err(reason) = capstan_placement::Constraint::parse(constraint) {
-                bad(&format!("placement.constraints[{i}]"), reason);
-            }
-        }
         let spreads = placement.spread_by.is_some() || !placement.spread_targets.is_empty();
-        if spreads && !matches!(placement.strategy.as_deref(), None | Some("spread")) {
+        if spreads && !matches!(placement.strategy, None | Some(Strategy::Spread)) {
             bad(
                 "placement.spread_by",
                 "only with strategy = \"spread\"".into(),
@@ -600,17 +748,8 @@ impl AppSpec {
         }
     }
 
-    /// The strategy this app asks for, or `default`.
-    pub fn strategy(&self, default: capstan_placement::Strategy) -> capstan_placement::Strategy {
-        match &self.placement.strategy {
-            Some(name) => capstan_placement::Strategy::parse(name).unwrap_or(default),
-            None if self.placement.spread_by.is_some() => capstan_placement::Strategy::Spread,
-            None => default,
-        }
-    }
-
     pub fn is_image(&self) -> bool {
-        self.run.image.is_some()
+        matches!(self.run, Run::Image { .. })
     }
 
     /// A digest of what a running instance is made from. Replicas, routes and
@@ -618,7 +757,7 @@ impl AppSpec {
     pub fn template_hash(&self) -> String {
         #[derive(Serialize)]
         struct Template<'a> {
-            run: &'a RunSpec,
+            run: RunSpec,
             resources: &'a Resources,
             ports: &'a [PortSpec],
             env: &'a BTreeMap<String, String>,
@@ -629,7 +768,7 @@ impl AppSpec {
             placement: &'a PlacementSpec,
         }
         let template = Template {
-            run: &self.run,
+            run: RunSpec::from(self.run.clone()),
             resources: &self.resources,
             ports: &self.ports,
             env: &self.env,
@@ -796,7 +935,9 @@ struct UpdateFile {
 }
 
 impl SpecFile {
-    fn into_spec(self) -> Result<AppSpec, Error> {
+    /// The spec, and the problems found while building it (reported with
+    /// the validation's).
+    fn into_spec(self) -> Result<(AppSpec, Vec<FieldError>), Error> {
         let mut errors = Vec::new();
         let Some(run) = self.run else {
             return Err(Error::invalid(
@@ -872,18 +1013,25 @@ impl SpecFile {
                 update_defaults.progress_deadline,
             ),
         };
-        if !errors.is_empty() {
-            return Err(Error::Invalid(errors));
-        }
-        let resource_defaults = Resources::default();
-        Ok(AppSpec {
-            name: self.name,
-            replicas: self.replicas,
-            run: RunSpec {
+        let run = Run::parse_into(
+            RunSpec {
                 command: run.command,
                 image: run.image,
                 args: run.args,
             },
+            &mut errors,
+        );
+        let (strategy, constraints) = parse_placement_rules(
+            "placement",
+            self.placement.strategy.as_deref(),
+            &self.placement.constraints,
+            &mut errors,
+        );
+        let resource_defaults = Resources::default();
+        let spec = AppSpec {
+            name: self.name,
+            replicas: self.replicas,
+            run,
             resources: Resources {
                 cpu_millis: self
                     .resources
@@ -910,14 +1058,15 @@ impl SpecFile {
             },
             update,
             placement: PlacementSpec {
-                strategy: self.placement.strategy,
-                constraints: self.placement.constraints,
+                strategy,
+                constraints,
                 distinct_hosts: self.placement.distinct_hosts,
                 spread_by: self.placement.spread.as_ref().map(|s| s.attribute.clone()),
                 spread_targets: self.placement.spread.map(|s| s.targets).unwrap_or_default(),
                 anti_affinity: self.placement.anti_affinity.unwrap_or(true),
             },
-        })
+        };
+        Ok((spec, errors))
     }
 }
 

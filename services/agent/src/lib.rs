@@ -24,7 +24,7 @@ use capstan_runtime::{
     DockerDriver, Driver, ProcessDriver, Program, Sandbox, WorkloadSpec, WorkloadStatus,
 };
 use capstan_server::{Platform, Service, now_ms};
-use capstan_types::{AppSpec, Error, Event, EventKind, InstanceId, InstanceState, Resources};
+use capstan_types::{AppSpec, Error, Event, EventKind, InstanceId, InstanceState, Resources, Run};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -279,18 +279,18 @@ impl Inner {
             Some(port) => port,
             None => free_port()?,
         };
-        let program = match &spec.run.image {
-            Some(image) => Program::Image {
+        let program = match &spec.run {
+            Run::Image { image, args } => Program::Image {
                 image: image.clone(),
-                args: spec.run.args.clone(),
+                args: args.clone(),
                 container_port: spec
                     .ports
                     .first()
                     .and_then(|p| p.container_port)
                     .unwrap_or(host_port),
             },
-            None => Program::Process {
-                argv: spec.run.command.clone(),
+            Run::Process { command } => Program::Process {
+                argv: command.clone(),
             },
         };
         let workload = WorkloadSpec {

@@ -221,7 +221,8 @@ impl Scheduler for SchedulerApi {
             instance_ids: r.instance_ids,
             resources: capstan_proto::resources_from_wire(r.resources),
             host_ports,
-            placement: capstan_proto::placement_from_wire(r.placement.unwrap_or_default()),
+            placement: capstan_proto::placement_from_wire(r.placement.unwrap_or_default())
+                .map_err(capstan_proto::status)?,
         };
         let outcome = self
             .placer

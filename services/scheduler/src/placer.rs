@@ -15,9 +15,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_placement::{
-    Constraint, Eligibility, Engine, Mode, NodeSpec, Request, Snapshot, Spread, Strategy,
-};
+use capstan_placement::{Eligibility, Engine, Mode, NodeSpec, Request, Snapshot, Spread, Strategy};
 use capstan_store::{Expect, Store, StoreError, Table};
 use capstan_types::spec::PlacementSpec;
 use capstan_types::{Error, Resources};
@@ -145,28 +143,14 @@ pub struct PlaceOutcome {
 /// Builds the engine's request, naming the field of a bad constraint.
 pub fn compile(input: &PlaceInput, default: Strategy, count: u32) -> Result<Request, Error> {
     let placement = &input.placement;
-    let mut constraints = Vec::new();
-    for (i, text) in placement.constraints.iter().enumerate() {
-        constraints.push(
-            Constraint::parse(text)
-                .map_err(|reason| Error::invalid(format!("placement.constraints[{i}]"), reason))?,
-        );
-    }
-    let strategy = match &placement.strategy {
-        Some(name) => {
-            Strategy::parse(name).map_err(|reason| Error::invalid("placement.strategy", reason))?
-        }
-        None if placement.spread_by.is_some() => Strategy::Spread,
-        None => default,
-    };
     Ok(Request {
         app: input.app.clone(),
         count,
         resources: engine_resources(input.resources),
         ports: input.host_ports.clone(),
-        constraints,
+        constraints: placement.constraints.clone(),
         distinct_hosts: placement.distinct_hosts,
-        strategy,
+        strategy: placement.strategy_or(default),
         spread: placement.spread_by.as_ref().map(|attribute| Spread {
             attribute: attribute.clone(),
             targets: placement

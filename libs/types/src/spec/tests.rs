@@ -320,7 +320,7 @@ fn placement_section_parses_and_validates() {
 fn placement_changes_the_template_only_when_set() {
     let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
     let mut placed = spec.clone();
-    placed.placement.constraints = vec!["zone == eu".into()];
+    placed.placement.constraints = vec![Constraint::parse("zone == eu").unwrap()];
     assert_ne!(spec.template_hash(), placed.template_hash());
 }
 
@@ -355,11 +355,15 @@ fn oversized_specs_are_refused_with_the_field_named() {
     check_invalid(&spec, "env.BIG", "at most 32768 bytes");
 
     let mut spec = valid();
-    spec.run.command = vec!["x".into(); limits::MAX_ARGS + 1];
+    spec.run = Run::Process {
+        command: vec!["x".into(); limits::MAX_ARGS + 1],
+    };
     check_invalid(&spec, "run.command", "at most 256 allowed");
 
     let mut spec = valid();
-    spec.run.command.push("y".repeat(limits::MAX_ARG_LEN + 1));
+    if let Run::Process { command } = &mut spec.run {
+        command.push("y".repeat(limits::MAX_ARG_LEN + 1));
+    }
     check_invalid(&spec, "run.command[6]", "at most 4096 bytes");
 
     let mut spec = valid();
@@ -368,9 +372,14 @@ fn oversized_specs_are_refused_with_the_field_named() {
         .collect();
     check_invalid(&spec, "route.hosts", "at most 32 allowed");
 
-    let mut spec = valid();
-    spec.placement.constraints = vec!["zone == a".into(); limits::MAX_CONSTRAINTS + 1];
-    check_invalid(&spec, "placement.constraints", "at most 32 allowed");
+    // Too many constraints are refused before any is compiled.
+    let many = vec!["\"zone == a\""; limits::MAX_CONSTRAINTS + 1].join(", ");
+    check_rejected(
+        SpecFormat::Toml,
+        &format!("{VALID}\n[placement]\nconstraints = [{many}]\n"),
+        "placement.constraints",
+        "at most 32 allowed",
+    );
 
     let mut spec = valid();
     spec.ports = (0..=limits::MAX_PORTS)
@@ -389,7 +398,7 @@ fn oversized_specs_are_refused_with_the_field_named() {
 #[test]
 fn spread_targets_that_overflow_u32_are_an_error_not_a_panic() {
     let mut spec = valid();
-    spec.placement.strategy = Some("spread".into());
+    spec.placement.strategy = Some(super::Strategy::Spread);
     spec.placement.spread_by = Some("zone".into());
     spec.placement.spread_targets =
         [("a".to_string(), u32::MAX), ("b".to_string(), u32::MAX)].into();
@@ -404,4 +413,52 @@ fn debug_output_never_shows_env_values() {
     let shown = format!("{spec:?} {spec:#?}");
     assert!(!shown.contains("hunter2-canary"), "{shown}");
     assert!(shown.contains("DB_PASSWORD"), "names stay visible: {shown}");
+}
+
+proptest! {
+    /// Whatever a user writes, parsing answers with a spec or an error.
+    #[test]
+    fn parsing_arbitrary_text_never_panics(text in ".{0,400}") {
+        let _ = AppSpec::parse(&text, SpecFormat::Toml);
+        let _ = AppSpec::parse(&text, SpecFormat::Yaml);
+        let _ = crate::duration::parse(&text);
+    }
+
+    /// Specs with wild numbers in every field validate without panicking.
+    #[test]
+    fn validating_extreme_values_never_panics(
+        replicas in any::<u32>(),
+        cpu in any::<u32>(),
+        memory in any::<u32>(),
+        surge in any::<u32>(),
+        unavailable in any::<u32>(),
+        unhealthy_after in any::<u32>(),
+        targets in proptest::collection::btree_map("[a-z]{1,3}", any::<u32>(), 0..6),
+        host_port in any::<u16>(),
+    ) {
+        let mut spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+        spec.replicas = replicas;
+        spec.resources.cpu_millis = cpu;
+        spec.resources.memory_mb = memory;
+        spec.update.max_surge = surge;
+        spec.update.max_unavailable = unavailable;
+        spec.health.unhealthy_after = unhealthy_after;
+        spec.placement.spread_by = Some("zone".into());
+        spec.placement.spread_targets = targets;
+        spec.ports[0].host_port = Some(host_port);
+        let _ = spec.validate();
+        let _ = spec.template_hash();
+    }
+}
+
+#[test]
+fn a_bad_run_section_does_not_hide_other_problems() {
+    let text = "name = \"Bad Name\"\n[run]\ncommand = [\"x\"]\nimage = \"y\"\n[placement]\nconstraints = [\"zone ~= a\"]\n";
+    let Err(Error::Invalid(errors)) = AppSpec::parse(text, SpecFormat::Toml) else {
+        panic!("the spec should be rejected");
+    };
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for field in ["name", "run", "placement.constraints[0]"] {
+        assert!(fields.contains(&field), "{field} missing from {errors:?}");
+    }
 }
