@@ -11,34 +11,13 @@ use capstan_proto::v1::orchestrator_client::OrchestratorClient;
 use capstan_proto::v1::{ApplyAppRequest, CreateApiKeyRequest, IssueTokenRequest, ListAppsRequest};
 use common::*;
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-
-fn endpoints(dev: &Dev) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dev.data_dir().join("endpoints.json")).unwrap())
-        .unwrap()
-}
-
-fn channel(address: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect_lazy()
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
-    request
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_reflection_and_authorisation() {
     let dev = tokio::task::spawn_blocking(|| Dev::start(None))
         .await
         .unwrap();
-    let endpoints = endpoints(&dev);
+    let endpoints = dev.endpoints();
 
     for service in ["orchestrator", "scheduler", "router_config", "auth"] {
         let address = endpoints[service].as_str().unwrap();
@@ -209,7 +188,7 @@ fn traefik_config_and_proxy_answers() {
     );
 
     // The same document over HTTP for Traefik's provider, behind its bearer token.
-    let endpoints = endpoints(&dev);
+    let endpoints = dev.endpoints();
     let provider = endpoints["traefik_provider"].as_str().unwrap();
     let port: u16 = provider.rsplit_once(':').unwrap().1.parse().unwrap();
     assert_eq!(http_get(port, "x", "/traefik").unwrap().0, 401);

@@ -24,37 +24,13 @@ use capstan_proto::v1::{
 use common::*;
 use serde_json::Value;
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-
-fn endpoint(dev: &Dev, service: &str) -> String {
-    let endpoints: Value = serde_json::from_str(
-        &std::fs::read_to_string(dev.data_dir().join("endpoints.json")).unwrap(),
-    )
-    .unwrap();
-    endpoints[service].as_str().unwrap().to_string()
-}
-
-fn channel(address: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect_lazy()
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
-    request
-}
 
 fn secret(dev: &Dev, path: &str) -> String {
     stored_secret(dev.data_dir(), path)
 }
 
 async fn token(dev: &Dev, api_key: String) -> String {
-    AuthClient::new(channel(&endpoint(dev, "auth")))
+    AuthClient::new(channel(&dev.endpoint("auth")))
         .issue_token(IssueTokenRequest { api_key })
         .await
         .unwrap()
@@ -115,8 +91,8 @@ async fn internal_rpcs_are_closed_to_users_and_nodes_act_only_as_themselves() {
         .await
         .unwrap();
     let c = callers(&dev).await;
-    let mut scheduler = SchedulerClient::new(channel(&endpoint(&dev, "scheduler")));
-    let mut router = RouterConfigClient::new(channel(&endpoint(&dev, "router_config")));
+    let mut scheduler = SchedulerClient::new(channel(&dev.endpoint("scheduler")));
+    let mut router = RouterConfigClient::new(channel(&dev.endpoint("router_config")));
     let nodes = scheduler
         .list_nodes(with_token(ListNodesRequest {}, &c.viewer))
         .await
@@ -220,7 +196,7 @@ async fn internal_rpcs_are_closed_to_users_and_nodes_act_only_as_themselves() {
     );
     // Nobody mints a service key.
     refused(
-        AuthClient::new(channel(&endpoint(&dev, "auth")))
+        AuthClient::new(channel(&dev.endpoint("auth")))
             .create_api_key(with_token(
                 CreateApiKeyRequest {
                     name: "evil".into(),
@@ -245,9 +221,9 @@ async fn every_rpc_that_takes_an_id_refuses_a_path() {
     std::fs::write(&canary, "{}").unwrap();
     let evil = "../../../canary";
 
-    let mut scheduler = SchedulerClient::new(channel(&endpoint(&dev, "scheduler")));
-    let mut orchestrator = OrchestratorClient::new(channel(&endpoint(&dev, "orchestrator")));
-    let mut auth = AuthClient::new(channel(&endpoint(&dev, "auth")));
+    let mut scheduler = SchedulerClient::new(channel(&dev.endpoint("scheduler")));
+    let mut orchestrator = OrchestratorClient::new(channel(&dev.endpoint("orchestrator")));
+    let mut auth = AuthClient::new(channel(&dev.endpoint("auth")));
     let nodes = scheduler
         .list_nodes(with_token(ListNodesRequest {}, &c.viewer))
         .await
@@ -492,7 +468,7 @@ async fn watch_streams_end_with_their_token_and_are_capped() {
         .unwrap();
     let signer = capstan_authn::TokenSigner::from_bytes(&key);
     let (short, _) = signer.issue("admin", capstan_authn::Role::Admin, Duration::from_secs(2));
-    let mut orchestrator = OrchestratorClient::new(channel(&endpoint(&dev, "orchestrator")));
+    let mut orchestrator = OrchestratorClient::new(channel(&dev.endpoint("orchestrator")));
     let mut stream = orchestrator
         .watch_events(with_token(
             WatchEventsRequest {
@@ -567,7 +543,7 @@ async fn viewers_see_no_env_values_and_events_name_who_changed_what() {
         &whoami_spec("env", 1, "s3cret-canary"),
     );
     dev.ok(&["app", "deploy", "-f", &file]);
-    let mut orchestrator = OrchestratorClient::new(channel(&endpoint(&dev, "orchestrator")));
+    let mut orchestrator = OrchestratorClient::new(channel(&dev.endpoint("orchestrator")));
     let env_of = |token: String| {
         let mut orchestrator = orchestrator.clone();
         async move {
@@ -618,26 +594,19 @@ async fn viewers_see_no_env_values_and_events_name_who_changed_what() {
             )
         })
     };
-    assert_eq!(
-        actor_of("app.created"),
-        Some(("admin".into(), "admin".into()))
-    );
-    assert_eq!(
-        actor_of("app.scaled"),
-        Some(("e2e-operator".into(), "operator".into()))
-    );
-    assert_eq!(
-        actor_of("node.drain_started"),
-        Some(("admin".into(), "admin".into()))
-    );
-    assert_eq!(
-        actor_of("node.drain_cancelled"),
-        Some(("admin".into(), "admin".into()))
-    );
-    assert_eq!(
-        actor_of("key.created"),
-        Some(("admin".into(), "admin".into()))
-    );
+    for (kind, actor, role) in [
+        ("app.created", "admin", "admin"),
+        ("app.scaled", "e2e-operator", "operator"),
+        ("node.drain_started", "admin", "admin"),
+        ("node.drain_cancelled", "admin", "admin"),
+        ("key.created", "admin", "admin"),
+    ] {
+        assert_eq!(
+            actor_of(kind),
+            Some((actor.to_string(), role.to_string())),
+            "the actor of {kind}"
+        );
+    }
 }
 
 #[test]

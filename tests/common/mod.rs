@@ -49,6 +49,23 @@ impl Dev {
         self.dir.path()
     }
 
+    /// What `capstan dev` wrote to `endpoints.json`.
+    pub fn endpoints(&self) -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(self.data_dir().join("endpoints.json"))
+                .expect("endpoints.json"),
+        )
+        .expect("endpoints.json is JSON")
+    }
+
+    /// One service's address from `endpoints.json` (`auth`, `router_config` ...).
+    pub fn endpoint(&self, service: &str) -> String {
+        self.endpoints()[service]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {service} in endpoints.json"))
+            .to_string()
+    }
+
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.data_dir().join("endpoints.json"));
         let log = std::fs::OpenOptions::new()
@@ -403,4 +420,21 @@ pub fn stored_secret(data_dir: &Path, path: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no secret {path} in secrets.json"))
         .to_string()
+}
+
+/// A lazily connecting gRPC channel to `address`, without credentials.
+pub fn channel(address: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("a valid address")
+        .connect_lazy()
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).expect("a valid token"),
+    );
+    request
 }

@@ -46,3 +46,34 @@ pub async fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
     }
     false
 }
+
+/// Fails unless every `[dependencies]` entry of `manifest` (a crate's
+/// Cargo.toml text) is in `allowed`: how a pure crate proves it stays pure.
+pub fn assert_only_dependencies(manifest: &str, allowed: &[&str], what: &str) {
+    let mut section = "";
+    let mut found = Vec::new();
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+            continue;
+        }
+        if section == "[dependencies]" && !line.is_empty() && !line.starts_with('#') {
+            let name = line.split(['=', '.', ' ']).next().unwrap_or_default();
+            found.push(name.to_string());
+        }
+        assert!(
+            !(section.starts_with("[dependencies.") || section.starts_with("[target")),
+            "dependencies must be listed in [dependencies] only, found {section}"
+        );
+    }
+    for name in &found {
+        assert!(
+            allowed.contains(&name.as_str()),
+            "`{name}` is not an allowed dependency of {what}"
+        );
+    }
+    assert!(
+        !found.is_empty(),
+        "the manifest parse found no dependencies at all"
+    );
+}
