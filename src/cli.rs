@@ -101,6 +101,10 @@ enum Command {
         /// are believed: an IP or CIDR range (repeatable). Others' are replaced.
         #[arg(long = "trusted-proxy", value_parser = parse_trusted_proxy)]
         trusted_proxies: Vec<String>,
+        /// How long the API tokens auth issues live (1s to 1h). Clients renew
+        /// them by themselves; watch streams end with their token and resume.
+        #[arg(long, default_value = "15m", value_parser = capstan_auth::parse_token_ttl)]
+        token_ttl: std::time::Duration,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -321,6 +325,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             agents,
             default_strategy,
             trusted_proxies,
+            token_ttl,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -336,6 +341,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 agents,
                 default_strategy,
                 trusted_proxies,
+                token_ttl,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -742,16 +748,36 @@ async fn events(
     let api = Api::connect(global)?;
     let mut client = api.orchestrator()?;
     if follow {
-        let mut stream = client
-            .watch_events(WatchEventsRequest {
-                app,
-                history: limit,
-            })
-            .await
-            .map_err(rpc)?
-            .into_inner();
-        while let Some(event) = stream.next().await {
-            print_event(&event.map_err(rpc)?, output);
+        // A watch ends when its token expires (or when it fell behind): open
+        // it again with a fresh token and enough history to cover the gap,
+        // printing each event once.
+        let mut printed = capstan_events::Deduper::new(10_000);
+        let mut history = limit;
+        loop {
+            let mut stream = client
+                .watch_events(WatchEventsRequest {
+                    app: app.clone(),
+                    history,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            history = 500;
+            let ended = loop {
+                match stream.next().await {
+                    Some(Ok(event)) => {
+                        if printed.first_time(&event.id) {
+                            print_event(&event, output);
+                        }
+                    }
+                    Some(Err(status)) => break status,
+                    None => return Ok(ExitCode::SUCCESS),
+                }
+            };
+            match ended.code() {
+                tonic::Code::Unauthenticated | tonic::Code::DataLoss => continue,
+                _ => return Err(rpc(ended)),
+            }
         }
     } else {
         let events = client

@@ -35,6 +35,8 @@ pub struct DevOptions {
     pub default_strategy: capstan_placement::Strategy,
     /// Peers whose `X-Forwarded-*` headers the edge proxy believes.
     pub trusted_proxies: capstan_router_config::TrustedProxies,
+    /// How long the tokens auth issues live.
+    pub token_ttl: std::time::Duration,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -192,6 +194,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "auth",
         Box::pin(capstan_auth::run(
             platform.clone(),
+            options.token_ttl,
             auth_listener,
             shutdown.clone(),
         )),

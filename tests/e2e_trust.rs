@@ -644,3 +644,56 @@ fn the_data_dir_and_its_keys_are_the_platforms_alone_on_every_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn following_events_outlives_its_tokens_and_prints_each_event_once() {
+    let dev = Dev::start_with(None, &["--token-ttl", "2s"]);
+    let out = dev.data_dir().join("follow.jsonl");
+    let mut follow = std::process::Command::new(BIN)
+        .args(["events", "--follow", "-o", "json", "-n", "50", "--data-dir"])
+        .arg(dev.data_dir())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let kinds = || -> Vec<String> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["app"] == "follow")
+            .filter_map(|e| e["kind"].as_str().map(String::from))
+            .collect()
+    };
+    let file = spec_file(
+        dev.data_dir(),
+        "follow.toml",
+        &whoami_spec("follow", 1, "hi"),
+    );
+    dev.ok(&["app", "deploy", "-f", &file]);
+    wait_until(
+        "the follower prints app.created",
+        Duration::from_secs(10),
+        || kinds().contains(&"app.created".to_string()),
+    );
+    // Outlive several token lifetimes (not a timing assertion: what is
+    // checked below is the output, whenever it comes).
+    std::thread::sleep(Duration::from_secs(5));
+    dev.ok(&["app", "scale", "follow", "2"]);
+    wait_until(
+        "the follower prints app.scaled after its tokens expired",
+        Duration::from_secs(15),
+        || kinds().contains(&"app.scaled".to_string()),
+    );
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "`capstan events --follow` exited when its token expired"
+    );
+    let created = kinds().iter().filter(|k| *k == "app.created").count();
+    assert_eq!(
+        created, 1,
+        "an event was printed again after the watch resumed"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+}

@@ -18,7 +18,8 @@ mod middleware;
 
 pub use client::{Authed, TokenSource};
 pub use jwt::{
-    AUDIENCE, Claims, ISSUER, KeySource, StaticKeys, TokenSigner, Verifier, VerifyingKeys,
+    AUDIENCE, Claims, ISSUER, KeySource, MAX_TOKEN_LIFETIME, StaticKeys, TokenSigner, Verifier,
+    VerifyingKeys,
 };
 pub use middleware::{Policy, RequireAuthLayer, Rule, caller};
 

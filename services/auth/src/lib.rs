@@ -1,5 +1,6 @@
 //! The auth service. It holds the only signing key, keeps API keys as SHA-256
-//! digests (never the keys), and issues JWTs that live [`TOKEN_TTL`].
+//! digests (never the keys), and issues JWTs that live [`TOKEN_TTL`] unless
+//! configured otherwise ([`parse_token_ttl`]).
 //!
 //! It never stores or logs an API key or a token.
 
@@ -26,6 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 pub const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// A token lifetime from a flag: 1s to the verifiers' maximum of one hour.
+pub fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = capstan_types::duration::parse(text)?;
+    if ttl < Duration::from_secs(1) || ttl > capstan_authn::MAX_TOKEN_LIFETIME {
+        return Err(format!("`{text}` must be between 1s and 1h"));
+    }
+    Ok(ttl)
+}
 const SIGNING_KEY_PATH: &str = "auth/signing-key";
 const API_KEYS: &str = "api_keys";
 
@@ -115,6 +125,7 @@ pub async fn ensure_api_key(
 
 struct AuthApi {
     platform: Platform,
+    token_ttl: Duration,
     signer: Arc<TokenSigner>,
     keys: Table<ApiKeyRecord>,
 }
@@ -136,7 +147,7 @@ impl Auth for AuthApi {
             .map_err(|e| capstan_proto::status(Error::internal(e)))?
             .map(|(_, r)| r)
             .ok_or_else(|| Status::unauthenticated("api_key: not a valid API key"))?;
-        let (token, claims) = self.signer.issue(&record.name, record.role, TOKEN_TTL);
+        let (token, claims) = self.signer.issue(&record.name, record.role, self.token_ttl);
         Ok(Response::new(IssueTokenResponse {
             token,
             expires_at: claims.exp,
@@ -222,6 +233,7 @@ pub fn policy() -> Policy {
 /// Serves the auth service on `listener` until `shutdown`.
 pub async fn run(
     platform: Platform,
+    token_ttl: Duration,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
@@ -234,6 +246,7 @@ pub async fn run(
     let policy = policy();
     let api = AuthApi {
         platform: platform.clone(),
+        token_ttl,
         signer,
         keys: Table::new(platform.store.clone(), API_KEYS),
     };
