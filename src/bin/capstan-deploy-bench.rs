@@ -168,12 +168,16 @@ async fn capstan_deploy(
     until_200(proxy, &host).await?;
     let elapsed = started.elapsed();
     client
-        .delete_app(DeleteAppRequest { name: name.clone() })
+        .delete_app(DeleteAppRequest {
+            name: name.to_string(),
+        })
         .await?;
     // Let the delete finish so runs do not overlap.
     let deadline = Instant::now() + GIVE_UP;
     while client
-        .get_app(GetAppRequest { name: name.clone() })
+        .get_app(GetAppRequest {
+            name: name.to_string(),
+        })
         .await
         .is_ok()
         && Instant::now() < deadline

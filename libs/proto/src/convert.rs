@@ -79,7 +79,7 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
         &mut errors,
     );
     let spec = AppSpec {
-        name: wire.name,
+        name: capstan_types::spec::parse_app_name(&wire.name, &mut errors),
         replicas: wire.replicas,
         run,
         resources: Resources {
@@ -149,7 +149,7 @@ pub fn placement_to_wire(placement: &PlacementSpec) -> v1::PlacementSpec {
 
 pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
     v1::AppSpec {
-        name: spec.name.clone(),
+        name: spec.name.to_string(),
         replicas: spec.replicas,
         run: Some({
             let run = RunSpec::from(spec.run.clone());

@@ -45,7 +45,8 @@ use limits::*;
 /// and a spec reaches logs through `{:?}`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
-    pub name: String,
+    /// A DNS label; the type holds only valid names.
+    pub name: crate::AppName,
     pub replicas: u32,
     pub run: Run,
     pub resources: Resources,
@@ -311,6 +312,17 @@ impl Run {
     }
 }
 
+/// Parses an app name, recording a problem in `errors` and answering with a
+/// stand-in, so the rest of the spec is still validated.
+pub fn parse_app_name(text: &str, errors: &mut Vec<FieldError>) -> crate::AppName {
+    crate::AppName::parse("name", text).unwrap_or_else(|error| {
+        if let Error::Invalid(found) = error {
+            errors.extend(found);
+        }
+        crate::AppName::parse("name", "stand-in").expect("`stand-in` is a DNS label")
+    })
+}
+
 impl AppSpec {
     /// Validates a spec built from parts that already reported `errors`,
     /// and answers with all of them at once.
@@ -470,9 +482,6 @@ impl AppSpec {
         let mut errors = Vec::new();
         let mut bad = |field: &str, reason: String| errors.push(FieldError::new(field, reason));
 
-        if let Err(reason) = check_dns_label(&self.name) {
-            bad("name", crate::id::shorten(&reason));
-        }
         too_many(&mut bad, "env", self.env.len(), MAX_ENV_VARS);
         for (key, value) in &self.env {
             too_long(
@@ -1029,7 +1038,7 @@ impl SpecFile {
         );
         let resource_defaults = Resources::default();
         let spec = AppSpec {
-            name: self.name,
+            name: parse_app_name(&self.name, &mut errors),
             replicas: self.replicas,
             run,
             resources: Resources {

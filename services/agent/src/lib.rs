@@ -158,7 +158,7 @@ impl Inner {
     fn to_wire(&self, tracked: &Tracked) -> Instance {
         Instance {
             id: tracked.file.instance_id.to_string(),
-            app: tracked.file.spec.name.clone(),
+            app: tracked.file.spec.name.to_string(),
             node_id: self.config.node_id.clone(),
             spec_hash: tracked.file.spec_hash.clone(),
             state: capstan_proto::state_to_wire(tracked.state) as i32,
@@ -295,7 +295,7 @@ impl Inner {
         };
         let workload = WorkloadSpec {
             instance_id: instance_id.clone(),
-            app: spec.name.clone(),
+            app: spec.name.to_string(),
             spec_hash: spec_hash.clone(),
             program,
             env: spec.env.clone(),

@@ -90,8 +90,10 @@ pub const REDACTED: &str = "<redacted>";
 /// The wire status of `app`, from all instance records. Env values are
 /// shown only to `show_env` callers (those who may change them anyway).
 fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord], show_env: bool) -> AppStatus {
-    let mut instances: Vec<&InstanceRecord> =
-        all.iter().filter(|r| r.app == app.spec.name).collect();
+    let mut instances: Vec<&InstanceRecord> = all
+        .iter()
+        .filter(|r| r.app == app.spec.name.as_str())
+        .collect();
     instances.sort_by(|a, b| a.id.cmp(&b.id));
     let healthy = instances
         .iter()
@@ -492,7 +494,7 @@ impl Orchestrator for Api {
             let endpoints = instances
                 .iter()
                 .filter(|r| {
-                    r.app == app.spec.name
+                    r.app == app.spec.name.as_str()
                         && r.routable
                         && !r.stopping
                         && r.state == InstanceState::Healthy
@@ -504,7 +506,7 @@ impl Orchestrator for Api {
                 })
                 .collect();
             apps.push(AppEndpoints {
-                app: app.spec.name.clone(),
+                app: app.spec.name.to_string(),
                 hosts: app.spec.route.hosts.clone(),
                 endpoints,
             });

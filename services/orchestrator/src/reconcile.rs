@@ -339,7 +339,7 @@ impl Reconciler {
         for (app, count) in starts {
             let placement_error = self.start(&app, count, now).await;
             progress
-                .entry(app.spec.name.clone())
+                .entry(app.spec.name.to_string())
                 .or_default()
                 .placement_error = Some(placement_error);
         }
@@ -423,7 +423,7 @@ impl Reconciler {
     async fn start(&self, app: &AppRecord, count: u32, now: i64) -> String {
         let ids: Vec<String> = (0..count).map(|_| new_id(&app.spec.name)).collect();
         let request = PlaceRequest {
-            app: app.spec.name.clone(),
+            app: app.spec.name.to_string(),
             instance_ids: ids,
             resources: Some(capstan_proto::resources_to_wire(app.spec.resources)),
             placement: Some(capstan_proto::placement_to_wire(&app.spec.placement)),
@@ -441,7 +441,7 @@ impl Reconciler {
         let starts = placed.placements.iter().map(|placement| async move {
             let mut record = InstanceRecord {
                 id: placement.instance_id.clone(),
-                app: app.spec.name.clone(),
+                app: app.spec.name.to_string(),
                 node_id: placement.node_id.clone(),
                 spec_hash: app.spec_hash.clone(),
                 state: InstanceState::Pending,

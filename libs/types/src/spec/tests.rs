@@ -55,7 +55,7 @@ fn toml_with(from: &str, to: &str) -> String {
 #[test]
 fn parses_the_documented_example() {
     let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
-    assert_eq!(spec.name, "hello");
+    assert_eq!(spec.name.as_str(), "hello");
     assert_eq!(spec.replicas, 3);
     assert_eq!(spec.health.check, HealthCheck::Http { path: "/".into() });
     assert_eq!(spec.health.timeout, Duration::from_millis(500));
