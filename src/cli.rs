@@ -16,8 +16,9 @@ use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
     AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
-    GetAppRequest, ListAppsRequest, ListEventsRequest, ListNodesRequest, NodeStatus,
-    RenderTraefikRequest, RolloutState, ScaleAppRequest, WatchEventsRequest,
+    GetAppRequest, ListApiKeysRequest, ListAppsRequest, ListEventsRequest, ListNodesRequest,
+    NodeStatus, RenderTraefikRequest, RevokeApiKeyRequest, RolloutState, RotateSigningKeyRequest,
+    ScaleAppRequest, WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::AppSpec;
@@ -60,6 +61,16 @@ struct Global {
     /// API key; default: the data dir's admin.key.
     #[arg(long, global = true, env = "CAPSTAN_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The CA of a cluster's TLS certificates (PEM); with --tls-cert and
+    /// --tls-key, the CLI talks mutual TLS to the services.
+    #[arg(long, global = true, env = "CAPSTAN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), from the cluster's CA.
+    #[arg(long, global = true, env = "CAPSTAN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "CAPSTAN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -105,6 +116,18 @@ enum Command {
         /// them by themselves; watch streams end with their token and resume.
         #[arg(long, default_value = "15m", value_parser = capstan_auth::parse_token_ttl)]
         token_ttl: std::time::Duration,
+        /// Claims, rate limits and the token denylist: `memory` or
+        /// `redis://HOST:PORT[/DB]`, e.g. redis://127.0.0.1:6379/0.
+        #[arg(long, env = "CAPSTAN_CACHE", default_value = "memory", value_parser = capstan_server::standalone::parse_cache_url, hide_env_values = true)]
+        cache: String,
+        /// Where state lives: `sqlite:PATH` (default: state.db in the data
+        /// dir) or `scylla://HOST[:PORT][,HOST...]/KEYSPACE[?rf=N]`.
+        #[arg(long, env = "CAPSTAN_STORE", value_parser = capstan_server::standalone::parse_store_url)]
+        store: Option<String>,
+        /// Where the services register and find each other: `embedded` or
+        /// `consul://HOST:PORT` (ACL token from CONSUL_HTTP_TOKEN).
+        #[arg(long, env = "CAPSTAN_REGISTRY", default_value = "embedded", value_parser = capstan_server::standalone::parse_registry_url)]
+        registry: String,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -148,6 +171,21 @@ enum KeyCommand {
         /// viewer, operator, admin or node.
         #[arg(long)]
         role: String,
+    },
+    /// List API keys: names, roles and creation times (never the keys).
+    Ls {
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Make a new key sign API tokens from now on. Tokens signed with the
+    /// old key keep working until they expire (at most an hour).
+    RotateSigning,
+    /// Revoke an API key by name. It stops working at once, and every
+    /// service refuses the tokens issued for it within a second.
+    #[command(after_help = "Example:\n  capstan key revoke ci")]
+    Revoke {
+        /// The key's name, as `capstan key ls` shows it.
+        name: String,
     },
 }
 
@@ -235,6 +273,7 @@ struct Api {
     endpoints: Option<dev::Endpoints>,
     orchestrator: String,
     tokens: Arc<TokenSource>,
+    tls: Option<capstan_server::Tls>,
 }
 
 impl Api {
@@ -260,23 +299,35 @@ impl Api {
             .map(|e| e.auth.clone())
             .unwrap_or_else(|| orchestrator.clone());
         let auth = std::env::var("CAPSTAN_AUTH_ADDR").unwrap_or(auth);
-        let tokens = TokenSource::new(Secret::new(api_key), capstan_server::channel_to(&auth)?);
+        let tls = match (&global.tls_ca, &global.tls_cert, &global.tls_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(capstan_server::Tls::load(ca, cert, key)?),
+            _ => return Err(anyhow!("--tls-ca, --tls-cert and --tls-key go together")),
+        };
+        let tokens = TokenSource::new(
+            Secret::new(api_key),
+            capstan_server::channel_with(&auth, tls.as_ref().map(|t| (t, "auth")))?,
+        );
         Ok(Api {
             endpoints,
             orchestrator,
             tokens,
+            tls,
         })
     }
 
-    fn channel(&self, address: &str) -> Result<Authed> {
+    /// `service` is the name the server's certificate must carry (TLS).
+    fn channel(&self, address: &str, service: &str) -> Result<Authed> {
         Ok(Authed::new(
-            capstan_server::channel_to(address)?,
+            capstan_server::channel_with(address, self.tls.as_ref().map(|t| (t, service)))?,
             self.tokens.clone(),
         ))
     }
 
     fn orchestrator(&self) -> Result<OrchestratorClient<Authed>> {
-        Ok(OrchestratorClient::new(self.channel(&self.orchestrator)?))
+        Ok(OrchestratorClient::new(
+            self.channel(&self.orchestrator, "orchestrator")?,
+        ))
     }
 
     fn service_address(
@@ -326,6 +377,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             default_strategy,
             trusted_proxies,
             token_ttl,
+            cache,
+            registry,
+            store,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -342,6 +396,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 default_strategy,
                 trusted_proxies,
                 token_ttl,
+                cache,
+                registry,
+                store,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -367,18 +424,67 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         Command::Key(KeyCommand::Create { name, role }) => {
             let api = Api::connect(&global)?;
             let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
-            let response = AuthClient::new(api.channel(&address)?)
+            let response = AuthClient::new(api.channel(&address, "auth")?)
                 .create_api_key(CreateApiKeyRequest { name, role })
                 .await
                 .map_err(rpc)?;
             println!("{}", response.into_inner().api_key);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Key(KeyCommand::Ls { output }) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let keys = AuthClient::new(api.channel(&address, "auth")?)
+                .list_api_keys(ListApiKeysRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .keys;
+            if output == Output::Json {
+                let list: Vec<Value> = keys
+                    .iter()
+                    .map(|k| json!({"name": k.name, "role": k.role, "created_ms": k.created_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<32} {:<9} CREATED (ms since epoch)", "NAME", "ROLE");
+                for key in &keys {
+                    println!("{:<32} {:<9} {}", key.name, key.role, key.created_ms);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key(KeyCommand::RotateSigning) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let kid = AuthClient::new(api.channel(&address, "auth")?)
+                .rotate_signing_key(RotateSigningKeyRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .kid;
+            println!(
+                "key {kid} is published now and signs new tokens in about 10 s (once every service can verify it); tokens signed before stay valid until they expire"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key(KeyCommand::Revoke { name }) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let revoked = AuthClient::new(api.channel(&address, "auth")?)
+                .revoke_api_key(RevokeApiKeyRequest { name: name.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .revoked_tokens;
+            println!("revoked API key `{name}` and {revoked} live tokens");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Route(RouteCommand::Traefik) => {
             let api = Api::connect(&global)?;
             let address =
                 api.service_address("CAPSTAN_ROUTER_ADDR", |e| e.router_config.clone())?;
-            let response = RouterConfigClient::new(api.channel(&address)?)
+            let response = RouterConfigClient::new(api.channel(&address, "router-config")?)
                 .render_traefik(RenderTraefikRequest {})
                 .await
                 .map_err(rpc)?;
@@ -796,7 +902,7 @@ async fn events(
 async fn nodes(global: &Global, output: Output) -> Result<ExitCode> {
     let api = Api::connect(global)?;
     let address = api.service_address("CAPSTAN_SCHEDULER_ADDR", |e| e.scheduler.clone())?;
-    let nodes = SchedulerClient::new(api.channel(&address)?)
+    let nodes = SchedulerClient::new(api.channel(&address, "scheduler")?)
         .list_nodes(ListNodesRequest {})
         .await
         .map_err(rpc)?
@@ -863,7 +969,7 @@ async fn drain(
 ) -> Result<ExitCode> {
     let api = Api::connect(global)?;
     let address = api.service_address("CAPSTAN_SCHEDULER_ADDR", |e| e.scheduler.clone())?;
-    let mut client = SchedulerClient::new(api.channel(&address)?);
+    let mut client = SchedulerClient::new(api.channel(&address, "scheduler")?);
     let marked = client
         .drain_node(DrainNodeRequest {
             node_id: node.to_string(),

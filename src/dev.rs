@@ -10,10 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use capstan_events::{EventBus, MemoryBus, RabbitBus};
-use capstan_registry::EmbeddedRegistry;
 use capstan_secrets::{FileSecretStore, SecretStore};
 use capstan_server::Platform;
-use capstan_store::SqliteStore;
 use capstan_types::Resources;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -21,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// Leases of the singleton roles. One process holds them all, so this only
+/// matters when a standalone replica joins the same store.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How long a backend named by a flag may take to answer at start.
+const BACKEND_WAIT: Duration = Duration::from_secs(10);
 
 pub struct DevOptions {
     pub data_dir: PathBuf,
@@ -37,6 +40,12 @@ pub struct DevOptions {
     pub trusted_proxies: capstan_router_config::TrustedProxies,
     /// How long the tokens auth issues live.
     pub token_ttl: std::time::Duration,
+    /// The `--cache` URL: `memory` or `redis://...`.
+    pub cache: String,
+    /// The `--registry` URL: `embedded` or `consul://...`.
+    pub registry: String,
+    /// The `--store` URL; `None`: state.db in the data dir.
+    pub store: Option<String>,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -126,7 +135,9 @@ pub async fn run(options: DevOptions) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let store =
-        Arc::new(SqliteStore::open(&data_dir.join("state.db")).context("open the state store")?);
+        capstan_server::standalone::open_store(options.store.as_deref(), data_dir, BACKEND_WAIT)
+            .await
+            .context("open the state store")?;
     let secrets: Arc<dyn SecretStore> = Arc::new(FileSecretStore::new(data_dir));
     let bus: Arc<dyn EventBus> = match &options.amqp_url {
         Some(url) => RabbitBus::connect(url)
@@ -134,14 +145,33 @@ pub async fn run(options: DevOptions) -> Result<()> {
             .context("connect to RabbitMQ")?,
         None => Arc::new(MemoryBus::new()),
     };
-    let registry = Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+    let (registry, locks) =
+        capstan_server::standalone::open_registry(&options.registry, &shutdown)?;
+    if options.registry != "embedded" {
+        capstan_server::standalone::connect_backend(
+            "the registry (--registry)",
+            &options.registry,
+            BACKEND_WAIT,
+            || registry.healthy("auth"),
+        )
+        .await?;
+    }
+    let cache_url = capstan_cache::redact(&options.cache);
+    let cache = capstan_server::standalone::connect_backend(
+        "the cache (--cache)",
+        &cache_url,
+        BACKEND_WAIT,
+        || capstan_cache::connect(&options.cache),
+    )
+    .await?;
 
     let service_key = capstan_server::standalone::service_key(secrets.as_ref(), true).await?;
     let node_id = capstan_secrets::read_or_create_private_file(&data_dir.join("node-id"), || {
         capstan_server::new_id("node")
     })
     .context("read the node id")?;
-    let platform = Platform::new(registry, bus, store, secrets, service_key);
+    let platform =
+        Platform::new(registry, bus, store, secrets, cache, service_key).with_locks(locks);
     capstan_auth::bootstrap_keys(&platform, data_dir).await?;
 
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
@@ -205,6 +235,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
             platform.clone(),
             capstan_scheduler::SchedulerConfig {
                 default_strategy: options.default_strategy,
+                lease_ttl: LEASE_TTL,
             },
             scheduler_listener,
             shutdown.clone(),
@@ -214,6 +245,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "orchestrator",
         Box::pin(capstan_orchestrator::run(
             platform.clone(),
+            LEASE_TTL,
             orchestrator_listener,
             shutdown.clone(),
         )),
@@ -227,6 +259,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
                 provider: Some(provider_listener),
                 limits: capstan_router_config::HttpLimits::default(),
                 trusted_proxies: options.trusted_proxies.clone(),
+                traefik_kv: None,
             },
             router_listener,
             shutdown.clone(),

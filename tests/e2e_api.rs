@@ -12,6 +12,13 @@ use capstan_proto::v1::{ApplyAppRequest, CreateApiKeyRequest, IssueTokenRequest,
 use common::*;
 use tonic::Code;
 
+fn pascal(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|w| w[..1].to_uppercase() + &w[1..])
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_reflection_and_authorisation() {
     let dev = tokio::task::spawn_blocking(|| Dev::start(None))
@@ -55,6 +62,40 @@ async fn health_reflection_and_authorisation() {
             names.iter().any(|n| n.starts_with("capstan.v1.")),
             "{service} reflects {names:?}"
         );
+
+        // grpcio-reflection and Evans speak only v1alpha.
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+        let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(AlphaRequest::ListServices(String::new())),
+        };
+        let mut stream = AlphaClient::new(channel(address))
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let Some(AlphaResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("{service}: no v1alpha service list");
+        };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert_eq!(alpha, names, "{service}: v1alpha lists what v1 lists");
+        let own = format!("capstan.v1.{}", pascal(service));
+        let capstan: Vec<&String> = names.iter().filter(|n| n.starts_with("capstan.")).collect();
+        assert_eq!(capstan, [&own], "{service} lists only what it serves");
+        for reflection in [
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == reflection),
+                "{service}: {reflection} in {names:?}"
+            );
+        }
     }
 
     let orchestrator = endpoints["orchestrator"].as_str().unwrap();

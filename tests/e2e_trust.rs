@@ -463,7 +463,9 @@ async fn watch_streams_end_with_their_token_and_are_capped() {
         .unwrap();
     let c = callers(&dev).await;
     // A two-second admin token, signed with the platform's own key.
-    let key: [u8; 32] = base64_decode(&secret(&dev, "auth/signing-key"))
+    // The keyring (auth/signing-keys) holds one key until a rotation.
+    let keyring: Value = serde_json::from_str(&secret(&dev, "auth/signing-keys")).unwrap();
+    let key: [u8; 32] = base64_decode(keyring["keys"][0]["secret"].as_str().unwrap())
         .try_into()
         .unwrap();
     let signer = capstan_authn::TokenSigner::from_bytes(&key);

@@ -17,6 +17,8 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capstan");
 
+pub mod services;
+
 pub struct Dev {
     pub dir: tempfile::TempDir,
     pub http_port: u16,

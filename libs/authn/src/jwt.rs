@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use capstan_types::Error;
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
@@ -17,7 +17,8 @@ pub const AUDIENCE: &str = "capstan";
 /// Clock skew tolerated between services.
 const LEEWAY_SECS: i64 = 30;
 /// An unknown key id triggers at most one key refresh per this interval.
-const REFRESH_EVERY: Duration = Duration::from_secs(5);
+pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+const REFRESH_EVERY: Duration = KEY_REFRESH_INTERVAL;
 /// How long one key fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// A failed key fetch is not retried for this long: forged key ids cannot
@@ -93,28 +94,14 @@ impl TokenSigner {
         self.key.verifying_key().to_bytes()
     }
 
+    /// The Ed25519 signature of `input`.
+    pub fn sign_bytes(&self, input: &[u8]) -> [u8; 64] {
+        self.key.sign(input).to_bytes()
+    }
+
     pub fn issue(&self, sub: &str, role: Role, ttl: Duration) -> (String, Claims) {
-        let iat = now_secs();
-        let claims = Claims {
-            iss: ISSUER.into(),
-            aud: AUDIENCE.into(),
-            sub: sub.into(),
-            role,
-            iat,
-            nbf: iat,
-            exp: iat + ttl.as_secs() as i64,
-            jti: format!("{:032x}", rand::random::<u128>()),
-        };
-        let header = Header {
-            alg: "EdDSA".into(),
-            typ: "JWT".into(),
-            kid: self.kid.clone(),
-        };
-        let signing_input = format!(
-            "{}.{}",
-            B64.encode(serde_json::to_vec(&header).expect("header serializes")),
-            B64.encode(serde_json::to_vec(&claims).expect("claims serialize"))
-        );
+        let claims = claims_for(sub, role, ttl);
+        let signing_input = signing_input(&self.kid, &claims);
         let signature = self.key.sign(signing_input.as_bytes());
         (
             format!("{signing_input}.{}", B64.encode(signature.to_bytes())),
@@ -124,6 +111,68 @@ impl TokenSigner {
 }
 
 pub type VerifyingKeys = Vec<(String, [u8; 32])>;
+
+/// What signs tokens: a key pair kept in the secret store, or Vault
+/// transit, where the private key never leaves Vault.
+#[async_trait]
+pub trait Signer: Send + Sync + 'static {
+    /// The key id new tokens are signed with.
+    async fn current_kid(&self) -> Result<String, Error>;
+    /// The Ed25519 signature of `input` by key `kid`.
+    async fn sign(&self, kid: &str, input: &[u8]) -> Result<[u8; 64], Error>;
+    /// Every key verifiers must accept now: the current one, and each one
+    /// retired less than [`MAX_TOKEN_LIFETIME`] (plus clock leeway) ago,
+    /// whose tokens may still be live.
+    async fn public_keys(&self) -> Result<VerifyingKeys, Error>;
+    /// Makes a new key current; returns its kid.
+    async fn rotate(&self) -> Result<String, Error>;
+}
+
+/// How long a retired signing key stays verifiable: the longest a token
+/// lives, plus the clock leeway verifiers allow.
+pub const RETIRED_KEY_GRACE: Duration =
+    Duration::from_secs(MAX_TOKEN_LIFETIME.as_secs() + 2 * LEEWAY_SECS as u64);
+
+/// Issues a token for `sub` with `role`, signed by `signer`'s current key.
+pub async fn issue(
+    signer: &dyn Signer,
+    sub: &str,
+    role: Role,
+    ttl: Duration,
+) -> Result<(String, Claims), Error> {
+    let kid = signer.current_kid().await?;
+    let claims = claims_for(sub, role, ttl);
+    let signing_input = signing_input(&kid, &claims);
+    let signature = signer.sign(&kid, signing_input.as_bytes()).await?;
+    Ok((format!("{signing_input}.{}", B64.encode(signature)), claims))
+}
+
+fn claims_for(sub: &str, role: Role, ttl: Duration) -> Claims {
+    let iat = now_secs();
+    Claims {
+        iss: ISSUER.into(),
+        aud: AUDIENCE.into(),
+        sub: sub.into(),
+        role,
+        iat,
+        nbf: iat,
+        exp: iat + ttl.as_secs() as i64,
+        jti: format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+fn signing_input(kid: &str, claims: &Claims) -> String {
+    let header = Header {
+        alg: "EdDSA".into(),
+        typ: "JWT".into(),
+        kid: kid.into(),
+    };
+    format!(
+        "{}.{}",
+        B64.encode(serde_json::to_vec(&header).expect("header serializes")),
+        B64.encode(serde_json::to_vec(claims).expect("claims serialize"))
+    )
+}
 
 /// Where a verifier gets public keys: the auth service, or a fixed set.
 #[async_trait]
@@ -149,6 +198,7 @@ pub struct Verifier {
     source: Arc<dyn KeySource>,
     cache: RwLock<Cache>,
     fetching: tokio::sync::Mutex<()>,
+    revocations: Option<crate::revocation::Revocations>,
 }
 
 struct Cache {
@@ -167,7 +217,14 @@ impl Verifier {
                 failed: None,
             }),
             fetching: tokio::sync::Mutex::new(()),
+            revocations: None,
         }
+    }
+
+    /// Also refuses tokens on the denylist in `cache` (revoked API keys).
+    pub fn with_revocations(mut self, cache: Arc<dyn capstan_cache::Cache>) -> Self {
+        self.revocations = Some(crate::revocation::Revocations::new(cache));
+        self
     }
 
     async fn key(&self, kid: &str) -> Result<VerifyingKey, Error> {
@@ -272,6 +329,9 @@ impl Verifier {
         }
         if claims.exp - claims.iat > MAX_TOKEN_LIFETIME.as_secs() as i64 {
             return Err(bad("lifetime longer than the maximum of one hour"));
+        }
+        if let Some(revocations) = &self.revocations {
+            revocations.check(&claims).await?;
         }
         Ok(claims)
     }
@@ -429,6 +489,79 @@ mod tests {
         let (input, _) = token.rsplit_once('.').unwrap();
         let forged = format!("{input}.{}", B64.encode([0u8; 64]));
         assert!(verifier_for(&signer).verify(&forged).await.is_err());
+    }
+
+    /// A cache that never announces a revocation: only lookups find them.
+    struct Deaf(capstan_cache::MemoryCache);
+
+    #[async_trait]
+    impl capstan_cache::Cache for Deaf {
+        async fn claim(&self, k: &str, t: Duration) -> Result<bool, capstan_cache::CacheError> {
+            self.0.claim(k, t).await
+        }
+        async fn take(
+            &self,
+            k: &str,
+            l: capstan_cache::RateLimit,
+        ) -> Result<capstan_cache::Admit, capstan_cache::CacheError> {
+            self.0.take(k, l).await
+        }
+        async fn revoke(&self, id: &str, t: Duration) -> Result<(), capstan_cache::CacheError> {
+            self.0.revoke(id, t).await
+        }
+        async fn is_revoked(&self, id: &str) -> Result<bool, capstan_cache::CacheError> {
+            self.0.is_revoked(id).await
+        }
+        async fn revocations(
+            &self,
+        ) -> Result<futures::stream::BoxStream<'static, String>, capstan_cache::CacheError>
+        {
+            Ok(futures::StreamExt::boxed(futures::stream::pending()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_at_once_when_announced() {
+        let signer = TokenSigner::generate();
+        let cache = Arc::new(capstan_cache::MemoryCache::new());
+        let verifier = verifier_for(&signer).with_revocations(cache.clone());
+        let (token, claims) = signer.issue("alice", Role::Viewer, Duration::from_secs(60));
+        let (other, _) = signer.issue("bob", Role::Viewer, Duration::from_secs(60));
+        verifier.verify(&token).await.unwrap();
+        verifier.verify(&other).await.unwrap();
+        capstan_cache::Cache::revoke(cache.as_ref(), &claims.jti, Duration::from_secs(60))
+            .await
+            .unwrap();
+        // The announcement arrives through a task: give it a moment, far
+        // below the recheck interval that would also catch it.
+        let started = std::time::Instant::now();
+        while verifier.verify(&token).await.is_ok() {
+            assert!(
+                started.elapsed() < crate::REVOCATION_RECHECK / 5,
+                "not heard"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let error = verifier.verify(&token).await.unwrap_err();
+        assert_eq!(error.to_string(), "unauthenticated: token revoked");
+        verifier
+            .verify(&other)
+            .await
+            .expect("other tokens still verify");
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_within_the_recheck_without_announcements() {
+        let signer = TokenSigner::generate();
+        let cache = Arc::new(Deaf(capstan_cache::MemoryCache::new()));
+        let verifier = verifier_for(&signer).with_revocations(cache.clone());
+        let (token, claims) = signer.issue("alice", Role::Viewer, Duration::from_secs(60));
+        verifier.verify(&token).await.unwrap();
+        capstan_cache::Cache::revoke(cache.as_ref(), &claims.jti, Duration::from_secs(60))
+            .await
+            .unwrap();
+        tokio::time::sleep(crate::REVOCATION_RECHECK + Duration::from_millis(50)).await;
+        assert!(verifier.verify(&token).await.is_err());
     }
 
     #[test]

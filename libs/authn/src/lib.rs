@@ -15,13 +15,15 @@
 mod client;
 mod jwt;
 mod middleware;
+mod revocation;
 
 pub use client::{Authed, TokenSource};
 pub use jwt::{
-    AUDIENCE, Claims, ISSUER, KeySource, MAX_TOKEN_LIFETIME, StaticKeys, TokenSigner, Verifier,
-    VerifyingKeys,
+    AUDIENCE, Claims, ISSUER, KEY_REFRESH_INTERVAL, KeySource, MAX_TOKEN_LIFETIME,
+    RETIRED_KEY_GRACE, Signer, StaticKeys, TokenSigner, Verifier, VerifyingKeys, issue,
 };
 pub use middleware::{Policy, RequireAuthLayer, Rule, caller};
+pub use revocation::RECHECK as REVOCATION_RECHECK;
 
 use serde::{Deserialize, Serialize};
 

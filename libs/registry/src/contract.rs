@@ -30,6 +30,50 @@ pub async fn run_timed(registry: &dyn ServiceRegistry) {
     watch_blocks_until_change(registry).await;
 }
 
+/// The timed checks on a real clock, with waits a remote registry can keep
+/// (Consul's blocking-query wait counts whole seconds).
+pub async fn run_realtime(registry: &dyn ServiceRegistry) {
+    ttl_checks_start_critical_pass_and_expire(registry).await;
+    let (index, _) = registry
+        .watch("svc-rt", 0, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let (same, _) = registry
+        .watch("svc-rt", index, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(same, index, "no change, same index");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "a watch with no change returned after {:?}, before its 2 s wait",
+        started.elapsed()
+    );
+    let waiter = registry.watch("svc-rt", index, Duration::from_secs(10));
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        registry
+            .register(registration(
+                "rt-1",
+                "svc-rt",
+                Check::Ttl {
+                    ttl: Duration::from_secs(30),
+                },
+            ))
+            .await
+            .unwrap();
+        registry.pass_ttl("rt-1").await.unwrap();
+    };
+    let started = tokio::time::Instant::now();
+    let ((next, _), ()) = tokio::join!(async { waiter.await.unwrap() }, change);
+    assert!(next > index);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the watch returned on the change, not after its wait"
+    );
+    registry.deregister("rt-1").await.unwrap();
+}
+
 /// The checks that talk to real endpoints: these need a running clock.
 pub async fn run_networked(registry: &dyn ServiceRegistry) {
     http_checks_follow_the_endpoint(registry).await;

@@ -222,6 +222,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn passes_the_realtime_contract() {
+        // The same checks the Consul adapter runs, on a real clock.
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        crate::contract::run_realtime(&super::EmbeddedRegistry::start(shutdown.clone())).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn passes_the_networked_contract() {
         let shutdown = tokio_util::sync::CancellationToken::new();
         crate::contract::run_networked(&super::EmbeddedRegistry::start(shutdown.clone())).await;

@@ -12,10 +12,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod consul;
 pub mod contract;
 mod embedded;
+pub mod kv;
+pub mod lock;
 
+pub use consul::ConsulRegistry;
 pub use embedded::EmbeddedRegistry;
+pub use kv::ConsulKv;
+pub use lock::{ConsulLocks, HeldLock, LockError, Locks};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {

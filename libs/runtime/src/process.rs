@@ -60,8 +60,9 @@ impl Sandbox {
 pub struct ProcessDriver {
     state_dir: PathBuf,
     sandbox: Sandbox,
-    /// Exit statuses of children this process spawned and reaped.
-    exits: Arc<Mutex<HashMap<InstanceId, std::process::ExitStatus>>>,
+    /// Exit statuses of the processes this driver started, delivered by
+    /// their reaper tasks (`None` until the process is reaped).
+    exits: Arc<Mutex<HashMap<InstanceId, ExitReceiver>>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -158,6 +159,11 @@ fn proc_start_ticks(pid: i32) -> Option<(u64, bool)> {
     let ticks = fields.get(19)?.parse().ok()?;
     Some((ticks, state == "Z"))
 }
+
+type ExitReceiver = tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>;
+
+/// How long `status` waits for the reaper of a process that just died.
+const REAP_WAIT: Duration = Duration::from_secs(2);
 
 fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -257,14 +263,14 @@ impl Driver for ProcessDriver {
             write_owner_only(&path, &bytes).map_err(|e| DriverError::Io(e.to_string()))
         })
         .await?;
-        let exits = self.exits.clone();
-        let instance_id = spec.instance_id.clone();
+        let (exited, receiver) = tokio::sync::watch::channel(None);
+        self.exits
+            .lock()
+            .expect("exits lock poisoned")
+            .insert(spec.instance_id.clone(), receiver);
         tokio::spawn(async move {
             if let Ok(status) = child.wait().await {
-                exits
-                    .lock()
-                    .expect("exits lock poisoned")
-                    .insert(instance_id, status);
+                let _ = exited.send(Some(status));
             }
         });
         Ok(workload)
@@ -298,21 +304,34 @@ impl Driver for ProcessDriver {
         let Some(record) = self.read_record(instance_id).await else {
             return Ok(WorkloadStatus::Missing);
         };
-        if let Some(status) = self
+        let receiver = self
             .exits
             .lock()
             .expect("exits lock poisoned")
             .get(instance_id)
-        {
-            let reason = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exited with code {code}"),
-                (None, Some(signal)) => format!("killed by signal {signal}"),
-                _ => "exited".to_string(),
-            };
-            return Ok(WorkloadStatus::Exited {
-                code: status.code().map(i64::from),
-                reason,
-            });
+            .cloned();
+        if let Some(mut receiver) = receiver {
+            // Dead (or a zombie) but not reaped yet: its reaper delivers the
+            // status in a moment, and the exit code is what a user debugs a
+            // crash with, so wait for it rather than report none.
+            if receiver.borrow().is_none() {
+                // One look decides: a second one could see it die between.
+                if is_alive(&record) {
+                    return Ok(WorkloadStatus::Running);
+                }
+                let _ = tokio::time::timeout(REAP_WAIT, receiver.wait_for(Option::is_some)).await;
+            }
+            if let Some(status) = *receiver.borrow() {
+                let reason = match (status.code(), status.signal()) {
+                    (Some(code), _) => format!("exited with code {code}"),
+                    (None, Some(signal)) => format!("killed by signal {signal}"),
+                    _ => "exited".to_string(),
+                };
+                return Ok(WorkloadStatus::Exited {
+                    code: status.code().map(i64::from),
+                    reason,
+                });
+            }
         }
         if is_alive(&record) {
             Ok(WorkloadStatus::Running)

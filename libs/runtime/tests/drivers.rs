@@ -217,3 +217,41 @@ async fn a_sandboxed_workload_runs_unprivileged_and_cannot_read_the_agents_files
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_process_always_reports_its_exit_code() {
+    // A process that died but is not reaped yet is a zombie; polling its
+    // status right then once reported "process is gone" with no exit code.
+    let dir = tempfile::tempdir().unwrap();
+    let driver =
+        ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work"))).unwrap();
+    for round in 0..40 {
+        let instance = id(&format!("crash-{round}"));
+        let spec = WorkloadSpec {
+            instance_id: instance.clone(),
+            app: "a".into(),
+            spec_hash: "h".into(),
+            program: Program::Process {
+                argv: vec![busybox(), "sh".into(), "-c".into(), "exit 3".into()],
+            },
+            env: Default::default(),
+            host_port: 1,
+            cpu_millis: 1,
+            memory_mb: 4,
+        };
+        driver.start(&spec).await.unwrap();
+        loop {
+            match driver.status(&instance).await.unwrap() {
+                WorkloadStatus::Exited { code, reason } => {
+                    assert_eq!(code, Some(3), "round {round}: {reason}");
+                    break;
+                }
+                _ => tokio::task::yield_now().await,
+            }
+        }
+        driver
+            .stop(&instance, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+}

@@ -2,7 +2,8 @@
 //! never show the value, so a secret cannot reach a log by formatting.
 //!
 //! The embedded adapter keeps secrets in one JSON file, mode 0600, written
-//! atomically. The Vault adapter (KV v2, AppRole login) comes with cluster mode.
+//! atomically. The Vault adapter ([`VaultSecretStore`]) keeps them in KV v2
+//! and logs in with AppRole.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +13,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 pub mod contract;
+pub mod vault;
+
+pub use vault::{KeyVersion, Transit, VaultConfig, VaultError, VaultSecretStore};
 
 /// A secret value. Read it with [`Secret::expose`], deliberately.
 #[derive(Clone, PartialEq, Eq)]
@@ -217,7 +221,7 @@ fn read_all(path: &Path) -> Result<BTreeMap<String, Entry>, SecretError> {
     }
 }
 
-fn check_path(path: &str) -> Result<(), SecretError> {
+pub(crate) fn check_path(path: &str) -> Result<(), SecretError> {
     let ok = !path.is_empty()
         && path.split('/').all(|seg| {
             !seg.is_empty()

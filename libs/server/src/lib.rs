@@ -6,6 +6,7 @@
 //! [`Platform`] holds the infrastructure ports a service is given and makes
 //! authenticated clients of other services, found through the registry.
 
+pub mod leader;
 pub mod standalone;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use capstan_authn::{Authed, KeySource, RequireAuthLayer, TokenSource, Verifier, VerifyingKeys};
+use capstan_cache::Cache;
 use capstan_events::EventBus;
 use capstan_proto::v1::GetVerificationKeysRequest;
 use capstan_proto::v1::auth_client::AuthClient;
@@ -37,9 +39,21 @@ pub struct Platform {
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn Store>,
     pub secrets: Arc<dyn SecretStore>,
+    /// Claims, rate limits and the token denylist, shared by replicas.
+    pub cache: Arc<dyn Cache>,
     /// The API key this service calls others with: the service key, or an
     /// agent's node key (whose tokens name the node).
     pub api_key: Secret,
+    /// The host others reach this process at when it listens on a wildcard.
+    advertise_host: Option<String>,
+    /// TLS for every server and client of this process (mutual: peers show
+    /// certificates from the same CA).
+    tls: Option<Tls>,
+    /// Vault's transit engine, when secrets live in Vault: auth signs
+    /// tokens there, so the private key never leaves Vault.
+    pub transit: Option<Arc<dyn capstan_secrets::Transit>>,
+    /// Who holds a singleton role; `None`: lease rows in the store.
+    locks: Option<Arc<dyn capstan_registry::Locks>>,
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
     /// One multiplexed HTTP/2 channel per address, reused by every call.
     channels: Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
@@ -51,6 +65,7 @@ impl Platform {
         bus: Arc<dyn EventBus>,
         store: Arc<dyn Store>,
         secrets: Arc<dyn SecretStore>,
+        cache: Arc<dyn Cache>,
         api_key: Secret,
     ) -> Self {
         Platform {
@@ -58,7 +73,12 @@ impl Platform {
             bus,
             store,
             secrets,
+            cache,
             api_key,
+            advertise_host: None,
+            tls: None,
+            transit: None,
+            locks: None,
             tokens: Arc::default(),
             channels: Arc::default(),
         }
@@ -73,12 +93,76 @@ impl Platform {
         }
     }
 
+    /// The same platform, registering its servers under `host` when they
+    /// listen on a wildcard address.
+    pub fn with_advertise_host(mut self, host: Option<String>) -> Platform {
+        self.advertise_host = host;
+        self
+    }
+
+    /// The same platform, serving and calling over mutual TLS.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Platform {
+        self.tls = tls;
+        self.channels = Arc::default();
+        self
+    }
+
+    pub fn with_transit(mut self, transit: Option<Arc<dyn capstan_secrets::Transit>>) -> Platform {
+        self.transit = transit;
+        self
+    }
+
+    /// The same platform, electing leaders with `locks` (Consul's).
+    pub fn with_locks(mut self, locks: Option<Arc<dyn capstan_registry::Locks>>) -> Platform {
+        self.locks = locks;
+        self
+    }
+
+    /// A candidate for the singleton `role`, fenced in this platform's store.
+    pub fn election(&self, role: &str, holder: &str, ttl: std::time::Duration) -> leader::Election {
+        match &self.locks {
+            Some(locks) => {
+                leader::Election::with_locks(locks.clone(), self.store.clone(), role, holder, ttl)
+            }
+            None => leader::Election::new(self.store.clone(), role, holder, ttl),
+        }
+    }
+
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// The address others reach a server listening on `local` at.
+    pub fn advertised(&self, local: SocketAddr) -> Result<String, Error> {
+        if !local.ip().is_unspecified() {
+            return Ok(local.to_string());
+        }
+        match &self.advertise_host {
+            Some(host) if host.contains(':') => Ok(format!("[{host}]:{}", local.port())),
+            Some(host) => Ok(format!("{host}:{}", local.port())),
+            None => Err(Error::invalid(
+                "advertise_host",
+                format!(
+                    "the server listens on {local}, which nobody can dial: pass --advertise-host (the host others reach it at)"
+                ),
+            )),
+        }
+    }
+
+    /// The same platform writing through `store` (a leader's fenced store).
+    pub fn with_store(&self, store: Arc<dyn Store>) -> Platform {
+        Platform {
+            store,
+            ..self.clone()
+        }
+    }
+
     /// A channel to a healthy instance of `service`, with no credentials.
     pub async fn channel(&self, service: &str) -> Result<Channel, Error> {
         let instance = capstan_registry::resolve(self.registry.as_ref(), service, RESOLVE_TIMEOUT)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        self.cached_channel(&instance.address)
+        self.cached_channel(&instance.address, service)
     }
 
     /// A channel to `service` that carries this platform's service token.
@@ -90,16 +174,18 @@ impl Platform {
     /// A channel to a known address (an agent) that carries the service token.
     pub async fn client_at(&self, address: &str) -> Result<Authed, Error> {
         let tokens = self.tokens().await?;
-        Ok(Authed::new(self.cached_channel(address)?, tokens))
+        Ok(Authed::new(self.cached_channel(address, "agent")?, tokens))
     }
 
-    fn cached_channel(&self, address: &str) -> Result<Channel, Error> {
+    /// `service` is the name the peer's certificate must carry under TLS.
+    fn cached_channel(&self, address: &str, service: &str) -> Result<Channel, Error> {
         let mut channels = self.channels.lock().expect("channel cache lock poisoned");
-        if let Some(channel) = channels.get(address) {
+        let key = format!("{service}@{address}");
+        if let Some(channel) = channels.get(&key) {
             return Ok(channel.clone());
         }
-        let channel = channel_to(address)?;
-        channels.insert(address.to_string(), channel.clone());
+        let channel = channel_with(address, self.tls.as_ref().map(|tls| (tls, service)))?;
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 
@@ -116,11 +202,15 @@ impl Platform {
             .clone())
     }
 
-    /// A verifier whose keys come from the auth service.
+    /// A verifier whose keys come from the auth service and which refuses
+    /// tokens on the cache's denylist.
     pub fn verifier(&self) -> Arc<Verifier> {
-        Arc::new(Verifier::new(Arc::new(AuthKeys {
-            platform: self.clone(),
-        })))
+        Arc::new(
+            Verifier::new(Arc::new(AuthKeys {
+                platform: self.clone(),
+            }))
+            .with_revocations(self.cache.clone()),
+        )
     }
 
     /// Publishes an event. Events are hints: a failure is logged, and the
@@ -140,11 +230,75 @@ impl Platform {
 
 /// A lazily connecting channel to `host:port`.
 pub fn channel_to(address: &str) -> Result<Channel, Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    channel_with(address, None)
+}
+
+/// A lazily connecting channel to `address`; over TLS when given, checking
+/// that the server's certificate names `service`.
+pub fn channel_with(address: &str, tls: Option<(&Tls, &str)>) -> Result<Channel, Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| Error::invalid("address", format!("`{address}`: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true);
+    if let Some((tls, service)) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client(service))
+            .map_err(|e| Error::invalid("tls", e.to_string()))?;
+    }
     Ok(endpoint.connect_lazy())
+}
+
+/// A process's TLS material: its certificate (whose SAN names its
+/// service, e.g. DNS:scheduler), its key, and the CA every Capstan
+/// certificate comes from. Servers require clients to present a
+/// certificate from that CA (mutual TLS); clients check the server's
+/// names the service they called.
+#[derive(Clone)]
+pub struct Tls {
+    ca: tonic::transport::Certificate,
+    identity: tonic::transport::Identity,
+}
+
+impl Tls {
+    /// Reads PEM files; an error names the flag and the file.
+    pub fn load(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Tls, Error> {
+        let read = |flag: &str, path: &std::path::Path| {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN") {
+                return Err(Error::invalid(
+                    flag,
+                    format!("{} is not PEM", path.display()),
+                ));
+            }
+            Ok(pem)
+        };
+        Ok(Tls {
+            ca: tonic::transport::Certificate::from_pem(read("tls_ca", ca)?),
+            identity: tonic::transport::Identity::from_pem(
+                read("tls_cert", cert)?,
+                read("tls_key", key)?,
+            ),
+        })
+    }
+
+    fn server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+    }
+
+    fn client(&self, service: &str) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .domain_name(service)
+    }
 }
 
 struct AuthKeys {
@@ -234,22 +388,34 @@ pub async fn serve_with(
             .set_service_status(*name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(capstan_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(Error::internal)?;
+    // v1 and v1alpha both: grpcio-reflection and Evans speak only v1alpha.
+    // Each lists what this server serves, not every service in the protos.
+    let reflection = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(capstan_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in service.grpc_names.iter().copied() {
+            builder = builder.with_service_name(name);
+        }
+        builder
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection().build_v1().map_err(Error::internal)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::internal)?;
     let routes = service
         .routes
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
 
     platform
         .registry
         .register(Registration {
             id: service.instance_id.clone(),
             name: service.name.to_string(),
-            address: address.to_string(),
+            address: platform.advertised(address)?,
             tags: vec!["grpc".into()],
             check: Check::Ttl { ttl: REGISTRY_TTL },
         })
@@ -275,7 +441,13 @@ pub async fn serve_with(
     };
     tracing::info!(service = service.name, %address, "serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &platform.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|e| Error::invalid("tls", e.to_string()))?;
+    }
+    let result = builder
         .timeout(limits.timeout)
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .max_concurrent_streams(limits.max_concurrent_streams)

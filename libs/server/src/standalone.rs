@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use capstan_cache::{Cache, CacheUrl};
 use capstan_events::RabbitBus;
-use capstan_registry::{Check, EmbeddedRegistry, Registration, ServiceRegistry};
+use capstan_registry::{Check, EmbeddedRegistry, Locks, Registration, ServiceRegistry};
 use capstan_secrets::{FileSecretStore, Secret, SecretStore};
 use capstan_store::SqliteStore;
 use capstan_types::Error;
@@ -42,6 +43,232 @@ pub struct StandaloneArgs {
     /// orchestrator, router-config.
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Where services register and find each other: `embedded` (this
+    /// process; peers from --peer) or `consul://HOST:PORT` (a Consul agent,
+    /// e.g. consul://127.0.0.1:8500; ACL token from CONSUL_HTTP_TOKEN).
+    #[arg(long, env = "CAPSTAN_REGISTRY", default_value = "embedded", value_parser = parse_registry_url)]
+    pub registry: String,
+    /// The host other services reach this one at, when --listen is a
+    /// wildcard address (0.0.0.0 or [::]), e.g. 10.0.0.5.
+    #[arg(long, env = "CAPSTAN_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Where state lives: `sqlite:PATH` (default: state.db in --data-dir;
+    /// one host only) or `scylla://HOST[:PORT][,HOST...]/KEYSPACE[?rf=N]`,
+    /// e.g. scylla://10.0.0.1,10.0.0.2/capstan.
+    #[arg(long, env = "CAPSTAN_STORE", value_parser = parse_store_url)]
+    pub store: Option<String>,
+    /// Where secrets live: `file:PATH` (a 0600 JSON file in PATH; default:
+    /// --data-dir) or `vault://HOST:PORT` / `vault+https://HOST:PORT` (KV v2
+    /// at `secret/`, AppRole login), e.g. vault://10.0.0.5:8200.
+    #[arg(long, env = "CAPSTAN_SECRETS")]
+    pub secrets: Option<String>,
+    /// The AppRole role_id (with --secrets vault://...).
+    #[arg(long, env = "CAPSTAN_VAULT_ROLE_ID_FILE")]
+    pub vault_role_id_file: Option<PathBuf>,
+    /// A response-wrapping token whose answer holds the secret_id; it is
+    /// unwrapped once at start (with --secrets vault://...).
+    #[arg(long, env = "CAPSTAN_VAULT_SECRET_ID_FILE")]
+    pub vault_secret_id_file: Option<PathBuf>,
+    /// The CA every Capstan certificate comes from (PEM). With --tls-cert
+    /// and --tls-key, every gRPC server and client of this process uses
+    /// mutual TLS: peers must show a certificate from this CA, and servers'
+    /// certificates must name their service (SAN DNS:scheduler, ...).
+    #[arg(long, env = "CAPSTAN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This service's certificate (PEM), naming the service.
+    #[arg(long, env = "CAPSTAN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This service's private key (PEM).
+    #[arg(long, env = "CAPSTAN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Claims, rate limits and the token denylist: `memory` (this process
+    /// only) or `redis://HOST:PORT[/DB]` (shared by every replica), e.g.
+    /// redis://10.0.0.5:6379/0.
+    #[arg(long, env = "CAPSTAN_CACHE", default_value = "memory", value_parser = parse_cache_url, hide_env_values = true)]
+    pub cache: String,
+    /// How long to keep retrying a backend (RabbitMQ, Redis) that does not
+    /// answer at start before giving up, e.g. 30s.
+    #[arg(long, env = "CAPSTAN_BACKEND_WAIT", default_value = "30s", value_parser = parse_wait)]
+    pub backend_wait: Duration,
+    /// Lease of a singleton role (the orchestrator's reconciler, the
+    /// scheduler's node watcher): a standby takes over this long after the
+    /// leader stops renewing, e.g. 10s.
+    #[arg(long, env = "CAPSTAN_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+}
+
+fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = capstan_types::duration::parse(text)?;
+    if !(Duration::from_millis(300)..=Duration::from_secs(300)).contains(&ttl) {
+        return Err(format!("`{text}` must be between 300ms and 5m"));
+    }
+    Ok(ttl)
+}
+
+/// Checks a `--registry` URL (clap value parser).
+pub fn parse_registry_url(text: &str) -> Result<String, String> {
+    if text == "embedded" {
+        return Ok(text.to_string());
+    }
+    capstan_registry::consul::parse_url(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("{e}; expected `embedded` or consul://HOST:PORT"))
+}
+
+/// A registry, and the locks that go with it (`None`: lease rows in the store).
+pub type OpenedRegistry = (Arc<dyn ServiceRegistry>, Option<Arc<dyn Locks>>);
+
+/// The registry a `--registry` URL names, and its locks.
+pub fn open_registry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<OpenedRegistry> {
+    if url == "embedded" {
+        return Ok((
+            Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+            None,
+        ));
+    }
+    let token = std::env::var("CONSUL_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let consul = capstan_registry::ConsulRegistry::new(url, token)
+        .map_err(|e| anyhow!("--registry: {e}"))?;
+    let locks = Arc::new(capstan_registry::ConsulLocks::new(consul.agent().clone()));
+    Ok((Arc::new(consul), Some(locks)))
+}
+
+/// Checks a `--store` URL (clap value parser).
+pub fn parse_store_url(text: &str) -> Result<String, String> {
+    if let Some(path) = text.strip_prefix("sqlite:") {
+        if path.is_empty() {
+            return Err("`sqlite:` needs a file, e.g. sqlite:/var/lib/capstan/state.db".into());
+        }
+        return Ok(text.to_string());
+    }
+    capstan_store::scylla::parse_url(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("{e}; expected sqlite:PATH or scylla://HOST/KEYSPACE"))
+}
+
+/// The store a `--store` URL names (default: state.db in `data_dir`).
+pub async fn open_store(
+    url: Option<&str>,
+    data_dir: &std::path::Path,
+    wait: Duration,
+) -> anyhow::Result<Arc<dyn capstan_store::Store>> {
+    match url {
+        None => Ok(Arc::new(SqliteStore::open(&data_dir.join("state.db"))?)),
+        Some(url) if url.starts_with("sqlite:") => Ok(Arc::new(SqliteStore::open(
+            std::path::Path::new(&url["sqlite:".len()..]),
+        )?)),
+        Some(url) => Ok(Arc::new(
+            connect_backend("ScyllaDB (--store)", url, wait, || {
+                capstan_store::ScyllaStore::connect(url)
+            })
+            .await?,
+        )),
+    }
+}
+
+/// Secrets, and Vault's transit engine when they live in Vault.
+pub type OpenedSecrets = (
+    Arc<dyn SecretStore>,
+    Option<Arc<dyn capstan_secrets::Transit>>,
+);
+
+/// The secret store `--secrets` names (default: the file in --data-dir).
+pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets> {
+    let url = args.secrets.as_deref().unwrap_or("");
+    if url.is_empty() {
+        return Ok((Arc::new(FileSecretStore::new(&args.data_dir)), None));
+    }
+    if let Some(path) = url.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err(anyhow!(
+                "--secrets: `file:` needs a directory, e.g. file:/var/lib/capstan"
+            ));
+        }
+        return Ok((
+            Arc::new(FileSecretStore::new(std::path::Path::new(path))),
+            None,
+        ));
+    }
+    if !url.starts_with("vault") {
+        return Err(anyhow!(
+            "--secrets: `{url}` is neither file:PATH nor vault://HOST:PORT"
+        ));
+    }
+    let address = capstan_secrets::vault::parse_url(url)?;
+    let (Some(role_id_file), Some(secret_id_file)) =
+        (&args.vault_role_id_file, &args.vault_secret_id_file)
+    else {
+        return Err(anyhow!(
+            "--secrets {url} needs --vault-role-id-file and --vault-secret-id-file"
+        ));
+    };
+    let config = capstan_secrets::VaultConfig {
+        address,
+        role_id_file: role_id_file.clone(),
+        secret_id_file: secret_id_file.clone(),
+        approle_mount: "approle".into(),
+        kv_mount: "secret".into(),
+        prefix: "capstan".into(),
+    };
+    // The wrapped secret_id is single-use: wait (with retries) until Vault
+    // answers, then log in once.
+    connect_backend("Vault (--secrets)", url, args.backend_wait, || {
+        capstan_secrets::vault::ping(&config.address)
+    })
+    .await?;
+    let vault = Arc::new(capstan_secrets::VaultSecretStore::login(config).await?);
+    Ok((vault.clone(), Some(vault)))
+}
+
+/// Checks a `--cache` URL (clap value parser).
+pub fn parse_cache_url(text: &str) -> Result<String, String> {
+    capstan_cache::parse_url(text)
+        .map(|_| text.to_string())
+        .map_err(|e| match e {
+            capstan_cache::CacheError::Invalid { reason, .. } => reason,
+            other => other.to_string(),
+        })
+}
+
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    capstan_types::duration::parse(text)
+}
+
+/// Connects to a backend, retrying with exponential backoff (100 ms to
+/// 2 s) for up to `bound`, with a log line per failed attempt. After the
+/// bound the error names the backend, its address and the last failure.
+pub async fn connect_backend<T, E, F, Fut>(
+    what: &str,
+    address: &str,
+    bound: Duration,
+    mut connect: F,
+) -> anyhow::Result<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let error = match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(e) => e.to_string(),
+        };
+        let now = tokio::time::Instant::now();
+        if now + delay > deadline {
+            return Err(anyhow!(
+                "{what} at {address} did not answer within {bound:?} ({attempt} attempts): {error}"
+            ));
+        }
+        tracing::warn!(backend = what, %address, attempt, "not ready, retrying in {delay:?}: {error}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Redacts the AMQP URL's password: `Debug` output reaches logs.
@@ -52,6 +279,18 @@ impl std::fmt::Debug for StandaloneArgs {
             .field("data_dir", &self.data_dir)
             .field("amqp_url", &capstan_events::redact_url(&self.amqp_url))
             .field("peers", &self.peers)
+            .field("registry", &self.registry)
+            .field("advertise_host", &self.advertise_host)
+            .field("store", &self.store)
+            .field("secrets", &self.secrets)
+            .field("vault_role_id_file", &self.vault_role_id_file)
+            .field("vault_secret_id_file", &self.vault_secret_id_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("cache", &capstan_cache::redact(&self.cache))
+            .field("backend_wait", &self.backend_wait)
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
@@ -148,13 +387,36 @@ async fn platform(
 ) -> anyhow::Result<Platform> {
     capstan_secrets::ensure_private_dir(&args.data_dir)
         .with_context(|| format!("make data dir {} private (0700)", args.data_dir.display()))?;
-    let store = Arc::new(SqliteStore::open(&args.data_dir.join("state.db"))?);
-    let secrets = Arc::new(FileSecretStore::new(&args.data_dir));
-    let bus = RabbitBus::connect(&args.amqp_url)
-        .await
-        .context("connect to RabbitMQ")?;
-    let registry: Arc<dyn ServiceRegistry> =
-        Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+    let store = open_store(args.store.as_deref(), &args.data_dir, args.backend_wait).await?;
+    let (secrets, transit) = open_secrets(args).await?;
+    let amqp = capstan_events::redact_url(&args.amqp_url);
+    let bus = connect_backend("RabbitMQ (--amqp-url)", &amqp, args.backend_wait, || {
+        RabbitBus::connect(&args.amqp_url)
+    })
+    .await?;
+    let cache: Arc<dyn Cache> = match capstan_cache::parse_url(&args.cache)? {
+        CacheUrl::Memory => Arc::new(capstan_cache::MemoryCache::new()),
+        CacheUrl::Redis(url) => {
+            let shown = capstan_cache::redact(&url);
+            Arc::new(
+                connect_backend("Redis (--cache)", &shown, args.backend_wait, || {
+                    capstan_cache::RedisCache::connect(&url, "capstan")
+                })
+                .await?,
+            )
+        }
+    };
+    let (registry, locks) = open_registry(&args.registry, shutdown)?;
+    if args.registry != "embedded" {
+        // The registry must answer before anything registers in it.
+        connect_backend(
+            "the registry (--registry)",
+            &args.registry,
+            args.backend_wait,
+            || registry.healthy("auth"),
+        )
+        .await?;
+    }
     register_peers(registry.clone(), &args.peers, shutdown.child_token()).await?;
     let key = match credential {
         Credential::CreateServiceKey => service_key(secrets.as_ref(), true).await?,
@@ -165,7 +427,18 @@ async fn platform(
                 .trim(),
         ),
     };
-    Ok(Platform::new(registry, bus, store, secrets, key))
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(crate::Tls::load(ca, cert, key).map_err(|e| anyhow!("{e}"))?)
+        }
+        _ => return Err(anyhow!("--tls-ca, --tls-cert and --tls-key go together")),
+    };
+    Ok(Platform::new(registry, bus, store, secrets, cache, key)
+        .with_advertise_host(args.advertise_host.clone())
+        .with_tls(tls)
+        .with_transit(transit)
+        .with_locks(locks))
 }
 
 /// The body of every `capstan-<service>` main: crypto provider, telemetry,

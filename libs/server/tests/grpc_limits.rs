@@ -53,6 +53,7 @@ async fn a_call_past_the_timeout_is_cut_off() {
         Arc::new(MemoryBus::new()),
         Arc::new(MemoryStore::new()),
         Arc::new(FileSecretStore::new(dir.path())),
+        Arc::new(capstan_cache::MemoryCache::new()),
         Secret::new("unused"),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

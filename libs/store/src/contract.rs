@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
-use crate::{Expect, Store, StoreError};
+use std::sync::Arc;
 
-pub async fn run(store: &dyn Store, prefix: &str) {
+use crate::{Expect, Fence, FencedStore, Mutation, Store, StoreError};
+
+pub async fn run(shared: Arc<dyn Store>, prefix: &str) {
+    let store = shared.as_ref();
     let t = |name: &str| format!("{prefix}_{name}");
     insert_if_absent(store, &t("insert")).await;
     compare_and_set(store, &t("cas")).await;
@@ -18,6 +21,8 @@ pub async fn run(store: &dyn Store, prefix: &str) {
     scans_page_through_a_table(store, &t("scan")).await;
     tables_are_separate(store, &t("sep_a"), &t("sep_b")).await;
     concurrent_writers_never_both_win(store, &t("race")).await;
+    fenced_writes_stop_when_the_fence_moves(store, &t("fence"), &t("fenced")).await;
+    fenced_store_fences_every_write(shared.clone(), prefix).await;
 }
 
 async fn insert_if_absent(store: &dyn Store, table: &str) {
@@ -236,4 +241,143 @@ async fn concurrent_writers_never_both_win(store: &dyn Store, table: &str) {
         store.get(table, "k").await.unwrap().unwrap().version,
         winner
     );
+}
+
+/// A fenced write lands while the fence row is at its version; once the
+/// fence moves (a new leader), every kind of write is refused and nothing
+/// changes.
+async fn fenced_writes_stop_when_the_fence_moves(store: &dyn Store, fences: &str, table: &str) {
+    let epoch = store
+        .put(fences, "leader", b"old".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    let fence = Fence {
+        table: fences.to_string(),
+        key: "leader".to_string(),
+        version: epoch,
+    };
+    let put = |key: &str, value: &[u8], expect| Mutation::Put {
+        table: table.to_string(),
+        key: key.to_string(),
+        value: value.to_vec(),
+        expect,
+    };
+    let v1 = store
+        .fenced(&fence, put("a", b"1", Expect::Absent))
+        .await
+        .unwrap()
+        .expect("a put returns its version");
+    store
+        .fenced(
+            &fence,
+            Mutation::Write {
+                table: table.to_string(),
+                key: "b".to_string(),
+                value: b"1".to_vec(),
+                ttl: None,
+            },
+        )
+        .await
+        .unwrap();
+    // A fenced put still checks its own precondition.
+    let err = store
+        .fenced(&fence, put("a", b"x", Expect::Absent))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+
+    // A new leader moves the fence.
+    store
+        .put(fences, "leader", b"new".to_vec(), Expect::Version(epoch))
+        .await
+        .unwrap();
+    let stale = [
+        put("a", b"2", Expect::Version(v1)),
+        put("c", b"2", Expect::Absent),
+        Mutation::Write {
+            table: table.to_string(),
+            key: "b".to_string(),
+            value: b"2".to_vec(),
+            ttl: None,
+        },
+        Mutation::Delete {
+            table: table.to_string(),
+            key: "a".to_string(),
+            version: v1,
+        },
+        Mutation::Remove {
+            table: table.to_string(),
+            key: "b".to_string(),
+        },
+    ];
+    for mutation in stale {
+        let err = store.fenced(&fence, mutation.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Fenced { version, .. } if *version == epoch),
+            "{mutation:?}: {err}"
+        );
+    }
+    assert_eq!(store.get(table, "a").await.unwrap().unwrap().value, b"1");
+    assert_eq!(store.get(table, "b").await.unwrap().unwrap().value, b"1");
+    assert_eq!(store.get(table, "c").await.unwrap(), None);
+
+    // A fence on a row that is gone holds nothing either.
+    let gone = Fence {
+        key: "nobody".to_string(),
+        ..fence.clone()
+    };
+    let err = store
+        .fenced(&gone, put("d", b"1", Expect::Absent))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Fenced { found: None, .. }),
+        "{err}"
+    );
+}
+
+/// [`FencedStore`] over `store`: every write through it is fenced.
+async fn fenced_store_fences_every_write(store: Arc<dyn Store>, prefix: &str) {
+    let fences = format!("{prefix}_fs_fence");
+    let table = format!("{prefix}_fs_rows");
+    let epoch = store
+        .put(&fences, "leader", b"1".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    let leader = FencedStore::new(
+        store.clone(),
+        Fence {
+            table: fences.clone(),
+            key: "leader".into(),
+            version: epoch,
+        },
+    );
+    let v = leader
+        .put(&table, "a", b"1".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    leader
+        .write(&table, "b", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(leader.get(&table, "a").await.unwrap().unwrap().version, v);
+    store
+        .put(&fences, "leader", b"2".to_vec(), Expect::Version(epoch))
+        .await
+        .unwrap();
+    for result in [
+        leader
+            .put(&table, "a", b"2".to_vec(), Expect::Version(v))
+            .await
+            .map(drop),
+        leader.write(&table, "b", b"2".to_vec(), None).await,
+        leader.delete(&table, "a", v).await,
+        leader.remove(&table, "b").await,
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::Fenced { .. })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(store.list(&table, "").await.unwrap().len(), 2);
 }

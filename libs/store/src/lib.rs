@@ -14,6 +14,12 @@
 //!
 //! A row is either CAS-written or plainly written: mixing both on one row is
 //! as undefined here as LWT and plain writes are in Scylla.
+//!
+//! **Fencing.** [`Store::fenced`] applies a write only while another row, the
+//! [`Fence`], is still at a given version, atomically. A leader holds the
+//! fence row's version from when it took office; a newer leader bumps it, and
+//! from then on every write of the old one fails with [`StoreError::Fenced`].
+//! [`FencedStore`] makes every write of a component fenced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +29,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub mod contract;
+mod fence;
 mod memory;
+pub mod scylla;
 mod sqlite;
 
+pub use fence::FencedStore;
 pub use memory::MemoryStore;
+pub use scylla::ScyllaStore;
 pub use sqlite::SqliteStore;
 
 /// Rows [`Store::list`] reads per page.
@@ -47,6 +57,40 @@ pub enum Expect {
     Absent,
     /// Only if the row exists at exactly this version.
     Version(u64),
+}
+
+/// The condition of a fenced write: row `table/key` is at `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub table: String,
+    pub key: String,
+    pub version: u64,
+}
+
+/// A write, as [`Store::fenced`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Put {
+        table: String,
+        key: String,
+        value: Vec<u8>,
+        expect: Expect,
+    },
+    Write {
+        table: String,
+        key: String,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    },
+    Delete {
+        table: String,
+        key: String,
+        version: u64,
+    },
+    Remove {
+        table: String,
+        key: String,
+    },
 }
 
 /// One page of a scan; `next` is the key to scan after for the next page.
@@ -73,6 +117,15 @@ pub enum StoreError {
     },
     #[error("store backend failed: {0}")]
     Backend(String),
+    #[error(
+        "fenced off: {table}/{key} is at version {found:?}, not {version} (a newer leader took over)"
+    )]
+    Fenced {
+        table: String,
+        key: String,
+        version: u64,
+        found: Option<u64>,
+    },
 }
 
 #[async_trait]
@@ -108,6 +161,11 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError>;
+
+    /// Applies `mutation` only while the row `fence` names is at its
+    /// version, atomically; else [`StoreError::Fenced`] and nothing changes.
+    /// Returns the new version of a `Put`.
+    async fn fenced(&self, fence: &Fence, mutation: Mutation) -> Result<Option<u64>, StoreError>;
 
     /// Every live row under `prefix`, in key order, read a [`PAGE`] at a time.
     async fn list(
@@ -245,6 +303,18 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
             reason: e.to_string(),
         })
     }
+}
+
+fn check_fence(fence: &Fence, found: Option<u64>) -> Result<(), StoreError> {
+    if found == Some(fence.version) {
+        return Ok(());
+    }
+    Err(StoreError::Fenced {
+        table: fence.table.clone(),
+        key: fence.key.clone(),
+        version: fence.version,
+        found,
+    })
 }
 
 fn check(table: &str, key: &str, expect: Expect, found: Option<u64>) -> Result<(), StoreError> {

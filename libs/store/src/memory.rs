@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Expect, Page, Store, StoreError, Versioned, check, now_ms};
+use crate::{
+    Expect, Fence, Mutation, Page, Store, StoreError, Versioned, check, check_fence, now_ms,
+};
 
 /// A store in memory, for unit tests and throwaway runs.
 #[derive(Default)]
@@ -37,6 +39,51 @@ impl Inner {
             .get(id)
             .filter(|r| r.live(now))
             .map(|r| r.versioned.version)
+    }
+
+    /// Every write goes through here, fenced or not.
+    fn apply(&mut self, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+        match mutation {
+            Mutation::Put {
+                table,
+                key,
+                value,
+                expect,
+            } => {
+                let id = (table, key);
+                check(&id.0, &id.1, expect, self.live_version(&id))?;
+                Ok(Some(self.set(id, value, None)))
+            }
+            Mutation::Write {
+                table,
+                key,
+                value,
+                ttl,
+            } => {
+                let expires_ms = ttl.map(|ttl| now_ms() + ttl.as_millis() as i64);
+                self.set((table, key), value, expires_ms);
+                Ok(None)
+            }
+            Mutation::Delete {
+                table,
+                key,
+                version,
+            } => {
+                let id = (table, key);
+                check(
+                    &id.0,
+                    &id.1,
+                    Expect::Version(version),
+                    self.live_version(&id),
+                )?;
+                self.rows.remove(&id);
+                Ok(None)
+            }
+            Mutation::Remove { table, key } => {
+                self.rows.remove(&(table, key));
+                Ok(None)
+            }
+        }
     }
 
     fn set(&mut self, id: (String, String), value: Vec<u8>, expires_ms: Option<i64>) -> u64 {
@@ -86,10 +133,13 @@ impl Store for MemoryStore {
         value: Vec<u8>,
         expect: Expect,
     ) -> Result<u64, StoreError> {
-        let mut inner = self.lock();
-        let id = id(table, key);
-        check(table, key, expect, inner.live_version(&id))?;
-        Ok(inner.set(id, value, None))
+        let version = self.lock().apply(Mutation::Put {
+            table: table.into(),
+            key: key.into(),
+            value,
+            expect,
+        })?;
+        Ok(version.unwrap_or_default())
     }
 
     async fn write(
@@ -99,27 +149,40 @@ impl Store for MemoryStore {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let expires_ms = ttl.map(|ttl| now_ms() + ttl.as_millis() as i64);
-        self.lock().set(id(table, key), value, expires_ms);
-        Ok(())
+        self.lock()
+            .apply(Mutation::Write {
+                table: table.into(),
+                key: key.into(),
+                value,
+                ttl,
+            })
+            .map(drop)
     }
 
     async fn delete(&self, table: &str, key: &str, version: u64) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let id = id(table, key);
-        check(
-            table,
-            key,
-            Expect::Version(version),
-            inner.live_version(&id),
-        )?;
-        inner.rows.remove(&id);
-        Ok(())
+        self.lock()
+            .apply(Mutation::Delete {
+                table: table.into(),
+                key: key.into(),
+                version,
+            })
+            .map(drop)
     }
 
     async fn remove(&self, table: &str, key: &str) -> Result<(), StoreError> {
-        self.lock().rows.remove(&id(table, key));
-        Ok(())
+        self.lock()
+            .apply(Mutation::Remove {
+                table: table.into(),
+                key: key.into(),
+            })
+            .map(drop)
+    }
+
+    async fn fenced(&self, fence: &Fence, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+        let mut inner = self.lock();
+        let found = inner.live_version(&(fence.table.clone(), fence.key.clone()));
+        check_fence(fence, found)?;
+        inner.apply(mutation)
     }
 
     async fn scan(
@@ -155,7 +218,7 @@ impl Store for MemoryStore {
 mod tests {
     #[tokio::test]
     async fn passes_the_contract() {
-        crate::contract::run(&super::MemoryStore::new(), "memory").await;
+        crate::contract::run(std::sync::Arc::new(super::MemoryStore::new()), "memory").await;
     }
 }
 

@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{Expect, Page, Store, StoreError, Versioned, check, now_ms};
+use crate::{
+    Expect, Fence, Mutation, Page, Store, StoreError, Versioned, check, check_fence, now_ms,
+};
 
 /// The embedded adapter: one SQLite file in the data dir, WAL mode.
 ///
@@ -16,43 +18,75 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
+/// How long opening may keep meeting a busy database.
+const OPEN_BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(e, _)
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// Only rows that have not expired.
 const LIVE: &str = "(expires_ms IS NULL OR expires_ms > :now)";
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(backend)?;
+        // SQLite answers BUSY at once, without its busy handler, when
+        // openers of a new file meet while one switches it to WAL: retry
+        // the whole open for a while.
+        let deadline = std::time::Instant::now() + OPEN_BUSY_FOR;
+        let conn = loop {
+            match Self::connect(path) {
+                Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other.map_err(backend)?,
+            }
+        };
+        restrict_to_owner(path)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Opens `path` and brings its schema up to date.
+    fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
+        let mut conn = Connection::open(path)?;
+        // The busy timeout first: services of one host open the file at
+        // the same moment, and every step below may wait for another's.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS rows (
+            "PRAGMA busy_timeout = 5000;
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;",
+        )?;
+        // Schema and migrations in one IMMEDIATE transaction: concurrent
+        // openers take turns, so each sees what the one before did.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS rows (
                  tbl TEXT NOT NULL,
                  key TEXT NOT NULL,
                  version INTEGER NOT NULL,
                  value BLOB NOT NULL,
                  PRIMARY KEY (tbl, key)
              ) WITHOUT ROWID;",
-        )
-        .map_err(backend)?;
+        )?;
         // Stores from before TTLs and the version sequence.
-        let has_expiry = conn
+        let has_expiry = tx
             .prepare("SELECT 1 FROM pragma_table_info('rows') WHERE name = 'expires_ms'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(backend)?;
+            .and_then(|mut s| s.exists([]))?;
         if !has_expiry {
-            conn.execute_batch("ALTER TABLE rows ADD COLUMN expires_ms INTEGER;")
-                .map_err(backend)?;
+            tx.execute_batch("ALTER TABLE rows ADD COLUMN expires_ms INTEGER;")?;
         }
-        conn.execute_batch(
+        tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS version_seq (id INTEGER PRIMARY KEY CHECK (id = 0), last INTEGER NOT NULL);
              INSERT OR IGNORE INTO version_seq (id, last) SELECT 0, COALESCE(MAX(version), 0) FROM rows;",
-        )
-        .map_err(backend)?;
-        restrict_to_owner(path)?;
-        Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        )?;
+        tx.commit()?;
+        Ok(conn)
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -68,6 +102,88 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+}
+
+impl SqliteStore {
+    /// Every write goes through here: one IMMEDIATE transaction (the write
+    /// lock taken up front, so processes sharing the file serialize), the
+    /// fence checked first when there is one.
+    async fn mutate(
+        &self,
+        fence: Option<Fence>,
+        mutation: Mutation,
+    ) -> Result<Option<u64>, StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            if let Some(fence) = &fence {
+                check_fence(fence, live_version(&tx, &fence.table, &fence.key)?)?;
+            }
+            let version = apply(&tx, mutation)?;
+            tx.commit().map_err(backend)?;
+            Ok(version)
+        })
+        .await
+    }
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+    match mutation {
+        Mutation::Put {
+            table,
+            key,
+            value,
+            expect,
+        } => {
+            check(&table, &key, expect, live_version(tx, &table, &key)?)?;
+            upsert(tx, &table, &key, &value, None).map(Some)
+        }
+        Mutation::Write {
+            table,
+            key,
+            value,
+            ttl,
+        } => {
+            let now = now_ms();
+            upsert(
+                tx,
+                &table,
+                &key,
+                &value,
+                ttl.map(|t| now + t.as_millis() as i64),
+            )?;
+            // Expired rows of this table go as their table is written.
+            tx.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND expires_ms IS NOT NULL AND expires_ms <= ?2",
+                params![table, now],
+            )
+            .map_err(backend)?;
+            Ok(None)
+        }
+        Mutation::Delete {
+            table,
+            key,
+            version,
+        } => {
+            let found = live_version(tx, &table, &key)?;
+            check(&table, &key, Expect::Version(version), found)?;
+            tx.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )
+            .map_err(backend)?;
+            Ok(None)
+        }
+        Mutation::Remove { table, key } => {
+            tx.execute(
+                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )
+            .map_err(backend)?;
+            Ok(None)
+        }
     }
 }
 
@@ -148,15 +264,14 @@ impl Store for SqliteStore {
         value: Vec<u8>,
         expect: Expect,
     ) -> Result<u64, StoreError> {
-        let (table, key) = (table.to_string(), key.to_string());
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
-            check(&table, &key, expect, live_version(&tx, &table, &key)?)?;
-            let version = upsert(&tx, &table, &key, &value, None)?;
-            tx.commit().map_err(backend)?;
-            Ok(version)
-        })
-        .await
+        let mutation = Mutation::Put {
+            table: table.into(),
+            key: key.into(),
+            value,
+            expect,
+        };
+        let version = self.mutate(None, mutation).await?;
+        Ok(version.unwrap_or_default())
     }
 
     async fn write(
@@ -166,55 +281,34 @@ impl Store for SqliteStore {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let (table, key) = (table.to_string(), key.to_string());
-        self.with_conn(move |conn| {
-            let now = now_ms();
-            let tx = conn.transaction().map_err(backend)?;
-            upsert(
-                &tx,
-                &table,
-                &key,
-                &value,
-                ttl.map(|t| now + t.as_millis() as i64),
-            )?;
-            // Expired rows of this table go as their table is written.
-            tx.execute(
-                "DELETE FROM rows WHERE tbl = ?1 AND expires_ms IS NOT NULL AND expires_ms <= ?2",
-                params![table, now],
-            )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)
-        })
-        .await
+        let mutation = Mutation::Write {
+            table: table.into(),
+            key: key.into(),
+            value,
+            ttl,
+        };
+        self.mutate(None, mutation).await.map(drop)
     }
 
     async fn delete(&self, table: &str, key: &str, version: u64) -> Result<(), StoreError> {
-        let (table, key) = (table.to_string(), key.to_string());
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
-            let found = live_version(&tx, &table, &key)?;
-            check(&table, &key, Expect::Version(version), found)?;
-            tx.execute(
-                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
-                params![table, key],
-            )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)
-        })
-        .await
+        let mutation = Mutation::Delete {
+            table: table.into(),
+            key: key.into(),
+            version,
+        };
+        self.mutate(None, mutation).await.map(drop)
     }
 
     async fn remove(&self, table: &str, key: &str) -> Result<(), StoreError> {
-        let (table, key) = (table.to_string(), key.to_string());
-        self.with_conn(move |conn| {
-            conn.execute(
-                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
-                params![table, key],
-            )
-            .map(drop)
-            .map_err(backend)
-        })
-        .await
+        let mutation = Mutation::Remove {
+            table: table.into(),
+            key: key.into(),
+        };
+        self.mutate(None, mutation).await.map(drop)
+    }
+
+    async fn fenced(&self, fence: &Fence, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+        self.mutate(Some(fence.clone()), mutation).await
     }
 
     async fn scan(
@@ -322,13 +416,39 @@ mod permission_tests {
 mod tests {
     use super::*;
 
+    #[test]
+    fn processes_opening_a_new_database_at_once_all_succeed() {
+        // The services of one host start together on one state.db: each
+        // used to see no `expires_ms` column and add it, and all but one
+        // failed with "duplicate column name".
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        SqliteStore::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for opener in openers {
+                let opened = opener.join().unwrap();
+                assert!(opened.is_ok(), "round {round}: {opened:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn passes_the_contract() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        crate::contract::run(&store, "sqlite").await;
+        let store: std::sync::Arc<dyn crate::Store> =
+            std::sync::Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        crate::contract::run(store.clone(), "sqlite").await;
         // Twice on one database: every run's names are its own.
-        crate::contract::run(&store, "sqlite2").await;
+        crate::contract::run(store, "sqlite2").await;
     }
 
     #[tokio::test]

@@ -24,8 +24,12 @@ impl Drop for Guard {
 
 /// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
 pub fn init(service_name: &'static str, default_filter: &str) -> Guard {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // rustify (under vaultrs) logs every non-2xx answer at ERROR,
+        // a missing secret included; the Vault adapter reports what
+        // matters itself.
+        EnvFilter::new(format!("{default_filter},rustify=off"))
+    });
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use capstan_store::{Expect, Page, Store, StoreError, Versioned};
+use capstan_store::{Expect, Fence, Mutation, Page, Store, StoreError, Versioned};
 
 /// The operations a fault can hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,5 +106,21 @@ impl Store for FaultyStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         self.inner.scan(table, prefix, after, limit).await
+    }
+
+    async fn fenced(&self, fence: &Fence, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+        let (op, table) = match &mutation {
+            Mutation::Put {
+                table,
+                expect: Expect::Absent,
+                ..
+            } => (StoreOp::Insert, table),
+            Mutation::Put { table, .. } => (StoreOp::Update, table),
+            Mutation::Write { table, .. } => (StoreOp::Write, table),
+            Mutation::Delete { table, .. } => (StoreOp::Delete, table),
+            Mutation::Remove { table, .. } => (StoreOp::Remove, table),
+        };
+        self.check(op, table)?;
+        self.inner.fenced(fence, mutation).await
     }
 }

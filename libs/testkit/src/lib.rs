@@ -2,9 +2,14 @@
 //! the real Docker engine) and fails loudly, naming the install command, when
 //! a tool is missing: no test skips silently.
 
+pub mod consul_double;
 pub mod docker;
 pub mod faulty_store;
+pub mod pki;
 pub mod rabbitmq;
+pub mod redis;
+pub mod traefik;
+pub mod vault_double;
 
 use std::net::TcpListener;
 use std::path::Path;

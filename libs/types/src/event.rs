@@ -51,10 +51,14 @@ pub enum EventKind {
     AllocationReleased,
     #[serde(rename = "key.created")]
     KeyCreated,
+    #[serde(rename = "key.revoked")]
+    KeyRevoked,
+    #[serde(rename = "key.signing_rotated")]
+    SigningKeyRotated,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 24] = [
         EventKind::AppCreated,
         EventKind::AppUpdated,
         EventKind::AppScaled,
@@ -77,6 +81,8 @@ impl EventKind {
         EventKind::NodeDrainCancelled,
         EventKind::AllocationReleased,
         EventKind::KeyCreated,
+        EventKind::KeyRevoked,
+        EventKind::SigningKeyRotated,
     ];
 
     /// The dotted name, also the message routing key.
@@ -104,6 +110,8 @@ impl EventKind {
             EventKind::NodeDrainCancelled => "node.drain_cancelled",
             EventKind::AllocationReleased => "allocation.released",
             EventKind::KeyCreated => "key.created",
+            EventKind::KeyRevoked => "key.revoked",
+            EventKind::SigningKeyRotated => "key.signing_rotated",
         }
     }
 

@@ -7,15 +7,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use capstan_authn::{
-    Policy, RequireAuthLayer, Role, StaticKeys, TokenSigner, Verifier, api_key_digest,
-};
+pub mod signing;
+
+use capstan_authn::{Policy, RequireAuthLayer, Role, Signer, Verifier, api_key_digest};
+use capstan_cache::{Admit, RateLimit};
 use capstan_proto::v1::auth_server::{Auth, AuthServer};
 use capstan_proto::v1::{
-    CreateApiKeyRequest, CreateApiKeyResponse, GetVerificationKeysRequest,
-    GetVerificationKeysResponse, IssueTokenRequest, IssueTokenResponse, VerificationKey,
+    ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyResponse, GetVerificationKeysRequest,
+    GetVerificationKeysResponse, IssueTokenRequest, IssueTokenResponse, ListApiKeysRequest,
+    ListApiKeysResponse, RevokeApiKeyRequest, RevokeApiKeyResponse, RotateSigningKeyRequest,
+    RotateSigningKeyResponse, VerificationKey,
 };
 use capstan_secrets::Secret;
 use capstan_server::{Platform, Service, now_ms};
@@ -36,8 +37,29 @@ pub fn parse_token_ttl(text: &str) -> Result<Duration, String> {
     }
     Ok(ttl)
 }
-const SIGNING_KEY_PATH: &str = "auth/signing-key";
 const API_KEYS: &str = "api_keys";
+/// `<key digest>/<jti>` of every live token, kept as long as the token
+/// lives: what revoking a key denies.
+const ISSUED_TOKENS: &str = "issued_tokens";
+
+/// Token exchanges per API key: a burst of 30, then 10 a second.
+pub const PER_KEY: RateLimit = RateLimit {
+    burst: 30,
+    per_second: 10.0,
+};
+/// Token exchanges per peer address, whatever the key (guessing included).
+pub const PER_PEER: RateLimit = RateLimit {
+    burst: 200,
+    per_second: 100.0,
+};
+/// Verifiers tolerate this much clock skew past `exp`, so a denial is kept
+/// that much longer.
+const DENY_LEEWAY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IssuedToken {
+    exp: i64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
@@ -46,25 +68,13 @@ pub struct ApiKeyRecord {
     pub created_ms: i64,
 }
 
-/// Loads the signing key from the secret store, creating it on first start
-/// (check-and-set: auth replicas starting together agree on one key).
-pub async fn signing_key(platform: &Platform) -> Result<Arc<TokenSigner>, Error> {
-    let secret =
-        capstan_secrets::get_or_create(platform.secrets.as_ref(), SIGNING_KEY_PATH, || {
-            Secret::new(B64.encode(TokenSigner::generate().secret_bytes()))
-        })
-        .await
-        .map_err(Error::internal)?;
-    let bytes: [u8; 32] = B64
-        .decode(secret.expose())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            Error::Internal(format!(
-                "secret `{SIGNING_KEY_PATH}` is not a base64 Ed25519 key"
-            ))
-        })?;
-    Ok(Arc::new(TokenSigner::from_bytes(&bytes)))
+/// What auth signs with: Vault transit when secrets live in Vault (the
+/// private key never leaves it), else the keyring in the secret store.
+pub async fn signer(platform: &Platform) -> Result<Arc<dyn Signer>, Error> {
+    Ok(match &platform.transit {
+        Some(transit) => Arc::new(signing::TransitSigner::new(transit.clone())),
+        None => Arc::new(signing::Keyring::open(platform.secrets.clone()).await?),
+    })
 }
 
 /// Makes sure the keys of a single-host installation exist and are known:
@@ -126,8 +136,54 @@ pub async fn ensure_api_key(
 struct AuthApi {
     platform: Platform,
     token_ttl: Duration,
-    signer: Arc<TokenSigner>,
+    signer: Arc<dyn Signer>,
     keys: Table<ApiKeyRecord>,
+    issued: Table<IssuedToken>,
+}
+
+impl AuthApi {
+    /// Takes a token from `bucket`; RESOURCE_EXHAUSTED with the delay (also
+    /// in the `retry-after-ms` header) when it is empty. A cache that does
+    /// not answer limits nothing: it must not take token exchange down.
+    async fn limit(&self, bucket: &str, limit: RateLimit, what: &str) -> Result<(), Status> {
+        match self.platform.cache.take(bucket, limit).await {
+            Ok(Admit::Allowed) => Ok(()),
+            Ok(Admit::Limited { retry_after }) => {
+                let ms = retry_after.as_millis().max(1);
+                let mut status = Status::resource_exhausted(format!(
+                    "too many token requests for this {what}; retry in {ms} ms"
+                ));
+                if let Ok(value) = ms.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", value);
+                }
+                Err(status)
+            }
+            Err(e) => {
+                tracing::warn!("rate limiter unavailable, not limiting: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Every key record with this name: (digest, record).
+    async fn named(&self, name: &str) -> Result<Vec<(String, ApiKeyRecord)>, Status> {
+        Ok(self
+            .keys
+            .list("")
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?
+            .into_iter()
+            .filter(|(_, _, record)| record.name == name)
+            .map(|(digest, _, record)| (digest, record))
+            .collect())
+    }
+}
+
+fn parse_key_name(name: &str) -> Result<String, Status> {
+    KeyName::parse("name", name)
+        .map(|n| n.to_string())
+        .or_else(|_| NodeId::parse("name", name).map(|n| n.to_string()))
+        .map_err(capstan_proto::status)
 }
 
 #[tonic::async_trait]
@@ -136,18 +192,41 @@ impl Auth for AuthApi {
         &self,
         request: Request<IssueTokenRequest>,
     ) -> Result<Response<IssueTokenResponse>, Status> {
+        if let Some(peer) = request.remote_addr() {
+            self.limit(&format!("issue:peer:{}", peer.ip()), PER_PEER, "address")
+                .await?;
+        }
         let api_key = request.into_inner().api_key;
         if api_key.is_empty() {
             return Err(Status::unauthenticated("api_key: missing"));
         }
+        let digest = api_key_digest(&api_key);
         let record = self
             .keys
-            .get(&api_key_digest(&api_key))
+            .get(&digest)
             .await
             .map_err(|e| capstan_proto::status(Error::internal(e)))?
             .map(|(_, r)| r)
             .ok_or_else(|| Status::unauthenticated("api_key: not a valid API key"))?;
-        let (token, claims) = self.signer.issue(&record.name, record.role, self.token_ttl);
+        self.limit(&format!("issue:key:{digest}"), PER_KEY, "API key")
+            .await?;
+        let (token, claims) = capstan_authn::issue(
+            self.signer.as_ref(),
+            &record.name,
+            record.role,
+            self.token_ttl,
+        )
+        .await
+        .map_err(capstan_proto::status)?;
+        // Recorded before the token leaves, so a revocation finds it.
+        self.issued
+            .write(
+                &format!("{digest}/{}", claims.jti),
+                &IssuedToken { exp: claims.exp },
+                Some(self.token_ttl + DENY_LEEWAY),
+            )
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?;
         Ok(Response::new(IssueTokenResponse {
             token,
             expires_at: claims.exp,
@@ -158,12 +237,18 @@ impl Auth for AuthApi {
         &self,
         _: Request<GetVerificationKeysRequest>,
     ) -> Result<Response<GetVerificationKeysResponse>, Status> {
-        Ok(Response::new(GetVerificationKeysResponse {
-            keys: vec![VerificationKey {
-                kid: self.signer.kid().to_string(),
-                public_key: self.signer.public_key().to_vec(),
-            }],
-        }))
+        let keys = self
+            .signer
+            .public_keys()
+            .await
+            .map_err(capstan_proto::status)?
+            .into_iter()
+            .map(|(kid, public_key)| VerificationKey {
+                kid,
+                public_key: public_key.to_vec(),
+            })
+            .collect();
+        Ok(Response::new(GetVerificationKeysResponse { keys }))
     }
 
     async fn create_api_key(
@@ -196,6 +281,11 @@ impl Auth for AuthApi {
                 .to_string()
         };
         let name = name.as_str();
+        if !self.named(name).await?.is_empty() {
+            return Err(Status::already_exists(format!(
+                "name: an API key named `{name}` exists; revoke it first or pick another name"
+            )));
+        }
         let api_key = capstan_authn::generate_api_key();
         let record = ApiKeyRecord {
             name: name.to_string(),
@@ -220,6 +310,111 @@ impl Auth for AuthApi {
             .await;
         Ok(Response::new(CreateApiKeyResponse { api_key }))
     }
+
+    async fn list_api_keys(
+        &self,
+        _: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        let mut keys: Vec<ApiKeyInfo> = self
+            .keys
+            .values("")
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?
+            .into_iter()
+            .map(|record| ApiKeyInfo {
+                name: record.name,
+                role: record.role.as_str().to_string(),
+                created_ms: record.created_ms,
+            })
+            .collect();
+        keys.sort_by(|a, b| (&a.name, a.created_ms).cmp(&(&b.name, b.created_ms)));
+        Ok(Response::new(ListApiKeysResponse { keys }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let kid = self.signer.rotate().await.map_err(capstan_proto::status)?;
+        tracing::info!(kid, by = %caller.sub, "rotated the token signing key");
+        self.platform
+            .emit(
+                Event::new(
+                    capstan_server::new_id("ev"),
+                    now_ms(),
+                    EventKind::SigningKeyRotated,
+                )
+                .message(format!("tokens are now signed with key `{kid}`"))
+                .actor(&caller.sub, caller.role.as_str()),
+            )
+            .await;
+        Ok(Response::new(RotateSigningKeyResponse { kid }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let name = parse_key_name(&request.into_inner().name)?;
+        let records = self.named(&name).await?;
+        if records.is_empty() {
+            return Err(capstan_proto::status(Error::NotFound(format!(
+                "API key `{name}`"
+            ))));
+        }
+        if records.iter().any(|(_, r)| r.role == Role::Service) {
+            return Err(Status::failed_precondition(format!(
+                "name: `{name}` is the services' own key; revoking it would cut every service off"
+            )));
+        }
+        let now = capstan_server::now_ms() / 1000;
+        let mut revoked_tokens = 0u32;
+        for (digest, _) in &records {
+            // The key first: from here on it issues nothing new.
+            self.keys
+                .remove(digest)
+                .await
+                .map_err(|e| capstan_proto::status(Error::internal(e)))?;
+            let live = self
+                .issued
+                .list(&format!("{digest}/"))
+                .await
+                .map_err(|e| capstan_proto::status(Error::internal(e)))?;
+            for (key, _, token) in live {
+                let Some((_, jti)) = key.split_once('/') else {
+                    continue;
+                };
+                let remaining = Duration::from_secs(token.exp.saturating_sub(now).max(0) as u64);
+                self.platform
+                    .cache
+                    .revoke(jti, remaining + DENY_LEEWAY)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("the token denylist: {e}")))?;
+                revoked_tokens += 1;
+            }
+        }
+        tracing::info!(name, revoked_tokens, by = %caller.sub, "revoked API key");
+        self.platform
+            .emit(
+                Event::new(
+                    capstan_server::new_id("ev"),
+                    now_ms(),
+                    EventKind::KeyRevoked,
+                )
+                .message(format!(
+                    "API key `{name}` revoked with {revoked_tokens} live tokens"
+                ))
+                .actor(&caller.sub, caller.role.as_str()),
+            )
+            .await;
+        Ok(Response::new(RevokeApiKeyResponse { revoked_tokens }))
+    }
 }
 
 /// Who may call what on the auth service.
@@ -228,6 +423,9 @@ pub fn policy() -> Policy {
         .public("/capstan.v1.Auth/IssueToken")
         .public("/capstan.v1.Auth/GetVerificationKeys")
         .admin("/capstan.v1.Auth/CreateApiKey")
+        .admin("/capstan.v1.Auth/ListApiKeys")
+        .admin("/capstan.v1.Auth/RevokeApiKey")
+        .admin("/capstan.v1.Auth/RotateSigningKey")
 }
 
 /// Serves the auth service on `listener` until `shutdown`.
@@ -237,18 +435,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let signer = signing_key(&platform).await?;
+    let signer = signer(&platform).await?;
     // The auth service verifies its own tokens without a network round trip.
-    let verifier = Arc::new(Verifier::new(Arc::new(StaticKeys(vec![(
-        signer.kid().to_string(),
-        signer.public_key(),
-    )]))));
+    let verifier = Arc::new(
+        Verifier::new(Arc::new(signing::SignerKeys(signer.clone())))
+            .with_revocations(platform.cache.clone()),
+    );
     let policy = policy();
     let api = AuthApi {
         platform: platform.clone(),
         token_ttl,
         signer,
         keys: Table::new(platform.store.clone(), API_KEYS),
+        issued: Table::new(platform.store.clone(), ISSUED_TOKENS),
     };
     let service = Service {
         name: "auth",

@@ -156,6 +156,7 @@ mod tests {
             bus.clone(),
             store,
             Arc::new(FileSecretStore::new(dir.path())),
+            Arc::new(capstan_cache::MemoryCache::new()),
             Secret::new("unused"),
         );
         let log = EventLog::new(&platform);

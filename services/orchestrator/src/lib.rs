@@ -38,12 +38,19 @@ pub fn policy() -> Policy {
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
 }
 
-/// Serves the orchestrator on `listener` until `shutdown`.
+/// The singleton role of the reconciler: one replica leads it at a time.
+pub const RECONCILER_ROLE: &str = "orchestrator.reconciler";
+
+/// Serves the orchestrator on `listener` until `shutdown`. Every replica
+/// serves the API and keeps the event log; only the leader of
+/// [`RECONCILER_ROLE`] reconciles, writing through its fenced store.
 pub async fn run(
     platform: Platform,
+    lease_ttl: std::time::Duration,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let instance_id = capstan_server::new_id("orchestrator");
     let wake = Arc::new(Notify::new());
     let events = event_log::EventLog::new(&platform);
     let tasks = tokio_util::task::TaskTracker::new();
@@ -52,12 +59,19 @@ pub async fn run(
             .clone()
             .consume(platform.clone(), wake.clone(), shutdown.clone()),
     );
-    tasks.spawn(reconcile::Reconciler::new(platform.clone()).run(wake.clone(), shutdown.clone()));
+    let election = platform.election(RECONCILER_ROLE, &instance_id, lease_ttl);
+    tasks.spawn({
+        let platform = platform.clone();
+        let wake = wake.clone();
+        election.lead(shutdown.clone(), move |store, term| {
+            reconcile::Reconciler::new(platform.with_store(store)).run(wake.clone(), term)
+        })
+    });
 
     let policy = policy();
     let service = Service {
         name: "orchestrator",
-        instance_id: capstan_server::new_id("orchestrator"),
+        instance_id,
         grpc_names: vec!["capstan.v1.Orchestrator"],
         routes: tonic::service::Routes::new(OrchestratorServer::new(api::Api::new(
             platform.clone(),

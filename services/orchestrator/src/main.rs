@@ -12,10 +12,13 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let lease_ttl = args.standalone.lease_ttl;
     capstan_server::standalone::main(
         "capstan-orchestrator",
         args.standalone,
         capstan_server::standalone::Credential::ServiceKey,
-        capstan_orchestrator::run,
+        move |platform, listener, shutdown| {
+            capstan_orchestrator::run(platform, lease_ttl, listener, shutdown)
+        },
     )
 }

@@ -27,6 +27,8 @@ use crate::plan::{self, Action, InstanceView};
 use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord};
 
 const TICK: Duration = Duration::from_secs(1);
+/// Where each pass records its start (and proves it still leads).
+const PASSES: &str = "reconciler_passes";
 /// How long an instance may stay pending before its node must report it.
 const PENDING_GRACE_MS: i64 = 30_000;
 /// Orphaned allocations are collected every this many passes ...
@@ -192,6 +194,14 @@ impl Reconciler {
 
     /// One pass over every app, at time `now`.
     pub async fn reconcile(&self, now: i64) -> Result<(), Error> {
+        // A write before any decision: through a leader's fenced store it
+        // fails once a newer leader took over, so a leader that was paused
+        // and resumes calls no scheduler or agent either.
+        self.platform
+            .store
+            .write(PASSES, "last", now.to_string().into_bytes(), None)
+            .await
+            .map_err(|e| Error::Unavailable(format!("not the leader any more: {e}")))?;
         let observation = self.observe().await?;
         let apps: HashMap<String, (u64, AppRecord)> = self
             .apps

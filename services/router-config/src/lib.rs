@@ -49,6 +49,9 @@ pub struct RouterOptions {
     pub limits: HttpLimits,
     /// Peers whose `X-Forwarded-*` headers the proxy believes.
     pub trusted_proxies: TrustedProxies,
+    /// Consul KV to keep Traefik's Consul KV provider's keys in; `None`
+    /// writes nothing.
+    pub traefik_kv: Option<capstan_registry::ConsulKv>,
 }
 
 #[derive(Clone)]
@@ -57,6 +60,8 @@ struct Router {
     proxy: Arc<EdgeProxy>,
     /// Serializes rebuilds, so generations only go up.
     rebuilding: Arc<Mutex<()>>,
+    /// Poked when the table changes.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Router {
@@ -110,6 +115,7 @@ impl Router {
             .map(str::to_string)
             .collect();
         self.proxy.apply(next.clone());
+        self.changed.notify_one();
         tracing::info!(
             generation = next.generation,
             routes = next.routes.len(),
@@ -191,6 +197,40 @@ pub async fn provider_token(platform: &Platform) -> Result<Secret, Error> {
     .map_err(Error::internal)
 }
 
+/// Keeps Traefik's keys in Consul KV equal to the table in force: at
+/// start (which also removes keys a previous run left), on every change,
+/// and every [`REBUILD_EVERY`] after a failed write.
+async fn publish_to_consul_kv(
+    router: Router,
+    kv: capstan_registry::ConsulKv,
+    shutdown: CancellationToken,
+) {
+    let mut published: Option<std::collections::BTreeMap<String, String>> = None;
+    loop {
+        let wanted = traefik::kv_pairs(&traefik::render(&router.proxy.table()));
+        if published.as_ref() != Some(&wanted) {
+            let prefix = format!("{}/", traefik::KV_ROOT);
+            match kv.sync(&prefix, &wanted, traefik::kv_owned).await {
+                Ok(synced) => {
+                    tracing::info!(
+                        set = synced.set,
+                        deleted = synced.deleted,
+                        transactions = synced.transactions,
+                        "routing table written to Consul KV"
+                    );
+                    published = Some(wanted);
+                }
+                Err(e) => tracing::warn!("routing table not written to Consul KV, retrying: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = router.changed.notified() => {}
+            _ = tokio::time::sleep(REBUILD_EVERY), if published.is_none() => {}
+        }
+    }
+}
+
 /// Anyone with a key may read the table; only the orchestrator triggers a
 /// sync (it blocks until in-flight requests drain).
 pub fn policy() -> Policy {
@@ -212,6 +252,7 @@ pub async fn run(
         platform: platform.clone(),
         proxy: EdgeProxy::new(options.limits, options.trusted_proxies.clone()),
         rebuilding: Arc::default(),
+        changed: Arc::default(),
     };
     let tasks = tokio_util::task::TaskTracker::new();
 
@@ -263,6 +304,10 @@ pub async fn run(
             Duration::from_secs(1),
             options.limits,
         ));
+    }
+
+    if let Some(kv) = options.traefik_kv {
+        tasks.spawn(publish_to_consul_kv(router.clone(), kv, shutdown.clone()));
     }
 
     let rebuilder = router.clone();

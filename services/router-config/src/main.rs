@@ -20,6 +20,15 @@ struct Args {
     /// are believed: an IP or CIDR range (repeatable). Others' are replaced.
     #[arg(long = "trusted-proxy", value_parser = parse_trusted_proxy)]
     trusted_proxies: Vec<String>,
+    /// Write the routing table into Consul KV for Traefik's Consul KV
+    /// provider (keys under `traefik/`, one transaction per change), e.g.
+    /// consul://127.0.0.1:8500 (ACL token from CONSUL_HTTP_TOKEN).
+    #[arg(long, env = "CAPSTAN_TRAEFIK_KV", value_parser = parse_traefik_kv)]
+    traefik_kv: Option<String>,
+}
+
+fn parse_traefik_kv(text: &str) -> Result<String, String> {
+    capstan_registry::consul::parse_url(text)
 }
 
 fn parse_trusted_proxy(text: &str) -> Result<String, String> {
@@ -42,6 +51,12 @@ async fn bind(
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (http_addr, provider_addr) = (args.http_addr, args.traefik_provider_addr);
+    let token = std::env::var("CONSUL_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let traefik_kv = args.traefik_kv.map(|base| {
+        capstan_registry::ConsulKv::new(capstan_registry::consul::ConsulAgent::new(&base, token))
+    });
     let trusted_proxies = match capstan_router_config::TrustedProxies::parse(&args.trusted_proxies)
     {
         Ok(trusted) => trusted,
@@ -60,6 +75,7 @@ fn main() -> std::process::ExitCode {
                 provider: bind(provider_addr).await?,
                 limits: capstan_router_config::HttpLimits::default(),
                 trusted_proxies,
+                traefik_kv,
             };
             capstan_router_config::run(platform, options, listener, shutdown).await
         },

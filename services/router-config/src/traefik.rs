@@ -1,6 +1,8 @@
 //! The routing table as a Traefik v3 dynamic configuration, for Traefik's
 //! HTTP provider. Apps with no healthy instance are left out: Traefik requires
-//! at least one server per load balancer.
+//! at least one server per load balancer. With no route at all the document
+//! is `{}`: Traefik rejects empty `routers` and `services` maps ("cannot be a
+//! standalone element") and keeps the old table, while `{}` clears it.
 
 use serde_json::{Map, Value, json};
 
@@ -38,5 +40,104 @@ pub fn render(table: &RouteTable) -> Value {
             json!({ "loadBalancer": { "servers": servers, "passHostHeader": true } }),
         );
     }
+    if routers.is_empty() {
+        return json!({});
+    }
     json!({ "http": { "routers": routers, "services": services } })
+}
+
+/// The root key of Traefik's KV providers (its `rootKey`, default `traefik`).
+pub const KV_ROOT: &str = "traefik";
+
+/// The rendered document in the key layout of Traefik's KV providers:
+/// objects become path segments, array items their index
+/// (`traefik/http/routers/capstan-hello/entryPoints/0 = web`).
+pub fn kv_pairs(document: &Value) -> std::collections::BTreeMap<String, String> {
+    fn walk(prefix: String, value: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    walk(format!("{prefix}/{key}"), value, out);
+                }
+            }
+            Value::Array(items) => {
+                for (index, value) in items.iter().enumerate() {
+                    walk(format!("{prefix}/{index}"), value, out);
+                }
+            }
+            Value::String(text) => {
+                out.insert(prefix, text.clone());
+            }
+            Value::Null => {}
+            other => {
+                out.insert(prefix, other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(KV_ROOT.to_string(), document, &mut out);
+    out
+}
+
+/// Whether a KV key is one router-config writes: routers and services named
+/// `capstan-*`. Everything else under the root is the operator's.
+pub fn kv_owned(key: &str) -> bool {
+    ["routers", "services"].iter().any(|kind| {
+        key.strip_prefix(KV_ROOT)
+            .and_then(|rest| rest.strip_prefix("/http/"))
+            .and_then(|rest| rest.strip_prefix(kind))
+            .is_some_and(|rest| rest.starts_with("/capstan-"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Route, Upstream};
+
+    #[test]
+    fn the_table_flattens_into_traefiks_kv_layout() {
+        let table = RouteTable {
+            generation: 1,
+            routes: vec![Route {
+                app: "hello".into(),
+                hosts: vec!["hello.localhost".into()],
+                upstreams: vec![Upstream {
+                    instance_id: "i1".into(),
+                    address: "10.0.0.5:31000".into(),
+                }],
+            }],
+        };
+        let pairs = kv_pairs(&render(&table));
+        let expected = [
+            ("traefik/http/routers/capstan-hello/entryPoints/0", "web"),
+            (
+                "traefik/http/routers/capstan-hello/rule",
+                "Host(`hello.localhost`)",
+            ),
+            (
+                "traefik/http/routers/capstan-hello/service",
+                "capstan-hello",
+            ),
+            (
+                "traefik/http/services/capstan-hello/loadBalancer/passHostHeader",
+                "true",
+            ),
+            (
+                "traefik/http/services/capstan-hello/loadBalancer/servers/0/url",
+                "http://10.0.0.5:31000",
+            ),
+        ];
+        assert_eq!(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            expected
+        );
+        assert!(pairs.keys().all(|k| kv_owned(k)));
+        assert!(kv_pairs(&render(&RouteTable::default())).is_empty());
+        assert!(!kv_owned("traefik/http/routers/mine/rule"));
+        assert!(!kv_owned("traefik/http/middlewares/capstan-x/headers"));
+    }
 }

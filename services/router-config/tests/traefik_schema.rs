@@ -82,3 +82,14 @@ fn routers_match_hosts_and_services_list_upstreams() {
         "apps with no server are left out"
     );
 }
+
+#[test]
+fn no_routes_render_as_an_empty_document() {
+    // Real Traefik refuses `{"http":{"routers":{},"services":{}}}` ("routers
+    // cannot be a standalone element") and keeps its old table; `{}` clears
+    // it. tests/e2e_traefik.rs checks this against Traefik itself.
+    let document = traefik::render(&RouteTable::default());
+    assert_eq!(document, serde_json::json!({}));
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    assert!(validator.is_valid(&document));
+}

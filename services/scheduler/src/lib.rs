@@ -33,12 +33,18 @@ pub use placer::{NODE_TTL, NodeAllocations, NodeRecord, PlaceInput, Placer};
 pub struct SchedulerConfig {
     /// The strategy of apps that do not name one.
     pub default_strategy: Strategy,
+    /// Lease of the node watcher, which one replica runs at a time.
+    pub lease_ttl: Duration,
 }
+
+/// The singleton role of the node watcher (marks nodes down).
+pub const NODE_WATCHER_ROLE: &str = "scheduler.node-watcher";
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             default_strategy: Strategy::Spread,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -427,27 +433,34 @@ pub async fn run(
         platform: platform.clone(),
     };
     migrate_allocations(&platform).await?;
+    let instance_id = capstan_server::new_id("scheduler");
+    let election = platform.election(NODE_WATCHER_ROLE, &instance_id, config.lease_ttl);
     let watcher = {
         let api = api.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = api.report_down_nodes().await {
-                            tracing::warn!("failed to check node heartbeats: {e}");
+        tokio::spawn(election.lead(shutdown.clone(), move |store, term| {
+            let api = SchedulerApi {
+                placer: api.placer.clone(),
+                platform: api.platform.with_store(store),
+            };
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = term.cancelled() => return,
+                        _ = tick.tick() => {
+                            if let Err(e) = api.report_down_nodes().await {
+                                tracing::warn!("failed to check node heartbeats: {e}");
+                            }
                         }
                     }
                 }
             }
-        })
+        }))
     };
     let policy = policy();
     let service = Service {
         name: "scheduler",
-        instance_id: capstan_server::new_id("scheduler"),
+        instance_id,
         grpc_names: vec!["capstan.v1.Scheduler"],
         routes: tonic::service::Routes::new(SchedulerServer::new(api)),
         auth: RequireAuthLayer::new(platform.verifier(), policy),

@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let config = capstan_scheduler::SchedulerConfig {
         default_strategy: args.default_strategy,
+        lease_ttl: args.standalone.lease_ttl,
     };
     capstan_server::standalone::main(
         "capstan-scheduler",

@@ -247,6 +247,7 @@ impl Harness {
             Arc::new(MemoryBus::new()),
             store.clone(),
             Arc::new(FileSecretStore::new(dir.path())),
+            Arc::new(capstan_cache::MemoryCache::new()),
             Secret::new("unused"),
         );
         let cluster = Arc::new(FakeCluster::new(2, 4, faults.clone()));

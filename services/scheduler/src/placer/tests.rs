@@ -69,6 +69,14 @@ impl Store for Racing {
         tokio::task::yield_now().await;
         self.inner.scan(table, prefix, after, limit).await
     }
+    async fn fenced(
+        &self,
+        fence: &capstan_store::Fence,
+        mutation: capstan_store::Mutation,
+    ) -> Result<Option<u64>, StoreError> {
+        tokio::task::yield_now().await;
+        self.inner.fenced(fence, mutation).await
+    }
 }
 
 fn record(id: &str, cpu_millis: u32, memory_mb: u32, zone: &str) -> NodeRecord {

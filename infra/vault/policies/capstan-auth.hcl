@@ -1,0 +1,17 @@
+# capstan-auth: holds the signing key, creates the services' key and the
+# node keys of a single-host install, signs tokens with transit.
+path "secret/data/capstan/auth/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/capstan/capstan/service-key" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/capstan/nodes/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "transit/sign/capstan-jwt" {
+  capabilities = ["update"]
+}
+path "transit/keys/capstan-jwt" {
+  capabilities = ["read"]
+}

@@ -1,0 +1,4 @@
+# capstan-orchestrator: reads the services' key, nothing else.
+path "secret/data/capstan/capstan/service-key" {
+  capabilities = ["read"]
+}

@@ -1,0 +1,140 @@
+//! infra/vault/init.sh against the Vault double (a wire-level stand-in that
+//! follows Vault's documented API and checks every request against the
+//! OpenAPI subset): it configures AppRole, KV v2, transit, the policies and
+//! roles, delivers a role_id and a wrapped secret_id per service, runs
+//! again without changing anything, and the files it leaves log a service
+//! in with exactly its policy.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use capstan_secrets::{Cas, Secret, SecretError, SecretStore, VaultConfig, VaultSecretStore};
+use capstan_testkit::vault_double::VaultDouble;
+
+fn run_init(double: &VaultDouble, out: &Path) -> std::process::Output {
+    capstan_testkit::require_tool("curl", "apt-get install -y curl");
+    capstan_testkit::require_tool("python3", "apt-get install -y python3");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../infra/vault/init.sh");
+    tokio::task::block_in_place(|| {
+        Command::new("bash")
+            .arg(script)
+            .arg(out)
+            .env("VAULT_ADDR", double.address())
+            .env("VAULT_TOKEN", double.root_token())
+            .output()
+            .unwrap()
+    })
+}
+
+fn config(double: &VaultDouble, out: &Path, service: &str) -> VaultConfig {
+    VaultConfig {
+        address: double.address(),
+        role_id_file: out.join(format!("{service}.role-id")),
+        secret_id_file: out.join(format!("{service}.secret-id")),
+        approle_mount: "approle".into(),
+        kv_mount: "secret".into(),
+        prefix: "capstan".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_configures_vault_idempotently_and_its_files_log_services_in() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let double = VaultDouble::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let first = run_init(&double, out.path());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let services = [
+        "auth",
+        "scheduler",
+        "orchestrator",
+        "router-config",
+        "agent",
+    ];
+    let role_ids: Vec<String> = services
+        .iter()
+        .map(|s| std::fs::read_to_string(out.path().join(format!("{s}.role-id"))).unwrap())
+        .collect();
+    for service in services {
+        for file in [format!("{service}.role-id"), format!("{service}.secret-id")] {
+            let mode = std::fs::metadata(out.path().join(&file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{file} is readable by others: {mode:o}");
+        }
+    }
+
+    // Again: succeeds, same roles, fresh secret_ids.
+    let second = run_init(&double, out.path());
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    for (service, role_id) in services.iter().zip(&role_ids) {
+        let again = std::fs::read_to_string(out.path().join(format!("{service}.role-id"))).unwrap();
+        assert_eq!(&again, role_id, "{service}'s role_id changed");
+    }
+    assert_eq!(
+        double.violations(),
+        Vec::<String>::new(),
+        "init.sh left the documented API"
+    );
+
+    // The files log each service in with its own policy and nothing more.
+    let auth = VaultSecretStore::login(config(&double, out.path(), "auth"))
+        .await
+        .unwrap();
+    auth.put("auth/signing-key", Secret::new("k"), Cas::Absent)
+        .await
+        .unwrap();
+    auth.put("capstan/service-key", Secret::new("s"), Cas::Absent)
+        .await
+        .unwrap();
+    let scheduler = VaultSecretStore::login(config(&double, out.path(), "scheduler"))
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduler
+            .get("capstan/service-key")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .expose(),
+        "s"
+    );
+    assert!(matches!(
+        scheduler.get("auth/signing-key").await,
+        Err(SecretError::Denied(_))
+    ));
+    let router = VaultSecretStore::login(config(&double, out.path(), "router-config"))
+        .await
+        .unwrap();
+    router
+        .put(
+            "router-config/provider-token",
+            Secret::new("t"),
+            Cas::Absent,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        router.get("auth/signing-key").await,
+        Err(SecretError::Denied(_))
+    ));
+    let agent = VaultSecretStore::login(config(&double, out.path(), "agent"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        agent.get("capstan/service-key").await,
+        Err(SecretError::Denied(_))
+    ));
+    assert_eq!(double.violations(), Vec::<String>::new());
+}

