@@ -87,9 +87,16 @@ enum Command {
         /// Where the edge proxy listens for app traffic.
         #[arg(long, default_value = "127.0.0.1:8080", env = "CAPSTAN_HTTP_ADDR")]
         http_addr: SocketAddr,
-        /// Use this RabbitMQ (amqp://user:pass@host:port/vhost) instead of the in-memory event bus.
-        #[arg(long, env = "CAPSTAN_AMQP_URL", hide_env_values = true)]
-        amqp_url: Option<String>,
+        /// Where events go: `memory` (default) or RabbitMQ,
+        /// amqp://user:pass@host:port/vhost, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
+        /// `--amqp-url` and CAPSTAN_AMQP_URL are aliases.
+        #[arg(
+            long = "bus",
+            visible_alias = "amqp-url",
+            env = "CAPSTAN_BUS",
+            hide_env_values = true
+        )]
+        bus: Option<String>,
         /// Where Traefik's HTTP provider fetches /traefik.
         #[arg(long, default_value = "127.0.0.1:0")]
         traefik_provider_addr: SocketAddr,
@@ -118,7 +125,12 @@ enum Command {
         token_ttl: std::time::Duration,
         /// Claims, rate limits and the token denylist: `memory` or
         /// `redis://HOST:PORT[/DB]`, e.g. redis://127.0.0.1:6379/0.
-        #[arg(long, env = "CAPSTAN_CACHE", default_value = "memory", value_parser = capstan_server::standalone::parse_cache_url, hide_env_values = true)]
+        #[arg(
+            long,
+            env = "CAPSTAN_CACHE",
+            default_value = "memory",
+            hide_env_values = true
+        )]
         cache: String,
         /// Where state lives: `sqlite:PATH` (default: state.db in the data
         /// dir) or `scylla://HOST[:PORT][,HOST...]/KEYSPACE[?rf=N]`.
@@ -368,7 +380,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     match args.command {
         Command::Dev {
             http_addr,
-            amqp_url,
+            bus,
             traefik_provider_addr,
             no_docker,
             cpu_millis,
@@ -387,7 +399,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             dev::run(dev::DevOptions {
                 data_dir,
                 http_addr,
-                amqp_url,
+                bus: bus
+                    .or_else(|| std::env::var("CAPSTAN_AMQP_URL").ok())
+                    .filter(|url| !url.is_empty())
+                    .unwrap_or_else(|| "memory".to_string()),
                 traefik_provider_addr,
                 docker: !no_docker,
                 cpu_millis,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use capstan_events::{EventBus, MemoryBus, RabbitBus};
 use capstan_secrets::{FileSecretStore, SecretStore};
 use capstan_server::Platform;
 use capstan_types::Resources;
@@ -28,7 +27,8 @@ const BACKEND_WAIT: Duration = Duration::from_secs(10);
 pub struct DevOptions {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
-    pub amqp_url: Option<String>,
+    /// `memory` or an amqp:// URL.
+    pub bus: String,
     pub traefik_provider_addr: SocketAddr,
     pub docker: bool,
     pub cpu_millis: u32,
@@ -133,18 +133,17 @@ pub async fn run(options: DevOptions) -> Result<()> {
         );
     }
 
+    // Every URL is checked before any backend is dialled (and here, not by
+    // clap, whose errors would show a password).
+    capstan_events::parse_bus_url(&options.bus).map_err(|e| anyhow::anyhow!("--bus: {e}"))?;
+    capstan_cache::parse_url(&options.cache).map_err(|e| anyhow::anyhow!("{e}"))?;
     let shutdown = CancellationToken::new();
     let store =
         capstan_server::standalone::open_store(options.store.as_deref(), data_dir, BACKEND_WAIT)
             .await
             .context("open the state store")?;
     let secrets: Arc<dyn SecretStore> = Arc::new(FileSecretStore::new(data_dir));
-    let bus: Arc<dyn EventBus> = match &options.amqp_url {
-        Some(url) => RabbitBus::connect(url)
-            .await
-            .context("connect to RabbitMQ")?,
-        None => Arc::new(MemoryBus::new()),
-    };
+    let bus = capstan_server::standalone::open_bus(Some(&options.bus), BACKEND_WAIT).await?;
     let (registry, locks) =
         capstan_server::standalone::open_registry(&options.registry, &shutdown)?;
     if options.registry != "embedded" {

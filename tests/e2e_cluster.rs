@@ -340,16 +340,19 @@ fn bad_store_and_secrets_urls_name_their_flags() {
         ("--store", "cassandra://db/ks"),
         ("--store", "scylla://db/1bad"),
         ("--secrets", "consul://x:1"),
+        ("--bus", "kafka://broker:9092"),
+        ("--bus", "amqp://capstan:hunter2@:5672"),
+        ("--cache", "memcached://x:1"),
+        ("--cache", "redis://:hunter2@"),
     ] {
+        let bus: &[&str] = if flag == "--bus" {
+            &[]
+        } else {
+            &["--bus", "amqp://127.0.0.1:1/%2f"]
+        };
         let out = std::process::Command::new(common::services::service_binary("capstan-auth"))
-            .args([
-                flag,
-                value,
-                "--amqp-url",
-                "amqp://127.0.0.1:1/%2f",
-                "--backend-wait",
-                "300ms",
-            ])
+            .args([flag, value, "--backend-wait", "300ms"])
+            .args(bus)
             .arg("--data-dir")
             .arg(dir.path())
             .output()
@@ -357,5 +360,34 @@ fn bad_store_and_secrets_urls_name_their_flags() {
         assert!(!out.status.success(), "{flag} {value}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "{flag}: the password leaked: {stderr}"
+        );
     }
+}
+
+#[test]
+fn a_broker_that_is_down_at_start_is_retried_then_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = capstan_testkit::free_port();
+    let out = std::process::Command::new(common::services::service_binary("capstan-auth"))
+        .args([
+            "--bus",
+            &format!("amqp://capstan:hunter2@127.0.0.1:{port}/%2f"),
+        ])
+        .args(["--backend-wait", "1s"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("RabbitMQ (--bus)"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "each attempt is logged: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
 }

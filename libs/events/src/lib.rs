@@ -137,6 +137,48 @@ impl Deduper {
     }
 }
 
+/// What a `--bus` URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusUrl {
+    /// In this process only.
+    Memory,
+    /// RabbitMQ at this `amqp://` or `amqps://` URL.
+    Amqp(String),
+}
+
+/// Parses a `--bus` URL: `memory` or `amqp[s]://[user:pass@]host[:port][/vhost]`.
+/// The error never shows the password.
+pub fn parse_bus_url(text: &str) -> Result<BusUrl, String> {
+    if text == "memory" {
+        return Ok(BusUrl::Memory);
+    }
+    let shown = redact_url(text);
+    let Some(rest) = text
+        .strip_prefix("amqp://")
+        .or_else(|| text.strip_prefix("amqps://"))
+    else {
+        return Err(format!(
+            "`{shown}` is neither `memory` nor amqp://user:pass@host:port/vhost"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!(
+            "`{shown}` names no host, e.g. amqp://capstan:secret@rabbitmq:5672/%2f"
+        ));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && !host.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("`{port}` in `{shown}` is not a port"));
+    }
+    Ok(BusUrl::Amqp(text.to_string()))
+}
+
 /// `scheme://user:<redacted>@host/...`: a broker URL fit for logs and errors.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -158,6 +200,27 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod redact_tests {
     use super::*;
+
+    #[test]
+    fn bus_urls_parse_or_say_why_without_the_password() {
+        assert_eq!(parse_bus_url("memory"), Ok(BusUrl::Memory));
+        assert_eq!(
+            parse_bus_url("amqp://u:p@rabbit:5672/%2f"),
+            Ok(BusUrl::Amqp("amqp://u:p@rabbit:5672/%2f".into()))
+        );
+        assert!(parse_bus_url("amqps://rabbit").is_ok());
+        for bad in [
+            "",
+            "memry",
+            "kafka://x:1",
+            "amqp://",
+            "amqp://u:hunter2@:5672",
+            "amqp://u:hunter2@h:x",
+        ] {
+            let error = parse_bus_url(bad).unwrap_err();
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
 
     #[test]
     fn urls_lose_their_passwords() {

@@ -36,9 +36,17 @@ pub struct StandaloneArgs {
     /// State store (state.db) and secrets (secrets.json), shared by the services of this host.
     #[arg(long, env = "CAPSTAN_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// RabbitMQ for events: amqp://user:pass@host:port/vhost.
-    #[arg(long, env = "CAPSTAN_AMQP_URL", hide_env_values = true)]
-    pub amqp_url: String,
+    /// Where events go: `memory` (this process only) or RabbitMQ,
+    /// amqp://user:pass@host:port/vhost, e.g.
+    /// amqp://capstan:secret@10.0.0.5:5672/%2f. `--amqp-url` and
+    /// CAPSTAN_AMQP_URL are aliases.
+    #[arg(
+        long = "bus",
+        visible_alias = "amqp-url",
+        env = "CAPSTAN_BUS",
+        hide_env_values = true
+    )]
+    pub bus: Option<String>,
     /// Another service's address, NAME=HOST:PORT (repeatable): auth, scheduler,
     /// orchestrator, router-config.
     #[arg(long = "peer", value_parser = parse_peer)]
@@ -84,7 +92,12 @@ pub struct StandaloneArgs {
     /// Claims, rate limits and the token denylist: `memory` (this process
     /// only) or `redis://HOST:PORT[/DB]` (shared by every replica), e.g.
     /// redis://10.0.0.5:6379/0.
-    #[arg(long, env = "CAPSTAN_CACHE", default_value = "memory", value_parser = parse_cache_url, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CAPSTAN_CACHE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
     pub cache: String,
     /// How long to keep retrying a backend (RabbitMQ, Redis) that does not
     /// answer at start before giving up, e.g. 30s.
@@ -103,6 +116,35 @@ fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` must be between 300ms and 5m"));
     }
     Ok(ttl)
+}
+
+/// The bus `--bus` (or CAPSTAN_AMQP_URL) names; connecting to RabbitMQ is
+/// retried for `wait`. The URL is checked here, not by clap, whose errors
+/// would show its password.
+pub async fn open_bus(
+    url: Option<&str>,
+    wait: Duration,
+) -> anyhow::Result<Arc<dyn capstan_events::EventBus>> {
+    let url = match url {
+        Some(url) => url.to_string(),
+        None => std::env::var("CAPSTAN_AMQP_URL")
+            .ok()
+            .filter(|url| !url.is_empty())
+            .ok_or_else(|| {
+                anyhow!("--bus is required: `memory` or amqp://user:pass@host:port/vhost")
+            })?,
+    };
+    match capstan_events::parse_bus_url(&url).map_err(|e| anyhow!("--bus: {e}"))? {
+        capstan_events::BusUrl::Memory => Ok(Arc::new(capstan_events::MemoryBus::new())),
+        capstan_events::BusUrl::Amqp(url) => {
+            let shown = capstan_events::redact_url(&url);
+            let bus = connect_backend("RabbitMQ (--bus)", &shown, wait, || {
+                RabbitBus::connect(&url)
+            })
+            .await?;
+            Ok(bus)
+        }
+    }
 }
 
 /// Checks a `--registry` URL (clap value parser).
@@ -222,16 +264,6 @@ pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets
     Ok((vault.clone(), Some(vault)))
 }
 
-/// Checks a `--cache` URL (clap value parser).
-pub fn parse_cache_url(text: &str) -> Result<String, String> {
-    capstan_cache::parse_url(text)
-        .map(|_| text.to_string())
-        .map_err(|e| match e {
-            capstan_cache::CacheError::Invalid { reason, .. } => reason,
-            other => other.to_string(),
-        })
-}
-
 fn parse_wait(text: &str) -> Result<Duration, String> {
     capstan_types::duration::parse(text)
 }
@@ -277,7 +309,7 @@ impl std::fmt::Debug for StandaloneArgs {
         f.debug_struct("StandaloneArgs")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
-            .field("amqp_url", &capstan_events::redact_url(&self.amqp_url))
+            .field("bus", &self.bus.as_deref().map(capstan_events::redact_url))
             .field("peers", &self.peers)
             .field("registry", &self.registry)
             .field("advertise_host", &self.advertise_host)
@@ -385,15 +417,17 @@ async fn platform(
     credential: &Credential,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Platform> {
+    // Every URL is checked before any backend is dialled (and here, not by
+    // clap, whose errors would show a password): bad input changes nothing.
+    if let Some(bus) = &args.bus {
+        capstan_events::parse_bus_url(bus).map_err(|e| anyhow!("--bus: {e}"))?;
+    }
+    capstan_cache::parse_url(&args.cache).map_err(|e| anyhow!("{e}"))?;
     capstan_secrets::ensure_private_dir(&args.data_dir)
         .with_context(|| format!("make data dir {} private (0700)", args.data_dir.display()))?;
     let store = open_store(args.store.as_deref(), &args.data_dir, args.backend_wait).await?;
     let (secrets, transit) = open_secrets(args).await?;
-    let amqp = capstan_events::redact_url(&args.amqp_url);
-    let bus = connect_backend("RabbitMQ (--amqp-url)", &amqp, args.backend_wait, || {
-        RabbitBus::connect(&args.amqp_url)
-    })
-    .await?;
+    let bus = open_bus(args.bus.as_deref(), args.backend_wait).await?;
     let cache: Arc<dyn Cache> = match capstan_cache::parse_url(&args.cache)? {
         CacheUrl::Memory => Arc::new(capstan_cache::MemoryCache::new()),
         CacheUrl::Redis(url) => {
