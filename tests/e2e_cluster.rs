@@ -121,6 +121,8 @@ fn the_services_run_on_consul_vault_rabbitmq_and_redis() {
         format!("127.0.0.1:{http}"),
         "--traefik-kv".to_string(),
         consul.url(),
+        "--zone".to_string(),
+        "eu-1a".to_string(),
     ]);
     let agent_flags = flags(&first, "agent");
     services.spawn("auth", "capstan-auth", auth, &auth_flags);
@@ -181,6 +183,18 @@ fn the_services_run_on_consul_vault_rabbitmq_and_redis() {
             services.logs()
         );
     }
+    // Version and zone go in the tags.
+    let router_registration = registered
+        .iter()
+        .find(|body| body["Name"] == "router-config")
+        .unwrap();
+    let tags = router_registration["Tags"].as_array().unwrap();
+    assert!(tags.iter().any(|t| t == "zone=eu-1a"), "{tags:?}");
+    assert!(
+        tags.iter()
+            .any(|t| t.as_str().is_some_and(|t| t.starts_with("version="))),
+        "{tags:?}"
+    );
     assert!(
         consul
             .requests()

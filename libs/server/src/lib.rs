@@ -52,6 +52,8 @@ pub struct Platform {
     /// Vault's transit engine, when secrets live in Vault: auth signs
     /// tokens there, so the private key never leaves Vault.
     pub transit: Option<Arc<dyn capstan_secrets::Transit>>,
+    /// The failure domain this process runs in, tagged on its registrations.
+    zone: Option<String>,
     /// Who holds a singleton role; `None`: lease rows in the store.
     locks: Option<Arc<dyn capstan_registry::Locks>>,
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
@@ -79,6 +81,7 @@ impl Platform {
             tls: None,
             transit: None,
             locks: None,
+            zone: None,
             tokens: Arc::default(),
             channels: Arc::default(),
         }
@@ -109,6 +112,12 @@ impl Platform {
 
     pub fn with_transit(mut self, transit: Option<Arc<dyn capstan_secrets::Transit>>) -> Platform {
         self.transit = transit;
+        self
+    }
+
+    /// The same platform, registering its servers in `zone`.
+    pub fn with_zone(mut self, zone: Option<String>) -> Platform {
+        self.zone = zone;
         self
     }
 
@@ -416,7 +425,7 @@ pub async fn serve_with(
             id: service.instance_id.clone(),
             name: service.name.to_string(),
             address: platform.advertised(address)?,
-            tags: vec!["grpc".into()],
+            tags: registration_tags(platform.zone.as_deref()),
             check: Check::Ttl { ttl: REGISTRY_TTL },
         })
         .await
@@ -466,6 +475,19 @@ pub async fn serve_with(
 /// A random id with a readable prefix: `web-3f9c2a1b`.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// A server's registry tags: `grpc`, its version and, when set, its zone
+/// (Consul shows tags; the Consul adapter also puts the version in meta).
+pub fn registration_tags(zone: Option<&str>) -> Vec<String> {
+    let mut tags = vec![
+        "grpc".to_string(),
+        format!("version={}", env!("CARGO_PKG_VERSION")),
+    ];
+    if let Some(zone) = zone {
+        tags.push(format!("zone={zone}"));
+    }
+    tags
 }
 
 pub fn now_ms() -> i64 {

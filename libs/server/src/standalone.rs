@@ -60,6 +60,10 @@ pub struct StandaloneArgs {
     /// wildcard address (0.0.0.0 or [::]), e.g. 10.0.0.5.
     #[arg(long, env = "CAPSTAN_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
+    /// The failure domain (zone, rack) this service runs in, tagged on its
+    /// registration as `zone=ZONE`, e.g. eu-west-1a.
+    #[arg(long, env = "CAPSTAN_ZONE", value_parser = parse_zone)]
+    pub zone: Option<String>,
     /// Where state lives: `sqlite:PATH` (default: state.db in --data-dir;
     /// one host only) or `scylla://HOST[:PORT][,HOST...]/KEYSPACE[?rf=N]`,
     /// e.g. scylla://10.0.0.1,10.0.0.2/capstan.
@@ -264,6 +268,19 @@ pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets
     Ok((vault.clone(), Some(vault)))
 }
 
+fn parse_zone(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err("a zone is 1 to 63 letters, digits, `-`, `_` or `.`".into())
+    }
+}
+
 fn parse_wait(text: &str) -> Result<Duration, String> {
     capstan_types::duration::parse(text)
 }
@@ -313,6 +330,7 @@ impl std::fmt::Debug for StandaloneArgs {
             .field("peers", &self.peers)
             .field("registry", &self.registry)
             .field("advertise_host", &self.advertise_host)
+            .field("zone", &self.zone)
             .field("store", &self.store)
             .field("secrets", &self.secrets)
             .field("vault_role_id_file", &self.vault_role_id_file)
@@ -470,6 +488,7 @@ async fn platform(
     };
     Ok(Platform::new(registry, bus, store, secrets, cache, key)
         .with_advertise_host(args.advertise_host.clone())
+        .with_zone(args.zone.clone())
         .with_tls(tls)
         .with_transit(transit)
         .with_locks(locks))
