@@ -532,27 +532,34 @@ async fn probe(url: &str, timeout: Duration) -> bool {
     )
 }
 
-async fn health(state: &Arc<Mutex<State>>, name: &str, query: &str) -> Response<Full<Bytes>> {
-    let passing_only = query_param(query, "passing").is_some_and(|v| v != "false");
+/// A blocking query: with `index=N` (N > 0), waits until the index passes
+/// N or `wait` (default 5m, at most 10m) runs out.
+async fn block(state: &Arc<Mutex<State>>, query: &str) {
     let after: u64 = query_param(query, "index")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    if after == 0 {
+        return;
+    }
     let wait = query_param(query, "wait")
         .and_then(go_duration)
         .unwrap_or(Duration::from_secs(300))
         .min(Duration::from_secs(600));
     let mut changed = state.lock().unwrap().changed.subscribe();
-    if after > 0 {
-        let deadline = tokio::time::Instant::now() + wait;
-        while *changed.borrow_and_update() <= after {
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                break;
-            }
+    let deadline = tokio::time::Instant::now() + wait;
+    while *changed.borrow_and_update() <= after {
+        if tokio::time::timeout_at(deadline, changed.changed())
+            .await
+            .is_err()
+        {
+            return;
         }
     }
+}
+
+async fn health(state: &Arc<Mutex<State>>, name: &str, query: &str) -> Response<Full<Bytes>> {
+    let passing_only = query_param(query, "passing").is_some_and(|v| v != "false");
+    block(state, query).await;
     let state = state.lock().unwrap();
     let entries: Vec<Value> = state
         .services
@@ -633,25 +640,7 @@ async fn kv(
         || query.split('&').any(|p| p == "recurse");
     match method {
         Method::GET => {
-            let after: u64 = query_param(query, "index")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let wait = query_param(query, "wait")
-                .and_then(go_duration)
-                .unwrap_or(Duration::from_secs(300))
-                .min(Duration::from_secs(600));
-            let mut changed = state.lock().unwrap().changed.subscribe();
-            if after > 0 {
-                let deadline = tokio::time::Instant::now() + wait;
-                while *changed.borrow_and_update() <= after {
-                    if tokio::time::timeout_at(deadline, changed.changed())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
+            block(state, query).await;
             let state = state.lock().unwrap();
             let entries: Vec<Value> = state
                 .kv
