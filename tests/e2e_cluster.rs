@@ -405,3 +405,55 @@ fn a_broker_that_is_down_at_start_is_retried_then_named() {
     );
     assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
 }
+
+/// A service whose backend is not up yet listens and says NOT_SERVING, and
+/// turns SERVING once the backend answers.
+#[test]
+fn health_says_not_serving_until_every_backend_answers() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, redis_port) = (capstan_testkit::free_port(), capstan_testkit::free_port());
+    let mut auth = std::process::Command::new(common::services::service_binary("capstan-auth"))
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--bus", "memory"])
+        .args(["--cache", &format!("redis://127.0.0.1:{redis_port}/0")])
+        .args(["--backend-wait", "60s"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = |runtime: &tokio::runtime::Runtime| {
+        runtime.block_on(async {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&format!(
+                "127.0.0.1:{listen}"
+            )));
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                health.check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                }),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|r| r.into_inner().status)
+        })
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    wait_until(
+        "health answers NOT_SERVING while Redis is down",
+        Duration::from_secs(20),
+        || status(&runtime) == Some(ServingStatus::NotServing as i32),
+    );
+    let redis = runtime.block_on(capstan_testkit::redis::Redis::start_on(redis_port));
+    wait_until(
+        "health answers SERVING once Redis is up",
+        Duration::from_secs(30),
+        || status(&runtime) == Some(ServingStatus::Serving as i32),
+    );
+    let _ = auth.kill();
+    let _ = auth.wait();
+    drop(redis);
+}

@@ -372,6 +372,37 @@ pub struct Service {
     pub auth: RequireAuthLayer,
 }
 
+/// Answers gRPC health with NOT_SERVING on `listener` (and nothing else)
+/// until `ready` fires, so probes see a process that is up but waiting for
+/// its backends. Returns once it stopped accepting; the caller then serves
+/// for real on the same listener.
+pub async fn serve_not_ready(
+    listener: Arc<TcpListener>,
+    tls: Option<Tls>,
+    ready: CancellationToken,
+) -> Result<(), Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let incoming = futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|e| Error::invalid("tls", e.to_string()))?;
+    }
+    builder
+        .timeout(Duration::from_secs(5))
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(incoming, ready.cancelled_owned())
+        .await
+        .map_err(|e| Error::Internal(format!("health server failed: {e}")))
+}
+
 /// Serves until `shutdown`, then deregisters and drains in-flight calls.
 pub async fn serve(
     platform: &Platform,

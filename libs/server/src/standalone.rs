@@ -430,10 +430,22 @@ pub async fn service_key(secrets: &dyn SecretStore, create: bool) -> anyhow::Res
     ))
 }
 
+/// The TLS files of `args`, read once at start.
+fn load_tls(args: &StandaloneArgs) -> anyhow::Result<Option<crate::Tls>> {
+    match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(
+            crate::Tls::load(ca, cert, key).map_err(|e| anyhow!("{e}"))?,
+        )),
+        _ => Err(anyhow!("--tls-ca, --tls-cert and --tls-key go together")),
+    }
+}
+
 async fn platform(
     args: &StandaloneArgs,
     credential: &Credential,
     shutdown: &CancellationToken,
+    tls: Option<crate::Tls>,
 ) -> anyhow::Result<Platform> {
     // Every URL is checked before any backend is dialled (and here, not by
     // clap, whose errors would show a password): bad input changes nothing.
@@ -479,13 +491,6 @@ async fn platform(
                 .trim(),
         ),
     };
-    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
-        (None, None, None) => None,
-        (Some(ca), Some(cert), Some(key)) => {
-            Some(crate::Tls::load(ca, cert, key).map_err(|e| anyhow!("{e}"))?)
-        }
-        _ => return Err(anyhow!("--tls-ca, --tls-cert and --tls-key go together")),
-    };
     Ok(Platform::new(registry, bus, store, secrets, cache, key)
         .with_advertise_host(args.advertise_host.clone())
         .with_zone(args.zone.clone())
@@ -520,11 +525,36 @@ where
     };
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let platform = platform(&args, &credential, &shutdown).await?;
-        let listener = TcpListener::bind(args.listen)
+        let tls = load_tls(&args)?;
+        // Listen at once, answering health with NOT_SERVING until every
+        // backend answered: probes tell "up, waiting" from "down".
+        let listener = Arc::new(
+            TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listen on {}", args.listen))?,
+        );
+        tracing::info!(service = name, address = %listener.local_addr()?, "listening; NOT_SERVING until every backend answers");
+        let ready = CancellationToken::new();
+        let mut waiting = tokio::spawn(crate::serve_not_ready(
+            listener.clone(),
+            tls.clone(),
+            ready.clone(),
+        ));
+        let platform = platform(&args, &credential, &shutdown, tls).await;
+        ready.cancel();
+        // Connections to the waiting server get a GOAWAY; do not wait long
+        // for a client that keeps one open.
+        if tokio::time::timeout(Duration::from_secs(2), &mut waiting)
             .await
-            .with_context(|| format!("listen on {}", args.listen))?;
-        tracing::info!(service = name, address = %listener.local_addr()?, "starting");
+            .is_err()
+        {
+            waiting.abort();
+            let _ = waiting.await;
+        }
+        let platform = platform?;
+        let listener = Arc::try_unwrap(listener)
+            .map_err(|_| anyhow!("the listener is still held by the health server"))?;
+        tracing::info!(service = name, "every backend answered; starting");
         let signals = shutdown.clone();
         tokio::spawn(async move {
             let mut terminate =

@@ -15,9 +15,13 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
+        Redis::start_on(crate::free_port()).await
+    }
+
+    /// On a chosen port: for tests that start a client before its server.
+    pub async fn start_on(port: u16) -> Redis {
         crate::require_tool(SERVER, INSTALL);
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = crate::free_port();
         let child = Command::new(SERVER)
             .args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
