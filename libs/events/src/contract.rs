@@ -16,6 +16,7 @@ pub async fn run(bus: &dyn EventBus) {
     unacked_deliveries_come_back(bus, &prefix).await;
     consumers_dedupe_redeliveries(bus, &prefix).await;
     rejects_bad_bindings(bus, &prefix).await;
+    watchers_each_see_every_event_beside_a_work_queue(bus, &prefix).await;
 }
 
 fn event(id: &str, kind: EventKind) -> Event {
@@ -158,5 +159,53 @@ async fn rejects_bad_bindings(bus: &dyn EventBus, prefix: &str) {
         bus.subscribe(&format!("{prefix}.bad"), &[""])
             .await
             .is_err()
+    );
+}
+
+/// Two watchers each get every event; two consumers of one queue share
+/// them; a watcher that ends gets nothing more and holds nothing.
+async fn watchers_each_see_every_event_beside_a_work_queue(bus: &dyn EventBus, prefix: &str) {
+    let mut a = bus.watch(&["node.#"]).await.unwrap();
+    let mut b = bus.watch(&["node.*"]).await.unwrap();
+    let queue = format!("{prefix}-shared");
+    let mut first = bus.subscribe(&queue, &["node.#"]).await.unwrap();
+    let mut second = bus.subscribe(&queue, &["node.#"]).await.unwrap();
+    for i in 0..4 {
+        bus.publish(&event(&format!("{prefix}-w{i}"), EventKind::NodeDown))
+            .await
+            .unwrap();
+    }
+    for watcher in [&mut a, &mut b] {
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let delivery = next(watcher).await;
+            seen.push(delivery.event.id.clone());
+            delivery.ack().await.unwrap();
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..4).map(|i| format!("{prefix}-w{i}")).collect::<Vec<_>>(),
+            "a watcher sees every event"
+        );
+    }
+    // The work queue's four events are split between its two consumers.
+    let mut shared = Vec::new();
+    for _ in 0..2 {
+        for consumer in [&mut first, &mut second] {
+            let delivery = next(consumer).await;
+            shared.push(delivery.event.id.clone());
+            delivery.ack().await.unwrap();
+        }
+    }
+    shared.sort();
+    assert_eq!(shared.len(), 4);
+    shared.dedup();
+    assert_eq!(shared.len(), 4, "each event to one consumer of the queue");
+    drop((first, second, a));
+    nothing_more(bus, &mut b, EventKind::NodeDown, &format!("{prefix}-w-end")).await;
+    assert!(
+        bus.watch(&["no spaces"]).await.is_err(),
+        "bad bindings are refused for watchers too"
     );
 }

@@ -32,6 +32,8 @@ pub enum BusError {
     NotConfirmed(String),
     #[error("invalid binding `{0}`: use dot-separated words, `*` or `#`")]
     InvalidBinding(String),
+    #[error("invalid queue: {0}")]
+    InvalidQueue(String),
 }
 
 #[async_trait]
@@ -43,6 +45,13 @@ pub trait EventBus: Send + Sync + 'static {
     /// outlives the subscription: events published while nobody consumes wait.
     /// Several subscriptions to one queue compete for its events.
     async fn subscribe(&self, queue: &str, bindings: &[&str]) -> Result<Subscription, BusError>;
+
+    /// Consumes from a private queue of this subscription alone, bound to
+    /// `bindings`, that ends with it: every watcher sees every matching
+    /// event published after `watch` returns (a fan-out, not a work queue).
+    /// Events published while the bus reconnects may be missed: watchers
+    /// are for live views and hints, the store is the truth.
+    async fn watch(&self, bindings: &[&str]) -> Result<Subscription, BusError>;
 }
 
 /// A stream of deliveries; `None` once the bus connection is gone, after

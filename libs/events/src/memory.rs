@@ -12,6 +12,8 @@ use crate::{Acker, BusError, Delivery, EventBus, Subscription, check_binding, to
 #[derive(Default, Clone)]
 pub struct MemoryBus {
     queues: Arc<Mutex<HashMap<String, Arc<Queue>>>>,
+    /// Names the private queues of watchers.
+    watchers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
@@ -21,6 +23,8 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
+    /// A watcher's queue: gone once its one consumer is.
+    private: bool,
     bindings: Vec<String>,
     ready: VecDeque<(Event, bool)>,
     consumers: Vec<mpsc::UnboundedSender<Delivery>>,
@@ -92,7 +96,11 @@ impl Acker for MemoryAcker {
 impl EventBus for MemoryBus {
     async fn publish(&self, event: &Event) -> Result<(), BusError> {
         let targets: Vec<Arc<Queue>> = {
-            let queues = self.queues.lock().expect("bus lock poisoned");
+            let mut queues = self.queues.lock().expect("bus lock poisoned");
+            queues.retain(|_, q| {
+                let state = q.state.lock().expect("queue lock poisoned");
+                !state.private || state.consumers.iter().any(|c| !c.is_closed())
+            });
             queues
                 .values()
                 .filter(|q| {
@@ -132,6 +140,57 @@ impl EventBus for MemoryBus {
         state.consumers.push(tx);
         queue.dispatch(&mut state);
         Ok(Subscription { rx })
+    }
+
+    async fn watch(&self, bindings: &[&str]) -> Result<Subscription, BusError> {
+        for binding in bindings {
+            check_binding(binding)?;
+        }
+        let n = self
+            .watchers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                private: true,
+                bindings: bindings.iter().map(|b| b.to_string()).collect(),
+                consumers: vec![tx],
+                ..Default::default()
+            }),
+        });
+        self.queues
+            .lock()
+            .expect("bus lock poisoned")
+            .insert(format!("\0watch-{n}"), queue);
+        Ok(Subscription { rx })
+    }
+}
+
+impl MemoryBus {
+    /// How many queues the bus holds (watchers' included, until the next
+    /// publish after they end).
+    pub fn queue_count(&self) -> usize {
+        self.queues.lock().expect("bus lock poisoned").len()
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watchers_queue_goes_with_it() {
+        let bus = MemoryBus::new();
+        let watcher = bus.watch(&["#"]).await.unwrap();
+        assert_eq!(bus.queue_count(), 1);
+        drop(watcher);
+        let event = Event::new("e".into(), 1, capstan_types::EventKind::NodeDown);
+        bus.publish(&event).await.unwrap();
+        assert_eq!(
+            bus.queue_count(),
+            0,
+            "no queue fills up for a watcher that left"
+        );
     }
 }
 

@@ -165,7 +165,9 @@ async fn open(uri: &str) -> Result<Live, BusError> {
     })
 }
 
-/// Declares `queue` with its bindings on `live` and starts consuming.
+/// Declares `queue` with its bindings on `live` and starts consuming. An
+/// empty name declares a private queue (server-named, exclusive, deleted
+/// with its consumer's channel): a watcher's.
 async fn consume(
     live: &Live,
     queue: &str,
@@ -180,17 +182,22 @@ async fn consume(
         .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .map_err(unavailable)?;
-    channel
+    let private = queue.is_empty();
+    let declared = channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
-                durable: true,
+                durable: !private,
+                exclusive: private,
+                auto_delete: private,
                 ..Default::default()
             },
             FieldTable::default(),
         )
         .await
         .map_err(unavailable)?;
+    let queue = declared.name().as_str().to_string();
+    let queue = queue.as_str();
     for binding in bindings {
         channel
             .queue_bind(
@@ -238,6 +245,22 @@ impl EventBus for RabbitBus {
     }
 
     async fn subscribe(&self, queue: &str, bindings: &[&str]) -> Result<Subscription, BusError> {
+        if queue.is_empty() {
+            return Err(BusError::InvalidQueue("a queue needs a name".into()));
+        }
+        self.consume_from(queue, bindings).await
+    }
+
+    async fn watch(&self, bindings: &[&str]) -> Result<Subscription, BusError> {
+        // After a reconnect the watcher gets a new private queue.
+        self.consume_from("", bindings).await
+    }
+}
+
+impl RabbitBus {
+    /// Consumes from `queue` (empty: a private one), consuming again after
+    /// every reconnect, until the subscription is dropped.
+    async fn consume_from(&self, queue: &str, bindings: &[&str]) -> Result<Subscription, BusError> {
         for binding in bindings {
             check_binding(binding)?;
         }

@@ -62,14 +62,56 @@ impl EventLog {
         Ok(())
     }
 
-    /// Consumes every event from the bus: store, fan out, wake the reconciler
-    /// on instance changes, then ack.
-    pub async fn consume(
+    /// Keeps this replica's live view: every event from the bus (a private
+    /// watch queue, so every replica sees all of them) goes to the
+    /// `WatchEvents` streams once, and instance and node changes wake the
+    /// reconciler (it runs only where this replica leads).
+    pub async fn fan_out(
         self,
         platform: Platform,
         wake: std::sync::Arc<Notify>,
         shutdown: CancellationToken,
     ) {
+        let mut dedupe = Deduper::new(10_000);
+        while !shutdown.is_cancelled() {
+            let mut subscription = match platform.bus.watch(&["#"]).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("failed to watch events: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let delivery = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    d = subscription.next() => match d { Some(d) => d, None => break },
+                };
+                if dedupe.first_time(&delivery.event.id) {
+                    let event = delivery.event.clone();
+                    if matches!(
+                        event.kind,
+                        EventKind::InstanceFailed
+                            | EventKind::InstanceHealthy
+                            | EventKind::InstanceUnhealthy
+                            | EventKind::NodeDown
+                    ) {
+                        wake.notify_one();
+                    }
+                    let _ = self.live.send(event);
+                }
+                let _ = delivery.ack().await;
+            }
+        }
+    }
+
+    /// Stores every event from the bus once. The replicas share one queue
+    /// (each event reaches one of them) and the store's compare-and-set
+    /// (`Expect::Absent` on the event's key) keeps a redelivered event, or
+    /// one two replicas both got, from being stored twice.
+    pub async fn consume(self, platform: Platform, shutdown: CancellationToken) {
         let mut dedupe = Deduper::new(10_000);
         let mut appended = 0usize;
         while !shutdown.is_cancelled() {
@@ -92,10 +134,7 @@ impl EventLog {
                 let event = delivery.event.clone();
                 if !dedupe.contains(&event.id) {
                     match self.append(&event).await {
-                        Ok(true) => {
-                            let _ = self.live.send(event.clone());
-                            appended += 1;
-                        }
+                        Ok(true) => appended += 1,
                         Ok(false) => {}
                         Err(e) => {
                             // Not acked, not marked seen: the bus hands it
@@ -106,15 +145,6 @@ impl EventLog {
                     }
                     // Only a committed event counts as seen.
                     dedupe.insert(&event.id);
-                    if matches!(
-                        event.kind,
-                        EventKind::InstanceFailed
-                            | EventKind::InstanceHealthy
-                            | EventKind::InstanceUnhealthy
-                            | EventKind::NodeDown
-                    ) {
-                        wake.notify_one();
-                    }
                 }
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!("failed to ack event: {e}");
@@ -160,11 +190,7 @@ mod tests {
             Secret::new("unused"),
         );
         let log = EventLog::new(&platform);
-        let consumer = tokio::spawn(log.clone().consume(
-            platform,
-            Arc::new(Notify::new()),
-            shutdown.clone(),
-        ));
+        let consumer = tokio::spawn(log.clone().consume(platform, shutdown.clone()));
         // Wait until the consumer's queue exists, then publish once.
         let event = Event::new("ev-1".into(), 1, EventKind::AppCreated).app("web");
         for _ in 0..100 {
@@ -188,5 +214,85 @@ mod tests {
         );
         shutdown.cancel();
         consumer.await.unwrap();
+    }
+
+    /// Two replicas share one bus and one store: each replica's watchers
+    /// see every event (not only the ones its consumer took from the shared
+    /// queue), and the store holds each event once.
+    #[tokio::test]
+    async fn every_replica_fans_out_every_event_and_the_store_holds_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let bus = Arc::new(MemoryBus::new());
+        let store = Arc::new(MemoryStore::new());
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let platform = Platform::new(
+                Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+                bus.clone(),
+                store.clone(),
+                Arc::new(FileSecretStore::new(dir.path())),
+                Arc::new(capstan_cache::MemoryCache::new()),
+                Secret::new("unused"),
+            );
+            let log = EventLog::new(&platform);
+            let watching = log.subscribe();
+            tokio::spawn(log.clone().consume(platform.clone(), shutdown.clone()));
+            tokio::spawn(
+                log.clone()
+                    .fan_out(platform, Arc::new(Notify::new()), shutdown.clone()),
+            );
+            replicas.push((log, watching));
+        }
+        // Both watch queues exist once a probe event reaches both replicas.
+        for attempt in 0.. {
+            assert!(attempt < 200, "the replicas never watched");
+            let probe = Event::new(format!("probe-{attempt}"), 1, EventKind::AppCreated);
+            bus.publish(&probe).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if replicas.iter_mut().all(|(_, w)| {
+                std::iter::from_fn(|| w.try_recv().ok()).any(|e| e.id.starts_with("probe-"))
+            }) {
+                break;
+            }
+        }
+        let ids: Vec<String> = (0..10).map(|i| format!("ev-{i}")).collect();
+        for id in &ids {
+            bus.publish(&Event::new(id.clone(), 1, EventKind::InstanceHealthy).app("web"))
+                .await
+                .unwrap();
+        }
+        for (_, watching) in &mut replicas {
+            let mut seen = Vec::new();
+            while seen.len() < ids.len() {
+                let event = tokio::time::timeout(Duration::from_secs(5), watching.recv())
+                    .await
+                    .expect("every event reaches every replica's watchers")
+                    .unwrap();
+                if event.id.starts_with("ev-") {
+                    seen.push(event.id);
+                }
+            }
+            assert_eq!(seen, ids);
+        }
+        let log = &replicas[0].0;
+        for _ in 0..250 {
+            let stored = log.recent("web", 100).await.unwrap();
+            if stored.len() >= ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored: Vec<String> = log
+            .recent("web", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let mut sorted = stored.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids, "each event stored once: {stored:?}");
+        shutdown.cancel();
     }
 }

@@ -54,10 +54,11 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let events = event_log::EventLog::new(&platform);
     let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(events.clone().consume(platform.clone(), shutdown.clone()));
     tasks.spawn(
         events
             .clone()
-            .consume(platform.clone(), wake.clone(), shutdown.clone()),
+            .fan_out(platform.clone(), wake.clone(), shutdown.clone()),
     );
     let election = platform.election(RECONCILER_ROLE, &instance_id, lease_ttl);
     tasks.spawn({
