@@ -7,6 +7,9 @@
 //! authenticated clients of other services, found through the registry.
 
 pub mod leader;
+pub mod tls;
+
+pub use tls::Tls;
 pub mod standalone;
 
 use std::net::SocketAddr;
@@ -189,10 +192,15 @@ impl Platform {
     /// `service` is the name the peer's certificate must carry under TLS.
     fn cached_channel(&self, address: &str, service: &str) -> Result<Channel, Error> {
         let mut channels = self.channels.lock().expect("channel cache lock poisoned");
-        let key = format!("{service}@{address}");
+        // Channels made with TLS material that has since been renewed are
+        // dropped: new ones present the new certificate.
+        let generation = self.tls.as_ref().map_or(0, Tls::generation);
+        let key = format!("{service}@{address}#{generation}");
         if let Some(channel) = channels.get(&key) {
             return Ok(channel.clone());
         }
+        let current = format!("#{generation}");
+        channels.retain(|k, _| k.ends_with(&current));
         let channel = channel_with(address, self.tls.as_ref().map(|tls| (tls, service)))?;
         channels.insert(key, channel.clone());
         Ok(channel)
@@ -256,58 +264,6 @@ pub fn channel_with(address: &str, tls: Option<(&Tls, &str)>) -> Result<Channel,
             .map_err(|e| Error::invalid("tls", e.to_string()))?;
     }
     Ok(endpoint.connect_lazy())
-}
-
-/// A process's TLS material: its certificate (whose SAN names its
-/// service, e.g. DNS:scheduler), its key, and the CA every Capstan
-/// certificate comes from. Servers require clients to present a
-/// certificate from that CA (mutual TLS); clients check the server's
-/// names the service they called.
-#[derive(Clone)]
-pub struct Tls {
-    ca: tonic::transport::Certificate,
-    identity: tonic::transport::Identity,
-}
-
-impl Tls {
-    /// Reads PEM files; an error names the flag and the file.
-    pub fn load(
-        ca: &std::path::Path,
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> Result<Tls, Error> {
-        let read = |flag: &str, path: &std::path::Path| {
-            let pem = std::fs::read(path)
-                .map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))?;
-            if !String::from_utf8_lossy(&pem).contains("-----BEGIN") {
-                return Err(Error::invalid(
-                    flag,
-                    format!("{} is not PEM", path.display()),
-                ));
-            }
-            Ok(pem)
-        };
-        Ok(Tls {
-            ca: tonic::transport::Certificate::from_pem(read("tls_ca", ca)?),
-            identity: tonic::transport::Identity::from_pem(
-                read("tls_cert", cert)?,
-                read("tls_key", key)?,
-            ),
-        })
-    }
-
-    fn server(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
-    }
-
-    fn client(&self, service: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .identity(self.identity.clone())
-            .domain_name(service)
-    }
 }
 
 struct AuthKeys {
@@ -385,22 +341,23 @@ pub async fn serve_not_ready(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let incoming = futures::stream::unfold(listener, |listener| async move {
+    let accepted = futures::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| stream);
         Some((accepted, listener))
     });
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(tls.server())
-            .map_err(|e| Error::invalid("tls", e.to_string()))?;
-    }
-    builder
+    let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(5))
-        .add_service(health_service)
-        .serve_with_incoming_shutdown(incoming, ready.cancelled_owned())
-        .await
-        .map_err(|e| Error::Internal(format!("health server failed: {e}")))
+        .add_service(health_service);
+    let signal = ready.cancelled_owned();
+    match &tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.accept(accepted), signal)
+                .await
+        }
+        None => router.serve_with_incoming_shutdown(accepted, signal).await,
+    }
+    .map_err(|e| Error::Internal(format!("health server failed: {e}")))
 }
 
 /// Serves until `shutdown`, then deregisters and drains in-flight calls.
@@ -480,14 +437,8 @@ pub async fn serve_with(
         })
     };
     tracing::info!(service = service.name, %address, "serving gRPC");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &platform.tls {
-        builder = builder
-            .tls_config(tls.server())
-            .map_err(|e| Error::invalid("tls", e.to_string()))?;
-    }
-    let result = builder
+    let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
         .timeout(limits.timeout)
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -495,9 +446,17 @@ pub async fn serve_with(
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_keepalive(Some(limits.tcp_keepalive))
         .layer(service.auth)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await;
+        .add_routes(routes);
+    let signal = shutdown.cancelled_owned();
+    let result = match &platform.tls {
+        // TLS terminated here, with the certificate in force per connection.
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.accept(accepted), signal)
+                .await
+        }
+        None => router.serve_with_incoming_shutdown(accepted, signal).await,
+    };
     heartbeat.abort();
     let _ = platform.registry.deregister(&service.instance_id).await;
     result.map_err(|e| Error::Internal(format!("{} server failed: {e}", service.name)))

@@ -526,6 +526,13 @@ where
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let tls = load_tls(&args)?;
+        if let Some(tls) = &tls {
+            // Renewed certificates take effect without a restart.
+            tokio::spawn(
+                tls.clone()
+                    .watch(crate::tls::RELOAD_EVERY, shutdown.clone()),
+            );
+        }
         // Listen at once, answering health with NOT_SERVING until every
         // backend answered: probes tell "up, waiting" from "down".
         let listener = Arc::new(

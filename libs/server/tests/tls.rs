@@ -138,3 +138,73 @@ fn unreadable_or_non_pem_files_name_the_flag() {
     let error = Tls::load(&junk, &junk, &junk).err().unwrap().to_string();
     assert!(error.contains("is not PEM"), "{error}");
 }
+
+/// The server's certificate (and its CA) are replaced on disk while it runs:
+/// new connections get the new one at once, no restart; files that do not
+/// load leave the old ones in force.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewed_certificate_takes_effect_without_a_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let old_ca = TestCa::new("old CA");
+    let files = old_ca.write(server_dir.path(), "scheduler");
+    let server_tls = Tls::load(&files.ca, &files.cert, &files.key).unwrap();
+    let shutdown = CancellationToken::new();
+    let platform = Platform::new(
+        Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+        Arc::new(MemoryBus::new()),
+        Arc::new(MemoryStore::new()),
+        Arc::new(FileSecretStore::new(server_dir.path())),
+        Arc::new(capstan_cache::MemoryCache::new()),
+        Secret::new("unused"),
+    )
+    .with_tls(Some(server_tls.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let service = Service {
+        name: "scheduler",
+        instance_id: "scheduler-1".into(),
+        grpc_names: vec!["capstan.v1.Scheduler"],
+        routes: tonic::service::Routes::default(),
+        auth: RequireAuthLayer::new(
+            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![])))),
+            Policy::new(),
+        ),
+    };
+    let server = tokio::spawn({
+        let (platform, shutdown) = (platform.clone(), shutdown.clone());
+        async move { capstan_server::serve(&platform, service, listener, shutdown).await }
+    });
+    let old_client = tls(&old_ca, client_dir.path(), "orchestrator");
+    check(capstan_server::channel_with(&address, Some((&old_client, "scheduler"))).unwrap())
+        .await
+        .expect("the old certificate works before the renewal");
+    assert_eq!(server_tls.reload_if_changed().unwrap(), false, "nothing changed yet");
+
+    // Renewal: a new CA and a new certificate, written over the old files.
+    let new_ca = TestCa::new("new CA");
+    new_ca.write(server_dir.path(), "scheduler");
+    assert!(server_tls.reload_if_changed().unwrap(), "the new files are in force");
+    assert_eq!(server_tls.generation(), 1);
+    let new_dir = tempfile::tempdir().unwrap();
+    let new_client = tls(&new_ca, new_dir.path(), "orchestrator");
+    check(capstan_server::channel_with(&address, Some((&new_client, "scheduler"))).unwrap())
+        .await
+        .expect("the same server accepts the new CA's peers");
+    assert!(
+        check(capstan_server::channel_with(&address, Some((&old_client, "scheduler"))).unwrap())
+            .await
+            .is_err(),
+        "a peer of the old CA is refused once the CA was replaced"
+    );
+
+    // A half-written renewal does not load: the new material stays.
+    std::fs::write(&files.cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
+    assert!(server_tls.reload_if_changed().is_err());
+    check(capstan_server::channel_with(&address, Some((&new_client, "scheduler"))).unwrap())
+        .await
+        .expect("a renewal that does not load leaves the last good one in force");
+    shutdown.cancel();
+    let _ = server.await;
+}
