@@ -52,16 +52,30 @@ impl TokenSource {
     }
 }
 
-/// A gRPC channel that adds `authorization: Bearer <token>` to every call.
+/// A gRPC channel that adds `authorization: Bearer <token>` to every call,
+/// or, over mutual TLS between services, sends none: the client
+/// certificate names the caller ([`crate::certificate_principal`]).
 #[derive(Clone)]
 pub struct Authed {
     inner: Channel,
-    tokens: Arc<TokenSource>,
+    tokens: Option<Arc<TokenSource>>,
 }
 
 impl Authed {
     pub fn new(inner: Channel, tokens: Arc<TokenSource>) -> Self {
-        Authed { inner, tokens }
+        Authed {
+            inner,
+            tokens: Some(tokens),
+        }
+    }
+
+    /// Calls that carry no token: `inner` is a mutual TLS channel whose
+    /// client certificate names a Capstan service.
+    pub fn by_certificate(inner: Channel) -> Self {
+        Authed {
+            inner,
+            tokens: None,
+        }
     }
 }
 
@@ -84,15 +98,17 @@ impl tower::Service<http::Request<tonic::body::Body>> for Authed {
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
         Box::pin(async move {
-            let token = tokens
-                .token()
-                .await
-                .map_err(|e| Box::new(capstan_proto::status(e)) as BoxError)?;
-            let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|e| Box::new(e) as BoxError)?;
-            request
-                .headers_mut()
-                .insert(http::header::AUTHORIZATION, value);
+            if let Some(tokens) = tokens {
+                let token = tokens
+                    .token()
+                    .await
+                    .map_err(|e| Box::new(capstan_proto::status(e)) as BoxError)?;
+                let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|e| Box::new(e) as BoxError)?;
+                request
+                    .headers_mut()
+                    .insert(http::header::AUTHORIZATION, value);
+            }
             tower::Service::call(&mut inner, request)
                 .await
                 .map_err(Into::into)

@@ -22,7 +22,7 @@ pub use jwt::{
     AUDIENCE, Claims, ISSUER, KEY_REFRESH_INTERVAL, KeySource, MAX_TOKEN_LIFETIME,
     RETIRED_KEY_GRACE, Signer, StaticKeys, TokenSigner, Verifier, VerifyingKeys, issue,
 };
-pub use middleware::{Policy, RequireAuthLayer, Rule, caller};
+pub use middleware::{Peer, Policy, RequireAuthLayer, Rule, caller};
 pub use revocation::RECHECK as REVOCATION_RECHECK;
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,40 @@ impl Role {
 }
 
 /// An API key: `cap_` and 43 characters of base64url randomness.
+/// The services whose certificates are service principals under mutual
+/// TLS. Agents are not among them: they act as their node, by node key.
+pub const CERTIFICATE_SERVICES: &[&str] = &["auth", "scheduler", "orchestrator", "router-config"];
+
+/// The Capstan service a client certificate (DER, already verified against
+/// the platform's CA at the handshake) is valid for, by its SAN, if any.
+pub fn certificate_principal(der: &[u8]) -> Option<&'static str> {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    CERTIFICATE_SERVICES.iter().copied().find(|service| {
+        rustls_pki_types::ServerName::try_from(*service)
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    })
+}
+
+/// The claims a service holds when its certificate names it: no token, so
+/// no signature, id or lifetime beyond this call.
+pub fn certificate_claims(service: &str) -> Claims {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    Claims {
+        iss: "certificate".into(),
+        aud: AUDIENCE.into(),
+        sub: service.to_string(),
+        role: Role::Service,
+        iat: now,
+        nbf: now,
+        exp: now + 60,
+        jti: String::new(),
+    }
+}
+
 pub fn generate_api_key() -> String {
     use base64::Engine;
     use rand::RngCore;

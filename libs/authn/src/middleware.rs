@@ -193,7 +193,23 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let path = request.uri().path().to_string();
-            match authorize(&layer, &path, request.headers()).await {
+            let tls =
+                request
+                    .extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<
+                        tonic::transport::server::TcpConnectInfo,
+                    >>()
+                    .map(|info| info.peer_certs());
+            let peer = match tls {
+                None => Peer::Plaintext,
+                Some(certs) => Peer::Tls(
+                    certs
+                        .as_deref()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| crate::certificate_principal(leaf.as_ref())),
+                ),
+            };
+            match authorize(&layer, &path, request.headers(), peer).await {
                 Ok(Some(claims)) => {
                     request.extensions_mut().insert(claims);
                 }
@@ -208,11 +224,25 @@ where
     }
 }
 
-/// The verified claims of the caller (none for a public method).
+/// How the caller reached this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Plaintext,
+    /// Over mutual TLS (the client's certificate is from the platform's CA,
+    /// checked at the handshake), with the service it names, if any.
+    Tls(Option<&'static str>),
+}
+
+/// The verified claims of the caller (none for a public method). Over
+/// mutual TLS the service principal is the certificate: a caller whose
+/// certificate names a Capstan service and that sends no token is that
+/// service, and a service token is refused (so the shared service key is
+/// worth nothing off the platform's hosts).
 async fn authorize(
     layer: &RequireAuthLayer,
     path: &str,
     headers: &http::HeaderMap,
+    peer: Peer,
 ) -> Result<Option<Claims>, Error> {
     if layer.policy.rule_for(path) == Some(Rule::Public) {
         return Ok(None);
@@ -235,6 +265,15 @@ async fn authorize(
                 })?;
             Some(layer.verifier.verify(token.trim()).await?)
         }
+    };
+    let claims = match (peer, claims) {
+        (Peer::Tls(_), Some(claims)) if claims.role == Role::Service => {
+            return Err(Error::Unauthenticated(
+                "over mutual TLS a service is its certificate: service tokens are refused".into(),
+            ));
+        }
+        (Peer::Tls(Some(service)), None) => Some(crate::certificate_claims(service)),
+        (_, claims) => claims,
     };
     layer.policy.decide(path, claims.as_ref())?;
     Ok(claims)

@@ -57,6 +57,8 @@ pub struct Platform {
     pub transit: Option<Arc<dyn capstan_secrets::Transit>>,
     /// The failure domain this process runs in, tagged on its registrations.
     zone: Option<String>,
+    /// Calls other services as its certificate names it (needs `tls`).
+    by_certificate: bool,
     /// Who holds a singleton role; `None`: lease rows in the store.
     locks: Option<Arc<dyn capstan_registry::Locks>>,
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
@@ -85,6 +87,7 @@ impl Platform {
             transit: None,
             locks: None,
             zone: None,
+            by_certificate: false,
             tokens: Arc::default(),
             channels: Arc::default(),
         }
@@ -177,16 +180,31 @@ impl Platform {
         self.cached_channel(&instance.address, service)
     }
 
-    /// A channel to `service` that carries this platform's service token.
+    /// A channel to `service` that carries this platform's token, or over
+    /// mutual TLS between services, its certificate alone.
     pub async fn client(&self, service: &str) -> Result<Authed, Error> {
-        let tokens = self.tokens().await?;
-        Ok(Authed::new(self.channel(service).await?, tokens))
+        let channel = self.channel(service).await?;
+        self.authed(channel).await
     }
 
-    /// A channel to a known address (an agent) that carries the service token.
+    /// A channel to a known address (an agent), authenticated as [`Self::client`].
     pub async fn client_at(&self, address: &str) -> Result<Authed, Error> {
-        let tokens = self.tokens().await?;
-        Ok(Authed::new(self.cached_channel(address, "agent")?, tokens))
+        let channel = self.cached_channel(address, "agent")?;
+        self.authed(channel).await
+    }
+
+    async fn authed(&self, channel: Channel) -> Result<Authed, Error> {
+        if self.by_certificate && self.tls.is_some() {
+            return Ok(Authed::by_certificate(channel));
+        }
+        Ok(Authed::new(channel, self.tokens().await?))
+    }
+
+    /// The same platform, calling as the service its TLS certificate names
+    /// rather than with a token (servers refuse service tokens over TLS).
+    pub fn with_certificate_principal(mut self, by_certificate: bool) -> Platform {
+        self.by_certificate = by_certificate;
+        self
     }
 
     /// `service` is the name the peer's certificate must carry under TLS.

@@ -482,8 +482,11 @@ async fn platform(
         .await?;
     }
     register_peers(registry.clone(), &args.peers, shutdown.child_token()).await?;
+    // Over mutual TLS a service is its certificate: it needs no service key.
+    let by_certificate = tls.is_some() && !matches!(credential, Credential::NodeKeyFile(_));
     let key = match credential {
         Credential::CreateServiceKey => service_key(secrets.as_ref(), true).await?,
+        Credential::ServiceKey if by_certificate => Secret::new(""),
         Credential::ServiceKey => service_key(secrets.as_ref(), false).await?,
         Credential::NodeKeyFile(path) => Secret::new(
             std::fs::read_to_string(path)
@@ -496,7 +499,8 @@ async fn platform(
         .with_zone(args.zone.clone())
         .with_tls(tls)
         .with_transit(transit)
-        .with_locks(locks))
+        .with_locks(locks)
+        .with_certificate_principal(by_certificate))
 }
 
 /// The body of every `capstan-<service>` main: crypto provider, telemetry,

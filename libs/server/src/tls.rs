@@ -63,8 +63,8 @@ fn stamp(path: &Path) -> Option<SystemTime> {
 }
 
 fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, Error> {
-    let pem =
-        std::fs::read(path).map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))?;
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))?;
     if !String::from_utf8_lossy(&pem).contains("-----BEGIN") {
         return Err(Error::invalid(
             flag,
@@ -172,9 +172,13 @@ impl Tls {
                 _ = tokio::time::sleep(every) => {}
             }
             match self.reload_if_changed() {
-                Ok(true) => tracing::info!(cert = %self.inner.cert.display(), "TLS certificate reloaded"),
+                Ok(true) => {
+                    tracing::info!(cert = %self.inner.cert.display(), "TLS certificate reloaded")
+                }
                 Ok(false) => {}
-                Err(e) => tracing::warn!("TLS files changed but do not load; keeping the old ones: {e}"),
+                Err(e) => {
+                    tracing::warn!("TLS files changed but do not load; keeping the old ones: {e}")
+                }
             }
         }
     }
@@ -195,7 +199,10 @@ impl Tls {
     /// Completes TLS handshakes on connections from `accepted`, with the
     /// configuration in force when each arrives; failed or slow handshakes
     /// are dropped.
-    pub fn accept<S>(&self, accepted: S) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>>
+    pub fn accept<S>(
+        &self,
+        accepted: S,
+    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>>
     where
         S: Stream<Item = std::io::Result<TcpStream>>,
     {

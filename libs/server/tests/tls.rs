@@ -180,12 +180,18 @@ async fn a_renewed_certificate_takes_effect_without_a_restart() {
     check(capstan_server::channel_with(&address, Some((&old_client, "scheduler"))).unwrap())
         .await
         .expect("the old certificate works before the renewal");
-    assert_eq!(server_tls.reload_if_changed().unwrap(), false, "nothing changed yet");
+    assert!(
+        !server_tls.reload_if_changed().unwrap(),
+        "nothing changed yet"
+    );
 
     // Renewal: a new CA and a new certificate, written over the old files.
     let new_ca = TestCa::new("new CA");
     new_ca.write(server_dir.path(), "scheduler");
-    assert!(server_tls.reload_if_changed().unwrap(), "the new files are in force");
+    assert!(
+        server_tls.reload_if_changed().unwrap(),
+        "the new files are in force"
+    );
     assert_eq!(server_tls.generation(), 1);
     let new_dir = tempfile::tempdir().unwrap();
     let new_client = tls(&new_ca, new_dir.path(), "orchestrator");
@@ -205,6 +211,99 @@ async fn a_renewed_certificate_takes_effect_without_a_restart() {
     check(capstan_server::channel_with(&address, Some((&new_client, "scheduler"))).unwrap())
         .await
         .expect("a renewal that does not load leaves the last good one in force");
+    shutdown.cancel();
+    let _ = server.await;
+}
+
+/// Over mutual TLS the service principal is the certificate: a peer whose
+/// certificate names a control-plane service may call services-only methods
+/// without a token; an agent's certificate may not; and a service token is
+/// refused even from a service's certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_mutual_tls_a_service_is_its_certificate() {
+    use capstan_proto::v1::PlaceRequest;
+    use capstan_proto::v1::scheduler_client::SchedulerClient;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("capstan test CA");
+    let signer = capstan_authn::TokenSigner::from_bytes(&[7; 32]);
+    let shutdown = CancellationToken::new();
+    let platform = Platform::new(
+        Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
+        Arc::new(MemoryBus::new()),
+        Arc::new(MemoryStore::new()),
+        Arc::new(FileSecretStore::new(dir.path())),
+        Arc::new(capstan_cache::MemoryCache::new()),
+        Secret::new("unused"),
+    )
+    .with_tls(Some(tls(&ca, dir.path(), "scheduler")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    // A services-only method with no handler: admitted calls get
+    // UNIMPLEMENTED from the router, refused ones the auth layer's answer.
+    let service = Service {
+        name: "scheduler",
+        instance_id: "scheduler-1".into(),
+        grpc_names: vec!["capstan.v1.Scheduler"],
+        routes: tonic::service::Routes::default(),
+        auth: RequireAuthLayer::new(
+            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![(
+                signer.kid().to_string(),
+                signer.public_key(),
+            )])))),
+            Policy::new().services("/capstan.v1.Scheduler/Place"),
+        ),
+    };
+    let server = tokio::spawn({
+        let (platform, shutdown) = (platform.clone(), shutdown.clone());
+        async move { capstan_server::serve(&platform, service, listener, shutdown).await }
+    });
+    let place = |identity: Tls, token: Option<String>| {
+        let address = address.clone();
+        async move {
+            let channel =
+                capstan_server::channel_with(&address, Some((&identity, "scheduler"))).unwrap();
+            let mut request = tonic::Request::new(PlaceRequest::default());
+            if let Some(token) = token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            let mut client = SchedulerClient::new(channel);
+            tokio::time::timeout(Duration::from_secs(5), client.place(request))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap_err()
+                .code()
+        }
+    };
+    let orchestrator = tls(&ca, dir.path(), "orchestrator");
+    let agent = tls(&ca, dir.path(), "agent");
+    assert_eq!(
+        place(orchestrator.clone(), None).await,
+        tonic::Code::Unimplemented,
+        "the orchestrator's certificate is a service principal"
+    );
+    assert_eq!(
+        place(agent.clone(), None).await,
+        tonic::Code::Unauthenticated,
+        "an agent's certificate is no service"
+    );
+    let (service_token, _) = signer.issue(
+        "capstan-services",
+        capstan_authn::Role::Service,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        place(orchestrator, Some(service_token.clone())).await,
+        tonic::Code::Unauthenticated,
+        "service tokens are refused over TLS"
+    );
+    assert_eq!(
+        place(agent, Some(service_token)).await,
+        tonic::Code::Unauthenticated,
+        "a leaked service key does not make an agent a service"
+    );
     shutdown.cancel();
     let _ = server.await;
 }
