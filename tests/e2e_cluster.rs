@@ -85,28 +85,33 @@ fn the_services_run_on_consul_vault_rabbitmq_and_redis() {
     ] {
         services.address(name, port);
     }
-    // One CA; each certificate names its service (SAN DNS:<service>).
-    let ca = capstan_testkit::pki::TestCa::new("capstan test CA");
-    let certs = tempfile::tempdir().unwrap();
-    let cli = ca.write(certs.path(), "capstan-cli");
-    services.cli_env("CAPSTAN_TLS_CA", &cli.ca.display().to_string());
-    services.cli_env("CAPSTAN_TLS_CERT", &cli.cert.display().to_string());
-    services.cli_env("CAPSTAN_TLS_KEY", &cli.key.display().to_string());
     // A second run for the second replicas: each wrapped secret_id opens once.
     let (first, second) = (files.path().join("a"), files.path().join("b"));
     init_vault(&vault, &first);
     init_vault(&vault, &second);
+    // One CA, Vault PKI's (init.sh made it); each certificate names its
+    // service (SAN DNS:<service>). The control plane takes its certificates
+    // from Vault; the agent and the CLI bring files from the same CA.
+    let certs = tempfile::tempdir().unwrap();
+    let cli = vault.pki_files(certs.path(), "capstan-cli");
+    services.cli_env("CAPSTAN_TLS_CA", &cli.ca.display().to_string());
+    services.cli_env("CAPSTAN_TLS_CERT", &cli.cert.display().to_string());
+    services.cli_env("CAPSTAN_TLS_KEY", &cli.key.display().to_string());
     let flags = |dir: &std::path::Path, service: &str| {
         let mut flags = vault_flags(dir, service);
-        let tls = ca.write(certs.path(), service);
-        flags.extend([
-            "--tls-ca".to_string(),
-            tls.ca.display().to_string(),
-            "--tls-cert".to_string(),
-            tls.cert.display().to_string(),
-            "--tls-key".to_string(),
-            tls.key.display().to_string(),
-        ]);
+        if service == "agent" {
+            let tls = vault.pki_files(certs.path(), service);
+            flags.extend([
+                "--tls-ca".to_string(),
+                tls.ca.display().to_string(),
+                "--tls-cert".to_string(),
+                tls.cert.display().to_string(),
+                "--tls-key".to_string(),
+                tls.key.display().to_string(),
+            ]);
+        } else {
+            flags.extend(["--tls-vault-pki".to_string(), format!("capstan-{service}")]);
+        }
         flags
     };
     let auth_flags = flags(&first, "auth");
@@ -251,6 +256,14 @@ fn the_services_run_on_consul_vault_rabbitmq_and_redis() {
         !services.dir.path().join("secrets.json").exists(),
         "no secrets file beside the services"
     );
+    // Every control-plane process took its certificate from Vault PKI.
+    let issued: Vec<String> = vault
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/v1/pki/issue/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(issued.len(), 6, "{issued:?}");
     // Tokens are signed by Vault transit: no signing key in KV or on disk.
     let vault_requests = vault.requests();
     assert!(

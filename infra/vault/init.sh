@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Prepares Vault for Capstan, idempotently, through Vault's HTTP API:
 #   - AppRole auth at approle/, KV v2 at secret/, transit at transit/ with
-#     an ed25519 key `capstan-jwt`: each enabled only when missing;
+#     an ed25519 key `capstan-jwt`, PKI at pki/ with an internal root CA:
+#     each enabled only when missing;
+#   - one PKI role per service, capstan-<service>, that issues only for the
+#     bare name <service> (server and client use), for --tls-vault-pki;
 #   - one least-privilege policy per service, from infra/vault/policies/;
 #   - one AppRole per service, bound to its policy;
 #   - for each service, OUT_DIR/<service>.role-id and a fresh
@@ -24,6 +27,8 @@ services=(auth scheduler orchestrator router-config agent)
 token_ttl=${CAPSTAN_VAULT_TOKEN_TTL:-1h}
 token_max_ttl=${CAPSTAN_VAULT_TOKEN_MAX_TTL:-24h}
 wrap_ttl=${CAPSTAN_VAULT_WRAP_TTL:-15m}
+# Lifetime of the services' certificates; Capstan renews at 2/3.
+cert_ttl=${CAPSTAN_VAULT_CERT_TTL:-72h}
 
 for tool in curl python3; do
   command -v "$tool" >/dev/null || { echo "init.sh: needs $tool" >&2; exit 1; }
@@ -60,12 +65,19 @@ exists sys/auth/approle || api POST sys/auth/approle "$(json type approle)" >/de
 exists sys/mounts/secret || api POST sys/mounts/secret '{"type":"kv","options":{"version":"2"}}' >/dev/null
 exists sys/mounts/transit || api POST sys/mounts/transit "$(json type transit)" >/dev/null
 exists transit/keys/capstan-jwt || api POST transit/keys/capstan-jwt "$(json type ed25519)" >/dev/null
+exists sys/mounts/pki || api POST sys/mounts/pki '{"type":"pki","config":{"max_lease_ttl":"87600h"}}' >/dev/null
+# pki/ca/pem answers an empty body until a root exists.
+if [ -z "$(curl -sS "$VAULT_ADDR/v1/pki/ca/pem")" ]; then
+  api POST pki/root/generate/internal '{"common_name":"Capstan CA","ttl":"87600h","key_type":"ec"}' >/dev/null
+fi
 
 mkdir -p "$out_dir"
 chmod 0700 "$out_dir"
 for service in "${services[@]}"; do
   policy="capstan-$service"
   policy_text=$(cat "$here/policies/$policy.hcl")
+  api POST "pki/roles/$policy" \
+    "{\"allowed_domains\":[\"$service\"],\"allow_bare_domains\":true,\"allow_subdomains\":false,\"allow_localhost\":false,\"server_flag\":true,\"client_flag\":true,\"key_type\":\"ec\",\"ttl\":\"$cert_ttl\",\"max_ttl\":\"$cert_ttl\"}" >/dev/null
   api POST "sys/policies/acl/$policy" "$(json policy "$policy_text")" >/dev/null
   api POST "auth/approle/role/$policy" \
     "{\"token_policies\":[\"$policy\"],\"token_ttl\":\"$token_ttl\",\"token_max_ttl\":\"$token_max_ttl\",\"secret_id_num_uses\":0}" >/dev/null

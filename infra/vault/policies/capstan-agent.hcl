@@ -3,3 +3,8 @@
 path "secret/data/capstan/agents/*" {
   capabilities = ["deny"]
 }
+# Its own TLS certificate (--tls-vault-pki capstan-agent), for the name
+# `agent` only: the role allows nothing else.
+path "pki/issue/capstan-agent" {
+  capabilities = ["update"]
+}

@@ -15,3 +15,8 @@ path "transit/sign/capstan-jwt" {
 path "transit/keys/capstan-jwt" {
   capabilities = ["read"]
 }
+# Its own TLS certificate (--tls-vault-pki capstan-auth), for the name
+# `auth` only: the role allows nothing else.
+path "pki/issue/capstan-auth" {
+  capabilities = ["update"]
+}

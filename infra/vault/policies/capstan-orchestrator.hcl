@@ -2,3 +2,8 @@
 path "secret/data/capstan/capstan/service-key" {
   capabilities = ["read"]
 }
+# Its own TLS certificate (--tls-vault-pki capstan-orchestrator), for the name
+# `orchestrator` only: the role allows nothing else.
+path "pki/issue/capstan-orchestrator" {
+  capabilities = ["update"]
+}

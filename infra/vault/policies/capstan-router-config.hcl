@@ -6,3 +6,8 @@ path "secret/data/capstan/capstan/service-key" {
 path "secret/data/capstan/router-config/*" {
   capabilities = ["create", "read", "update"]
 }
+# Its own TLS certificate (--tls-vault-pki capstan-router-config), for the name
+# `router-config` only: the role allows nothing else.
+path "pki/issue/capstan-router-config" {
+  capabilities = ["update"]
+}

@@ -15,7 +15,10 @@ use async_trait::async_trait;
 pub mod contract;
 pub mod vault;
 
-pub use vault::{KeyVersion, Transit, VaultConfig, VaultError, VaultSecretStore};
+pub use vault::{
+    CertificateIssuer, IssuedCertificate, KeyVersion, Transit, VaultConfig, VaultError,
+    VaultSecretStore,
+};
 
 /// A secret value. Read it with [`Secret::expose`], deliberately.
 #[derive(Clone, PartialEq, Eq)]

@@ -439,6 +439,70 @@ impl Transit for VaultSecretStore {
     }
 }
 
+/// A certificate issued by a CA, with its private key.
+pub struct IssuedCertificate {
+    /// PEM: the certificate, then any intermediates.
+    pub certificate: String,
+    /// PEM: the CA every certificate of the platform chains to.
+    pub ca: String,
+    pub private_key: Secret,
+    /// Seconds since the epoch.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCertificate")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Vault's PKI secrets engine, as a process sees it: certificates for its
+/// own name, from its own role.
+#[async_trait]
+pub trait CertificateIssuer: Send + Sync {
+    /// `POST /v1/pki/issue/<role>` for `common_name` (also its only DNS SAN).
+    async fn issue(&self, role: &str, common_name: &str) -> Result<IssuedCertificate, VaultError>;
+}
+
+const PKI_MOUNT: &str = "pki";
+
+#[async_trait]
+impl CertificateIssuer for VaultSecretStore {
+    async fn issue(&self, role: &str, common_name: &str) -> Result<IssuedCertificate, VaultError> {
+        let session = self.session.read().await;
+        let mut options = vaultrs::api::pki::requests::GenerateCertificateRequest::builder();
+        options.common_name(common_name).exclude_cn_from_sans(false);
+        let issued =
+            vaultrs::pki::cert::generate(&session.client, PKI_MOUNT, role, Some(&mut options))
+                .await
+                .map_err(|e| self.vault_error(format!("pki issue {role}: {}", reason(&e))))?;
+        let expires_at = issued
+            .expiration
+            .ok_or_else(|| self.vault_error(format!("pki issue {role}: no expiration")))?
+            as i64;
+        // The chain after the leaf, without the root (the CA file's job).
+        let chain = issued
+            .ca_chain
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|pem| pem.trim() != issued.issuing_ca.trim())
+            .collect::<Vec<_>>();
+        let mut certificate = issued.certificate;
+        for pem in chain {
+            certificate.push('\n');
+            certificate.push_str(&pem);
+        }
+        Ok(IssuedCertificate {
+            certificate,
+            ca: issued.issuing_ca,
+            private_key: Secret::new(issued.private_key),
+            expires_at,
+        })
+    }
+}
+
 impl VaultSecretStore {
     fn vault_error(&self, reason: String) -> VaultError {
         VaultError::Vault {

@@ -253,3 +253,55 @@ impl SecretStore for Shared {
         self.0.put(path, value, cas).await
     }
 }
+
+/// A service gets a certificate for its own name from Vault's PKI engine,
+/// through its own role; another name, or another role, is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn pki_issues_a_certificate_for_the_services_own_name_only() {
+    use capstan_secrets::CertificateIssuer;
+    crypto();
+    let double = VaultDouble::start().await;
+    double.use_pki_ca(capstan_testkit::pki::TestCa::new("capstan CA in Vault"));
+    double.add_pki_role("capstan-scheduler", &["scheduler"]);
+    double.add_pki_role("capstan-auth", &["auth"]);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = double.add_role_with(
+        "scheduler",
+        &["capstan/scheduler/", "pki/issue/capstan-scheduler"],
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    );
+    let store = VaultSecretStore::login(files(&double, dir.path(), "scheduler", &role_id).await)
+        .await
+        .unwrap();
+    let issued = store.issue("capstan-scheduler", "scheduler").await.unwrap();
+    assert!(
+        issued
+            .certificate
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    assert!(issued.ca.contains("-----BEGIN CERTIFICATE-----"));
+    assert!(issued.private_key.expose().contains("PRIVATE KEY"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(issued.expires_at > now, "{issued:?}");
+    assert!(
+        !format!("{issued:?}").contains("PRIVATE"),
+        "Debug hides the key"
+    );
+
+    let other_name = store.issue("capstan-scheduler", "auth").await.unwrap_err();
+    assert!(
+        other_name.to_string().contains("not allowed"),
+        "{other_name}"
+    );
+    let other_role = store.issue("capstan-auth", "auth").await.unwrap_err();
+    assert!(
+        other_role.to_string().contains("permission denied"),
+        "{other_role}"
+    );
+    assert_eq!(double.violations(), Vec::<String>::new());
+    assert_eq!(double.issued(), 1);
+}

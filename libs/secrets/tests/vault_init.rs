@@ -136,5 +136,19 @@ async fn init_configures_vault_idempotently_and_its_files_log_services_in() {
         agent.get("capstan/service-key").await,
         Err(SecretError::Denied(_))
     ));
+
+    // PKI: each service may issue its own certificate, for its own name.
+    use capstan_secrets::CertificateIssuer;
+    let issued = scheduler
+        .issue("capstan-scheduler", "scheduler")
+        .await
+        .unwrap();
+    assert!(issued.certificate.contains("BEGIN CERTIFICATE"));
+    for (role, name) in [("capstan-scheduler", "auth"), ("capstan-auth", "auth")] {
+        assert!(
+            scheduler.issue(role, name).await.is_err(),
+            "the scheduler got a certificate for {name} from {role}"
+        );
+    }
     assert_eq!(double.violations(), Vec::<String>::new());
 }

@@ -93,6 +93,12 @@ pub struct StandaloneArgs {
     /// This service's private key (PEM).
     #[arg(long, env = "CAPSTAN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Take this service's certificate from Vault's PKI engine instead of
+    /// files: the role to issue from, e.g. capstan-scheduler (with --secrets
+    /// vault://...). The certificate names the service, the CA is the
+    /// engine's, and it is renewed at 2/3 of its lifetime without a restart.
+    #[arg(long, env = "CAPSTAN_TLS_VAULT_PKI", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub tls_vault_pki: Option<String>,
     /// Claims, rate limits and the token denylist: `memory` (this process
     /// only) or `redis://HOST:PORT[/DB]` (shared by every replica), e.g.
     /// redis://10.0.0.5:6379/0.
@@ -214,17 +220,23 @@ pub async fn open_store(
     }
 }
 
-/// Secrets, and Vault's transit engine when they live in Vault.
-pub type OpenedSecrets = (
-    Arc<dyn SecretStore>,
-    Option<Arc<dyn capstan_secrets::Transit>>,
-);
+/// Secrets, and Vault's transit and PKI engines when they live in Vault.
+pub struct OpenedSecrets {
+    pub store: Arc<dyn SecretStore>,
+    pub transit: Option<Arc<dyn capstan_secrets::Transit>>,
+    pub certificates: Option<Arc<dyn capstan_secrets::CertificateIssuer>>,
+}
 
 /// The secret store `--secrets` names (default: the file in --data-dir).
 pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets> {
     let url = args.secrets.as_deref().unwrap_or("");
+    let file = |dir: &std::path::Path| OpenedSecrets {
+        store: Arc::new(FileSecretStore::new(dir)),
+        transit: None,
+        certificates: None,
+    };
     if url.is_empty() {
-        return Ok((Arc::new(FileSecretStore::new(&args.data_dir)), None));
+        return Ok(file(&args.data_dir));
     }
     if let Some(path) = url.strip_prefix("file:") {
         if path.is_empty() {
@@ -232,10 +244,7 @@ pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets
                 "--secrets: `file:` needs a directory, e.g. file:/var/lib/capstan"
             ));
         }
-        return Ok((
-            Arc::new(FileSecretStore::new(std::path::Path::new(path))),
-            None,
-        ));
+        return Ok(file(std::path::Path::new(path)));
     }
     if !url.starts_with("vault") {
         return Err(anyhow!(
@@ -265,7 +274,11 @@ pub async fn open_secrets(args: &StandaloneArgs) -> anyhow::Result<OpenedSecrets
     })
     .await?;
     let vault = Arc::new(capstan_secrets::VaultSecretStore::login(config).await?);
-    Ok((vault.clone(), Some(vault)))
+    Ok(OpenedSecrets {
+        store: vault.clone(),
+        transit: Some(vault.clone()),
+        certificates: Some(vault),
+    })
 }
 
 fn parse_zone(text: &str) -> Result<String, String> {
@@ -338,6 +351,7 @@ impl std::fmt::Debug for StandaloneArgs {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("tls_vault_pki", &self.tls_vault_pki)
             .field("cache", &capstan_cache::redact(&self.cache))
             .field("backend_wait", &self.backend_wait)
             .field("lease_ttl", &self.lease_ttl)
@@ -430,6 +444,66 @@ pub async fn service_key(secrets: &dyn SecretStore, create: bool) -> anyhow::Res
     ))
 }
 
+/// This service's certificate from Vault's PKI engine, renewed at 2/3 of
+/// its lifetime (retried every 30 s while Vault does not answer) until
+/// `shutdown`.
+pub async fn vault_certificate(
+    issuer: Arc<dyn capstan_secrets::CertificateIssuer>,
+    role: String,
+    service: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<crate::Tls> {
+    let issued = issuer
+        .issue(&role, service)
+        .await
+        .map_err(|e| anyhow!("--tls-vault-pki {role}: {e}"))?;
+    let tls = crate::Tls::from_pem(&issued.ca, &issued.certificate, issued.private_key.expose())
+        .map_err(|e| anyhow!("--tls-vault-pki {role}: Vault's certificate does not load: {e}"))?;
+    tracing::info!(%role, service, expires_at = issued.expires_at, "certificate issued by Vault PKI");
+    let renewing = tls.clone();
+    let service = service.to_string();
+    tokio::spawn(async move {
+        let mut expires_at = issued.expires_at;
+        let mut issued_at = crate::now_ms() / 1000;
+        loop {
+            let lifetime = (expires_at - issued_at).max(3);
+            let wait = Duration::from_secs((lifetime * 2 / 3) as u64);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            loop {
+                let renewed = issuer
+                    .issue(&role, &service)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|issued| {
+                        renewing
+                            .install(&issued.ca, &issued.certificate, issued.private_key.expose())
+                            .map(|()| issued.expires_at)
+                            .map_err(|e| e.to_string())
+                    });
+                match renewed {
+                    Ok(next) => {
+                        tracing::info!(%role, expires_at = next, "certificate renewed by Vault PKI");
+                        issued_at = crate::now_ms() / 1000;
+                        expires_at = next;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%role, "certificate renewal failed, retrying in 30s: {e}");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(tls)
+}
+
 /// The TLS files of `args`, read once at start.
 fn load_tls(args: &StandaloneArgs) -> anyhow::Result<Option<crate::Tls>> {
     match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
@@ -446,6 +520,7 @@ async fn platform(
     credential: &Credential,
     shutdown: &CancellationToken,
     tls: Option<crate::Tls>,
+    opened: Option<OpenedSecrets>,
 ) -> anyhow::Result<Platform> {
     // Every URL is checked before any backend is dialled (and here, not by
     // clap, whose errors would show a password): bad input changes nothing.
@@ -456,7 +531,11 @@ async fn platform(
     capstan_secrets::ensure_private_dir(&args.data_dir)
         .with_context(|| format!("make data dir {} private (0700)", args.data_dir.display()))?;
     let store = open_store(args.store.as_deref(), &args.data_dir, args.backend_wait).await?;
-    let (secrets, transit) = open_secrets(args).await?;
+    let opened = match opened {
+        Some(opened) => opened,
+        None => open_secrets(args).await?,
+    };
+    let (secrets, transit) = (opened.store, opened.transit);
     let bus = open_bus(args.bus.as_deref(), args.backend_wait).await?;
     let cache: Arc<dyn Cache> = match capstan_cache::parse_url(&args.cache)? {
         CacheUrl::Memory => Arc::new(capstan_cache::MemoryCache::new()),
@@ -529,14 +608,30 @@ where
     };
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let tls = load_tls(&args)?;
-        if let Some(tls) = &tls {
-            // Renewed certificates take effect without a restart.
-            tokio::spawn(
-                tls.clone()
-                    .watch(crate::tls::RELOAD_EVERY, shutdown.clone()),
-            );
-        }
+        // With Vault PKI the certificate comes from Vault, so Vault is
+        // reached before listening; otherwise from files, read here.
+        let (tls, opened) = match &args.tls_vault_pki {
+            Some(role) => {
+                let opened = open_secrets(&args).await?;
+                let issuer = opened.certificates.clone().ok_or_else(|| {
+                    anyhow!("--tls-vault-pki needs --secrets vault://HOST:PORT")
+                })?;
+                let service = name.trim_start_matches("capstan-");
+                let tls = vault_certificate(issuer, role.clone(), service, shutdown.clone()).await?;
+                (Some(tls), Some(opened))
+            }
+            None => {
+                let tls = load_tls(&args)?;
+                if let Some(tls) = &tls {
+                    // Renewed certificates take effect without a restart.
+                    tokio::spawn(
+                        tls.clone()
+                            .watch(crate::tls::RELOAD_EVERY, shutdown.clone()),
+                    );
+                }
+                (tls, None)
+            }
+        };
         // Listen at once, answering health with NOT_SERVING until every
         // backend answered: probes tell "up, waiting" from "down".
         let listener = Arc::new(
@@ -551,7 +646,7 @@ where
             tls.clone(),
             ready.clone(),
         ));
-        let platform = platform(&args, &credential, &shutdown, tls).await;
+        let platform = platform(&args, &credential, &shutdown, tls, opened).await;
         ready.cancel();
         // Connections to the waiting server get a GOAWAY; do not wait long
         // for a client that keeps one open.

@@ -42,9 +42,9 @@ pub struct Tls {
 }
 
 struct Inner {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    /// CA, certificate and key files; `None` for material issued in memory
+    /// (Vault PKI), which [`Tls::install`] replaces.
+    files: Option<[PathBuf; 3]>,
     material: RwLock<Arc<Material>>,
     generation: AtomicU64,
 }
@@ -80,6 +80,15 @@ impl Material {
         let ca_pem = read_pem("tls_ca", ca)?;
         let cert_pem = read_pem("tls_cert", cert)?;
         let key_pem = read_pem("tls_key", key)?;
+        Material::new(ca_pem, cert_pem, key_pem, stamps)
+    }
+
+    fn new(
+        ca_pem: Vec<u8>,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+        stamps: [Option<SystemTime>; 3],
+    ) -> Result<Material, Error> {
         let server = Arc::new(server_config(&ca_pem, &cert_pem, &key_pem)?);
         Ok(Material {
             ca_pem,
@@ -124,15 +133,35 @@ impl Tls {
     /// Reads PEM files; an error names the flag and the file.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Tls, Error> {
         let material = Material::read(ca, cert, key)?;
-        Ok(Tls {
+        Ok(Tls::with(
+            Some([ca.to_path_buf(), cert.to_path_buf(), key.to_path_buf()]),
+            material,
+        ))
+    }
+
+    /// Material held in memory only (issued by Vault's PKI engine).
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Tls, Error> {
+        let material = Material::new(ca.into(), cert.into(), key.into(), [None; 3])?;
+        Ok(Tls::with(None, material))
+    }
+
+    fn with(files: Option<[PathBuf; 3]>, material: Material) -> Tls {
+        Tls {
             inner: Arc::new(Inner {
-                ca: ca.to_path_buf(),
-                cert: cert.to_path_buf(),
-                key: key.to_path_buf(),
+                files,
                 material: RwLock::new(Arc::new(material)),
                 generation: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// Puts new material in force (a renewed certificate); an error leaves
+    /// the old one.
+    pub fn install(&self, ca: &str, cert: &str, key: &str) -> Result<(), Error> {
+        let material = Material::new(ca.into(), cert.into(), key.into(), [None; 3])?;
+        *self.inner.material.write().expect("tls lock poisoned") = Arc::new(material);
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     fn material(&self) -> Arc<Material> {
@@ -152,20 +181,25 @@ impl Tls {
     /// them in force if they make a valid configuration. `Ok(true)`: new
     /// material is in force. An error leaves the old material in force.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
-        let inner = &self.inner;
-        let stamps = [stamp(&inner.ca), stamp(&inner.cert), stamp(&inner.key)];
+        let Some([ca, cert, key]) = &self.inner.files else {
+            return Ok(false);
+        };
+        let stamps = [stamp(ca), stamp(cert), stamp(key)];
         if stamps == self.material().stamps {
             return Ok(false);
         }
-        let material = Material::read(&inner.ca, &inner.cert, &inner.key)?;
-        *inner.material.write().expect("tls lock poisoned") = Arc::new(material);
-        inner.generation.fetch_add(1, Ordering::SeqCst);
+        let material = Material::read(ca, cert, key)?;
+        *self.inner.material.write().expect("tls lock poisoned") = Arc::new(material);
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
 
     /// Reloads the files whenever they change, checking every `every`,
     /// until `shutdown`.
     pub async fn watch(self, every: Duration, shutdown: CancellationToken) {
+        let Some([_, cert, _]) = self.inner.files.clone() else {
+            return;
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -173,7 +207,7 @@ impl Tls {
             }
             match self.reload_if_changed() {
                 Ok(true) => {
-                    tracing::info!(cert = %self.inner.cert.display(), "TLS certificate reloaded")
+                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded")
                 }
                 Ok(false) => {}
                 Err(e) => {

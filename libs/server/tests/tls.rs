@@ -307,3 +307,54 @@ async fn over_mutual_tls_a_service_is_its_certificate() {
     shutdown.cancel();
     let _ = server.await;
 }
+
+/// With `--tls-vault-pki` the certificate comes from Vault's PKI engine and
+/// is renewed at 2/3 of its lifetime, in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_pki_certificate_is_renewed_before_it_expires() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let double = capstan_testkit::vault_double::VaultDouble::start().await;
+    double.use_pki_ca(TestCa::new("capstan CA in Vault"));
+    double.add_pki_role("capstan-scheduler", &["scheduler"]);
+    double.set_pki_ttl(Duration::from_secs(3));
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = double.add_role_with(
+        "scheduler",
+        &["capstan/", "pki/issue/capstan-scheduler"],
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    );
+    let (role_id_file, secret_id_file) = (dir.path().join("role-id"), dir.path().join("secret-id"));
+    std::fs::write(&role_id_file, role_id).unwrap();
+    std::fs::write(&secret_id_file, double.wrapped_secret_id("scheduler").await).unwrap();
+    let vault = capstan_secrets::VaultSecretStore::login(capstan_secrets::VaultConfig {
+        address: double.address(),
+        role_id_file,
+        secret_id_file,
+        approle_mount: "approle".into(),
+        kv_mount: "secret".into(),
+        prefix: "capstan".into(),
+    })
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let tls = capstan_server::standalone::vault_certificate(
+        Arc::new(vault),
+        "capstan-scheduler".into(),
+        "scheduler",
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((tls.generation(), double.issued()), (0, 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while tls.generation() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the certificate was not renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(double.issued() >= 2);
+    shutdown.cancel();
+}

@@ -17,6 +17,12 @@
 //!   current version"; 404 for a missing secret; 403 "permission denied"
 //!   outside the role's policy prefix or with a dead token.
 //! - `GET /v1/sys/health`.
+//! - PKI at `pki/`: `POST /v1/pki/root/generate/internal` (a root CA, once),
+//!   `GET /v1/pki/ca/pem` (204 with none), `POST /v1/pki/roles/:name`
+//!   (`allowed_domains`, bare names only), `POST /v1/pki/issue/:role`: a
+//!   certificate for `common_name` (SAN DNS:common_name, server and client
+//!   use) if the role allows it (400 "common name ... not allowed by this
+//!   role") and the token's policy grants `pki/issue/<role>` (403).
 //!
 //! Lives in testkit: never in a shipped binary.
 
@@ -71,7 +77,17 @@ struct State {
     violations: Vec<String>,
     logins: usize,
     renewals: usize,
+    /// The PKI engine's CA, once generated (or given).
+    pki_ca: Option<crate::pki::TestCa>,
+    /// PKI role -> the names it may issue for.
+    pki_roles: HashMap<String, Vec<String>>,
+    issued: usize,
+    /// What `expiration` the double reports; [`PKI_TTL`] unless set.
+    pki_ttl: Option<Duration>,
 }
+
+/// How long the double's PKI certificates are said to last.
+pub const PKI_TTL: Duration = Duration::from_secs(72 * 3600);
 
 pub struct VaultDouble {
     address: SocketAddr,
@@ -321,6 +337,45 @@ impl VaultDouble {
     /// Requests that did not follow the OpenAPI subset.
     pub fn violations(&self) -> Vec<String> {
         self.state.lock().unwrap().violations.clone()
+    }
+
+    /// Mounts PKI with `ca` as its root, so certificates it issues chain to
+    /// the same CA as files a test writes from it.
+    pub fn use_pki_ca(&self, ca: crate::pki::TestCa) {
+        let mut state = self.state.lock().unwrap();
+        state.mounts.insert("pki".into());
+        state.pki_ca = Some(ca);
+    }
+
+    /// A PKI role that issues for exactly `names`.
+    pub fn add_pki_role(&self, role: &str, names: &[&str]) {
+        self.state
+            .lock()
+            .unwrap()
+            .pki_roles
+            .insert(role.into(), names.iter().map(|n| n.to_string()).collect());
+    }
+
+    /// Files for `name` from the PKI engine's CA (which must exist), for
+    /// peers that take theirs from files (agents, the CLI).
+    pub fn pki_files(&self, dir: &std::path::Path, name: &str) -> crate::pki::TlsFiles {
+        self.state
+            .lock()
+            .unwrap()
+            .pki_ca
+            .as_ref()
+            .expect("the PKI engine has a CA: run init.sh or use_pki_ca first")
+            .write(dir, name)
+    }
+
+    /// Certificates it issues from now on are said to expire after `ttl`.
+    pub fn set_pki_ttl(&self, ttl: Duration) {
+        self.state.lock().unwrap().pki_ttl = Some(ttl);
+    }
+
+    /// Certificates issued so far.
+    pub fn issued(&self) -> usize {
+        self.state.lock().unwrap().issued
     }
 
     pub fn logins(&self) -> usize {
@@ -582,6 +637,100 @@ async fn handle(
                 ),
             )
         }
+        (Method::POST, ["v1", "pki", "root", "generate", "internal" | "exported"]) => {
+            if live_token(&state) != Some(None) {
+                return errors(StatusCode::FORBIDDEN, "permission denied");
+            }
+            if !state.mounts.contains("pki") {
+                return errors(StatusCode::NOT_FOUND, "no handler for route \"pki/root\"");
+            }
+            let name = body["common_name"].as_str().unwrap_or("root").to_string();
+            let ca = state
+                .pki_ca
+                .get_or_insert_with(|| crate::pki::TestCa::new(&name));
+            let pem = ca.cert_pem.clone();
+            reply(
+                StatusCode::OK,
+                envelope(
+                    json!({"certificate": pem, "issuing_ca": pem, "serial_number": "01", "expiration": 4_102_444_800u64}),
+                    Value::Null,
+                    Value::Null,
+                ),
+            )
+        }
+        (Method::GET, ["v1", "pki", "ca", "pem"]) => match &state.pki_ca {
+            Some(ca) => Response::builder()
+                .status(StatusCode::OK)
+                .header("Content-Type", "application/pem-certificate-chain")
+                .body(Full::new(Bytes::from(ca.cert_pem.clone())))
+                .unwrap(),
+            None => reply(StatusCode::NO_CONTENT, Value::Null),
+        },
+        (Method::POST, ["v1", "pki", "roles", name]) => {
+            if live_token(&state) != Some(None) {
+                return errors(StatusCode::FORBIDDEN, "permission denied");
+            }
+            let names: Vec<String> = match &body["allowed_domains"] {
+                Value::String(list) => list.split(',').map(|n| n.trim().to_string()).collect(),
+                Value::Array(list) => list
+                    .iter()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            state.pki_roles.insert(name.to_string(), names);
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        (Method::POST, ["v1", "pki", "issue", role]) => {
+            let Some(prefixes) = live_token(&state) else {
+                return errors(StatusCode::FORBIDDEN, "permission denied");
+            };
+            let grant = format!("pki/issue/{role}");
+            if prefixes.is_some_and(|p| !p.contains(&grant)) {
+                return errors(
+                    StatusCode::FORBIDDEN,
+                    "1 error occurred:\n\t* permission denied\n\n",
+                );
+            }
+            let Some(allowed) = state.pki_roles.get(*role).cloned() else {
+                return errors(StatusCode::BAD_REQUEST, &format!("unknown role: {role}"));
+            };
+            let Some(name) = body["common_name"].as_str().filter(|n| !n.is_empty()) else {
+                return errors(StatusCode::BAD_REQUEST, "the common_name field is required");
+            };
+            if !allowed.iter().any(|a| a == name) {
+                return errors(
+                    StatusCode::BAD_REQUEST,
+                    &format!("common name {name} not allowed by this role"),
+                );
+            }
+            let Some(ca) = &state.pki_ca else {
+                return errors(
+                    StatusCode::BAD_REQUEST,
+                    "no default issuer currently configured",
+                );
+            };
+            let (certificate, key) = ca.issue(name);
+            let issuing_ca = ca.cert_pem.clone();
+            state.issued += 1;
+            let expiration = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| (d + state.pki_ttl.unwrap_or(PKI_TTL)).as_secs())
+                .unwrap_or_default();
+            reply(
+                StatusCode::OK,
+                envelope(
+                    json!({
+                        "certificate": certificate, "issuing_ca": issuing_ca,
+                        "ca_chain": [issuing_ca], "private_key": key,
+                        "private_key_type": "ec", "serial_number": format!("{:02x}", state.issued),
+                        "expiration": expiration,
+                    }),
+                    Value::Null,
+                    Value::Null,
+                ),
+            )
+        }
         (Method::POST, ["v1", "sys", "policies", "acl", name]) => {
             if live_token(&state) != Some(None) {
                 return errors(StatusCode::FORBIDDEN, "permission denied");
@@ -595,11 +744,19 @@ async fn handle(
             // `path "secret/data/X*" { capabilities = [...] }`, deny skipped.
             let path =
                 regex::Regex::new(r#"path\s+"secret/data/([^"*]*)\*?"\s*\{([^}]*)\}"#).unwrap();
-            let prefixes = path
+            let mut prefixes: Vec<String> = path
                 .captures_iter(text)
                 .filter(|c| !c[2].contains("deny"))
                 .map(|c| c[1].to_string())
                 .collect();
+            // `path "pki/issue/ROLE"`: kept whole, so no KV key matches it.
+            let issue = regex::Regex::new(r#"path\s+"(pki/issue/[^"*]+)"\s*\{([^}]*)\}"#).unwrap();
+            prefixes.extend(
+                issue
+                    .captures_iter(text)
+                    .filter(|c| c[2].contains("update"))
+                    .map(|c| c[1].to_string()),
+            );
             state.policies.insert(name.to_string(), prefixes);
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
