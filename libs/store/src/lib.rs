@@ -189,7 +189,7 @@ pub trait Store: Send + Sync + 'static {
 /// A typed view of one table, storing values as JSON.
 pub struct Table<T> {
     store: Arc<dyn Store>,
-    name: &'static str,
+    name: std::borrow::Cow<'static, str>,
     _marker: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -197,7 +197,7 @@ impl<T> Clone for Table<T> {
     fn clone(&self) -> Self {
         Table {
             store: self.store.clone(),
-            name: self.name,
+            name: self.name.clone(),
             _marker: std::marker::PhantomData,
         }
     }
@@ -205,6 +205,11 @@ impl<T> Clone for Table<T> {
 
 impl<T: Serialize + DeserializeOwned> Table<T> {
     pub fn new(store: Arc<dyn Store>, name: &'static str) -> Self {
+        Self::named(store, std::borrow::Cow::Borrowed(name))
+    }
+
+    /// A table whose name is made at run time (a time bucket's).
+    pub fn named(store: Arc<dyn Store>, name: std::borrow::Cow<'static, str>) -> Self {
         Table {
             store,
             name,
@@ -213,7 +218,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<(u64, T)>, StoreError> {
-        match self.store.get(self.name, key).await? {
+        match self.store.get(&self.name, key).await? {
             None => Ok(None),
             Some(row) => Ok(Some((row.version, self.decode(key, &row.value)?))),
         }
@@ -221,7 +226,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
 
     pub async fn put(&self, key: &str, value: &T, expect: Expect) -> Result<u64, StoreError> {
         self.store
-            .put(self.name, key, self.encode(key, value)?, expect)
+            .put(&self.name, key, self.encode(key, value)?, expect)
             .await
     }
 
@@ -233,16 +238,16 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.store
-            .write(self.name, key, self.encode(key, value)?, ttl)
+            .write(&self.name, key, self.encode(key, value)?, ttl)
             .await
     }
 
     pub async fn delete(&self, key: &str, version: u64) -> Result<(), StoreError> {
-        self.store.delete(self.name, key, version).await
+        self.store.delete(&self.name, key, version).await
     }
 
     pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.store.remove(self.name, key).await
+        self.store.remove(&self.name, key).await
     }
 
     /// Read-modify-write with compare-and-set, retried on conflict: the one
@@ -277,7 +282,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
 
     /// Every row under `prefix` (see [`Store::list`]).
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64, T)>, StoreError> {
-        let rows = self.store.list(self.name, prefix).await?;
+        let rows = self.store.list(&self.name, prefix).await?;
         rows.into_iter()
             .map(|(key, row)| {
                 let value = self.decode(&key, &row.value)?;
