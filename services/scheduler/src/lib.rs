@@ -433,6 +433,13 @@ pub async fn run(
         platform: platform.clone(),
     };
     migrate_allocations(&platform).await?;
+    let indexed = api
+        .placer
+        .index_placements(capstan_server::now_ms())
+        .await?;
+    if indexed > 0 {
+        tracing::info!(indexed, "placement index built from the node rows");
+    }
     let instance_id = capstan_server::new_id("scheduler");
     let election = platform.election(NODE_WATCHER_ROLE, &instance_id, config.lease_ttl);
     let watcher = {

@@ -9,6 +9,17 @@
 //! The truth for capacity is one row per node (`node_allocations/<node>`)
 //! listing every instance placed there: a placement is an insert into that
 //! row, a release a removal from it.
+//!
+//! A request does not read every node: plans are made on a snapshot of the
+//! nodes and their allocations that is reused for up to [`SNAPSHOT_MAX_AGE`]
+//! (taken afresh after a conflict, and updated with this scheduler's own
+//! commits), because every commit is verified against the node's latest row
+//! anyway. What a stale snapshot cannot tell, whether an instance id was
+//! placed a moment ago by another replica, the placement index answers:
+//! `placements/<instance>` names the node, claimed with compare-and-set
+//! before the node's row is written, and is believed only when that row
+//! holds the instance (a claim older than [`CLAIM_GRACE`] without it was
+//! left by a crash and is dropped).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -26,6 +37,26 @@ pub const NODE_TTL: Duration = Duration::from_secs(5);
 const ROUNDS: usize = 4;
 /// Compare-and-set retries per node within a round.
 const CAS_RETRIES: usize = 8;
+/// How long a snapshot is reused for planning.
+pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long a placement claim may wait for its node's row to list it.
+pub const CLAIM_GRACE: Duration = Duration::from_secs(10);
+const PLACEMENTS: &str = "placements";
+
+/// `placements/<instance>`: the node an instance was (being) placed on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claim {
+    pub node: String,
+    pub at_ms: i64,
+}
+
+/// Where an instance id stands, as far as placing it again goes.
+enum Standing {
+    Placed(String),
+    /// Claimed by a placement whose node row is not written yet.
+    InProgress,
+    Free,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -171,11 +202,18 @@ fn store_error(e: StoreError) -> Error {
 pub struct Placer {
     pub nodes: Table<NodeRecord>,
     pub allocations: Table<NodeAllocations>,
+    placements: Table<Claim>,
     state: Table<String>,
     default_strategy: Strategy,
+    /// The last snapshot and when it was read.
+    snapshot: Arc<std::sync::Mutex<Option<Cached>>>,
 }
 
+/// A snapshot and when it was read.
+type Cached = (tokio::time::Instant, Arc<Cluster>);
+
 /// The latest rows: nodes and their allocations with versions.
+#[derive(Clone)]
 pub struct Cluster {
     pub nodes: Vec<NodeRecord>,
     pub allocations: HashMap<String, (u64, NodeAllocations)>,
@@ -211,9 +249,107 @@ impl Placer {
         Placer {
             nodes: Table::new(store.clone(), "nodes"),
             allocations: Table::new(store.clone(), "node_allocations"),
+            placements: Table::new(store.clone(), PLACEMENTS),
             state: Table::new(store, "scheduler_state"),
             default_strategy,
+            snapshot: Arc::default(),
         }
+    }
+
+    /// A snapshot for planning: the cached one while it is young, unless
+    /// `fresh`.
+    async fn planning_snapshot(&self, fresh: bool) -> Result<Arc<Cluster>, Error> {
+        if !fresh
+            && let Some((at, cluster)) = self.snapshot.lock().expect("snapshot lock").as_ref()
+            && at.elapsed() < SNAPSHOT_MAX_AGE
+        {
+            return Ok(cluster.clone());
+        }
+        let cluster = Arc::new(self.cluster().await?);
+        *self.snapshot.lock().expect("snapshot lock") =
+            Some((tokio::time::Instant::now(), cluster.clone()));
+        Ok(cluster)
+    }
+
+    /// Puts a node's row as just committed into the cached snapshot.
+    fn remember(&self, node: &str, version: u64, allocations: NodeAllocations) {
+        if let Some((_, cluster)) = self.snapshot.lock().expect("snapshot lock").as_mut() {
+            let mut updated = Cluster::clone(cluster);
+            updated
+                .allocations
+                .insert(node.to_string(), (version, allocations));
+            *cluster = Arc::new(updated);
+        }
+    }
+
+    /// Forgets the cached snapshot (after a release).
+    fn forget(&self) {
+        *self.snapshot.lock().expect("snapshot lock") = None;
+    }
+
+    /// Whether `id` is placed, from the snapshot, else from its claim and
+    /// the claimed node's latest row.
+    async fn standing(&self, id: &str, cluster: &Cluster, now: i64) -> Result<Standing, Error> {
+        if let Some((node, _)) = cluster
+            .allocations
+            .iter()
+            .find(|(_, (_, a))| a.instances.contains_key(id))
+        {
+            return Ok(Standing::Placed(node.clone()));
+        }
+        let Some((version, claim)) = self.placements.get(id).await.map_err(store_error)? else {
+            return Ok(Standing::Free);
+        };
+        let listed = self
+            .allocations
+            .get(&claim.node)
+            .await
+            .map_err(store_error)?
+            .is_some_and(|(_, a)| a.instances.contains_key(id));
+        if listed {
+            return Ok(Standing::Placed(claim.node));
+        }
+        if now - claim.at_ms < CLAIM_GRACE.as_millis() as i64 {
+            return Ok(Standing::InProgress);
+        }
+        // Left by a placement that died between its claim and its commit.
+        match self.placements.delete(id, version).await {
+            Ok(()) | Err(StoreError::Conflict { .. }) => Ok(Standing::Free),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Claims every instance the node rows list but no claim names (rows
+    /// from before the index), and drops claims older than [`CLAIM_GRACE`]
+    /// that no row lists (left by crashes). Run at start; idempotent.
+    pub async fn index_placements(&self, now: i64) -> Result<usize, Error> {
+        let rows = self.allocations.list("").await.map_err(store_error)?;
+        for (id, version, claim) in self.placements.list("").await.map_err(store_error)? {
+            let listed = rows
+                .iter()
+                .any(|(node, _, a)| *node == claim.node && a.instances.contains_key(&id));
+            if !listed && now - claim.at_ms >= CLAIM_GRACE.as_millis() as i64 {
+                match self.placements.delete(&id, version).await {
+                    Ok(()) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(store_error(e)),
+                }
+            }
+        }
+        let mut indexed = 0;
+        for (node, _, allocations) in rows {
+            for id in allocations.instances.keys() {
+                let claim = Claim {
+                    node: node.clone(),
+                    at_ms: now,
+                };
+                match self.placements.put(id, &claim, Expect::Absent).await {
+                    Ok(_) => indexed += 1,
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(store_error(e)),
+                }
+            }
+        }
+        Ok(indexed)
     }
 
     pub async fn cluster(&self) -> Result<Cluster, Error> {
@@ -237,7 +373,7 @@ impl Placer {
         let mut request = compile(input, self.default_strategy, 0)?;
         let mut outcome = PlaceOutcome::default();
         for round in 0..ROUNDS {
-            let cluster = self.cluster().await?;
+            let cluster = self.planning_snapshot(round > 0).await?;
             let address = |node: &str| {
                 cluster
                     .nodes
@@ -247,27 +383,27 @@ impl Placer {
                     .unwrap_or_default()
             };
             let mut todo = Vec::new();
+            let mut in_progress = false;
             for id in &input.instance_ids {
-                let existing = cluster
-                    .allocations
-                    .iter()
-                    .find(|(_, (_, a))| a.instances.contains_key(id));
-                match existing {
-                    Some((node, _)) => {
-                        if !outcome.placed.iter().any(|p| &p.instance_id == id) {
-                            outcome.placed.push(Placed {
-                                instance_id: id.clone(),
-                                node_id: node.clone(),
-                                node_address: address(node),
-                            });
-                        }
-                    }
-                    None => todo.push(id.clone()),
+                if outcome.placed.iter().any(|p| &p.instance_id == id) {
+                    continue;
+                }
+                match self.standing(id, &cluster, now).await? {
+                    Standing::Placed(node) => outcome.placed.push(Placed {
+                        instance_id: id.clone(),
+                        node_address: address(&node),
+                        node_id: node,
+                    }),
+                    Standing::InProgress => in_progress = true,
+                    Standing::Free => todo.push(id.clone()),
                 }
             }
             if todo.is_empty() {
-                outcome.explanation.clear();
-                break;
+                if !in_progress {
+                    outcome.explanation.clear();
+                    break;
+                }
+                continue;
             }
             request.count = todo.len() as u32;
             let mut snapshot = cluster.snapshot(now);
@@ -308,7 +444,10 @@ impl Placer {
                     }));
             }
             outcome.explanation = plan.explanation.map(|e| e.to_string()).unwrap_or_default();
-            if !conflicted {
+            // A reused snapshot may miss a node that joined or freed up since:
+            // before saying something does not fit, look again.
+            let short_on_a_reused_snapshot = round == 0 && !outcome.explanation.is_empty();
+            if !conflicted && !in_progress && !short_on_a_reused_snapshot {
                 break;
             }
             tracing::debug!(app = %input.app, round, "plan conflicted with a concurrent one; re-planning");
@@ -326,6 +465,7 @@ impl Placer {
         request: &Request,
         now: i64,
     ) -> Result<Vec<String>, Error> {
+        let mut claimed: Vec<String> = Vec::new();
         for _ in 0..CAS_RETRIES {
             let Some((_, record)) = self.nodes.get(node).await.map_err(store_error)? else {
                 return Ok(Vec::new());
@@ -345,6 +485,19 @@ impl Placer {
                     committed.push(id.clone());
                     continue;
                 }
+                if !claimed.contains(id) {
+                    let claim = Claim {
+                        node: node.to_string(),
+                        at_ms: now,
+                    };
+                    match self.placements.put(id, &claim, Expect::Absent).await {
+                        Ok(_) => claimed.push(id.clone()),
+                        // Another placement of this id is under way or done:
+                        // the next round finds out which.
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(store_error(e)),
+                    }
+                }
                 if let Err(reason) = Engine::check(&mut single, 0, request) {
                     tracing::debug!(node, instance = %id, "placement no longer fits: {reason}");
                     continue;
@@ -362,15 +515,34 @@ impl Placer {
                 committed.push(id.clone());
             }
             if committed.is_empty() {
-                return Ok(committed);
+                break;
             }
             match self.allocations.put(node, &allocations, expect).await {
-                Ok(_) => return Ok(committed),
+                Ok(version) => {
+                    self.remember(node, version, allocations);
+                    self.unclaim(claimed.iter().filter(|id| !committed.contains(id)))
+                        .await;
+                    return Ok(committed);
+                }
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(store_error(e)),
+                Err(e) => {
+                    self.unclaim(claimed.iter()).await;
+                    return Err(store_error(e));
+                }
             }
         }
+        self.unclaim(claimed.iter()).await;
         Ok(Vec::new())
+    }
+
+    /// Drops claims this placement took but did not commit (best effort:
+    /// one left behind is dropped after [`CLAIM_GRACE`]).
+    async fn unclaim(&self, ids: impl Iterator<Item = &String>) {
+        for id in ids {
+            if let Err(e) = self.placements.remove(id).await {
+                tracing::debug!(instance = %id, "claim not dropped: {e}");
+            }
+        }
     }
 
     /// Frees the allocations of `ids`, wherever they are.
@@ -378,11 +550,34 @@ impl Placer {
     /// a no-op.
     pub async fn release(&self, ids: &[String]) -> Result<Vec<(String, String)>, Error> {
         let mut released = Vec::new();
+        // The nodes the claims name; every node when an id has no claim
+        // (placed before the index, or never).
+        let mut nodes = std::collections::BTreeSet::new();
+        let mut unclaimed = false;
+        for id in ids {
+            match self.placements.get(id).await.map_err(store_error)? {
+                Some((_, claim)) => {
+                    nodes.insert(claim.node);
+                }
+                None => unclaimed = true,
+            }
+        }
         for _ in 0..CAS_RETRIES {
             let mut conflicted = false;
-            for (node, version, mut allocations) in
+            let rows = if unclaimed {
                 self.allocations.list("").await.map_err(store_error)?
-            {
+            } else {
+                let mut rows = Vec::new();
+                for node in &nodes {
+                    if let Some((version, allocations)) =
+                        self.allocations.get(node).await.map_err(store_error)?
+                    {
+                        rows.push((node.clone(), version, allocations));
+                    }
+                }
+                rows
+            };
+            for (node, version, mut allocations) in rows {
                 let freed: Vec<String> = allocations
                     .instances
                     .keys()
@@ -408,9 +603,12 @@ impl Placer {
                 }
             }
             if !conflicted {
+                self.forget();
+                self.unclaim(ids.iter()).await;
                 return Ok(released);
             }
         }
+        self.forget();
         Err(Error::Unavailable(
             "release kept conflicting with concurrent placements; retry".into(),
         ))

@@ -12,6 +12,18 @@ use super::*;
 struct Racing {
     inner: MemoryStore,
     conflicts: AtomicUsize,
+    /// Pages read of the node and allocation tables: what a snapshot costs.
+    node_scans: AtomicUsize,
+}
+
+impl Racing {
+    fn new() -> Arc<Racing> {
+        Arc::new(Racing {
+            inner: MemoryStore::new(),
+            conflicts: AtomicUsize::new(0),
+            node_scans: AtomicUsize::new(0),
+        })
+    }
 }
 
 impl Racing {
@@ -67,6 +79,9 @@ impl Store for Racing {
         limit: usize,
     ) -> Result<capstan_store::Page, StoreError> {
         tokio::task::yield_now().await;
+        if table == "nodes" || table == "node_allocations" {
+            self.node_scans.fetch_add(1, Ordering::Relaxed);
+        }
         self.inner.scan(table, prefix, after, limit).await
     }
     async fn fenced(
@@ -117,10 +132,7 @@ async fn add_nodes(placer: &Placer, nodes: &[NodeRecord]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_schedulers_never_overcommit_a_node() {
-    let store = Arc::new(Racing {
-        inner: MemoryStore::new(),
-        conflicts: AtomicUsize::new(0),
-    });
+    let store = Racing::new();
     let nodes = [
         record("a", 100_000, 1000, "eu"),
         record("b", 100_000, 1000, "eu"),
@@ -228,4 +240,145 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// A request does not read every node: within the snapshot's age, a second
+/// Place and a Release read no node table at all.
+#[tokio::test]
+async fn requests_plan_on_a_reused_snapshot_instead_of_reading_every_node() {
+    let store = Racing::new();
+    let placer = Placer::new(store.clone(), Strategy::Binpack);
+    let nodes: Vec<NodeRecord> = (0..50)
+        .map(|i| record(&format!("n{i:02}"), 10_000, 4096, "eu"))
+        .collect();
+    add_nodes(&placer, &nodes).await;
+    let first = placer
+        .place(&input("web", &["w1"], 100), NOW)
+        .await
+        .unwrap();
+    assert_eq!(first.placed.len(), 1);
+    let scans = store.node_scans.load(Ordering::Relaxed);
+    assert!(scans > 0, "the first request reads the nodes");
+    let second = placer
+        .place(&input("web", &["w2"], 100), NOW)
+        .await
+        .unwrap();
+    assert_eq!(second.placed.len(), 1);
+    // Placing w1 again is answered from the snapshot; w1 and w2 are released
+    // through their claims.
+    let again = placer
+        .place(&input("web", &["w1"], 100), NOW)
+        .await
+        .unwrap();
+    assert_eq!(again.placed, first.placed);
+    let released = placer.release(&["w1".into(), "w2".into()]).await.unwrap();
+    assert_eq!(released.len(), 2);
+    assert_eq!(
+        store.node_scans.load(Ordering::Relaxed),
+        scans,
+        "no request after the first listed the nodes"
+    );
+    assert!(
+        placer.placements.list("").await.unwrap().is_empty(),
+        "claims go with releases"
+    );
+}
+
+/// A replica whose snapshot predates a placement by another replica places
+/// the same instance where the other did, not a second time.
+#[tokio::test]
+async fn a_stale_snapshot_never_places_an_instance_twice() {
+    let store = Racing::new();
+    let (a, b) = (
+        Placer::new(store.clone(), Strategy::Spread),
+        Placer::new(store.clone(), Strategy::Spread),
+    );
+    add_nodes(
+        &a,
+        &[
+            record("x", 10_000, 4096, "eu"),
+            record("y", 10_000, 4096, "eu"),
+        ],
+    )
+    .await;
+    // Both take a snapshot of empty nodes.
+    a.place(&input("warm", &["warm-a"], 100), NOW)
+        .await
+        .unwrap();
+    b.place(&input("warm", &["warm-b"], 100), NOW)
+        .await
+        .unwrap();
+    let placed_by_a = a.place(&input("web", &["w1"], 100), NOW).await.unwrap();
+    let placed_by_b = b.place(&input("web", &["w1"], 100), NOW).await.unwrap();
+    assert_eq!(placed_by_b.placed, placed_by_a.placed);
+    let copies: usize = a
+        .allocations
+        .values("")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|n| n.instances.contains_key("w1"))
+        .count();
+    assert_eq!(copies, 1, "w1 holds capacity on one node only");
+}
+
+/// A claim whose node row never listed the instance: while young it means a
+/// placement under way (nothing is placed twice); once old, a crash left it,
+/// and the instance is placed.
+#[tokio::test]
+async fn claims_left_by_a_crash_expire_and_young_ones_are_waited_for() {
+    let store = Racing::new();
+    let placer = Placer::new(store.clone(), Strategy::Binpack);
+    add_nodes(
+        &placer,
+        &[
+            record("x", 10_000, 4096, "eu"),
+            record("y", 10_000, 4096, "eu"),
+        ],
+    )
+    .await;
+    let claim = |at_ms| Claim {
+        node: "y".into(),
+        at_ms,
+    };
+    placer
+        .placements
+        .put("w1", &claim(NOW), Expect::Absent)
+        .await
+        .unwrap();
+    let waiting = placer
+        .place(&input("web", &["w1"], 100), NOW)
+        .await
+        .unwrap();
+    assert!(waiting.placed.is_empty(), "{:?}", waiting.placed);
+    let later = NOW + CLAIM_GRACE.as_millis() as i64;
+    let mut alive = [
+        record("x", 10_000, 4096, "eu"),
+        record("y", 10_000, 4096, "eu"),
+    ];
+    for node in &mut alive {
+        node.last_heartbeat_ms = later;
+    }
+    add_nodes(&placer, &alive).await;
+    let placed = placer
+        .place(&input("web", &["w1"], 100), later)
+        .await
+        .unwrap();
+    assert_eq!(placed.placed.len(), 1);
+    let (_, new_claim) = placer.placements.get("w1").await.unwrap().unwrap();
+    assert_eq!(
+        new_claim.node, placed.placed[0].node_id,
+        "the new claim names where it went"
+    );
+    // At start, the index drops old claims no row lists and claims rows
+    // that have none.
+    placer.placements.remove("w1").await.unwrap();
+    placer
+        .placements
+        .put("ghost", &claim(NOW), Expect::Absent)
+        .await
+        .unwrap();
+    assert_eq!(placer.index_placements(later).await.unwrap(), 1);
+    assert!(placer.placements.get("ghost").await.unwrap().is_none());
+    assert!(placer.placements.get("w1").await.unwrap().is_some());
 }
