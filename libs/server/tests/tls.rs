@@ -33,21 +33,28 @@ async fn check(channel: tonic::transport::Channel) -> Result<(), tonic::Status> 
         .map(drop)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn only_peers_with_the_platforms_certificates_get_in() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("capstan test CA");
+/// A scheduler-named server on `tls`, with `verifier` and `policy`, until
+/// the returned token is cancelled: its address, the token, and the task.
+async fn serve_scheduler(
+    dir: &std::path::Path,
+    tls: Tls,
+    verifier: Verifier,
+    policy: Policy,
+) -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), capstan_types::Error>>,
+) {
     let shutdown = CancellationToken::new();
     let platform = Platform::new(
         Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
         Arc::new(MemoryBus::new()),
         Arc::new(MemoryStore::new()),
-        Arc::new(FileSecretStore::new(dir.path())),
+        Arc::new(FileSecretStore::new(dir)),
         Arc::new(capstan_cache::MemoryCache::new()),
         Secret::new("unused"),
     )
-    .with_tls(Some(tls(&ca, dir.path(), "scheduler")));
+    .with_tls(Some(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let service = Service {
@@ -55,15 +62,31 @@ async fn only_peers_with_the_platforms_certificates_get_in() {
         instance_id: "scheduler-1".into(),
         grpc_names: vec!["capstan.v1.Scheduler"],
         routes: tonic::service::Routes::default(),
-        auth: RequireAuthLayer::new(
-            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![])))),
-            Policy::new(),
-        ),
+        auth: RequireAuthLayer::new(Arc::new(verifier), policy),
     };
     let server = tokio::spawn({
-        let (platform, shutdown) = (platform.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
         async move { capstan_server::serve(&platform, service, listener, shutdown).await }
     });
+    (address, shutdown, server)
+}
+
+fn no_keys() -> Verifier {
+    Verifier::new(Arc::new(StaticKeys(vec![])))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_peers_with_the_platforms_certificates_get_in() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("capstan test CA");
+    let (address, shutdown, server) = serve_scheduler(
+        dir.path(),
+        tls(&ca, dir.path(), "scheduler"),
+        no_keys(),
+        Policy::new(),
+    )
+    .await;
 
     // A peer with a certificate from the same CA, calling the scheduler.
     let orchestrator = tls(&ca, dir.path(), "orchestrator");
@@ -150,32 +173,13 @@ async fn a_renewed_certificate_takes_effect_without_a_restart() {
     let old_ca = TestCa::new("old CA");
     let files = old_ca.write(server_dir.path(), "scheduler");
     let server_tls = Tls::load(&files.ca, &files.cert, &files.key).unwrap();
-    let shutdown = CancellationToken::new();
-    let platform = Platform::new(
-        Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
-        Arc::new(MemoryBus::new()),
-        Arc::new(MemoryStore::new()),
-        Arc::new(FileSecretStore::new(server_dir.path())),
-        Arc::new(capstan_cache::MemoryCache::new()),
-        Secret::new("unused"),
+    let (address, shutdown, server) = serve_scheduler(
+        server_dir.path(),
+        server_tls.clone(),
+        no_keys(),
+        Policy::new(),
     )
-    .with_tls(Some(server_tls.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let service = Service {
-        name: "scheduler",
-        instance_id: "scheduler-1".into(),
-        grpc_names: vec!["capstan.v1.Scheduler"],
-        routes: tonic::service::Routes::default(),
-        auth: RequireAuthLayer::new(
-            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![])))),
-            Policy::new(),
-        ),
-    };
-    let server = tokio::spawn({
-        let (platform, shutdown) = (platform.clone(), shutdown.clone());
-        async move { capstan_server::serve(&platform, service, listener, shutdown).await }
-    });
+    .await;
     let old_client = tls(&old_ca, client_dir.path(), "orchestrator");
     check(capstan_server::channel_with(&address, Some((&old_client, "scheduler"))).unwrap())
         .await
@@ -227,37 +231,18 @@ async fn over_mutual_tls_a_service_is_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("capstan test CA");
     let signer = capstan_authn::TokenSigner::from_bytes(&[7; 32]);
-    let shutdown = CancellationToken::new();
-    let platform = Platform::new(
-        Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
-        Arc::new(MemoryBus::new()),
-        Arc::new(MemoryStore::new()),
-        Arc::new(FileSecretStore::new(dir.path())),
-        Arc::new(capstan_cache::MemoryCache::new()),
-        Secret::new("unused"),
-    )
-    .with_tls(Some(tls(&ca, dir.path(), "scheduler")));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
     // A services-only method with no handler: admitted calls get
     // UNIMPLEMENTED from the router, refused ones the auth layer's answer.
-    let service = Service {
-        name: "scheduler",
-        instance_id: "scheduler-1".into(),
-        grpc_names: vec!["capstan.v1.Scheduler"],
-        routes: tonic::service::Routes::default(),
-        auth: RequireAuthLayer::new(
-            Arc::new(Verifier::new(Arc::new(StaticKeys(vec![(
-                signer.kid().to_string(),
-                signer.public_key(),
-            )])))),
-            Policy::new().services("/capstan.v1.Scheduler/Place"),
-        ),
-    };
-    let server = tokio::spawn({
-        let (platform, shutdown) = (platform.clone(), shutdown.clone());
-        async move { capstan_server::serve(&platform, service, listener, shutdown).await }
-    });
+    let (address, shutdown, server) = serve_scheduler(
+        dir.path(),
+        tls(&ca, dir.path(), "scheduler"),
+        Verifier::new(Arc::new(StaticKeys(vec![(
+            signer.kid().to_string(),
+            signer.public_key(),
+        )]))),
+        Policy::new().services("/capstan.v1.Scheduler/Place"),
+    )
+    .await;
     let place = |identity: Tls, token: Option<String>| {
         let address = address.clone();
         async move {

@@ -179,37 +179,22 @@ impl EventLog {
         shutdown: CancellationToken,
     ) {
         let mut dedupe = Deduper::new(10_000);
-        while !shutdown.is_cancelled() {
-            let mut subscription = match platform.bus.watch(&["#"]).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("failed to watch events: {e}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    }
+        let mut deliveries = Deliveries::new(platform, None, shutdown);
+        while let Some(delivery) = deliveries.next().await {
+            if dedupe.first_time(&delivery.event.id) {
+                let event = delivery.event.clone();
+                if matches!(
+                    event.kind,
+                    EventKind::InstanceFailed
+                        | EventKind::InstanceHealthy
+                        | EventKind::InstanceUnhealthy
+                        | EventKind::NodeDown
+                ) {
+                    wake.notify_one();
                 }
-            };
-            loop {
-                let delivery = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    d = subscription.next() => match d { Some(d) => d, None => break },
-                };
-                if dedupe.first_time(&delivery.event.id) {
-                    let event = delivery.event.clone();
-                    if matches!(
-                        event.kind,
-                        EventKind::InstanceFailed
-                            | EventKind::InstanceHealthy
-                            | EventKind::InstanceUnhealthy
-                            | EventKind::NodeDown
-                    ) {
-                        wake.notify_one();
-                    }
-                    let _ = self.live.send(event);
-                }
-                let _ = delivery.ack().await;
+                let _ = self.live.send(event);
             }
+            let _ = delivery.ack().await;
         }
     }
 
@@ -220,47 +205,83 @@ impl EventLog {
     pub async fn consume(self, platform: Platform, shutdown: CancellationToken) {
         let mut dedupe = Deduper::new(10_000);
         let mut appended = 0usize;
-        while !shutdown.is_cancelled() {
-            let mut subscription = match platform.bus.subscribe("orchestrator.events", &["#"]).await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("failed to subscribe to events: {e}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+        let mut deliveries = Deliveries::new(platform, Some("orchestrator.events"), shutdown);
+        while let Some(delivery) = deliveries.next().await {
+            let event = delivery.event.clone();
+            if !dedupe.contains(&event.id) {
+                match self.append(&event).await {
+                    Ok(true) => appended += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // Not acked, not marked seen: the bus hands it out
+                        // again and the next attempt stores it.
+                        tracing::warn!("failed to store event: {e}");
+                        continue;
+                    }
+                }
+                // Only a committed event counts as seen.
+                dedupe.insert(&event.id);
+            }
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!("failed to ack event: {e}");
+            }
+            if appended >= 500 {
+                appended = 0;
+                if let Err(e) = self.trim().await {
+                    tracing::warn!("failed to trim the event log: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Every event from a shared queue (`Some(name)`) or a private watch
+/// (`None`), subscribing again, every second until it works, whenever the
+/// subscription ends; `None` at shutdown.
+struct Deliveries {
+    platform: Platform,
+    queue: Option<&'static str>,
+    shutdown: CancellationToken,
+    current: Option<capstan_events::Subscription>,
+}
+
+impl Deliveries {
+    fn new(platform: Platform, queue: Option<&'static str>, shutdown: CancellationToken) -> Self {
+        Deliveries {
+            platform,
+            queue,
+            shutdown,
+            current: None,
+        }
+    }
+
+    async fn next(&mut self) -> Option<capstan_events::Delivery> {
+        loop {
+            let subscription = match &mut self.current {
+                Some(subscription) => subscription,
+                None => {
+                    let opened = match self.queue {
+                        Some(queue) => self.platform.bus.subscribe(queue, &["#"]).await,
+                        None => self.platform.bus.watch(&["#"]).await,
+                    };
+                    match opened {
+                        Ok(subscription) => self.current.insert(subscription),
+                        Err(e) => {
+                            tracing::warn!(queue = ?self.queue, "failed to subscribe to events: {e}");
+                            tokio::select! {
+                                _ = self.shutdown.cancelled() => return None,
+                                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                            }
+                        }
                     }
                 }
             };
-            loop {
-                let delivery = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    d = subscription.next() => match d { Some(d) => d, None => break },
-                };
-                let event = delivery.event.clone();
-                if !dedupe.contains(&event.id) {
-                    match self.append(&event).await {
-                        Ok(true) => appended += 1,
-                        Ok(false) => {}
-                        Err(e) => {
-                            // Not acked, not marked seen: the bus hands it
-                            // out again and the next attempt stores it.
-                            tracing::warn!("failed to store event: {e}");
-                            continue;
-                        }
-                    }
-                    // Only a committed event counts as seen.
-                    dedupe.insert(&event.id);
-                }
-                if let Err(e) = delivery.ack().await {
-                    tracing::warn!("failed to ack event: {e}");
-                }
-                if appended >= 500 {
-                    appended = 0;
-                    if let Err(e) = self.trim().await {
-                        tracing::warn!("failed to trim the event log: {e}");
-                    }
-                }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                delivery = subscription.next() => match delivery {
+                    Some(delivery) => return Some(delivery),
+                    None => self.current = None,
+                },
             }
         }
     }
