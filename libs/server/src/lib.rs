@@ -64,6 +64,9 @@ pub struct Platform {
     tokens: Arc<tokio::sync::OnceCell<Arc<TokenSource>>>,
     /// One multiplexed HTTP/2 channel per address, reused by every call.
     channels: Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
+    /// The healthy instances of each service called, kept current by a
+    /// blocking watch per service; calls take turns among them.
+    endpoints: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Endpoints>>>>,
 }
 
 impl Platform {
@@ -90,6 +93,7 @@ impl Platform {
             by_certificate: false,
             tokens: Arc::default(),
             channels: Arc::default(),
+            endpoints: Arc::default(),
         }
     }
 
@@ -173,11 +177,18 @@ impl Platform {
     }
 
     /// A channel to a healthy instance of `service`, with no credentials.
+    /// A channel to one healthy instance of `service`, taking turns among
+    /// them; waits up to 30 s for one to be healthy.
     pub async fn channel(&self, service: &str) -> Result<Channel, Error> {
-        let instance = capstan_registry::resolve(self.registry.as_ref(), service, RESOLVE_TIMEOUT)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        self.cached_channel(&instance.address, service)
+        let endpoints = {
+            let mut watched = self.endpoints.lock().expect("endpoints lock poisoned");
+            watched
+                .entry(service.to_string())
+                .or_insert_with(|| Endpoints::watch(self.registry.clone(), service))
+                .clone()
+        };
+        let address = endpoints.next(service).await?;
+        self.cached_channel(&address, service)
     }
 
     /// A channel to `service` that carries this platform's token, or over
@@ -260,6 +271,70 @@ impl Platform {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
             }
         }
+    }
+}
+
+/// The healthy instances of one service, as a blocking watch on the
+/// registry last saw them (Consul's `?index=` queries), and whose turn is
+/// next.
+struct Endpoints {
+    healthy: tokio::sync::watch::Receiver<Vec<String>>,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+impl Endpoints {
+    /// Starts watching `service`; the watch ends once nobody holds this.
+    fn watch(registry: Arc<dyn ServiceRegistry>, service: &str) -> Arc<Endpoints> {
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        let name = service.to_string();
+        tokio::spawn(async move {
+            let mut index = 0;
+            while !tx.is_closed() {
+                match registry.watch(&name, index, Duration::from_secs(30)).await {
+                    Ok((next, instances)) => {
+                        index = next;
+                        let addresses: Vec<String> =
+                            instances.into_iter().map(|i| i.address).collect();
+                        tx.send_if_modified(|current| {
+                            let changed = *current != addresses;
+                            if changed {
+                                *current = addresses;
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(service = %name, "registry watch failed, retrying: {e}");
+                        index = 0;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Arc::new(Endpoints {
+            healthy: rx,
+            turn: Default::default(),
+        })
+    }
+
+    /// The next healthy instance's address, round robin.
+    async fn next(&self, service: &str) -> Result<String, Error> {
+        let mut healthy = self.healthy.clone();
+        let ready = tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            healthy.wait_for(|addresses| !addresses.is_empty()),
+        )
+        .await;
+        let addresses = match ready {
+            Ok(Ok(addresses)) => addresses.clone(),
+            _ => {
+                return Err(Error::Unavailable(format!(
+                    "registry unavailable: no healthy `{service}` within {RESOLVE_TIMEOUT:?}"
+                )));
+            }
+        };
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(addresses[turn % addresses.len()].clone())
     }
 }
 
@@ -503,4 +578,61 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+    use capstan_registry::EmbeddedRegistry;
+
+    async fn register(registry: &EmbeddedRegistry, id: &str, address: &str) {
+        registry
+            .register(Registration {
+                id: id.into(),
+                name: "scheduler".into(),
+                address: address.into(),
+                tags: vec![],
+                check: Check::Ttl {
+                    ttl: Duration::from_secs(60),
+                },
+            })
+            .await
+            .unwrap();
+        registry.pass_ttl(id).await.unwrap();
+    }
+
+    /// Calls take turns among the healthy instances, and follow the
+    /// registry when one leaves, without anyone resolving again.
+    #[tokio::test]
+    async fn calls_take_turns_among_healthy_instances_and_follow_changes() {
+        let shutdown = CancellationToken::new();
+        let registry = Arc::new(EmbeddedRegistry::start(shutdown.child_token()));
+        register(&registry, "s1", "10.0.0.1:1").await;
+        register(&registry, "s2", "10.0.0.2:1").await;
+        let endpoints = Endpoints::watch(registry.clone(), "scheduler");
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(endpoints.next("scheduler").await.unwrap());
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            ["10.0.0.1:1", "10.0.0.1:1", "10.0.0.2:1", "10.0.0.2:1"]
+        );
+        registry.deregister("s1").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let picks: Vec<String> = [
+                endpoints.next("scheduler").await.unwrap(),
+                endpoints.next("scheduler").await.unwrap(),
+            ]
+            .into();
+            if picks.iter().all(|a| a == "10.0.0.2:1") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still calling s1");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+    }
 }
