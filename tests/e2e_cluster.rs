@@ -394,6 +394,32 @@ fn bad_store_and_secrets_urls_name_their_flags() {
     }
 }
 
+/// A bad URL is refused before any backend is dialled, even one (Vault,
+/// for its certificate) that is reached before the others.
+#[test]
+fn a_bad_url_is_refused_before_vault_is_dialled() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = capstan_testkit::free_port();
+    let out = std::process::Command::new(common::services::service_binary("capstan-auth"))
+        .args(["--bus", "kafka://broker:9092"])
+        .args(["--secrets", &format!("vault://127.0.0.1:{port}")])
+        .args(["--tls-vault-pki", "capstan-auth"])
+        .args(["--vault-role-id-file", "/nonexistent/role-id"])
+        .args(["--vault-secret-id-file", "/nonexistent/secret-id"])
+        .args(["--backend-wait", "20s"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--bus"), "{stderr}");
+    assert!(
+        !stderr.contains("not ready, retrying"),
+        "Vault was dialled first: {stderr}"
+    );
+}
+
 #[test]
 fn a_broker_that_is_down_at_start_is_retried_then_named() {
     let dir = tempfile::tempdir().unwrap();

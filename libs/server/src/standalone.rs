@@ -504,6 +504,16 @@ pub async fn vault_certificate(
     Ok(tls)
 }
 
+/// Checks every URL before any backend is dialled (here, not in clap,
+/// whose errors would show a password): bad input changes nothing.
+fn check_urls(args: &StandaloneArgs) -> anyhow::Result<()> {
+    if let Some(bus) = &args.bus {
+        capstan_events::parse_bus_url(bus).map_err(|e| anyhow!("--bus: {e}"))?;
+    }
+    capstan_cache::parse_url(&args.cache).map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
 /// The TLS files of `args`, read once at start.
 fn load_tls(args: &StandaloneArgs) -> anyhow::Result<Option<crate::Tls>> {
     match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
@@ -522,12 +532,6 @@ async fn platform(
     tls: Option<crate::Tls>,
     opened: Option<OpenedSecrets>,
 ) -> anyhow::Result<Platform> {
-    // Every URL is checked before any backend is dialled (and here, not by
-    // clap, whose errors would show a password): bad input changes nothing.
-    if let Some(bus) = &args.bus {
-        capstan_events::parse_bus_url(bus).map_err(|e| anyhow!("--bus: {e}"))?;
-    }
-    capstan_cache::parse_url(&args.cache).map_err(|e| anyhow!("{e}"))?;
     capstan_secrets::ensure_private_dir(&args.data_dir)
         .with_context(|| format!("make data dir {} private (0700)", args.data_dir.display()))?;
     let store = open_store(args.store.as_deref(), &args.data_dir, args.backend_wait).await?;
@@ -607,6 +611,7 @@ where
         }
     };
     let result = runtime.block_on(async move {
+        check_urls(&args)?;
         let shutdown = CancellationToken::new();
         // With Vault PKI the certificate comes from Vault, so Vault is
         // reached before listening; otherwise from files, read here.
