@@ -145,16 +145,8 @@ pub async fn run(options: DevOptions) -> Result<()> {
     let secrets: Arc<dyn SecretStore> = Arc::new(FileSecretStore::new(data_dir));
     let bus = capstan_server::standalone::open_bus(Some(&options.bus), BACKEND_WAIT).await?;
     let (registry, locks) =
-        capstan_server::standalone::open_registry(&options.registry, &shutdown)?;
-    if options.registry != "embedded" {
-        capstan_server::standalone::connect_backend(
-            "the registry (--registry)",
-            &options.registry,
-            BACKEND_WAIT,
-            || registry.healthy("auth"),
-        )
-        .await?;
-    }
+        capstan_server::standalone::open_registry(&options.registry, &shutdown, BACKEND_WAIT)
+            .await?;
     let cache_url = capstan_cache::redact(&options.cache);
     let cache = capstan_server::standalone::connect_backend(
         "the cache (--cache)",

@@ -170,8 +170,13 @@ pub fn parse_registry_url(text: &str) -> Result<String, String> {
 /// A registry, and the locks that go with it (`None`: lease rows in the store).
 pub type OpenedRegistry = (Arc<dyn ServiceRegistry>, Option<Arc<dyn Locks>>);
 
-/// The registry a `--registry` URL names, and its locks.
-pub fn open_registry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<OpenedRegistry> {
+/// The registry a `--registry` URL names, and its locks; a remote one is
+/// waited for (up to `wait`) before anything registers in it.
+pub async fn open_registry(
+    url: &str,
+    shutdown: &CancellationToken,
+    wait: Duration,
+) -> anyhow::Result<OpenedRegistry> {
     if url == "embedded" {
         return Ok((
             Arc::new(EmbeddedRegistry::start(shutdown.child_token())),
@@ -183,6 +188,10 @@ pub fn open_registry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<
         .filter(|t| !t.is_empty());
     let consul = capstan_registry::ConsulRegistry::new(url, token)
         .map_err(|e| anyhow!("--registry: {e}"))?;
+    connect_backend("the registry (--registry)", url, wait, || {
+        consul.healthy("auth")
+    })
+    .await?;
     let locks = Arc::new(capstan_registry::ConsulLocks::new(consul.agent().clone()));
     Ok((Arc::new(consul), Some(locks)))
 }
@@ -553,17 +562,7 @@ async fn platform(
             )
         }
     };
-    let (registry, locks) = open_registry(&args.registry, shutdown)?;
-    if args.registry != "embedded" {
-        // The registry must answer before anything registers in it.
-        connect_backend(
-            "the registry (--registry)",
-            &args.registry,
-            args.backend_wait,
-            || registry.healthy("auth"),
-        )
-        .await?;
-    }
+    let (registry, locks) = open_registry(&args.registry, shutdown, args.backend_wait).await?;
     register_peers(registry.clone(), &args.peers, shutdown.child_token()).await?;
     // Over mutual TLS a service is its certificate: it needs no service key.
     let by_certificate = tls.is_some() && !matches!(credential, Credential::NodeKeyFile(_));

@@ -42,6 +42,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+
+use crate::go_duration;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
@@ -312,21 +314,6 @@ fn reply(status: StatusCode, index: u64, body: String) -> Response<Full<Bytes>> 
         .header("Content-Type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .unwrap()
-}
-
-/// Go's duration syntax, as far as clients send it: `500ms`, `5s`, `1m`.
-fn go_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(seconds))
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {

@@ -15,6 +15,22 @@ use std::net::TcpListener;
 use std::path::Path;
 
 /// A port that was free a moment ago on 127.0.0.1.
+/// Go's duration syntax as Consul and Vault take it (`500ms`, `90s`, `15m`,
+/// `1h`), for the doubles.
+pub(crate) fn go_duration(text: &str) -> Option<std::time::Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs_f64(seconds))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -40,6 +40,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 
+use crate::go_duration;
+
 use crate::consul_double::RecordedRequest;
 
 struct Role {
@@ -172,21 +174,6 @@ impl Spec {
             Err(format!("{method} {path}: {}", errors.join("; ")))
         }
     }
-}
-
-/// Go's duration syntax as Vault takes it: `90s`, `15m`, `1h`, `500ms`.
-fn go_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(seconds))
 }
 
 /// A new transit key version, created now.
