@@ -79,6 +79,8 @@ enum Output {
     Json,
 }
 
+// Parsed once per run: the size of the biggest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole platform on this machine, in one process.
@@ -140,6 +142,8 @@ enum Command {
         /// `consul://HOST:PORT` (ACL token from CONSUL_HTTP_TOKEN).
         #[arg(long, env = "CAPSTAN_REGISTRY", default_value = "embedded", value_parser = capstan_server::standalone::parse_registry_url)]
         registry: String,
+        #[command(flatten)]
+        traefik: capstan_router_config::ack::TraefikArgs,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -392,6 +396,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             cache,
             registry,
             store,
+            traefik,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -414,6 +419,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 cache,
                 registry,
                 store,
+                traefik,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -46,6 +46,8 @@ pub struct DevOptions {
     pub registry: String,
     /// The `--store` URL; `None`: state.db in the data dir.
     pub store: Option<String>,
+    /// Traefik in front, whose API confirms each table before a drain.
+    pub traefik: capstan_router_config::ack::TraefikArgs,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -248,9 +250,10 @@ pub async fn run(options: DevOptions) -> Result<()> {
             capstan_router_config::RouterOptions {
                 proxy: Some(proxy_listener),
                 provider: Some(provider_listener),
-                limits: capstan_router_config::HttpLimits::default(),
-                trusted_proxies: options.trusted_proxies.clone(),
-                traefik_kv: None,
+                traefik_apis: options.traefik.apis(),
+                traefik_confirm_timeout: options.traefik.traefik_confirm_timeout,
+                traefik_in_flight_grace: options.traefik.traefik_in_flight_grace,
+                ..capstan_router_config::RouterOptions::new(options.trusted_proxies.clone())
             },
             router_listener,
             shutdown.clone(),

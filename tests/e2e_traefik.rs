@@ -47,3 +47,99 @@ fn real_traefik_accepts_every_document_and_routes_the_app() {
     });
     assert_eq!(traefik.provider_errors(), Vec::<String>::new());
 }
+
+/// Traefik in front, a 3-replica app under a closed-loop client, a rolling
+/// update: no request fails. Router-config holds each old instance until
+/// Traefik's API shows that Traefik no longer routes to it, so Capstan never
+/// stops a server Traefik still sends requests to.
+#[test]
+fn a_rolling_update_through_real_traefik_fails_no_request() {
+    let api_port = capstan_testkit::free_port();
+    let traefik_api = format!("http://127.0.0.1:{api_port}");
+    let dev = Dev::start_with(None, &["--traefik-api", &traefik_api]);
+    let endpoints = dev.endpoints();
+    let provider = endpoints["traefik_provider"].as_str().unwrap();
+    let token = stored_secret(dev.data_dir(), "router-config/provider-token");
+    let traefik = Traefik::start_with_api(&format!("http://{provider}/traefik"), &token, api_port);
+
+    let spec = spec_file(dev.data_dir(), "r.toml", &whoami_spec("roll", 3, "v1"));
+    dev.ok(&["app", "deploy", "-f", &spec]);
+    wait_until("Traefik routes all three", Duration::from_secs(60), || {
+        (0..30)
+            .filter_map(|_| http_get(traefik.port(), "roll.localhost", "/"))
+            .filter(|(code, body)| *code == 200 && body.starts_with("v1"))
+            .map(|(_, body)| body)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 3
+    });
+
+    let load = Load::start(traefik.port(), "roll.localhost");
+    let spec = spec_file(dev.data_dir(), "r.toml", &whoami_spec("roll", 3, "v2"));
+    dev.ok(&["app", "deploy", "-f", &spec]);
+    wait_until("Traefik routes only v2", Duration::from_secs(30), || {
+        (0..20).all(|_| {
+            http_get(traefik.port(), "roll.localhost", "/")
+                .is_some_and(|(code, body)| code == 200 && body.starts_with("v2"))
+        })
+    });
+    let (ok, failures) = load.finish();
+    assert!(ok > 200, "the load ran: {ok} requests");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed through Traefik during the rolling update: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // Router-config waited for Traefik on every removal, and Traefik
+    // confirmed each time (no routes.unconfirmed event).
+    let log = std::fs::read_to_string(dev.data_dir().join("dev.log")).unwrap();
+    let confirmations: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("Traefik confirmed the routing table"))
+        .filter_map(|l| {
+            l.split("confirm_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        confirmations.len() >= 3,
+        "router-config waited for Traefik at each of the three removals: {confirmations:?}"
+    );
+    let events = dev.ok(&["events", "-n", "500"]);
+    assert!(!events.contains("routes.unconfirmed"), "{events}");
+    eprintln!(
+        "rolling update through Traefik: {ok} requests, 0 failed; Traefik confirmed tables in {confirmations:?} ms"
+    );
+}
+
+/// A Traefik that never confirms (its API does not answer) delays a drain
+/// by the confirmation timeout, not forever, and the drain is recorded as
+/// unconfirmed.
+#[test]
+fn a_traefik_that_never_confirms_delays_the_drain_by_the_timeout_only() {
+    let silent = format!("http://127.0.0.1:{}", capstan_testkit::free_port());
+    let dev = Dev::start_with(
+        None,
+        &["--traefik-api", &silent, "--traefik-confirm-timeout", "2s"],
+    );
+    let spec = spec_file(dev.data_dir(), "u.toml", &whoami_spec("unconf", 1, "v1"));
+    dev.ok(&["app", "deploy", "-f", &spec]);
+    wait_until("the app is healthy", Duration::from_secs(60), || {
+        healthy(&dev.status("unconf")) == 1
+    });
+    dev.ok(&["app", "scale", "unconf", "0"]);
+    wait_until("the instance is gone", Duration::from_secs(30), || {
+        instance_ids(&dev.status("unconf")).is_empty()
+    });
+    let events = dev.ok(&["events", "-n", "500"]);
+    assert!(
+        events.contains("routes.unconfirmed") && events.contains(&silent),
+        "{events}"
+    );
+}

@@ -32,6 +32,9 @@ pub fn init(service_name: &'static str, default_filter: &str) -> Guard {
     });
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: files, journald and `docker logs`
+        // get plain text that grep and log shippers read.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let provider = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()

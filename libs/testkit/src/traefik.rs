@@ -16,18 +16,29 @@ pub struct Traefik {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
+    api_port: u16,
 }
 
 impl Traefik {
     /// Starts Traefik polling `endpoint` every 500 ms with `Authorization:
     /// Bearer token`, routing its `web` entry point on a fresh port.
     pub fn start(endpoint: &str, token: &str) -> Traefik {
+        Traefik::start_with_api(endpoint, token, crate::free_port())
+    }
+
+    /// As [`Traefik::start`], with Traefik's API (`/api/http/services`,
+    /// what it actually routes) on `127.0.0.1:api_port`.
+    pub fn start_with_api(endpoint: &str, token: &str, api_port: u16) -> Traefik {
         let binary = std::env::var("CAPSTAN_TRAEFIK").unwrap_or_else(|_| "traefik".into());
         crate::require_tool(&binary, INSTALL);
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();
         let config = serde_json::json!({
-            "entryPoints": { "web": { "address": format!("127.0.0.1:{port}") } },
+            "entryPoints": {
+                "web": { "address": format!("127.0.0.1:{port}") },
+                "traefik": { "address": format!("127.0.0.1:{api_port}") },
+            },
+            "api": { "insecure": true, "dashboard": false },
             "providers": { "http": {
                 "endpoint": endpoint,
                 "pollInterval": "500ms",
@@ -46,12 +57,22 @@ impl Traefik {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {binary}: {e}; install it with: {INSTALL}"));
-        Traefik { child, dir, port }
+        Traefik {
+            child,
+            dir,
+            port,
+            api_port,
+        }
     }
 
     /// The `web` entry point's port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Where Traefik's API answers, e.g. `http://127.0.0.1:PORT`.
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
     }
 
     pub fn log_path(&self) -> PathBuf {

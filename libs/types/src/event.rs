@@ -43,6 +43,10 @@ pub enum EventKind {
     NodeDown,
     #[serde(rename = "routes.updated")]
     RoutesUpdated,
+    /// A router in front (Traefik) did not confirm in time that it stopped
+    /// routing to removed instances; their drain went ahead anyway.
+    #[serde(rename = "routes.unconfirmed")]
+    RoutesUnconfirmed,
     #[serde(rename = "node.drain_started")]
     NodeDrainStarted,
     #[serde(rename = "node.drain_cancelled")]
@@ -58,7 +62,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 24] = [
+    pub const ALL: [EventKind; 25] = [
         EventKind::AppCreated,
         EventKind::AppUpdated,
         EventKind::AppScaled,
@@ -77,6 +81,7 @@ impl EventKind {
         EventKind::NodeRegistered,
         EventKind::NodeDown,
         EventKind::RoutesUpdated,
+        EventKind::RoutesUnconfirmed,
         EventKind::NodeDrainStarted,
         EventKind::NodeDrainCancelled,
         EventKind::AllocationReleased,
@@ -106,6 +111,7 @@ impl EventKind {
             EventKind::NodeRegistered => "node.registered",
             EventKind::NodeDown => "node.down",
             EventKind::RoutesUpdated => "routes.updated",
+            EventKind::RoutesUnconfirmed => "routes.unconfirmed",
             EventKind::NodeDrainStarted => "node.drain_started",
             EventKind::NodeDrainCancelled => "node.drain_cancelled",
             EventKind::AllocationReleased => "allocation.released",

@@ -5,10 +5,12 @@
 //!
 //! It rebuilds on every instance or app event and every [`REBUILD_EVERY`]
 //! regardless (events are hints; the orchestrator's state is the truth).
-//! `Sync` returns only after the new table is applied and requests in flight
-//! to removed upstreams have finished: that is how an instance leaves
-//! rotation before it is stopped.
+//! `Sync` returns only after the new table is applied, every router in front
+//! has confirmed that it no longer routes to removed upstreams, and their
+//! requests in flight have finished: that is how an instance leaves rotation
+//! before it is stopped (ARCHITECTURE.md, "Drain-safe cutover").
 
+pub mod ack;
 pub mod proxy;
 pub mod table;
 pub mod traefik;
@@ -39,6 +41,12 @@ use crate::table::{Route, RouteTable, Upstream};
 pub const REBUILD_EVERY: Duration = Duration::from_secs(2);
 /// How long `Sync` waits for requests in flight to a removed upstream.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `Sync` waits for Traefik to confirm a table before the drain
+/// goes ahead anyway (and a `routes.unconfirmed` event says so).
+pub const TRAEFIK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests Traefik sent to a server before it stopped routing to
+/// it get to finish: Traefik does not say what it has in flight.
+pub const TRAEFIK_IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
 const PROVIDER_TOKEN_PATH: &str = "router-config/provider-token";
 
 pub struct RouterOptions {
@@ -52,6 +60,33 @@ pub struct RouterOptions {
     /// Consul KV to keep Traefik's Consul KV provider's keys in; `None`
     /// writes nothing.
     pub traefik_kv: Option<capstan_registry::ConsulKv>,
+    /// Traefik instances whose API must confirm a table before `Sync`
+    /// returns (what they actually route, whichever provider feeds them).
+    pub traefik_apis: Vec<ack::TraefikApi>,
+    pub traefik_confirm_timeout: Duration,
+    pub traefik_in_flight_grace: Duration,
+}
+
+impl RouterOptions {
+    /// No proxy, no provider, no Traefik: fill in what the caller runs.
+    pub fn new(trusted_proxies: TrustedProxies) -> RouterOptions {
+        RouterOptions {
+            proxy: None,
+            provider: None,
+            limits: HttpLimits::default(),
+            trusted_proxies,
+            traefik_kv: None,
+            traefik_apis: Vec::new(),
+            traefik_confirm_timeout: TRAEFIK_CONFIRM_TIMEOUT,
+            traefik_in_flight_grace: TRAEFIK_IN_FLIGHT_GRACE,
+        }
+    }
+}
+
+/// One Traefik in front and the newest table generation it has confirmed.
+struct Downstream {
+    api: ack::TraefikApi,
+    confirmed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -62,6 +97,9 @@ struct Router {
     rebuilding: Arc<Mutex<()>>,
     /// Poked when the table changes.
     changed: Arc<tokio::sync::Notify>,
+    traefik: Arc<Vec<Downstream>>,
+    traefik_confirm_timeout: Duration,
+    traefik_in_flight_grace: Duration,
 }
 
 impl Router {
@@ -97,8 +135,8 @@ impl Router {
     }
 
     /// Fetches the endpoints and applies them if they changed. Returns the
-    /// table in force and the upstreams it removed.
-    async fn rebuild(&self) -> Result<(RouteTable, Vec<String>), Error> {
+    /// table in force.
+    async fn rebuild(&self) -> Result<RouteTable, Error> {
         let routes = self.fetch().await?;
         let _rebuilding = self.rebuilding.lock().await;
         let current = self.proxy.table();
@@ -107,13 +145,8 @@ impl Router {
             routes,
         };
         if next.same_routes(&current) {
-            return Ok((current, Vec::new()));
+            return Ok(current);
         }
-        let removed: Vec<String> = current
-            .addresses()
-            .filter(|a| !next.addresses().any(|n| n == *a))
-            .map(str::to_string)
-            .collect();
         self.proxy.apply(next.clone());
         self.changed.notify_one();
         tracing::info!(
@@ -121,20 +154,81 @@ impl Router {
             routes = next.routes.len(),
             "routing table updated"
         );
-        Ok((next, removed))
+        Ok(next)
     }
 
-    async fn drain(&self, removed: &[String]) {
+    /// Waits for requests in flight to upstreams the table no longer has,
+    /// whichever rebuild removed them (level, not edge: a periodic rebuild
+    /// may have dropped an upstream just before this `Sync`).
+    async fn drain(&self) {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while removed.iter().any(|a| self.proxy.in_flight(a) > 0) {
+        loop {
+            let draining = self.proxy.draining();
+            if draining.is_empty() {
+                return;
+            }
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
+                    upstreams = ?draining,
                     "requests still in flight to removed upstreams after {DRAIN_TIMEOUT:?}"
                 );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits until every Traefik in front routes to nothing outside `table`
+    /// (newer upstreams may still be missing there: that loses no request),
+    /// then gives what it sent before that [`TRAEFIK_IN_FLIGHT_GRACE`].
+    /// A Traefik that does not confirm in time is reported in a
+    /// `routes.unconfirmed` event, and the drain goes ahead.
+    async fn confirm_downstream(&self, table: &RouteTable) {
+        let allowed: std::collections::BTreeSet<String> =
+            table.addresses().map(|a| format!("http://{a}")).collect();
+        let waits = self.traefik.iter().map(|downstream| {
+            let allowed = &allowed;
+            async move {
+                use std::sync::atomic::Ordering;
+                if downstream.confirmed.load(Ordering::Acquire) >= table.generation {
+                    return;
+                }
+                match downstream
+                    .api
+                    .confirm_only(allowed, self.traefik_confirm_timeout)
+                    .await
+                {
+                    Ok(took) => {
+                        tokio::time::sleep(self.traefik_in_flight_grace).await;
+                        downstream
+                            .confirmed
+                            .fetch_max(table.generation, Ordering::AcqRel);
+                        tracing::info!(
+                            traefik = downstream.api.url(),
+                            generation = table.generation,
+                            confirm_ms = took.as_millis() as u64,
+                            "Traefik confirmed the routing table"
+                        );
+                    }
+                    Err(reason) => {
+                        let message = format!(
+                            "Traefik at {} did not confirm routing table {}; removed instances drain anyway: {reason}",
+                            downstream.api.url(),
+                            table.generation
+                        );
+                        tracing::warn!("{message}");
+                        let event = capstan_types::Event::new(
+                            capstan_server::new_id("ev"),
+                            capstan_server::now_ms(),
+                            capstan_types::EventKind::RoutesUnconfirmed,
+                        )
+                        .message(&message);
+                        self.platform.emit(event).await;
+                    }
+                }
+            }
+        });
+        futures::future::join_all(waits).await;
     }
 }
 
@@ -173,8 +267,9 @@ impl RouterConfig for Router {
         &self,
         _: Request<SyncRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        let (table, removed) = self.rebuild().await.map_err(capstan_proto::status)?;
-        self.drain(&removed).await;
+        let table = self.rebuild().await.map_err(capstan_proto::status)?;
+        self.confirm_downstream(&table).await;
+        self.drain().await;
         Ok(Response::new(table_to_wire(&table)))
     }
 
@@ -253,6 +348,18 @@ pub async fn run(
         proxy: EdgeProxy::new(options.limits, options.trusted_proxies.clone()),
         rebuilding: Arc::default(),
         changed: Arc::default(),
+        traefik: Arc::new(
+            options
+                .traefik_apis
+                .iter()
+                .map(|api| Downstream {
+                    api: api.clone(),
+                    confirmed: Default::default(),
+                })
+                .collect(),
+        ),
+        traefik_confirm_timeout: options.traefik_confirm_timeout,
+        traefik_in_flight_grace: options.traefik_in_flight_grace,
     };
     let tasks = tokio_util::task::TaskTracker::new();
 

@@ -25,6 +25,8 @@ struct Args {
     /// consul://127.0.0.1:8500 (ACL token from CONSUL_HTTP_TOKEN).
     #[arg(long, env = "CAPSTAN_TRAEFIK_KV", value_parser = parse_traefik_kv)]
     traefik_kv: Option<String>,
+    #[command(flatten)]
+    traefik: capstan_router_config::ack::TraefikArgs,
 }
 
 fn parse_traefik_kv(text: &str) -> Result<String, String> {
@@ -51,6 +53,7 @@ async fn bind(
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (http_addr, provider_addr) = (args.http_addr, args.traefik_provider_addr);
+    let traefik = args.traefik;
     let token = std::env::var("CONSUL_HTTP_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -73,9 +76,11 @@ fn main() -> std::process::ExitCode {
             let options = capstan_router_config::RouterOptions {
                 proxy: bind(http_addr).await?,
                 provider: bind(provider_addr).await?,
-                limits: capstan_router_config::HttpLimits::default(),
-                trusted_proxies,
                 traefik_kv,
+                traefik_apis: traefik.apis(),
+                traefik_confirm_timeout: traefik.traefik_confirm_timeout,
+                traefik_in_flight_grace: traefik.traefik_in_flight_grace,
+                ..capstan_router_config::RouterOptions::new(trusted_proxies)
             };
             capstan_router_config::run(platform, options, listener, shutdown).await
         },

@@ -172,6 +172,22 @@ impl EdgeProxy {
             .map_or(0, |c| c.load(Ordering::Acquire))
     }
 
+    /// Addresses that still have requests in flight but that the table in
+    /// force no longer routes to (whichever rebuild removed them).
+    pub fn draining(&self) -> Vec<String> {
+        let table = self.table.read().expect("table lock poisoned").clone();
+        self.in_flight
+            .lock()
+            .expect("in-flight lock poisoned")
+            .iter()
+            .filter(|(address, count)| {
+                count.load(Ordering::Acquire) > 0
+                    && !table.table.addresses().any(|a| a == address.as_str())
+            })
+            .map(|(address, _)| address.clone())
+            .collect()
+    }
+
     fn track(&self, address: &str) -> InFlight {
         let counter = self
             .in_flight
