@@ -111,9 +111,16 @@ enum Command {
         /// Memory this node offers, in MB.
         #[arg(long, default_value_t = 8192)]
         memory_mb: u32,
-        /// Run this many agents (nodes), with distinct ids, zones and capacities.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dev::MAX_AGENTS as i64))]
+        /// Run this many agents (nodes), with distinct ids, zones and
+        /// capacities; 0 runs the control plane only, for `capstan-agent`s
+        /// on other hosts to join.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=dev::MAX_AGENTS as i64))]
         agents: u32,
+        /// The address the gRPC services listen on (ports are chosen and
+        /// written to endpoints.json in the data dir): 127.0.0.1, or an
+        /// address agents on other hosts reach, e.g. 10.0.0.5.
+        #[arg(long, default_value = "127.0.0.1", value_parser = parse_grpc_host)]
+        grpc_host: std::net::IpAddr,
         /// Placement strategy of apps that do not name one: binpack, spread, least-loaded or round-robin.
         #[arg(long, default_value = "spread", value_parser = parse_strategy)]
         default_strategy: capstan_placement::Strategy,
@@ -144,6 +151,27 @@ enum Command {
         registry: String,
         #[command(flatten)]
         traefik: capstan_router_config::ack::TraefikArgs,
+    },
+    /// Check a service's gRPC health (grpc.health.v1); exit 0 when it is
+    /// SERVING. For container health checks.
+    #[command(
+        after_help = "Examples:\n  capstan health 127.0.0.1:7001\n  capstan health orchestrator:7001 --tls-name orchestrator --tls-ca ca.pem --tls-cert c.pem --tls-key k.pem"
+    )]
+    Health {
+        /// The service's gRPC address, host:port. Default: CAPSTAN_LISTEN
+        /// (what the service in this container listens on), with a
+        /// wildcard host read as loopback.
+        addr: Option<String>,
+        /// The service name to ask about; empty: the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this long, e.g. 3s.
+        #[arg(long, default_value = "3s", value_parser = capstan_types::duration::parse)]
+        timeout: std::time::Duration,
+        /// With --tls-*: the name the server's certificate carries (its
+        /// service name, like `orchestrator`).
+        #[arg(long)]
+        tls_name: Option<String>,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -390,6 +418,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             cpu_millis,
             memory_mb,
             agents,
+            grpc_host,
             default_strategy,
             trusted_proxies,
             token_ttl,
@@ -413,6 +442,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 cpu_millis,
                 memory_mb,
                 agents,
+                grpc_host,
                 default_strategy,
                 trusted_proxies,
                 token_ttl,
@@ -425,6 +455,18 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::App(command) => app(&global, command).await,
+        Command::Health {
+            addr,
+            service,
+            timeout,
+            tls_name,
+        } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => local_listen_address()?,
+            };
+            health(&global, &addr, service, timeout, tls_name).await
+        }
         Command::Events {
             follow,
             app,
@@ -1042,6 +1084,72 @@ async fn drain(
     }
 }
 
+/// CAPSTAN_LISTEN as a dialable address: `0.0.0.0:7001` → `127.0.0.1:7001`.
+fn local_listen_address() -> Result<String> {
+    let listen = std::env::var("CAPSTAN_LISTEN")
+        .map_err(|_| anyhow!("ADDR: pass the address, or set CAPSTAN_LISTEN"))?;
+    let mut addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| anyhow!("CAPSTAN_LISTEN: `{listen}` is not host:port: {e}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(addr.to_string())
+}
+
+/// `capstan health`: one grpc.health.v1 Check, no credentials needed.
+async fn health(
+    global: &Global,
+    addr: &str,
+    service: String,
+    timeout: std::time::Duration,
+    tls_name: Option<String>,
+) -> Result<ExitCode> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let tls = match (&global.tls_ca, &global.tls_cert, &global.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(capstan_server::Tls::load(ca, cert, key)?),
+        _ => return Err(anyhow!("--tls-ca, --tls-cert and --tls-key go together")),
+    };
+    let name = tls_name.unwrap_or_default();
+    if tls.is_some() && name.is_empty() {
+        return Err(anyhow!(
+            "--tls-name: the service name the server's certificate carries is needed with --tls-*"
+        ));
+    }
+    let channel = capstan_server::channel_with(addr, tls.as_ref().map(|t| (t, name.as_str())))?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let call = client.check(tonic_health::pb::HealthCheckRequest { service });
+    let answer = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| anyhow!("{addr}: no answer in {timeout:?}"))?
+        .map_err(|status| anyhow!("{addr}: {}", status.message()))?;
+    let status = answer.into_inner().status();
+    println!("{addr}: {}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A `--grpc-host`: an address others can dial, which the embedded registry
+/// hands out as is (so not 0.0.0.0).
+fn parse_grpc_host(text: &str) -> Result<std::net::IpAddr, String> {
+    let ip: std::net::IpAddr = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not an IP address: {e}"))?;
+    if ip.is_unspecified() {
+        return Err(format!(
+            "`{text}` cannot be dialled: give the address agents reach this host at"
+        ));
+    }
+    Ok(ip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1056,5 +1164,16 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_grpc_host_must_be_dialable() {
+        assert_eq!(
+            parse_grpc_host("10.0.0.5").unwrap().to_string(),
+            "10.0.0.5"
+        );
+        assert!(parse_grpc_host("0.0.0.0").unwrap_err().contains("cannot be dialled"));
+        assert!(parse_grpc_host("[::]").is_err());
+        assert!(parse_grpc_host("host").unwrap_err().contains("not an IP"));
     }
 }

@@ -33,8 +33,12 @@ pub struct DevOptions {
     pub docker: bool,
     pub cpu_millis: u32,
     pub memory_mb: u32,
-    /// Agents (nodes) to run in this process.
+    /// Agents (nodes) to run in this process; 0 runs the control plane
+    /// only, for agents that join over the network.
     pub agents: u32,
+    /// The address the services' gRPC servers listen on (port chosen by
+    /// the kernel): 127.0.0.1, or an address agents on other hosts reach.
+    pub grpc_host: std::net::IpAddr,
     pub default_strategy: capstan_placement::Strategy,
     /// Peers whose `X-Forwarded-*` headers the edge proxy believes.
     pub trusted_proxies: capstan_router_config::TrustedProxies,
@@ -86,6 +90,8 @@ fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::Agen
                 ]
                 .into(),
                 docker: options.docker,
+                // One machine: instances serve on loopback only.
+                advertise_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             }
         })
         .collect()
@@ -167,7 +173,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         Platform::new(registry, bus, store, secrets, cache, service_key).with_locks(locks);
     capstan_auth::bootstrap_keys(&platform, data_dir).await?;
 
-    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let loopback = SocketAddr::new(options.grpc_host, 0);
     let auth_listener = bind(loopback, "auth service").await?;
     let scheduler_listener = bind(loopback, "scheduler").await?;
     let router_listener = bind(loopback, "router-config service").await?;
@@ -280,11 +286,17 @@ pub async fn run(options: DevOptions) -> Result<()> {
         &endpoints_path(data_dir),
         serde_json::to_string_pretty(&endpoints)?.as_bytes(),
     )?;
-    let plural = if node_ids.len() == 1 { "node" } else { "nodes" };
-    println!(
-        "Capstan is running (embedded mode, {plural} {}).",
-        node_ids.join(", ")
-    );
+    match node_ids.len() {
+        0 => println!(
+            "Capstan is running (embedded mode, control plane only: agents join with --peer scheduler={} --peer auth={}).",
+            endpoints.scheduler, endpoints.auth
+        ),
+        1 => println!("Capstan is running (embedded mode, node {}).", node_ids[0]),
+        _ => println!(
+            "Capstan is running (embedded mode, nodes {}).",
+            node_ids.join(", ")
+        ),
+    }
     println!(
         "  apps:     http://{}  (route by Host header)",
         endpoints.proxy

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capstan");
 
+pub mod docker;
 pub mod services;
 
 pub struct Dev {

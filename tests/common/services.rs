@@ -195,6 +195,9 @@ impl Services {
                 "--node-id".into(),
                 node.into(),
                 "--no-docker".into(),
+                // Instances on loopback: a test machine's LAN sees nothing.
+                "--advertise-addr".into(),
+                "127.0.0.1".into(),
                 "--node-key-file".into(),
                 key_file.display().to_string(),
             ]

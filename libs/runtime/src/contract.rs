@@ -25,6 +25,7 @@ fn spec(id: &InstanceId, program: Program, port: u16) -> WorkloadSpec {
         spec_hash: "h1".into(),
         program,
         env: [("GREETING".to_string(), "hi".to_string())].into(),
+        host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         host_port: port,
         cpu_millis: 100,
         memory_mb: 64,

@@ -9,9 +9,7 @@ use bollard::query_parameters::{
 };
 use capstan_types::InstanceId;
 
-use crate::{
-    Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute_port,
-};
+use crate::{Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute};
 
 const LABEL_INSTANCE: &str = "io.capstan.instance";
 const LABEL_APP: &str = "io.capstan.app";
@@ -100,9 +98,11 @@ impl Driver for DockerDriver {
 
         let port_key = format!("{container_port}/tcp");
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("PORT={container_port}"));
-        env.push(format!("CAPSTAN_INSTANCE_ID={}", spec.instance_id));
-        env.push(format!("CAPSTAN_APP={}", spec.app));
+        env.extend(
+            crate::platform_env(spec, *container_port)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}")),
+        );
         let labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), spec.instance_id.to_string()),
             (LABEL_APP.to_string(), spec.app.clone()),
@@ -114,7 +114,7 @@ impl Driver for DockerDriver {
             port_bindings: Some(HashMap::from([(
                 port_key.clone(),
                 Some(vec![PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
+                    host_ip: Some(spec.host_ip.to_string()),
                     host_port: Some(spec.host_port.to_string()),
                 }]),
             )])),
@@ -135,7 +135,10 @@ impl Driver for DockerDriver {
             cmd: if args.is_empty() {
                 None
             } else {
-                Some(substitute_port(args, *container_port))
+                Some(substitute(
+                    args,
+                    &crate::platform_env(spec, *container_port),
+                ))
             },
             env: Some(env),
             labels: Some(labels),

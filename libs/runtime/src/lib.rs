@@ -25,7 +25,8 @@ pub use process::{ProcessDriver, Sandbox};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Program {
-    /// argv; `${PORT}` in any element becomes the host port.
+    /// argv; `${PORT}`, `${CAPSTAN_HOST_IP}` and `${CAPSTAN_ADDR}` in any
+    /// element become the host port, the node's address and both.
     Process { argv: Vec<String> },
     Image {
         image: String,
@@ -41,7 +42,12 @@ pub struct WorkloadSpec {
     pub spec_hash: String,
     pub program: Program,
     pub env: BTreeMap<String, String>,
-    /// The port on 127.0.0.1 that serves the workload; `PORT` in its environment.
+    /// The node address the workload serves on (the agent's
+    /// `--advertise-addr`; 127.0.0.1 in `capstan dev`): `CAPSTAN_HOST_IP`
+    /// in its environment. Routers reach it at `host_ip:host_port`.
+    pub host_ip: std::net::IpAddr,
+    /// The port on `host_ip` that serves the workload; `PORT` in its
+    /// environment, with `CAPSTAN_ADDR` = `host_ip:host_port`.
     pub host_port: u16,
     pub cpu_millis: u32,
     pub memory_mb: u32,
@@ -89,8 +95,32 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<Workload>, DriverError>;
 }
 
-/// `${PORT}` → the port, in every argument.
-pub fn substitute_port(args: &[String], port: u16) -> Vec<String> {
-    let port = port.to_string();
-    args.iter().map(|a| a.replace("${PORT}", &port)).collect()
+/// `${NAME}` → its value, for each of the [`platform_env`] variables, in
+/// every argument (`${PORT}`, `${CAPSTAN_HOST_IP}`, ...). Nothing else is
+/// expanded: no shell ever sees the arguments.
+pub fn substitute(args: &[String], vars: &[(&'static str, String)]) -> Vec<String> {
+    args.iter()
+        .map(|arg| {
+            vars.iter().fold(arg.clone(), |arg, (name, value)| {
+                arg.replace(&format!("${{{name}}}"), value)
+            })
+        })
+        .collect()
+}
+
+/// The variables every workload gets beside its own: `PORT`,
+/// `CAPSTAN_HOST_IP`, `CAPSTAN_ADDR`, `CAPSTAN_INSTANCE_ID`, `CAPSTAN_APP`.
+/// `port` is the one the workload listens on (inside a container, the
+/// container port).
+pub fn platform_env(spec: &WorkloadSpec, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("PORT", port.to_string()),
+        ("CAPSTAN_HOST_IP", spec.host_ip.to_string()),
+        (
+            "CAPSTAN_ADDR",
+            std::net::SocketAddr::new(spec.host_ip, spec.host_port).to_string(),
+        ),
+        ("CAPSTAN_INSTANCE_ID", spec.instance_id.to_string()),
+        ("CAPSTAN_APP", spec.app.clone()),
+    ]
 }

@@ -12,9 +12,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute_port,
-};
+use crate::{Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute};
 
 /// Who process workloads run as, and where their working directories are.
 ///
@@ -198,7 +196,8 @@ impl Driver for ProcessDriver {
         {
             return Ok(existing.workload);
         }
-        let argv = substitute_port(argv, spec.host_port);
+        let vars = crate::platform_env(spec, spec.host_port);
+        let argv = substitute(argv, &vars);
         let (program, args) = argv.split_first().ok_or_else(|| DriverError::Start {
             program: String::new(),
             reason: "empty command".into(),
@@ -222,9 +221,7 @@ impl Driver for ProcessDriver {
             )
             .env("LANG", "C.UTF-8")
             .envs(&spec.env)
-            .env("PORT", spec.host_port.to_string())
-            .env("CAPSTAN_INSTANCE_ID", spec.instance_id.as_str())
-            .env("CAPSTAN_APP", &spec.app)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
             .current_dir(&work_dir)
             .stdin(Stdio::null())
             .stdout(log)

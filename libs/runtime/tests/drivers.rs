@@ -24,6 +24,7 @@ async fn run_to_exit(driver: &ProcessDriver, id: &InstanceId, argv: Vec<String>)
         spec_hash: "h".into(),
         program: Program::Process { argv },
         env: Default::default(),
+        host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         host_port: 1,
         cpu_millis: 1,
         memory_mb: 4,
@@ -70,6 +71,31 @@ async fn process_driver_passes_the_contract() {
         Box::new(ProcessDriver::new(&state, Sandbox::same_user(&work)).unwrap()) as Box<dyn Driver>
     };
     contract::run(&driver, reopen, programs, "proc").await;
+}
+
+/// A workload learns where it serves: `PORT`, `CAPSTAN_HOST_IP` and
+/// `CAPSTAN_ADDR` in its environment, and the same `${...}` in its argv.
+#[tokio::test(flavor = "multi_thread")]
+async fn process_workloads_are_told_the_node_address_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver =
+        ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work"))).unwrap();
+    let argv = vec![
+        busybox(),
+        "sh".into(),
+        "-c".into(),
+        "echo \"env $PORT $CAPSTAN_HOST_IP $CAPSTAN_ADDR\"; echo \"argv $0\"".into(),
+        "${CAPSTAN_HOST_IP}|${PORT}|${CAPSTAN_ADDR}|${HOME}".into(),
+    ];
+    let log = run_to_exit(&driver, &id("addr"), argv).await;
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [
+            "env 1 127.0.0.1 127.0.0.1:1",
+            "argv 127.0.0.1|1|127.0.0.1:1|${HOME}"
+        ],
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -235,6 +261,7 @@ async fn a_crashed_process_always_reports_its_exit_code() {
                 argv: vec![busybox(), "sh".into(), "-c".into(), "exit 3".into()],
             },
             env: Default::default(),
+            host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             host_port: 1,
             cpu_millis: 1,
             memory_mb: 4,

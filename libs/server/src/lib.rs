@@ -394,6 +394,13 @@ pub struct GrpcLimits {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub tcp_keepalive: Duration,
+    /// On shutdown, how long the server keeps serving after it left the
+    /// registry (and turned NOT_SERVING), so that clients' watches drop it
+    /// before it stops accepting.
+    pub leave_delay: Duration,
+    /// Then, how long calls in flight get to finish before their
+    /// connections are closed.
+    pub drain_timeout: Duration,
 }
 
 impl Default for GrpcLimits {
@@ -405,6 +412,8 @@ impl Default for GrpcLimits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(60),
+            leave_delay: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -453,7 +462,10 @@ pub async fn serve_not_ready(
     .map_err(|e| Error::Internal(format!("health server failed: {e}")))
 }
 
-/// Serves until `shutdown`, then deregisters and drains in-flight calls.
+/// Serves until `shutdown`, then leaves: out of the registry and NOT_SERVING
+/// first, still serving for [`GrpcLimits::leave_delay`] while clients move
+/// to other instances, then no new calls and at most
+/// [`GrpcLimits::drain_timeout`] for the calls in flight.
 pub async fn serve(
     platform: &Platform,
     service: Service,
@@ -540,15 +552,47 @@ pub async fn serve_with(
         .tcp_keepalive(Some(limits.tcp_keepalive))
         .layer(service.auth)
         .add_routes(routes);
-    let signal = shutdown.cancelled_owned();
-    let result = match &platform.tls {
+    let stop_accepting = CancellationToken::new();
+    let signal = stop_accepting.clone().cancelled_owned();
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match &platform
+        .tls
+    {
         // TLS terminated here, with the certificate in force per connection.
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(tls.accept(accepted), signal)
-                .await
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.accept(accepted), signal)),
+        None => Box::pin(router.serve_with_incoming_shutdown(accepted, signal)),
+    };
+    let mut serving = serving;
+    let leave = async {
+        shutdown.cancelled().await;
+        heartbeat.abort();
+        for name in &service.grpc_names {
+            health_reporter
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                .await;
         }
-        None => router.serve_with_incoming_shutdown(accepted, signal).await,
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        if let Err(e) = platform.registry.deregister(&service.instance_id).await {
+            tracing::warn!(service = service.name, "could not leave the registry: {e}");
+        }
+        tracing::info!(service = service.name, "left the registry; draining");
+        tokio::time::sleep(limits.leave_delay).await;
+        stop_accepting.cancel();
+    };
+    let result = tokio::select! {
+        result = &mut serving => result,
+        () = leave => match tokio::time::timeout(limits.drain_timeout, &mut serving).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    service = service.name,
+                    "calls still in flight after {:?}; closing their connections",
+                    limits.drain_timeout
+                );
+                Ok(())
+            }
+        },
     };
     heartbeat.abort();
     let _ = platform.registry.deregister(&service.instance_id).await;

@@ -18,10 +18,18 @@ pub struct RabbitMq {
     dist_port: u16,
     node: String,
     dir: tempfile::TempDir,
+    bind: String,
 }
 
 impl RabbitMq {
     pub async fn start() -> RabbitMq {
+        RabbitMq::start_on("127.0.0.1").await
+    }
+
+    /// A broker listening on `bind` (e.g. a Docker bridge's gateway, so
+    /// that containers reach it), with the `guest` user allowed from
+    /// other hosts than loopback.
+    pub async fn start_on(bind: &str) -> RabbitMq {
         crate::require_tool(SERVER, "apt-get install -y rabbitmq-server");
         let dir = tempfile::tempdir().expect("temp dir");
         let port = crate::free_port();
@@ -31,13 +39,18 @@ impl RabbitMq {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let child = spawn(dir.path(), &node, port, dist_port);
+        if bind != "127.0.0.1" {
+            std::fs::write(dir.path().join("rabbitmq.conf"), "loopback_users = none\n")
+                .expect("write rabbitmq.conf");
+        }
+        let child = spawn(dir.path(), &node, bind, port, dist_port);
         let broker = RabbitMq {
             child,
             port,
             dist_port,
             node,
             dir,
+            bind: bind.to_string(),
         };
         broker.wait_until_listening().await;
         broker
@@ -47,7 +60,13 @@ impl RabbitMq {
     /// same port and data: durable queues and confirmed messages survive.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = spawn(self.dir.path(), &self.node, self.port, self.dist_port);
+        self.child = spawn(
+            self.dir.path(),
+            &self.node,
+            &self.bind,
+            self.port,
+            self.dist_port,
+        );
         self.wait_until_listening().await;
     }
 
@@ -69,7 +88,13 @@ impl RabbitMq {
     }
 
     pub fn amqp_uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        self.amqp_uri_at(&self.bind)
+    }
+
+    /// The URL with another host than the one it binds (a name or address
+    /// that reaches it from elsewhere).
+    pub fn amqp_uri_at(&self, host: &str) -> String {
+        format!("amqp://guest:guest@{host}:{}/%2f", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -77,7 +102,7 @@ impl RabbitMq {
     }
 }
 
-fn spawn(base: &std::path::Path, node: &str, port: u16, dist_port: u16) -> Child {
+fn spawn(base: &std::path::Path, node: &str, bind: &str, port: u16, dist_port: u16) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -89,7 +114,7 @@ fn spawn(base: &std::path::Path, node: &str, port: u16, dist_port: u16) -> Child
             std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
         )
         .env("RABBITMQ_NODENAME", node)
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_IP_ADDRESS", bind)
         .env("RABBITMQ_NODE_PORT", port.to_string())
         .env("RABBITMQ_DIST_PORT", dist_port.to_string())
         .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))

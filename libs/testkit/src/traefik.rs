@@ -26,17 +26,23 @@ impl Traefik {
         Traefik::start_with_api(endpoint, token, crate::free_port())
     }
 
-    /// As [`Traefik::start`], with Traefik's API (`/api/http/services`,
-    /// what it actually routes) on `127.0.0.1:api_port`.
+    /// As [`Traefik::start_with_api`], on loopback.
     pub fn start_with_api(endpoint: &str, token: &str, api_port: u16) -> Traefik {
+        Traefik::start_on("127.0.0.1", endpoint, token, api_port)
+    }
+
+    /// As [`Traefik::start`], with Traefik's API (`/api/http/services`,
+    /// what it actually routes) on `host:api_port` and the `web` entry point
+    /// on `host` too (0.0.0.0: reachable from containers).
+    pub fn start_on(host: &str, endpoint: &str, token: &str, api_port: u16) -> Traefik {
         let binary = std::env::var("CAPSTAN_TRAEFIK").unwrap_or_else(|_| "traefik".into());
         crate::require_tool(&binary, INSTALL);
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();
         let config = serde_json::json!({
             "entryPoints": {
-                "web": { "address": format!("127.0.0.1:{port}") },
-                "traefik": { "address": format!("127.0.0.1:{api_port}") },
+                "web": { "address": format!("{host}:{port}") },
+                "traefik": { "address": format!("{host}:{api_port}") },
             },
             "api": { "insecure": true, "dashboard": false },
             "providers": { "http": {

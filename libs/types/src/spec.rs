@@ -625,6 +625,12 @@ impl AppSpec {
                     "env.PORT",
                     "is reserved: Capstan sets it to the assigned port".into(),
                 );
+            } else if key.starts_with("CAPSTAN_") {
+                bad(
+                    &format!("env.{key}"),
+                    "is reserved: Capstan sets CAPSTAN_* variables (CAPSTAN_HOST_IP, CAPSTAN_ADDR, ...)"
+                        .into(),
+                );
             }
         }
         for (key, value) in &self.env {

@@ -1,26 +1,27 @@
 //! Health probes, as the agent runs them against an instance's host port.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use capstan_types::HealthCheck;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// True when the instance answers: a TCP connect, or an HTTP 2xx/3xx.
-pub async fn probe(check: &HealthCheck, port: u16, timeout: Duration) -> bool {
-    tokio::time::timeout(timeout, probe_inner(check, port))
+pub async fn probe(check: &HealthCheck, address: SocketAddr, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, probe_inner(check, address))
         .await
         .unwrap_or(false)
 }
 
-async fn probe_inner(check: &HealthCheck, port: u16) -> bool {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+async fn probe_inner(check: &HealthCheck, address: SocketAddr) -> bool {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
         return false;
     };
     let HealthCheck::Http { path } = check else {
         return true;
     };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: capstan-agent\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: capstan-agent\r\nConnection: close\r\n\r\n"
     );
     if stream.write_all(request.as_bytes()).await.is_err() {
         return false;
@@ -36,9 +37,9 @@ async fn probe_inner(check: &HealthCheck, port: u16) -> bool {
 mod tests {
     use super::*;
 
-    async fn server(response: &'static [u8]) -> u16 {
+    async fn server(response: &'static [u8]) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = [0u8; 1024];
@@ -46,7 +47,7 @@ mod tests {
                 let _ = s.write_all(response).await;
             }
         });
-        port
+        address
     }
 
     #[tokio::test]
@@ -61,8 +62,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
-            .unwrap()
-            .port();
+            .unwrap();
         assert!(!probe(&HealthCheck::Tcp, closed, t).await);
     }
 }

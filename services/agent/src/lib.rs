@@ -9,6 +9,7 @@
 mod health;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,6 +51,28 @@ pub struct AgentConfig {
     /// Where process apps get their working directories: outside the data
     /// dir, traversable by `run_as`.
     pub work_root: PathBuf,
+    /// The address other hosts reach this node's instances at: instances
+    /// bind to it and routers dial `advertise_ip:port`.
+    pub advertise_ip: IpAddr,
+}
+
+/// The address of the interface the default route leaves by: the node's
+/// primary address, what `--advertise-addr` defaults to. No packet is sent
+/// (a UDP socket is only connected, to a TEST-NET-1 address).
+pub fn primary_address() -> Result<IpAddr, String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.connect("192.0.2.1:9").map_err(|e| {
+        format!("no default route to find the primary interface by ({e}); pass --advertise-addr")
+    })?;
+    let ip = socket.local_addr().map_err(|e| e.to_string())?.ip();
+    if ip.is_unspecified() {
+        return Err("the primary interface has no address; pass --advertise-addr".into());
+    }
+    Ok(ip)
+}
+
+fn localhost() -> IpAddr {
+    std::net::Ipv4Addr::LOCALHOST.into()
 }
 
 /// The user process apps run as by default.
@@ -73,7 +96,16 @@ struct InstanceFile {
     instance_id: InstanceId,
     spec_hash: String,
     spec: AppSpec,
+    /// Files from before `--advertise-addr` served on 127.0.0.1.
+    #[serde(default = "localhost")]
+    host_ip: IpAddr,
     host_port: u16,
+}
+
+impl InstanceFile {
+    fn address(&self) -> SocketAddr {
+        SocketAddr::new(self.host_ip, self.host_port)
+    }
 }
 
 struct Tracked {
@@ -162,7 +194,7 @@ impl Inner {
             node_id: self.config.node_id.clone(),
             spec_hash: tracked.file.spec_hash.clone(),
             state: capstan_proto::state_to_wire(tracked.state) as i32,
-            address: format!("127.0.0.1:{}", tracked.file.host_port),
+            address: tracked.file.address().to_string(),
             routable: false,
             message: tracked.message.clone(),
             updated_at_ms: tracked.updated_ms,
@@ -236,7 +268,7 @@ impl Inner {
                     continue;
                 }
             }
-            if health::probe(&health.check, file.host_port, health.timeout).await {
+            if health::probe(&health.check, file.address(), health.timeout).await {
                 failures = 0;
                 if !passing {
                     passing = true;
@@ -277,7 +309,7 @@ impl Inner {
         // A fixed host port was checked for conflicts by the scheduler.
         let host_port = match spec.ports.first().and_then(|p| p.host_port) {
             Some(port) => port,
-            None => free_port()?,
+            None => free_port(self.config.advertise_ip)?,
         };
         let program = match &spec.run {
             Run::Image { image, args } => Program::Image {
@@ -299,6 +331,7 @@ impl Inner {
             spec_hash: spec_hash.clone(),
             program,
             env: spec.env.clone(),
+            host_ip: self.config.advertise_ip,
             host_port,
             cpu_millis: spec.resources.cpu_millis,
             memory_mb: spec.resources.memory_mb,
@@ -307,6 +340,7 @@ impl Inner {
             instance_id: instance_id.clone(),
             spec_hash,
             spec,
+            host_ip: self.config.advertise_ip,
             host_port,
         };
         let bytes = serde_json::to_vec(&file).map_err(Error::internal)?;
@@ -321,7 +355,7 @@ impl Inner {
         let event = self.event(
             EventKind::InstanceStarted,
             &file,
-            format!("listening on 127.0.0.1:{host_port}"),
+            format!("listening on {}", file.address()),
         );
         // Answer with what was started: a concurrent StopInstance may
         // already have removed the entry by the time the event is out.
@@ -523,8 +557,8 @@ async fn write_private(path: PathBuf, bytes: Vec<u8>) -> Result<(), Error> {
         .map_err(Error::internal)
 }
 
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port(ip: IpAddr) -> Result<u16, Error> {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| Error::Unavailable(format!("no free port: {e}")))
@@ -637,7 +671,7 @@ pub async fn run(
         .await
         .map_err(Error::internal)?;
     inner.adopt().await?;
-    let address = listener.local_addr().map_err(Error::internal)?.to_string();
+    let address = platform.advertised(listener.local_addr().map_err(Error::internal)?)?;
     let heartbeat = tokio::spawn(inner.clone().heartbeat(address, shutdown.clone()));
     let policy = policy();
     let service = Service {

@@ -36,6 +36,12 @@ struct Args {
     /// Create one with `capstan key create --role node --name NODE_ID`.
     #[arg(long, env = "CAPSTAN_NODE_KEY_FILE")]
     node_key_file: std::path::PathBuf,
+    /// The address other hosts reach this node at, e.g. 10.0.0.5: instances
+    /// bind to it (CAPSTAN_HOST_IP), routers dial it, and it is the agent's
+    /// own advertised host when --listen is a wildcard. Default: the
+    /// address of the interface the default route leaves by.
+    #[arg(long, env = "CAPSTAN_ADVERTISE_ADDR")]
+    advertise_addr: Option<std::net::IpAddr>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -50,7 +56,25 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: --node-id: {reason}");
         return std::process::ExitCode::from(2);
     }
-    let state_dir = args.standalone.data_dir.join("agents").join(&args.node_id);
+    let advertise_ip = match args.advertise_addr {
+        Some(ip) if ip.is_unspecified() => {
+            eprintln!("error: --advertise-addr: {ip} is not an address others can dial");
+            return std::process::ExitCode::from(2);
+        }
+        Some(ip) => ip,
+        None => match capstan_agent::primary_address() {
+            Ok(ip) => ip,
+            Err(e) => {
+                eprintln!("error: --advertise-addr: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+    };
+    let mut standalone = args.standalone;
+    if standalone.advertise_host.is_none() {
+        standalone.advertise_host = Some(advertise_ip.to_string());
+    }
+    let state_dir = standalone.data_dir.join("agents").join(&args.node_id);
     let config = capstan_agent::AgentConfig {
         work_root: args
             .work_dir
@@ -64,10 +88,11 @@ fn main() -> std::process::ExitCode {
         },
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         docker: !args.no_docker,
+        advertise_ip,
     };
     capstan_server::standalone::main(
         "capstan-agent",
-        args.standalone,
+        standalone,
         capstan_server::standalone::Credential::NodeKeyFile(args.node_key_file),
         |platform, listener, shutdown| capstan_agent::run(platform, config, listener, shutdown),
     )

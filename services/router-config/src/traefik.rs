@@ -3,6 +3,14 @@
 //! at least one server per load balancer. With no route at all the document
 //! is `{}`: Traefik rejects empty `routers` and `services` maps ("cannot be a
 //! standalone element") and keeps the old table, while `{}` clears it.
+//!
+//! Every router goes through [`RETRY`], and every service dials through
+//! [`TRANSPORT`]: a server on a host that just died does not answer its
+//! SYN, so Traefik gives up on it after [`DIAL_TIMEOUT`] and retries the
+//! request on the next server, instead of failing it after Go's default
+//! 30 s. The request never reached the dead server, so the retry runs it
+//! once. (Traefik's retry also replays a request whose connection broke
+//! before any response byte, as every Traefik retry does.)
 
 use serde_json::{Map, Value, json};
 
@@ -10,6 +18,14 @@ use crate::table::RouteTable;
 
 /// The entry point routers attach to; `infra/traefik` defines it.
 pub const ENTRY_POINT: &str = "web";
+/// The retry middleware every Capstan router uses.
+pub const RETRY: &str = "capstan-retry";
+/// The servers transport every Capstan service dials through.
+pub const TRANSPORT: &str = "capstan-transport";
+/// How long Traefik waits for a server to accept a connection.
+pub const DIAL_TIMEOUT: &str = "1s";
+/// Tries per request, the first one included.
+pub const ATTEMPTS: u32 = 4;
 
 pub fn render(table: &RouteTable) -> Value {
     let mut routers = Map::new();
@@ -28,7 +44,12 @@ pub fn render(table: &RouteTable) -> Value {
             .join(" || ");
         routers.insert(
             name.clone(),
-            json!({ "rule": rule, "service": name, "entryPoints": [ENTRY_POINT] }),
+            json!({
+                "rule": rule,
+                "service": name,
+                "entryPoints": [ENTRY_POINT],
+                "middlewares": [RETRY],
+            }),
         );
         let servers: Vec<Value> = route
             .upstreams
@@ -37,13 +58,22 @@ pub fn render(table: &RouteTable) -> Value {
             .collect();
         services.insert(
             name,
-            json!({ "loadBalancer": { "servers": servers, "passHostHeader": true } }),
+            json!({ "loadBalancer": {
+                "servers": servers,
+                "passHostHeader": true,
+                "serversTransport": TRANSPORT,
+            } }),
         );
     }
     if routers.is_empty() {
         return json!({});
     }
-    json!({ "http": { "routers": routers, "services": services } })
+    json!({ "http": {
+        "routers": routers,
+        "services": services,
+        "middlewares": { RETRY: { "retry": { "attempts": ATTEMPTS } } },
+        "serversTransports": { TRANSPORT: { "forwardingTimeouts": { "dialTimeout": DIAL_TIMEOUT } } },
+    } })
 }
 
 /// The root key of Traefik's KV providers (its `rootKey`, default `traefik`).
@@ -79,15 +109,18 @@ pub fn kv_pairs(document: &Value) -> std::collections::BTreeMap<String, String> 
     out
 }
 
-/// Whether a KV key is one router-config writes: routers and services named
-/// `capstan-*`. Everything else under the root is the operator's.
+/// Whether a KV key is one router-config writes: routers, services,
+/// middlewares and servers transports named `capstan-*`. Everything else
+/// under the root is the operator's.
 pub fn kv_owned(key: &str) -> bool {
-    ["routers", "services"].iter().any(|kind| {
-        key.strip_prefix(KV_ROOT)
-            .and_then(|rest| rest.strip_prefix("/http/"))
-            .and_then(|rest| rest.strip_prefix(kind))
-            .is_some_and(|rest| rest.starts_with("/capstan-"))
-    })
+    ["routers", "services", "middlewares", "serversTransports"]
+        .iter()
+        .any(|kind| {
+            key.strip_prefix(KV_ROOT)
+                .and_then(|rest| rest.strip_prefix("/http/"))
+                .and_then(|rest| rest.strip_prefix(kind))
+                .is_some_and(|rest| rest.starts_with("/capstan-"))
+        })
 }
 
 #[cfg(test)]
@@ -110,7 +143,12 @@ mod tests {
         };
         let pairs = kv_pairs(&render(&table));
         let expected = [
+            ("traefik/http/middlewares/capstan-retry/retry/attempts", "4"),
             ("traefik/http/routers/capstan-hello/entryPoints/0", "web"),
+            (
+                "traefik/http/routers/capstan-hello/middlewares/0",
+                "capstan-retry",
+            ),
             (
                 "traefik/http/routers/capstan-hello/rule",
                 "Host(`hello.localhost`)",
@@ -120,12 +158,20 @@ mod tests {
                 "capstan-hello",
             ),
             (
+                "traefik/http/serversTransports/capstan-transport/forwardingTimeouts/dialTimeout",
+                "1s",
+            ),
+            (
                 "traefik/http/services/capstan-hello/loadBalancer/passHostHeader",
                 "true",
             ),
             (
                 "traefik/http/services/capstan-hello/loadBalancer/servers/0/url",
                 "http://10.0.0.5:31000",
+            ),
+            (
+                "traefik/http/services/capstan-hello/loadBalancer/serversTransport",
+                "capstan-transport",
             ),
         ];
         assert_eq!(
@@ -138,6 +184,6 @@ mod tests {
         assert!(pairs.keys().all(|k| kv_owned(k)));
         assert!(kv_pairs(&render(&RouteTable::default())).is_empty());
         assert!(!kv_owned("traefik/http/routers/mine/rule"));
-        assert!(!kv_owned("traefik/http/middlewares/capstan-x/headers"));
+        assert!(!kv_owned("traefik/http/middlewares/mine/headers"));
     }
 }

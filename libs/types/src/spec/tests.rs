@@ -188,6 +188,12 @@ fn rejects_bad_input_naming_the_field() {
     );
     check_rejected(
         Toml,
+        &toml_with("GREETING = \"hello\"", "CAPSTAN_HOST_IP = \"0.0.0.0\""),
+        "env.CAPSTAN_HOST_IP",
+        "reserved",
+    );
+    check_rejected(
+        Toml,
         &toml_with("hello.localhost", "bad host!"),
         "route.hosts[0]",
         "valid host",
