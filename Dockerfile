@@ -16,11 +16,11 @@ ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUNTIME_IMAGE} AS runtime-base
-# python3 runs the example apps on agents; ca-certificates: TLS to Vault,
-# Consul and OTLP. A base that has them (infra/docker/base-image.sh) skips
-# the download.
-RUN if ! command -v python3 >/dev/null || [ ! -d /etc/ssl/certs ]; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 ca-certificates \
+# python3 runs the example apps on agents (and init.sh); curl: the
+# vault-init job; ca-certificates: TLS to Vault, Consul and OTLP. A base
+# that has them (infra/docker/base-image.sh) skips the download.
+RUN if ! command -v python3 >/dev/null || ! command -v curl >/dev/null || [ ! -d /etc/ssl/certs ]; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 curl ca-certificates \
       && rm -rf /var/lib/apt/lists/*; \
     fi \
  && groupadd --system --gid 10001 capstan \

@@ -317,6 +317,54 @@ fn the_services_run_on_consul_vault_rabbitmq_and_redis() {
                     == 2
         },
     );
+
+    // SIGTERM to a scheduler under load: it leaves Consul first, finishes
+    // its calls and exits within 10 s; the orchestrators' calls go to the
+    // other scheduler, and a scale-up (which places through the scheduler)
+    // completes with no request through the proxy failing.
+    let load = Load::start(http, "c.localhost");
+    let terminated = std::time::Instant::now();
+    services.signal("scheduler-a", "TERM");
+    let scale = services.cli(&["app", "scale", "c", "3"]);
+    assert!(
+        scale.status.success(),
+        "scale after SIGTERM: {}\n{}",
+        String::from_utf8_lossy(&scale.stderr),
+        services.logs()
+    );
+    wait_until("three healthy instances", Duration::from_secs(30), || {
+        let status = services.cli(&["app", "status", "c", "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&status.stdout).is_ok_and(|s| healthy(&s) == 3)
+    });
+    let exited = services
+        .wait_exit("scheduler-a", Duration::from_secs(12))
+        .expect("scheduler-a exited within its leave delay and drain timeout");
+    assert!(
+        exited.success(),
+        "scheduler-a: {exited}\n{}",
+        services.log("scheduler-a")
+    );
+    eprintln!(
+        "SIGTERM: scheduler-a gone {:.1} s after the signal",
+        terminated.elapsed().as_secs_f64()
+    );
+    let log = services.log("scheduler-a");
+    assert!(log.contains("left the registry; draining"), "{log}");
+    assert!(
+        consul
+            .requests()
+            .iter()
+            .any(|r| r.path.starts_with("/v1/agent/service/deregister/scheduler")),
+        "scheduler-a left Consul"
+    );
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed",
+        failures.len(),
+        ok + failures.len()
+    );
+
     let out = services.cli(&["app", "rm", "c"]);
     assert!(
         out.status.success(),

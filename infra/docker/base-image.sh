@@ -14,17 +14,19 @@ set -euo pipefail
 image=${1:-capstan-base:bookworm}
 cache=${CAPSTAN_IMAGE_CACHE:-/var/cache/capstan-images}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# python3: the example and test apps; ca-certificates: TLS to Vault,
-# Consul and OTLP endpoints; iproute2: `ip` for --advertise-addr checks.
-packages=python3,ca-certificates,iproute2
+# What the Dockerfile's runtime stage wants, so that it downloads nothing:
+# python3 (the example and test apps, init.sh), curl (vault-init),
+# ca-certificates (TLS to Vault, Consul and OTLP endpoints).
+packages=python3,curl,ca-certificates
 
-if docker image inspect "$image" >/dev/null 2>&1; then
+digest=$(echo "$packages" | md5sum | cut -c1-8)
+if [ "$(docker image inspect -f '{{index .Config.Labels "io.capstan.packages"}}' "$image" 2>/dev/null)" = "$digest" ]; then
   echo "base-image: $image is already built"
   exit 0
 fi
 command -v debootstrap >/dev/null || { echo "base-image: debootstrap is missing: apt-get install -y debootstrap" >&2; exit 1; }
 
-tarball="$cache/bookworm-$(echo "$packages" | md5sum | cut -c1-8).tar"
+tarball="$cache/bookworm-$digest.tar"
 if [ ! -f "$tarball" ]; then
   mkdir -p "$cache"
   root=$(mktemp -d "$cache/rootfs.XXXXXX")
@@ -36,5 +38,6 @@ if [ ! -f "$tarball" ]; then
   tar -C "$root" --numeric-owner -cf "$tarball.partial" .
   mv "$tarball.partial" "$tarball"
 fi
-docker import --change 'CMD ["/bin/bash"]' "$tarball" "$image" >/dev/null
+docker import --change 'CMD ["/bin/bash"]' --change "LABEL io.capstan.packages=$digest" \
+  "$tarball" "$image" >/dev/null
 echo "base-image: imported $image from $tarball"

@@ -24,7 +24,7 @@ umask 077
 mkdir -p "$keys_dir"
 if [ "$(curl -fsS "$VAULT_ADDR/v1/sys/init" | field "['initialized']")" != True ]; then
   echo "bootstrap.sh: initialising Vault (1 key share)"
-  curl -fsS -X PUT --data '{"secret_shares":1,"secret_threshold":1}' \
+  curl -fsS -X POST --data '{"secret_shares":1,"secret_threshold":1}' \
     "$VAULT_ADDR/v1/sys/init" >"$keys_dir/init.json.partial"
   mv "$keys_dir/init.json.partial" "$keys_dir/init.json"
 fi
@@ -32,7 +32,7 @@ fi
 if [ "$(curl -fsS "$VAULT_ADDR/v1/sys/seal-status" | field "['sealed']")" = True ]; then
   echo "bootstrap.sh: unsealing Vault"
   key=$(field "['keys_base64'][0]" <"$keys_dir/init.json")
-  curl -fsS -X PUT --data "{\"key\":\"$key\"}" "$VAULT_ADDR/v1/sys/unseal" >/dev/null
+  curl -fsS -X POST --data "{\"key\":\"$key\"}" "$VAULT_ADDR/v1/sys/unseal" >/dev/null
 fi
 VAULT_TOKEN=$(field "['root_token']" <"$keys_dir/init.json")
 export VAULT_TOKEN

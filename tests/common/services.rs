@@ -132,6 +132,23 @@ impl Services {
         assert!(status.success(), "kill -{signal} {label}");
     }
 
+    /// Waits up to `timeout` for `label` to exit; its status, or `None`.
+    pub fn wait_exit(
+        &mut self,
+        label: &str,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        let child = self.children.get_mut(label)?;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill(&mut self, label: &str) {
         if let Some(mut child) = self.children.remove(label) {
             let _ = child.kill();

@@ -152,3 +152,87 @@ async fn init_configures_vault_idempotently_and_its_files_log_services_in() {
     }
     assert_eq!(double.violations(), Vec::<String>::new());
 }
+
+/// infra/vault/bootstrap.sh, the `vault-init` of docker-compose.yml, on a
+/// Vault as a fresh server is: it initialises and unseals it, then each
+/// service finds its own role_id and wrapped secret_id in its own directory,
+/// and they log it in. After a restart (sealed again) it unseals with the
+/// key it kept and initialises nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn bootstrap_initialises_unseals_and_hands_each_service_its_credentials() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    capstan_testkit::require_tool("curl", "apt-get install -y curl");
+    let double = VaultDouble::start_uninitialized().await;
+    let (keys, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../infra/vault/bootstrap.sh");
+    let run = || {
+        tokio::task::block_in_place(|| {
+            Command::new("bash")
+                .arg(&script)
+                .arg(keys.path())
+                .arg(out.path())
+                .env("VAULT_ADDR", double.address())
+                .env("CAPSTAN_UID", nix::unistd::getuid().to_string())
+                .output()
+                .unwrap()
+        })
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(!double.is_sealed());
+    let mode = std::fs::metadata(keys.path().join("init.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "init.json is readable by others: {mode:o}");
+    for service in [
+        "auth",
+        "scheduler",
+        "orchestrator",
+        "router-config",
+        "agent",
+    ] {
+        let dir = out.path().join(service);
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{service}'s directory is open to others: {mode:o}"
+        );
+        let store = VaultSecretStore::login(VaultConfig {
+            address: double.address(),
+            role_id_file: dir.join("role-id"),
+            secret_id_file: dir.join("secret-id"),
+            approle_mount: "approle".into(),
+            kv_mount: "secret".into(),
+            prefix: "capstan".into(),
+        })
+        .await;
+        assert!(store.is_ok(), "{service} did not log in: {:?}", store.err());
+    }
+
+    // A restart: sealed again. It unseals and leaves the init alone.
+    double.seal();
+    let second = run();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(!double.is_sealed());
+    let inits = double
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/sys/init")
+        .count();
+    assert_eq!(inits, 1, "Vault was initialised twice");
+    assert_eq!(
+        double.violations(),
+        Vec::<String>::new(),
+        "bootstrap.sh left the documented API"
+    );
+}

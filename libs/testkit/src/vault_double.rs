@@ -17,6 +17,13 @@
 //!   current version"; 404 for a missing secret; 403 "permission denied"
 //!   outside the role's policy prefix or with a dead token.
 //! - `GET /v1/sys/health`.
+//! - The seal lifecycle, for a double made with
+//!   [`VaultDouble::start_uninitialized`]: `GET /v1/sys/init`,
+//!   `POST /v1/sys/init` (one key share: `keys`, `keys_base64`,
+//!   `root_token`; 400 "Vault is already initialized"), `GET
+//!   /v1/sys/seal-status`, `POST /v1/sys/unseal` (`key`, base64 or hex; 400
+//!   for a wrong key). While it is uninitialised or sealed every other path
+//!   but `sys/health` answers 503 "Vault is sealed".
 //! - PKI at `pki/`: `POST /v1/pki/root/generate/internal` (a root CA, once),
 //!   `GET /v1/pki/ca/pem` (204 with none), `POST /v1/pki/roles/:name`
 //!   (`allowed_domains`, bare names only), `POST /v1/pki/issue/:role`: a
@@ -86,6 +93,14 @@ struct State {
     issued: usize,
     /// What `expiration` the double reports; [`PKI_TTL`] unless set.
     pki_ttl: Option<Duration>,
+    /// `None`: initialised and unsealed from the start (the usual double).
+    /// `Some`: the seal lifecycle, with the unseal key once initialised.
+    seal: Option<Seal>,
+}
+
+struct Seal {
+    key: Option<[u8; 32]>,
+    sealed: bool,
 }
 
 /// How long the double's PKI certificates are said to last.
@@ -212,6 +227,33 @@ fn random_id(prefix: &str) -> String {
 }
 
 impl VaultDouble {
+    /// A Vault as a fresh server is: not initialised, sealed. `POST
+    /// /v1/sys/init` hands out [`VaultDouble::root_token`].
+    pub async fn start_uninitialized() -> VaultDouble {
+        let double = VaultDouble::start().await;
+        double.state.lock().unwrap().seal = Some(Seal {
+            key: None,
+            sealed: true,
+        });
+        double
+    }
+
+    /// Seals it again, as a restart of a real server does.
+    pub fn seal(&self) {
+        if let Some(seal) = self.state.lock().unwrap().seal.as_mut() {
+            seal.sealed = true;
+        }
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .seal
+            .as_ref()
+            .is_some_and(|s| s.sealed)
+    }
+
     pub async fn start() -> VaultDouble {
         let spec = spec();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -484,6 +526,66 @@ async fn handle(
             .map(|t| t.prefixes.clone())
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let Some(seal) = state.seal.as_mut() {
+        let status = |seal: &Seal| {
+            json!({
+                "type": "shamir", "initialized": seal.key.is_some(), "sealed": seal.sealed,
+                "t": 1, "n": 1, "progress": 0, "nonce": "", "version": "1.17.0-double",
+                "build_date": "2024-01-01T00:00:00Z", "migration": false,
+                "recovery_seal": false, "storage_type": "file",
+            })
+        };
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["v1", "sys", "init"]) => {
+                return reply(StatusCode::OK, json!({ "initialized": seal.key.is_some() }));
+            }
+            (&Method::POST, ["v1", "sys", "init"]) => {
+                if seal.key.is_some() {
+                    return errors(StatusCode::BAD_REQUEST, "Vault is already initialized");
+                }
+                if body["secret_shares"] != 1 || body["secret_threshold"] != 1 {
+                    return errors(
+                        StatusCode::BAD_REQUEST,
+                        "the double supports secret_shares = secret_threshold = 1 only",
+                    );
+                }
+                let key: [u8; 32] = rand::random();
+                seal.key = Some(key);
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                let root = state
+                    .tokens
+                    .iter()
+                    .find(|(_, t)| t.prefixes.is_none())
+                    .map(|(id, _)| id.clone())
+                    .unwrap_or_default();
+                return reply(
+                    StatusCode::OK,
+                    json!({ "keys": [hex], "keys_base64": [B64.encode(key)], "root_token": root }),
+                );
+            }
+            (&Method::GET, ["v1", "sys", "seal-status"]) => {
+                return reply(StatusCode::OK, status(seal));
+            }
+            (&Method::POST, ["v1", "sys", "unseal"]) => {
+                let Some(key) = seal.key else {
+                    return errors(StatusCode::BAD_REQUEST, "Vault is not initialized");
+                };
+                let given = body["key"].as_str().unwrap_or_default();
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                if given != B64.encode(key) && given != hex {
+                    return errors(
+                        StatusCode::BAD_REQUEST,
+                        "Error unsealing: crypto/aes: invalid key size",
+                    );
+                }
+                seal.sealed = false;
+                return reply(StatusCode::OK, status(seal));
+            }
+            (_, ["v1", "sys", "health"]) => {}
+            _ if seal.sealed => return errors(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed"),
+            _ => {}
+        }
+    }
     match (method, segments.as_slice()) {
         (Method::GET, ["v1", "sys", "health"]) => reply(
             StatusCode::OK,

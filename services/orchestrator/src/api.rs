@@ -505,10 +505,17 @@ impl Orchestrator for Api {
                     address: r.address.clone(),
                 })
                 .collect();
+            let health = &app.spec.health;
             apps.push(AppEndpoints {
                 app: app.spec.name.to_string(),
                 hosts: app.spec.route.hosts.clone(),
                 endpoints,
+                health_path: match &health.check {
+                    capstan_types::HealthCheck::Http { path } => path.clone(),
+                    capstan_types::HealthCheck::Tcp => String::new(),
+                },
+                health_interval_ms: health.interval.as_millis() as u64,
+                health_timeout_ms: health.timeout.as_millis() as u64,
             });
         }
         Ok(Response::new(ListEndpointsResponse { apps }))

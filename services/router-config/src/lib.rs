@@ -123,10 +123,16 @@ impl Router {
                     })
                     .collect();
                 upstreams.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                let health = (!app.health_path.is_empty()).then(|| table::RouteHealth {
+                    path: app.health_path.clone(),
+                    interval_ms: app.health_interval_ms,
+                    timeout_ms: app.health_timeout_ms,
+                });
                 Route {
                     app: app.app,
                     hosts: app.hosts,
                     upstreams,
+                    health,
                 }
             })
             .collect();

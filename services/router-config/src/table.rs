@@ -14,6 +14,17 @@ pub struct Route {
     pub hosts: Vec<String>,
     /// Healthy, routable instances, ordered by instance id.
     pub upstreams: Vec<Upstream>,
+    /// The app's HTTP health check, which Traefik repeats on its own so
+    /// that it stops sending to a dead host's servers at once; `None` for
+    /// a TCP check.
+    pub health: Option<RouteHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteHealth {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,10 @@
 //! request on the next server, instead of failing it after Go's default
 //! 30 s. The request never reached the dead server, so the retry runs it
 //! once. (Traefik's retry also replays a request whose connection broke
-//! before any response byte, as every Traefik retry does.)
+//! before any response byte, as every Traefik retry does.) An app with an
+//! HTTP health check gets it repeated by Traefik too (`healthCheck`), so
+//! Traefik stops sending to a dead host's servers after one failed probe,
+//! before the control plane has declared the host down.
 
 use serde_json::{Map, Value, json};
 
@@ -56,14 +59,23 @@ pub fn render(table: &RouteTable) -> Value {
             .iter()
             .map(|u| json!({ "url": format!("http://{}", u.address) }))
             .collect();
-        services.insert(
-            name,
-            json!({ "loadBalancer": {
+        services.insert(name, {
+            let mut balancer = json!({
                 "servers": servers,
                 "passHostHeader": true,
                 "serversTransport": TRANSPORT,
-            } }),
-        );
+            });
+            if let Some(health) = &route.health {
+                // Traefik drops a server from rotation on a failed
+                // check and takes it back on a passing one.
+                balancer["healthCheck"] = json!({
+                    "path": health.path,
+                    "interval": format!("{}ms", health.interval_ms),
+                    "timeout": format!("{}ms", health.timeout_ms),
+                });
+            }
+            json!({ "loadBalancer": balancer })
+        });
     }
     if routers.is_empty() {
         return json!({});
@@ -135,6 +147,7 @@ mod tests {
             routes: vec![Route {
                 app: "hello".into(),
                 hosts: vec!["hello.localhost".into()],
+                health: None,
                 upstreams: vec![Upstream {
                     instance_id: "i1".into(),
                     address: "10.0.0.5:31000".into(),

@@ -35,6 +35,7 @@ async fn start(
         routes: vec![Route {
             app: "app".into(),
             hosts: vec!["app.test".into()],
+            health: None,
             upstreams: vec![Upstream {
                 instance_id: "app-1".into(),
                 address: upstream.to_string(),

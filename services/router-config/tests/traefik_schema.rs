@@ -21,6 +21,11 @@ fn table() -> RouteTable {
             Route {
                 app: "hello".into(),
                 hosts: vec!["hello.localhost".into(), "hi.example.com".into()],
+                health: Some(capstan_router_config::table::RouteHealth {
+                    path: "/healthz".into(),
+                    interval_ms: 1000,
+                    timeout_ms: 500,
+                }),
                 upstreams: vec![
                     Upstream {
                         instance_id: "hello-1".into(),
@@ -35,6 +40,7 @@ fn table() -> RouteTable {
             Route {
                 app: "idle".into(),
                 hosts: vec!["idle.localhost".into()],
+                health: None,
                 upstreams: vec![],
             },
         ],
@@ -77,6 +83,18 @@ fn routers_match_hosts_and_services_list_upstreams() {
     let servers = &document["http"]["services"]["capstan-hello"]["loadBalancer"]["servers"];
     assert_eq!(servers[0]["url"], "http://127.0.0.1:4001");
     assert_eq!(servers[1]["url"], "http://127.0.0.1:4002");
+    // Traefik repeats the app's HTTP check, so it drops a dead server itself.
+    assert_eq!(
+        document["http"]["services"]["capstan-hello"]["loadBalancer"]["healthCheck"],
+        serde_json::json!({ "path": "/healthz", "interval": "1000ms", "timeout": "500ms" })
+    );
+    // Every router retries on the next server; every service dials with a
+    // short timeout.
+    assert_eq!(router["middlewares"], serde_json::json!([traefik::RETRY]));
+    assert_eq!(
+        document["http"]["serversTransports"][traefik::TRANSPORT]["forwardingTimeouts"]["dialTimeout"],
+        traefik::DIAL_TIMEOUT
+    );
     assert!(
         document["http"]["routers"].get("capstan-idle").is_none(),
         "apps with no server are left out"
