@@ -151,6 +151,9 @@ enum Command {
         registry: String,
         #[command(flatten)]
         traefik: capstan_router_config::ack::TraefikArgs,
+        /// Where Prometheus scrapes every service's metrics (`/metrics`).
+        #[arg(long, env = "CAPSTAN_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        metrics_addr: SocketAddr,
     },
     /// Check a service's gRPC health (grpc.health.v1); exit 0 when it is
     /// SERVING. For container health checks.
@@ -426,6 +429,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             registry,
             store,
             traefik,
+            metrics_addr,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -450,6 +454,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 registry,
                 store,
                 traefik,
+                metrics_addr,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

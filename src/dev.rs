@@ -52,6 +52,8 @@ pub struct DevOptions {
     pub store: Option<String>,
     /// Traefik in front, whose API confirms each table before a drain.
     pub traefik: capstan_router_config::ack::TraefikArgs,
+    /// Where `/metrics` is served, for every service of this process.
+    pub metrics_addr: SocketAddr,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -106,6 +108,9 @@ pub struct Endpoints {
     pub auth: String,
     pub proxy: String,
     pub traefik_provider: String,
+    /// Where Prometheus scrapes `/metrics` (every service's series).
+    #[serde(default)]
+    pub metrics: String,
     pub pid: u32,
 }
 
@@ -189,6 +194,11 @@ pub async fn run(options: DevOptions) -> Result<()> {
     .await?;
     let provider_listener =
         bind(options.traefik_provider_addr, "Traefik provider endpoint").await?;
+    let metrics_listener = bind(
+        options.metrics_addr,
+        "Prometheus metrics (use --metrics-addr to pick another)",
+    )
+    .await?;
 
     let endpoints = Endpoints {
         orchestrator: orchestrator_listener.local_addr()?.to_string(),
@@ -197,6 +207,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         auth: auth_listener.local_addr()?.to_string(),
         proxy: proxy_listener.local_addr()?.to_string(),
         traefik_provider: provider_listener.local_addr()?.to_string(),
+        metrics: metrics_listener.local_addr()?.to_string(),
         pid: std::process::id(),
     };
 
@@ -219,6 +230,10 @@ pub async fn run(options: DevOptions) -> Result<()> {
             }
         });
     };
+    tasks.spawn(capstan_server::metrics::serve(
+        metrics_listener,
+        shutdown.clone(),
+    ));
     spawn(
         "auth",
         Box::pin(capstan_auth::run(
@@ -313,6 +328,10 @@ pub async fn run(options: DevOptions) -> Result<()> {
     println!(
         "  Traefik:  http://{}/traefik (HTTP provider; bearer token in secrets.json)",
         endpoints.traefik_provider
+    );
+    println!(
+        "  metrics:  http://{}/metrics (Prometheus)",
+        endpoints.metrics
     );
     println!(
         "Deploy the example:  capstan app deploy -f examples/hello.toml --data-dir {}",

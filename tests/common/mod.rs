@@ -81,6 +81,7 @@ impl Dev {
             .args(["dev", "--data-dir"])
             .arg(self.data_dir())
             .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

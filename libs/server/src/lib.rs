@@ -7,6 +7,7 @@
 //! authenticated clients of other services, found through the registry.
 
 pub mod leader;
+pub mod metrics;
 pub mod tls;
 
 pub use tls::Tls;
@@ -550,6 +551,10 @@ pub async fn serve_with(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_keepalive(Some(limits.tcp_keepalive))
+        .layer(metrics::RpcMetricsLayer::new(
+            service.name,
+            &service.grpc_names,
+        ))
         .layer(service.auth)
         .add_routes(routes);
     let stop_accepting = CancellationToken::new();

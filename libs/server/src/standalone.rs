@@ -60,6 +60,9 @@ pub struct StandaloneArgs {
     /// wildcard address (0.0.0.0 or [::]), e.g. 10.0.0.5.
     #[arg(long, env = "CAPSTAN_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`) here, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "CAPSTAN_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// The failure domain (zone, rack) this service runs in, tagged on its
     /// registration as `zone=ZONE`, e.g. eu-west-1a.
     #[arg(long, env = "CAPSTAN_ZONE", value_parser = parse_zone)]
@@ -665,6 +668,10 @@ where
         let listener = Arc::try_unwrap(listener)
             .map_err(|_| anyhow!("the listener is still held by the health server"))?;
         tracing::info!(service = name, "every backend answered; starting");
+        if let Some(address) = args.metrics_addr {
+            let listener = crate::metrics::bind(address).await?;
+            tokio::spawn(crate::metrics::serve(listener, shutdown.clone()));
+        }
         let signals = shutdown.clone();
         tokio::spawn(async move {
             let mut terminate =

@@ -123,7 +123,15 @@ impl Reconciler {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
-            if let Err(e) = self.reconcile(now_ms()).await {
+            let started = std::time::Instant::now();
+            let result = self.reconcile(now_ms()).await;
+            let metrics = capstan_server::metrics::metrics();
+            metrics
+                .reconcile_duration
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            metrics.reconcile_passes.with_label_values(&[outcome]).inc();
+            if let Err(e) = result {
                 tracing::warn!("reconcile pass failed: {e}");
             }
             passes = passes.wrapping_add(1);

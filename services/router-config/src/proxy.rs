@@ -152,6 +152,11 @@ impl EdgeProxy {
     }
 
     pub fn apply(&self, table: RouteTable) {
+        let metrics = capstan_server::metrics::metrics();
+        metrics.routes.set(table.routes.len() as i64);
+        metrics
+            .route_upstreams
+            .set(table.addresses().count() as i64);
         *self.table.write().expect("table lock poisoned") = Arc::new(compile(table));
     }
 
@@ -200,11 +205,38 @@ impl EdgeProxy {
         InFlight(counter)
     }
 
+    /// Routes one request, and records it per app and instance
+    /// (`capstan_proxy_*`; requests for hosts no app has are not recorded
+    /// per host: the Host header is the client's to make up).
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         remote: SocketAddr,
     ) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let (response, served) = self.forward(request, remote).await;
+        if let Some((app, instance)) = served {
+            let metrics = capstan_server::metrics::metrics();
+            let class = capstan_server::metrics::status_class(response.status().as_u16());
+            metrics
+                .proxy_requests
+                .with_label_values(&[app.as_str(), instance.as_str(), class])
+                .inc();
+            metrics
+                .proxy_duration
+                .with_label_values(&[app.as_str(), instance.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        response
+    }
+
+    /// The response, and the app and instance that answered it (`none`
+    /// when no instance was tried).
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> (Response<ProxyBody>, Option<(String, String)>) {
         let host = request
             .headers()
             .get(header::HOST)
@@ -215,20 +247,23 @@ impl EdgeProxy {
         let hostname = strip_port(&host).to_ascii_lowercase();
         let compiled = self.table.read().expect("table lock poisoned").clone();
         let Some(&route_idx) = compiled.hosts.get(&hostname) else {
-            return text(
+            let response = text(
                 StatusCode::NOT_FOUND,
                 format!("capstan: no app is routed for host `{hostname}`\n"),
             );
+            return (response, None);
         };
         let route = &compiled.table.routes[route_idx];
+        let mut served = (route.app.clone(), "none".to_string());
         if route.upstreams.is_empty() {
-            return text(
+            let response = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "capstan: app `{}` has no healthy instances right now\n",
                     route.app
                 ),
             );
+            return (response, Some(served));
         }
         let start = compiled.next[route_idx].fetch_add(1, Ordering::Relaxed);
         let retryable = is_retryable(&request);
@@ -264,18 +299,20 @@ impl EdgeProxy {
             let Ok(outgoing) = outgoing.body(outgoing_body) else {
                 break;
             };
+            served.1.clone_from(&upstream.instance_id);
             let guard = self.track(&upstream.address);
             let answered =
                 tokio::time::timeout(self.limits.upstream_timeout, self.client.request(outgoing))
                     .await;
             let Ok(answered) = answered else {
-                return text(
+                let response = text(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
                         "capstan: `{}` did not answer within {:?}\n",
                         route.app, self.limits.upstream_timeout
                     ),
                 );
+                return (response, Some(served));
             };
             match answered {
                 Ok(response) => {
@@ -283,7 +320,7 @@ impl EdgeProxy {
                     for name in HOP_BY_HOP {
                         parts.headers.remove(name);
                     }
-                    return Response::from_parts(
+                    let response = Response::from_parts(
                         parts,
                         Tracked {
                             inner: body,
@@ -291,16 +328,18 @@ impl EdgeProxy {
                         }
                         .boxed(),
                     );
+                    return (response, Some(served));
                 }
                 Err(e) => {
                     tracing::debug!(upstream = %upstream.address, "upstream request failed: {e}");
                 }
             }
         }
-        text(
+        let response = text(
             StatusCode::BAD_GATEWAY,
             format!("capstan: no instance of `{}` answered\n", route.app),
-        )
+        );
+        (response, Some(served))
     }
 }
 

@@ -230,11 +230,25 @@ impl Scheduler for SchedulerApi {
             placement: capstan_proto::placement_from_wire(r.placement.unwrap_or_default())
                 .map_err(capstan_proto::status)?,
         };
+        let started = std::time::Instant::now();
         let outcome = self
             .placer
             .place(&input, now_ms())
             .await
             .map_err(capstan_proto::status)?;
+        let metrics = capstan_server::metrics::metrics();
+        metrics
+            .placement_duration
+            .observe(started.elapsed().as_secs_f64());
+        let placed = outcome.placed.len();
+        metrics
+            .placed_instances
+            .with_label_values(&["placed"])
+            .inc_by(placed as u64);
+        metrics
+            .placed_instances
+            .with_label_values(&["unplaced"])
+            .inc_by(input.instance_ids.len().saturating_sub(placed) as u64);
         if !outcome.explanation.is_empty() {
             tracing::info!(app = %input.app, "placement fell short: {}", outcome.explanation);
         }
