@@ -31,7 +31,25 @@ pub(crate) fn go_duration(text: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_secs_f64(seconds))
 }
 
+/// A port nothing listens on, for a server a test starts next. It comes
+/// from below the kernel's ephemeral range (`ip_local_port_range`), at
+/// random: a port the kernel hands out for `bind(:0)` or an outgoing
+/// connection is never in that range, so another test's listener or client
+/// cannot take it between this probe and the server's bind.
 pub fn free_port() -> u16 {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_start.max(10_001));
+    for _ in 0..1000 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), low..high);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
