@@ -587,13 +587,19 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
             };
             let api = Api::connect(global)?;
             let mut client = api.orchestrator()?;
-            let response = client
-                .apply_app(ApplyAppRequest {
+            // The root of the deploy's trace (with OTEL_EXPORTER_OTLP_ENDPOINT
+            // set): the orchestrator, and the reconciler's placing and
+            // starting of the rollout's instances, continue it.
+            let span = tracing::info_span!("capstan app deploy", app = %spec.name);
+            let response = tracing::Instrument::instrument(
+                client.apply_app(ApplyAppRequest {
                     spec: Some(capstan_proto::spec_to_wire(&spec)),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
+                }),
+                span,
+            )
+            .await
+            .map_err(rpc)?
+            .into_inner();
             let verb = if response.created {
                 "created"
             } else if response.changed {

@@ -10,8 +10,13 @@ fn main() -> std::process::ExitCode {
     // Exactly one rustls crypto provider, installed before anything uses TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = cli::Args::parse();
-    let _telemetry =
-        capstan_telemetry::init("capstan", if args.is_dev() { "info" } else { "warn" });
+    // Spans of `capstan dev` (every service in one process) and of the CLI
+    // go to the collector under different service names.
+    let _telemetry = if args.is_dev() {
+        capstan_telemetry::init("capstan-dev", "info")
+    } else {
+        capstan_telemetry::init("capstan", "warn")
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -26,6 +26,8 @@ pub struct Dev {
     amqp_url: Option<String>,
     /// Extra `capstan dev` flags, like `--agents 3`.
     extra: Vec<String>,
+    /// Extra environment of `capstan dev` and of every CLI command.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -35,6 +37,12 @@ impl Dev {
     }
 
     pub fn start_with(amqp_url: Option<String>, extra: &[&str]) -> Dev {
+        Dev::start_with_env(amqp_url, extra, &[])
+    }
+
+    /// With `env` in the environment of `capstan dev` and of every CLI
+    /// command (like `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(amqp_url: Option<String>, extra: &[&str], env: &[(&str, &str)]) -> Dev {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = capstan_testkit::free_port();
         let mut dev = Dev {
@@ -42,6 +50,10 @@ impl Dev {
             http_port,
             amqp_url,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         dev.spawn();
@@ -90,6 +102,7 @@ impl Dev {
             command.args(["--amqp-url", url]);
         }
         command.args(&self.extra);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(command.spawn().expect("start capstan dev"));
         wait_until("capstan dev answers", Duration::from_secs(60), || {
             self.data_dir().join("endpoints.json").exists()
@@ -137,6 +150,7 @@ impl Dev {
             .args(args)
             .arg("--data-dir")
             .arg(self.data_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run capstan")
     }

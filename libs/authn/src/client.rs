@@ -97,6 +97,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Authed {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
+        // The caller's trace continues in the server (W3C traceparent).
+        capstan_telemetry::inject(request.headers_mut());
         Box::pin(async move {
             if let Some(tokens) = tokens {
                 let token = tokens

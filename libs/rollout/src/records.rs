@@ -28,6 +28,10 @@ pub struct Rollout {
     /// Instances of the target template that failed during this rollout.
     pub failures: u32,
     pub updated: u32,
+    /// The W3C `traceparent` of the request that started this rollout: the
+    /// reconciler's work for it joins that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl Rollout {
@@ -40,6 +44,7 @@ impl Rollout {
             progress_ms: now,
             failures: 0,
             updated: 0,
+            trace: None,
         }
     }
 }

@@ -264,7 +264,9 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, capstan_types::Err
     })
 }
 
-/// Records every call a gRPC server answers in [`Metrics::record_rpc`].
+/// Records every call a gRPC server answers in [`Metrics::record_rpc`], and
+/// runs it in a `grpc.server` span continuing the caller's trace (health
+/// checks excepted: they would drown the traces).
 /// Methods of services this server does not serve count as `other`, so a
 /// scan of made-up paths cannot grow the series without bound.
 #[derive(Clone)]
@@ -341,25 +343,45 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
         let method = self.layer.method(request.uri().path());
         let service = self.layer.service;
         let started = std::time::Instant::now();
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            let code = match &answer {
-                // An error comes in the response head (trailers-only); a
-                // success, in trailers after the body.
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .map_or("OK", code_name),
-                Err(_) => "UNKNOWN",
-            };
-            metrics().record_rpc(service, &method, code, started.elapsed());
-            answer
-        })
+        let span = if method.starts_with("/grpc.health.") {
+            tracing::Span::none()
+        } else {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = service,
+            );
+            capstan_telemetry::continue_from(&span, request.headers());
+            span
+        };
+        let answer = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let answer = answer.await;
+                let code = match &answer {
+                    // An error comes in the response head (trailers-only); a
+                    // success, in trailers after the body.
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map_or("OK", code_name),
+                    Err(_) => "UNKNOWN",
+                };
+                metrics().record_rpc(service, &method, code, started.elapsed());
+                answer
+            }
+            .instrument(span),
+        )
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod consul_double;
 pub mod docker;
 pub mod faulty_store;
+pub mod otlp;
 pub mod pki;
 pub mod rabbitmq;
 pub mod redis;

@@ -226,7 +226,10 @@ impl Orchestrator for Api {
                     spec: spec.clone(),
                     spec_hash: hash.clone(),
                     stable: None,
-                    rollout: Rollout::start(hash.clone(), now),
+                    rollout: Rollout {
+                        trace: capstan_telemetry::traceparent(),
+                        ..Rollout::start(hash.clone(), now)
+                    },
                     deleting: false,
                     backoff: Default::default(),
                     placement_error: String::new(),
@@ -241,7 +244,10 @@ impl Orchestrator for Api {
                     || app.rollout.state != RolloutState::Completed
                         && hash != app.rollout.target_hash;
                 if rollout_started {
-                    app.rollout = Rollout::start(hash.clone(), now);
+                    app.rollout = Rollout {
+                        trace: capstan_telemetry::traceparent(),
+                        ..Rollout::start(hash.clone(), now)
+                    };
                     // The old template's placement problem says nothing
                     // about the new one.
                     app.placement_error.clear();

@@ -438,7 +438,27 @@ impl Reconciler {
     }
 
     /// Places and starts `count` instances; returns why placement fell short.
+    /// Places and starts `count` instances; while the app's rollout is in
+    /// progress, in a span of the trace of the request that started it.
     async fn start(&self, app: &AppRecord, count: u32, now: i64) -> String {
+        use tracing::Instrument;
+        let span = match &app.rollout.trace {
+            Some(trace) if app.rollout.state == crate::records::RolloutState::InProgress => {
+                let span = tracing::info_span!(
+                    "reconcile.start_instances",
+                    app = %app.spec.name,
+                    count,
+                    rollout = %app.rollout.target_hash,
+                );
+                capstan_telemetry::follow(&span, trace);
+                span
+            }
+            _ => tracing::Span::none(),
+        };
+        self.start_traced(app, count, now).instrument(span).await
+    }
+
+    async fn start_traced(&self, app: &AppRecord, count: u32, now: i64) -> String {
         let ids: Vec<String> = (0..count).map(|_| new_id(&app.spec.name)).collect();
         let request = PlaceRequest {
             app: app.spec.name.to_string(),
