@@ -82,7 +82,7 @@ fn docker_compose_and_the_compose_schema_accept_the_file() {
         "docker-compose config's output",
     );
     let services = resolved["services"].as_object().unwrap();
-    for name in [
+    let backends = [
         "consul",
         "vault",
         "vault-init",
@@ -90,15 +90,8 @@ fn docker_compose_and_the_compose_schema_accept_the_file() {
         "redis",
         "scylla",
         "traefik",
-        "auth",
-        "scheduler-1",
-        "scheduler-2",
-        "orchestrator-1",
-        "orchestrator-2",
-        "router-config",
-        "agent-1",
-        "agent-2",
-    ] {
+    ];
+    for name in backends.into_iter().chain(common::COMPOSE_CAPSTAN_SERVICES) {
         assert!(services.contains_key(name), "no service {name}");
     }
     // Every long-running service has a health check, and what depends on a

@@ -453,18 +453,7 @@ fn agents_on_three_hosts_behind_traefik_survive_updates_loss_pause_and_partition
 
     // Every removal waited for Traefik's confirmation, and got it.
     let log = cluster.net.logs_all("ctl");
-    let mut confirmations: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("Traefik confirmed the routing table"))
-        .filter_map(|l| {
-            l.split("confirm_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut confirmations = traefik_confirmations(&log);
     confirmations.sort_unstable();
     assert!(confirmations.len() >= 10, "{confirmations:?}");
     assert!(!log.contains("did not confirm routing table"), "{log}");

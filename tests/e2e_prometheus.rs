@@ -178,16 +178,7 @@ fn the_compose_scrape_config_is_valid_for_promtool() {
     let compose =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
             .unwrap();
-    for service in [
-        "auth",
-        "scheduler-1",
-        "scheduler-2",
-        "orchestrator-1",
-        "orchestrator-2",
-        "router-config",
-        "agent-1",
-        "agent-2",
-    ] {
+    for service in COMPOSE_CAPSTAN_SERVICES {
         assert!(
             compose.contains(&format!("\n  {service}:\n")),
             "{service} in the compose file"

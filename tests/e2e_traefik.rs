@@ -95,18 +95,7 @@ fn a_rolling_update_through_real_traefik_fails_no_request() {
     // Router-config waited for Traefik on every removal, and Traefik
     // confirmed each time (no routes.unconfirmed event).
     let log = std::fs::read_to_string(dev.data_dir().join("dev.log")).unwrap();
-    let confirmations: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("Traefik confirmed the routing table"))
-        .filter_map(|l| {
-            l.split("confirm_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let confirmations = traefik_confirmations(&log);
     assert!(
         confirmations.len() >= 3,
         "router-config waited for Traefik at each of the three removals: {confirmations:?}"

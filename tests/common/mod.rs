@@ -456,3 +456,31 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     );
     request
 }
+
+/// How long each Traefik confirmation of a routing table took, in ms, from
+/// router-config's log lines.
+pub fn traefik_confirmations(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("Traefik confirmed the routing table"))
+        .filter_map(|l| {
+            l.split("confirm_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The Capstan services of docker-compose.yml (backends aside).
+pub const COMPOSE_CAPSTAN_SERVICES: [&str; 8] = [
+    "auth",
+    "scheduler-1",
+    "scheduler-2",
+    "orchestrator-1",
+    "orchestrator-2",
+    "router-config",
+    "agent-1",
+    "agent-2",
+];
