@@ -16,9 +16,9 @@ use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
     AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
-    GetAppRequest, ListApiKeysRequest, ListAppsRequest, ListEventsRequest, ListNodesRequest,
-    NodeStatus, RenderTraefikRequest, RevokeApiKeyRequest, RolloutState, RotateSigningKeyRequest,
-    ScaleAppRequest, WatchEventsRequest,
+    GetAppHistoryRequest, GetAppRequest, ListApiKeysRequest, ListAppsRequest, ListEventsRequest,
+    ListNodesRequest, NodeStatus, RenderTraefikRequest, RevokeApiKeyRequest, RolloutState,
+    RotateSigningKeyRequest, ScaleAppRequest, WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::AppSpec;
@@ -258,6 +258,17 @@ enum AppCommand {
     /// Show an app, its rollout and its instances.
     Status {
         name: String,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Why the platform did what it did to an app, newest first:
+    /// placements, rollbacks, replacements, drains.
+    #[command(after_help = "Example:\n  capstan app history hello -n 20")]
+    History {
+        name: String,
+        /// How many entries (1 to 1000).
+        #[arg(long, short = 'n', default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
@@ -646,6 +657,40 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                         rollout_state(app),
                         hosts
                     );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AppCommand::History {
+            name,
+            limit,
+            output,
+        } => {
+            let api = Api::connect(global)?;
+            let entries = api
+                .orchestrator()?
+                .get_app_history(GetAppHistoryRequest { app: name, limit })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .entries;
+            if output == Output::Json {
+                let list: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "id": e.id, "app": e.app, "at": format_time(e.at_ms),
+                            "at_ms": e.at_ms, "kind": e.kind, "inputs": e.inputs,
+                            "rule": e.rule, "result": e.result, "reason": e.reason,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if entries.is_empty() {
+                println!("no decisions recorded for this app yet");
+            } else {
+                for e in &entries {
+                    println!("{}  {:<11}  {}", format_time(e.at_ms), e.kind, e.reason);
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -26,6 +26,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Orchestrator/DeleteApp", "oa"),
     ("/capstan.v1.Orchestrator/ListEvents", "voa"),
     ("/capstan.v1.Orchestrator/WatchEvents", "voa"),
+    ("/capstan.v1.Orchestrator/GetAppHistory", "voa"),
     ("/capstan.v1.Orchestrator/ListEndpoints", "voas"),
     ("/capstan.v1.RouterConfig/GetRoutes", "voa"),
     ("/capstan.v1.RouterConfig/Sync", "s"),

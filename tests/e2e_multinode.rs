@@ -236,4 +236,19 @@ fn a_separate_agent_joins_and_its_instances_come_back_elsewhere_when_it_dies() {
     assert_eq!(bodies.len(), 3, "three live instances answer: {bodies:?}");
     let events = dev.ok(&["events", "-o", "json", "--app", "web", "-n", "200"]);
     assert!(events.contains("node joiner is down"), "{events}");
+    // The journal says why the instance was replaced, in a person's words.
+    let history: serde_json::Value =
+        serde_json::from_str(&dev.ok(&["app", "history", "web", "-o", "json"])).unwrap();
+    let replacement = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "replacement")
+        .unwrap_or_else(|| panic!("no replacement entry: {history:#}"));
+    assert_eq!(replacement["inputs"]["node"], "joiner", "{replacement:#}");
+    let reason = replacement["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("replacing web-") && reason.contains("on joiner"),
+        "{reason}"
+    );
 }

@@ -291,6 +291,26 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
             .collect()
     }
 
+    /// At most `limit` rows under `prefix` in key order, after `after`, and
+    /// the key to continue after (see [`Store::scan`]).
+    pub async fn page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, u64, T)>, Option<String>), StoreError> {
+        let page = self.store.scan(&self.name, prefix, after, limit).await?;
+        let rows = page
+            .rows
+            .into_iter()
+            .map(|(key, row)| {
+                let value = self.decode(&key, &row.value)?;
+                Ok((key, row.version, value))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((rows, page.next))
+    }
+
     /// Just the values of `list`.
     pub async fn values(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
         Ok(self

@@ -9,9 +9,9 @@ use capstan_authn::{Access, Claims};
 use capstan_proto::v1::orchestrator_server::Orchestrator;
 use capstan_proto::v1::{
     AppEndpoints, AppStatus, ApplyAppRequest, ApplyAppResponse, DeleteAppRequest,
-    DeleteAppResponse, Endpoint, GetAppRequest, ListAppsRequest, ListAppsResponse,
-    ListEndpointsRequest, ListEndpointsResponse, ListEventsRequest, ListEventsResponse,
-    ScaleAppRequest, WatchEventsRequest,
+    DeleteAppResponse, Endpoint, GetAppHistoryRequest, GetAppHistoryResponse, GetAppRequest,
+    JournalEntry, ListAppsRequest, ListAppsResponse, ListEndpointsRequest, ListEndpointsResponse,
+    ListEventsRequest, ListEventsResponse, ScaleAppRequest, WatchEventsRequest,
 };
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, StoreError, Table};
@@ -33,6 +33,7 @@ pub struct Api {
     apps: Table<AppRecord>,
     instances: Table<InstanceRecord>,
     events: EventLog,
+    journal: crate::journal::Journal,
     wake: Arc<Notify>,
 }
 
@@ -149,6 +150,7 @@ impl Api {
         Api {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
+            journal: crate::journal::Journal::new(platform.store.clone()),
             platform,
             watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
             events,
@@ -399,6 +401,38 @@ impl Orchestrator for Api {
             .await;
         self.wake.notify_one();
         Ok(Response::new(DeleteAppResponse {}))
+    }
+
+    async fn get_app_history(
+        &self,
+        request: Request<GetAppHistoryRequest>,
+    ) -> Result<Response<GetAppHistoryResponse>, Status> {
+        let r = request.into_inner();
+        let name = AppName::parse("app", &r.app).map_err(status)?;
+        let limit = match r.limit {
+            0 => 50,
+            n => (n as usize).min(crate::journal::MAX_LIMIT),
+        };
+        let entries = self
+            .journal
+            .recent(name.as_str(), limit)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetAppHistoryResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| JournalEntry {
+                    id: e.id,
+                    app: e.app,
+                    at_ms: e.at_ms,
+                    kind: e.kind,
+                    inputs: e.inputs.into_iter().collect(),
+                    rule: e.rule,
+                    result: e.result,
+                    reason: e.reason,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_events(

@@ -8,6 +8,7 @@
 mod api;
 mod cluster;
 mod event_log;
+pub mod journal;
 mod reconcile;
 
 pub use api::MAX_WATCHERS;
@@ -35,6 +36,7 @@ pub fn policy() -> Policy {
         .read("/capstan.v1.Orchestrator/ListApps")
         .read("/capstan.v1.Orchestrator/ListEvents")
         .read("/capstan.v1.Orchestrator/WatchEvents")
+        .read("/capstan.v1.Orchestrator/GetAppHistory")
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
 }
 

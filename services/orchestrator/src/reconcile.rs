@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, GrpcCluster};
+use crate::journal::JournalEntry;
 use crate::plan::{self, Action, InstanceView};
 use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord};
 
@@ -43,6 +44,7 @@ pub struct Reconciler {
     cluster: Arc<dyn Cluster>,
     apps: Table<AppRecord>,
     instances: Table<InstanceRecord>,
+    journal: crate::journal::Journal,
 }
 
 struct Observation {
@@ -110,6 +112,7 @@ impl Reconciler {
         Reconciler {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
+            journal: crate::journal::Journal::new(platform.store.clone()),
             platform,
             cluster,
         }
@@ -306,6 +309,21 @@ impl Reconciler {
                                 if !store.update(&r).await? {
                                     continue;
                                 }
+                                if observation.draining_nodes.contains(&r.node_id) {
+                                    self.journal
+                                        .record(
+                                            JournalEntry::new(&r.app, now, "drain")
+                                                .input("instance", &r.id)
+                                                .input("node", &r.node_id)
+                                                .rule("a draining node's instances move: replacement first, then the old one leaves rotation and stops")
+                                                .result(format!("{} leaves rotation and stops", r.id))
+                                                .reason(format!(
+                                                    "moved {} off {}: the node is draining",
+                                                    r.id, r.node_id
+                                                )),
+                                        )
+                                        .await;
+                                }
                             }
                             drains.push(r);
                         }
@@ -318,6 +336,22 @@ impl Reconciler {
                                 seen.failures += 1;
                             }
                             if r.state == InstanceState::Lost {
+                                self.journal
+                                    .record(
+                                        JournalEntry::new(&r.app, now, "replacement")
+                                            .input("instance", &r.id)
+                                            .input("node", &r.node_id)
+                                            .input("observed", &r.message)
+                                            .rule("an instance lost with its node is forgotten and the count restored elsewhere")
+                                            .result(format!("{} forgotten; a replacement is placed", r.id))
+                                            .reason(format!(
+                                                "replacing {} on {}: {}",
+                                                r.id,
+                                                r.node_id,
+                                                if r.message.is_empty() { "its node was lost" } else { &r.message }
+                                            )),
+                                    )
+                                    .await;
                                 self.emit(
                                     Event::new(new_id("ev"), now, EventKind::InstanceFailed)
                                         .app(&r.app)
@@ -476,6 +510,7 @@ impl Reconciler {
             Ok(placed) => placed,
             Err(e) => return format!("scheduler unavailable: {e}"),
         };
+        self.journal_placement(app, count, &placed, now).await;
         let starts = placed.placements.iter().map(|placement| async move {
             let mut record = InstanceRecord {
                 id: placement.instance_id.clone(),
@@ -569,6 +604,20 @@ impl Reconciler {
                     .await
                     .is_ok()
                 {
+                    for (kind, message) in &events {
+                        if *kind == EventKind::RolloutRolledBack {
+                            self.journal
+                                .record(
+                                    JournalEntry::new(name, now, "rollback")
+                                        .input("failed_template", &app.rollout.target_hash)
+                                        .input("restored_template", &app.spec_hash)
+                                        .rule("a rollout whose new instances fail three times, or that makes no progress within progress_deadline, returns to the last completed template")
+                                        .result(format!("template {} restored", app.spec_hash))
+                                        .reason(message.clone()),
+                                )
+                                .await;
+                        }
+                    }
                     for (kind, message) in events {
                         self.emit(
                             Event::new(new_id("ev"), now, kind)
@@ -580,6 +629,59 @@ impl Reconciler {
                 }
             }
         }
+    }
+}
+
+impl Reconciler {
+    /// Journals a `Place`: what was asked, by which strategy, and where the
+    /// instances went (or why not all of them found a node).
+    async fn journal_placement(
+        &self,
+        app: &AppRecord,
+        count: u32,
+        placed: &capstan_proto::v1::PlaceResponse,
+        now: i64,
+    ) {
+        let strategy = match (app.spec.placement.strategy, &app.spec.placement.spread_by) {
+            (Some(strategy), _) => strategy.name().to_string(),
+            (None, Some(_)) => "spread".to_string(),
+            (None, None) => "the cluster's default".to_string(),
+        };
+        let nodes: Vec<&str> = placed
+            .placements
+            .iter()
+            .map(|p| p.node_id.as_str())
+            .collect();
+        let reason = if nodes.len() as u32 == count {
+            format!(
+                "placed {count} of {count} instances on {} ({strategy})",
+                nodes.join(", ")
+            )
+        } else {
+            format!(
+                "placed {} of {count} instances: {}",
+                nodes.len(),
+                placed.explanation
+            )
+        };
+        self.journal
+            .record(
+                JournalEntry::new(&app.spec.name, now, "placement")
+                    .input("requested", count)
+                    .input("cpu_millis", app.spec.resources.cpu_millis)
+                    .input("memory_mb", app.spec.resources.memory_mb)
+                    .input("constraints", app.spec.placement.constraints.len())
+                    .rule(format!(
+                        "strategy {strategy}: filter by constraints and capacity, then score"
+                    ))
+                    .result(if nodes.is_empty() {
+                        "no node".to_string()
+                    } else {
+                        nodes.join(", ")
+                    })
+                    .reason(reason),
+            )
+            .await;
     }
 }
 
