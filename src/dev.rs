@@ -94,6 +94,7 @@ fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::Agen
                 docker: options.docker,
                 // One machine: instances serve on loopback only.
                 advertise_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                sample_every: capstan_agent::SAMPLE_EVERY,
             }
         })
         .collect()

@@ -134,6 +134,33 @@ fn a_real_prometheus_scrapes_the_platform_and_per_app_series() {
         assert!(text.contains(series), "no {series}:\n{text}");
     }
 
+    // Each instance's usage, sampled by its agent every 5 s: memory held,
+    // and CPU (cores) once two samples exist.
+    wait_until(
+        "the agent has sampled both instances twice",
+        Duration::from_secs(30),
+        || {
+            let Some((200, text)) = http_get(port, "127.0.0.1", "/metrics") else {
+                return false;
+            };
+            ids.iter().all(|id| {
+                let held = text.lines().any(|l| {
+                    l.starts_with("capstan_instance_memory_bytes{app=\"prom\"")
+                        && l.contains(&format!("instance=\"{id}\""))
+                        && l.rsplit(' ')
+                            .next()
+                            .and_then(|v| v.parse::<f64>().ok())
+                            .is_some_and(|v| v > 1e6)
+                });
+                let cpu = text.lines().any(|l| {
+                    l.starts_with("capstan_instance_cpu_ratio{app=\"prom\"")
+                        && l.contains(&format!("instance=\"{id}\""))
+                });
+                held && cpu
+            })
+        },
+    );
+
     // A real Prometheus scrapes it; its query API returns Capstan's series.
     let prometheus = Prometheus::start(&metrics);
     wait_until(
@@ -154,6 +181,7 @@ fn a_real_prometheus_scrapes_the_platform_and_per_app_series() {
         ) >= 1.0
     );
     assert!(prometheus.value("capstan_reconcile_passes_total") >= 1.0);
+    assert!(prometheus.value("capstan_instance_memory_bytes{app=\"prom\"}") > 2e6);
 }
 
 #[test]

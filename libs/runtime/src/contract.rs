@@ -78,6 +78,30 @@ pub async fn run(
     .await;
     assert_eq!(driver.status(&id).await.unwrap(), WorkloadStatus::Running);
 
+    // What it uses: memory held now, CPU time that only grows.
+    let usage = driver.usage().await.expect("usage");
+    let mine: Vec<&crate::Usage> = usage
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, u)| u)
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "one usage sample for the workload: {usage:?}"
+    );
+    assert!(mine[0].memory_bytes > 0, "{usage:?}");
+    assert!(mine[0].cpu_seconds >= 0.0, "{usage:?}");
+    for _ in 0..20 {
+        http_ok(port).await;
+    }
+    let later = driver.usage().await.expect("usage");
+    let again = later.iter().find(|(i, _)| *i == id).map(|(_, u)| *u);
+    assert!(
+        again.is_some_and(|u| u.cpu_seconds >= mine[0].cpu_seconds),
+        "CPU time went back: {usage:?} then {later:?}"
+    );
+
     // Starting the same instance again is a no-op, not a second copy.
     driver
         .start(&spec(&id, programs.serve.clone(), port))
@@ -127,6 +151,10 @@ pub async fn run(
             .unwrap()
             .iter()
             .all(|w| w.instance_id != id)
+    );
+    assert!(
+        driver.usage().await.unwrap().iter().all(|(i, _)| *i != id),
+        "a stopped workload has no usage"
     );
     driver
         .stop(&id, Duration::from_secs(1))

@@ -9,7 +9,9 @@ use bollard::query_parameters::{
 };
 use capstan_types::InstanceId;
 
-use crate::{Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute};
+use crate::{
+    Driver, DriverError, Program, Usage, Workload, WorkloadSpec, WorkloadStatus, substitute,
+};
 
 const LABEL_INSTANCE: &str = "io.capstan.instance";
 const LABEL_APP: &str = "io.capstan.app";
@@ -252,6 +254,41 @@ impl Driver for DockerDriver {
             })
             .collect();
         out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        Ok(out)
+    }
+
+    async fn usage(&self) -> Result<Vec<(InstanceId, Usage)>, DriverError> {
+        use futures::StreamExt;
+        let mut out = Vec::new();
+        for workload in self.list().await? {
+            if !matches!(
+                self.status(&workload.instance_id).await,
+                Ok(WorkloadStatus::Running)
+            ) {
+                continue;
+            }
+            let name = container_name(&self.node_id, &workload.instance_id);
+            let options = bollard::query_parameters::StatsOptions {
+                stream: false,
+                one_shot: true,
+            };
+            let Some(Ok(stats)) = self.docker.stats(&name, Some(options)).next().await else {
+                continue;
+            };
+            let cpu_ns = stats
+                .cpu_stats
+                .and_then(|c| c.cpu_usage)
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0);
+            let memory = stats.memory_stats.and_then(|m| m.usage).unwrap_or(0);
+            out.push((
+                workload.instance_id,
+                Usage {
+                    cpu_seconds: cpu_ns as f64 / 1e9,
+                    memory_bytes: memory,
+                },
+            ));
+        }
         Ok(out)
     }
 }

@@ -62,6 +62,13 @@ pub struct Workload {
     pub host_port: u16,
 }
 
+/// What a workload has used: CPU time since it started, memory now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkloadStatus {
     Running,
@@ -93,6 +100,10 @@ pub trait Driver: Send + Sync + 'static {
     async fn status(&self, instance_id: &InstanceId) -> Result<WorkloadStatus, DriverError>;
     /// Every workload this driver started and has not stopped, running or not.
     async fn list(&self) -> Result<Vec<Workload>, DriverError>;
+    /// What each running workload uses now (process apps: their process
+    /// group, from /proc; image apps: Docker's stats). Workloads that are
+    /// not running are left out.
+    async fn usage(&self) -> Result<Vec<(InstanceId, Usage)>, DriverError>;
 }
 
 /// `${NAME}` → its value, for each of the [`platform_env`] variables, in

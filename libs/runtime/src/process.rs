@@ -12,7 +12,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::{Driver, DriverError, Program, Workload, WorkloadSpec, WorkloadStatus, substitute};
+use crate::{
+    Driver, DriverError, Program, Usage, Workload, WorkloadSpec, WorkloadStatus, substitute,
+};
 
 /// Who process workloads run as, and where their working directories are.
 ///
@@ -156,6 +158,57 @@ fn proc_start_ticks(pid: i32) -> Option<(u64, bool)> {
     let state = *fields.first()?;
     let ticks = fields.get(19)?.parse().ok()?;
     Some((ticks, state == "Z"))
+}
+
+/// CPU ticks (utime + stime) and resident pages of each process, by its
+/// process group: one pass over /proc.
+fn usage_by_group() -> HashMap<i32, (u64, u64)> {
+    let mut groups: HashMap<i32, (u64, u64)> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((group, ticks, pages)) = parse_usage(&stat) {
+            let total = groups.entry(group).or_default();
+            total.0 += ticks;
+            total.1 += pages;
+        }
+    }
+    groups
+}
+
+/// (process group, utime + stime, rss pages) from a /proc/<pid>/stat line.
+fn parse_usage(stat: &str) -> Option<(i32, u64, u64)> {
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the name, from 0: state ppid pgrp ... utime(11) stime(12) ... rss(21).
+    let group = fields.get(2)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss: i64 = fields.get(21)?.parse().ok()?;
+    Some((group, utime + stime, rss.max(0) as u64))
+}
+
+/// Clock ticks per second and the page size, for /proc's numbers.
+fn tick_and_page() -> (f64, u64) {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|v| *v > 0)
+        .unwrap_or(100);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .filter(|v| *v > 0)
+        .unwrap_or(4096);
+    (hz as f64, page as u64)
 }
 
 type ExitReceiver = tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>;
@@ -360,11 +413,54 @@ impl Driver for ProcessDriver {
         })
         .await
     }
+
+    async fn usage(&self) -> Result<Vec<(InstanceId, Usage)>, DriverError> {
+        let state_dir = self.state_dir.clone();
+        blocking(move || {
+            let entries =
+                std::fs::read_dir(&state_dir).map_err(|e| DriverError::Io(e.to_string()))?;
+            let records: Vec<ProcessRecord> = entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|bytes| serde_json::from_slice::<ProcessRecord>(&bytes).ok())
+                .filter(is_alive)
+                .collect();
+            if records.is_empty() {
+                return Ok(Vec::new());
+            }
+            let groups = usage_by_group();
+            let (hz, page) = tick_and_page();
+            Ok(records
+                .into_iter()
+                .filter_map(|record| {
+                    let (ticks, pages) = *groups.get(&record.pid)?;
+                    Some((
+                        record.workload.instance_id,
+                        Usage {
+                            cpu_seconds: ticks as f64 / hz,
+                            memory_bytes: pages * page,
+                        },
+                    ))
+                })
+                .collect())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_is_parsed_after_the_last_parenthesis() {
+        // A command name with spaces and a ')' in it.
+        let stat = "4242 (we ird) (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 5000 1000000 250 18446744073709551615";
+        assert_eq!(parse_usage(stat), Some((4242, 10, 250)));
+        assert_eq!(parse_usage("garbage"), None);
+        assert_eq!(parse_usage("1 (x) S 1"), None);
+    }
 
     #[test]
     fn reads_start_time_of_this_process() {

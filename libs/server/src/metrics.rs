@@ -14,7 +14,10 @@
 //!   `capstan_proxy_duration_seconds{app,instance}`: the edge proxy, per app
 //!   and instance (class `2xx` ... `5xx`; instance `none` when no upstream
 //!   was tried);
-//! - `capstan_routes`, `capstan_route_upstreams`: the routing table in force.
+//! - `capstan_routes`, `capstan_route_upstreams`: the routing table in force;
+//! - `capstan_instance_cpu_ratio{app,instance,node}` (cores used over the
+//!   last sample period) and `capstan_instance_memory_bytes`: what each
+//!   instance uses, sampled by its agent.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,6 +51,8 @@ pub struct Metrics {
     pub proxy_duration: HistogramVec,
     pub routes: IntGauge,
     pub route_upstreams: IntGauge,
+    pub instance_cpu: prometheus::GaugeVec,
+    pub instance_memory: prometheus::IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -139,6 +144,32 @@ pub fn metrics() -> &'static Metrics {
                 "Time from a request's arrival at the edge proxy to its response head.",
                 &["app", "instance"],
             ),
+            instance_cpu: {
+                let metric = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "capstan_instance_cpu_ratio",
+                        "CPU an instance used over the last sample period, in cores.",
+                    ),
+                    &["app", "instance", "node"],
+                )
+                .expect("a valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("registered once");
+                metric
+            },
+            instance_memory: {
+                let metric = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "capstan_instance_memory_bytes",
+                        "Memory an instance holds (process apps: resident set; image apps: the container's usage).",
+                    ),
+                    &["app", "instance", "node"],
+                )
+                .expect("a valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("registered once");
+                metric
+            },
             routes: gauge(r, "capstan_routes", "Apps in the routing table in force."),
             route_upstreams: gauge(
                 r,

@@ -54,7 +54,12 @@ pub struct AgentConfig {
     /// The address other hosts reach this node's instances at: instances
     /// bind to it and routers dial `advertise_ip:port`.
     pub advertise_ip: IpAddr,
+    /// How often each instance's CPU and memory are sampled.
+    pub sample_every: Duration,
 }
+
+/// How often an agent samples its instances' usage unless told otherwise.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// The address of the interface the default route leaves by: the node's
 /// primary address, what `--advertise-addr` defaults to. No packet is sent
@@ -464,6 +469,69 @@ impl Inner {
         Ok(())
     }
 
+    /// Samples what each instance uses every `sample_every`, into the
+    /// process's `capstan_instance_*` gauges (CPU as cores used since the
+    /// previous sample); the series of an instance that is gone are removed.
+    async fn sample(self: Arc<Self>, shutdown: CancellationToken) {
+        let metrics = capstan_server::metrics::metrics();
+        let node = self.config.node_id.clone();
+        let mut previous: HashMap<InstanceId, (tokio::time::Instant, f64, String)> = HashMap::new();
+        let mut tick = tokio::time::interval(self.config.sample_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut usage = match self.process.usage().await {
+                Ok(usage) => usage,
+                Err(e) => {
+                    tracing::debug!("process usage not sampled: {e}");
+                    Vec::new()
+                }
+            };
+            if let Some(docker) = &self.docker {
+                match docker.usage().await {
+                    Ok(more) => usage.extend(more),
+                    Err(e) => tracing::debug!("container usage not sampled: {e}"),
+                }
+            }
+            let apps: HashMap<InstanceId, String> = self
+                .instances
+                .lock()
+                .expect("instances lock poisoned")
+                .iter()
+                .map(|(id, t)| (id.clone(), t.file.spec.name.to_string()))
+                .collect();
+            let now = tokio::time::Instant::now();
+            let mut seen = HashMap::new();
+            for (id, used) in usage {
+                let Some(app) = apps.get(&id) else { continue };
+                let labels = [app.as_str(), id.as_str(), node.as_str()];
+                metrics
+                    .instance_memory
+                    .with_label_values(&labels)
+                    .set(used.memory_bytes.min(i64::MAX as u64) as i64);
+                if let Some((at, cpu, _)) = previous.get(&id) {
+                    let wall = now.duration_since(*at).as_secs_f64();
+                    if wall > 0.0 {
+                        let cores = ((used.cpu_seconds - cpu) / wall).max(0.0);
+                        metrics.instance_cpu.with_label_values(&labels).set(cores);
+                    }
+                }
+                seen.insert(id, (now, used.cpu_seconds, app.clone()));
+            }
+            for (id, (_, _, app)) in &previous {
+                if !seen.contains_key(id) {
+                    let labels = [app.as_str(), id.as_str(), node.as_str()];
+                    let _ = metrics.instance_memory.remove_label_values(&labels);
+                    let _ = metrics.instance_cpu.remove_label_values(&labels);
+                }
+            }
+            previous = seen;
+        }
+    }
+
     /// Registers the node, then heartbeats; registers again if the scheduler forgot it.
     async fn heartbeat(self: Arc<Self>, address: String, shutdown: CancellationToken) {
         let mut registered = false;
@@ -673,6 +741,7 @@ pub async fn run(
     inner.adopt().await?;
     let address = platform.advertised(listener.local_addr().map_err(Error::internal)?)?;
     let heartbeat = tokio::spawn(inner.clone().heartbeat(address, shutdown.clone()));
+    let sampler = tokio::spawn(inner.clone().sample(shutdown.clone()));
     let policy = policy();
     let service = Service {
         name: "agent",
@@ -685,6 +754,7 @@ pub async fn run(
     };
     let result = capstan_server::serve(&platform, service, listener, shutdown).await;
     heartbeat.abort();
+    sampler.abort();
     // Stop supervising; the workloads themselves keep running.
     for tracked in inner
         .instances

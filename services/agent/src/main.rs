@@ -42,6 +42,17 @@ struct Args {
     /// address of the interface the default route leaves by.
     #[arg(long, env = "CAPSTAN_ADVERTISE_ADDR")]
     advertise_addr: Option<std::net::IpAddr>,
+    /// How often each instance's CPU and memory are sampled (1s to 5m).
+    #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = parse_sample_every)]
+    sample_every: std::time::Duration,
+}
+
+fn parse_sample_every(text: &str) -> Result<std::time::Duration, String> {
+    let every = capstan_types::duration::parse(text)?;
+    if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(300)).contains(&every) {
+        return Err(format!("`{text}` must be between 1s and 5m"));
+    }
+    Ok(every)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -89,6 +100,7 @@ fn main() -> std::process::ExitCode {
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         docker: !args.no_docker,
         advertise_ip,
+        sample_every: args.sample_every,
     };
     capstan_server::standalone::main(
         "capstan-agent",
