@@ -175,32 +175,33 @@ pub fn decide(
             now
         }
     };
-    if bound_rule.is_none() {
-        if let Some((at, was_up)) = state.last_change {
-            let cooldown = if up {
-                policy.scale_up_cooldown_ms
-            } else {
-                policy.scale_down_cooldown_ms
+    if bound_rule.is_none()
+        && let Some((at, was_up)) = state.last_change
+    {
+        let cooldown = if up {
+            policy.scale_up_cooldown_ms
+        } else {
+            policy.scale_down_cooldown_ms
+        };
+        if now - at < cooldown {
+            return Decision::Hold {
+                reason: format!(
+                    "held at {current} ({why}): cooling down for {} s more",
+                    (cooldown - (now - at) + 999) / 1000
+                ),
             };
-            if now - at < cooldown {
-                return Decision::Hold {
-                    reason: format!(
-                        "held at {current} ({why}): cooling down for {} s more",
-                        (cooldown - (now - at) + 999) / 1000
-                    ),
-                };
-            }
-            if was_up != up && now - at < policy.stabilization_ms {
-                return Decision::Hold {
-                    reason: format!(
-                        "held at {current} ({why}): the last change went the other way {} s ago, within the {} s stabilisation window",
-                        (now - at) / 1000,
-                        policy.stabilization_ms / 1000
-                    ),
-                };
-            }
+        }
+        if was_up != up && now - at < policy.stabilization_ms {
+            return Decision::Hold {
+                reason: format!(
+                    "held at {current} ({why}): the last change went the other way {} s ago, within the {} s stabilisation window",
+                    (now - at) / 1000,
+                    policy.stabilization_ms / 1000
+                ),
+            };
         }
     }
+
     state.last_change = Some((now, up));
     state.off_since = None;
     let held_for = (now - since) / 1000;
