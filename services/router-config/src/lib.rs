@@ -83,10 +83,12 @@ impl RouterOptions {
     }
 }
 
-/// One Traefik in front and the newest table generation it has confirmed.
+/// One Traefik in front, the newest table generation it has confirmed, and
+/// the servers that table allowed: Traefik routes within them.
 struct Downstream {
     api: ack::TraefikApi,
     confirmed: std::sync::atomic::AtomicU64,
+    within: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
 }
 
 #[derive(Clone)]
@@ -187,6 +189,8 @@ impl Router {
     /// Waits until every Traefik in front routes to nothing outside `table`
     /// (newer upstreams may still be missing there: that loses no request),
     /// then gives what it sent before that [`TRAEFIK_IN_FLIGHT_GRACE`].
+    /// A table that only adds servers to the last one a Traefik confirmed
+    /// needs nothing from it: it already routes within that one.
     /// A Traefik that does not confirm in time is reported in a
     /// `routes.unconfirmed` event, and the drain goes ahead.
     async fn confirm_downstream(&self, table: &RouteTable) {
@@ -199,6 +203,16 @@ impl Router {
                 if downstream.confirmed.load(Ordering::Acquire) >= table.generation {
                     return;
                 }
+                {
+                    let mut within = downstream.within.lock().expect("within lock poisoned");
+                    if within.as_ref().is_some_and(|w| w.is_subset(allowed)) {
+                        *within = Some(allowed.clone());
+                        downstream
+                            .confirmed
+                            .fetch_max(table.generation, Ordering::AcqRel);
+                        return;
+                    }
+                }
                 match downstream
                     .api
                     .confirm_only(allowed, self.traefik_confirm_timeout)
@@ -206,6 +220,8 @@ impl Router {
                 {
                     Ok(took) => {
                         tokio::time::sleep(self.traefik_in_flight_grace).await;
+                        *downstream.within.lock().expect("within lock poisoned") =
+                            Some(allowed.clone());
                         downstream
                             .confirmed
                             .fetch_max(table.generation, Ordering::AcqRel);
@@ -361,6 +377,7 @@ pub async fn run(
                 .map(|api| Downstream {
                     api: api.clone(),
                     confirmed: Default::default(),
+                    within: Default::default(),
                 })
                 .collect(),
         ),
