@@ -40,7 +40,7 @@ pub fn docker_ok(args: &[&str]) -> String {
 /// Builds [`IMAGE`] from this run's binaries (stripped) on the local base
 /// image; Docker's layer cache makes an unchanged rebuild cheap.
 pub fn build_image() -> &'static str {
-    capstan_testkit::require_tool("docker", "the Docker engine (docker.io or docker-ce)");
+    capstan_testkit::docker::require_docker();
     capstan_testkit::require_tool("debootstrap", "apt-get install -y debootstrap");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = Command::new("bash")

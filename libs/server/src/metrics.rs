@@ -27,8 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -51,8 +51,8 @@ pub struct Metrics {
     pub proxy_duration: HistogramVec,
     pub routes: IntGauge,
     pub route_upstreams: IntGauge,
-    pub instance_cpu: prometheus::GaugeVec,
-    pub instance_memory: prometheus::IntGaugeVec,
+    pub instance_cpu: GaugeVec,
+    pub instance_memory: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -78,6 +78,22 @@ fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Hi
 fn plain_histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
     let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()))
         .expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("registered once");
@@ -144,32 +160,18 @@ pub fn metrics() -> &'static Metrics {
                 "Time from a request's arrival at the edge proxy to its response head.",
                 &["app", "instance"],
             ),
-            instance_cpu: {
-                let metric = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "capstan_instance_cpu_ratio",
-                        "CPU an instance used over the last sample period, in cores.",
-                    ),
-                    &["app", "instance", "node"],
-                )
-                .expect("a valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("registered once");
-                metric
-            },
-            instance_memory: {
-                let metric = prometheus::IntGaugeVec::new(
-                    Opts::new(
-                        "capstan_instance_memory_bytes",
-                        "Memory an instance holds (process apps: resident set; image apps: the container's usage).",
-                    ),
-                    &["app", "instance", "node"],
-                )
-                .expect("a valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("registered once");
-                metric
-            },
+            instance_cpu: gauge_vec(
+                r,
+                "capstan_instance_cpu_ratio",
+                "CPU an instance used over the last sample period, in cores.",
+                &["app", "instance", "node"],
+            ),
+            instance_memory: int_gauge_vec(
+                r,
+                "capstan_instance_memory_bytes",
+                "Memory an instance holds (process apps: resident set; image apps: the container's usage).",
+                &["app", "instance", "node"],
+            ),
             routes: gauge(r, "capstan_routes", "Apps in the routing table in force."),
             route_upstreams: gauge(
                 r,

@@ -168,15 +168,6 @@ impl EdgeProxy {
             .clone()
     }
 
-    /// Requests in flight to `address`.
-    pub fn in_flight(&self, address: &str) -> usize {
-        self.in_flight
-            .lock()
-            .expect("in-flight lock poisoned")
-            .get(address)
-            .map_or(0, |c| c.load(Ordering::Acquire))
-    }
-
     /// Addresses that still have requests in flight but that the table in
     /// force no longer routes to (whichever rebuild removed them).
     pub fn draining(&self) -> Vec<String> {
