@@ -11,14 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use capstan_authn::{Authed, TokenSource};
 use capstan_proto::v1::auth_client::AuthClient;
+use capstan_proto::v1::metrics_client::MetricsClient;
 use capstan_proto::v1::orchestrator_client::OrchestratorClient;
 use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
-    AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
-    GetAppHistoryRequest, GetAppRequest, ListApiKeysRequest, ListAppsRequest, ListEventsRequest,
-    ListNodesRequest, NodeStatus, RenderTraefikRequest, RevokeApiKeyRequest, RolloutState,
-    RotateSigningKeyRequest, ScaleAppRequest, WatchEventsRequest,
+    Aggregate, AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
+    GetAppHistoryRequest, GetAppRequest, InstanceUsage, ListApiKeysRequest, ListAppsRequest,
+    ListEventsRequest, ListNodesRequest, NodeStatus, QueryRequest, RenderTraefikRequest,
+    RevokeApiKeyRequest, RolloutState, RotateSigningKeyRequest, ScaleAppRequest, TopRequest,
+    WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::AppSpec;
@@ -154,6 +156,10 @@ enum Command {
         /// Where Prometheus scrapes every service's metrics (`/metrics`).
         #[arg(long, env = "CAPSTAN_METRICS_ADDR", default_value = "127.0.0.1:9464")]
         metrics_addr: SocketAddr,
+        /// How often agents sample each instance's usage and the edge proxy
+        /// reports its traffic to the metrics service (1s to 5m).
+        #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
+        sample_every: Duration,
     },
     /// Check a service's gRPC health (grpc.health.v1); exit 0 when it is
     /// SERVING. For container health checks.
@@ -269,6 +275,30 @@ enum AppCommand {
         /// How many entries (1 to 1000).
         #[arg(long, short = 'n', default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Live CPU, memory, requests per second and p95 latency per instance
+    /// (refreshes every 2 s on a terminal; once with --once or -o json).
+    #[command(after_help = "Example:\n  capstan app top\n  capstan app top hello --once")]
+    Top {
+        /// One app; default: every app.
+        name: Option<String>,
+        #[arg(long)]
+        once: bool,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// An app's metrics over a time range, as small charts in the terminal.
+    #[command(after_help = "Example:\n  capstan app metrics hello --since 15m")]
+    Metrics {
+        name: String,
+        /// How far back (10s to 90d).
+        #[arg(long, default_value = "15m", value_parser = capstan_types::duration::parse)]
+        since: Duration,
+        /// One instance instead of the whole app.
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
@@ -388,6 +418,13 @@ impl Api {
         ))
     }
 
+    fn metrics(&self) -> Result<MetricsClient<Authed>> {
+        let address = self.service_address("CAPSTAN_METRICS_SERVICE_ADDR", |e| {
+            e.metrics_service.clone()
+        })?;
+        Ok(MetricsClient::new(self.channel(&address, "metrics")?))
+    }
+
     fn service_address(
         &self,
         env: &str,
@@ -397,6 +434,85 @@ impl Api {
             .ok()
             .or_else(|| self.endpoints.as_ref().map(pick))
             .ok_or_else(|| anyhow!("set {env}: no running `capstan dev` found to read it from"))
+    }
+}
+
+/// The charts `app metrics` draws: label, metric, aggregate, divisor.
+const METRIC_CHARTS: [(&str, &str, Aggregate, f64); 5] = [
+    ("rps", "requests", Aggregate::Rate, 1.0),
+    ("p95 ms", "latency_ms", Aggregate::P95, 1.0),
+    ("5xx/s", "responses_5xx", Aggregate::Rate, 1.0),
+    ("cpu %", "cpu_percent", Aggregate::Avg, 1.0),
+    ("memory MiB", "memory_bytes", Aggregate::Avg, 1_048_576.0),
+];
+
+/// One line: a bar per step from `since` to `now` (blank where no
+/// reading), then the latest and the highest value.
+fn chart_line(points: &[(i64, f64)], since_ms: i64, step_ms: i64, now_ms: i64) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if points.is_empty() || step_ms <= 0 {
+        return "no readings in this range".to_string();
+    }
+    let columns = ((now_ms - since_ms) / step_ms).clamp(1, 120) as usize;
+    let max = points.iter().map(|(_, v)| *v).fold(0.0_f64, f64::max);
+    let mut line = vec![' '; columns];
+    for (at, value) in points {
+        let column = ((at - since_ms) / step_ms).clamp(0, columns as i64 - 1) as usize;
+        let level = if max > 0.0 {
+            (value / max * 7.0).round() as usize
+        } else {
+            0
+        };
+        line[column] = BARS[level.min(7)];
+    }
+    let latest = points.last().map_or(0.0, |(_, v)| *v);
+    format!(
+        "{}  now {}  max {}",
+        line.into_iter().collect::<String>(),
+        number(latest),
+        number(max)
+    )
+}
+
+fn number(value: f64) -> String {
+    if value >= 100.0 || value == value.trunc() {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+fn usage_json(u: &InstanceUsage) -> Value {
+    json!({
+        "app": u.app, "instance": u.instance_id, "node": u.node_id, "at_ms": u.at_ms,
+        "cpu_percent": u.cpu_percent, "memory_bytes": u.memory_bytes, "rps": u.rps,
+        "p95_ms": u.p95_ms, "restarts": u.restarts,
+    })
+}
+
+fn print_top(instances: &[InstanceUsage]) {
+    if instances.is_empty() {
+        println!(
+            "no readings in the last 30 s: no instance is running, or the agents have not sampled yet (every 5 s)"
+        );
+        return;
+    }
+    println!(
+        "{:<16} {:<28} {:<14} {:>7} {:>10} {:>8} {:>8} {:>8}",
+        "APP", "INSTANCE", "NODE", "CPU%", "MEMORY", "RPS", "P95 MS", "RESTARTS"
+    );
+    for u in instances {
+        println!(
+            "{:<16} {:<28} {:<14} {:>7.1} {:>10} {:>8.1} {:>8.1} {:>8}",
+            u.app,
+            u.instance_id,
+            u.node_id,
+            u.cpu_percent,
+            format!("{:.1} MiB", u.memory_bytes as f64 / 1_048_576.0),
+            u.rps,
+            u.p95_ms,
+            u.restarts
+        );
     }
 }
 
@@ -441,6 +557,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             store,
             traefik,
             metrics_addr,
+            sample_every,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -466,6 +583,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 store,
                 traefik,
                 metrics_addr,
+                sample_every,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -692,6 +810,113 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                 for e in &entries {
                     println!("{}  {:<11}  {}", format_time(e.at_ms), e.kind, e.reason);
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AppCommand::Top { name, once, output } => {
+            let api = Api::connect(global)?;
+            let mut client = api.metrics()?;
+            let live = !once
+                && output == Output::Text
+                && std::io::IsTerminal::is_terminal(&std::io::stdout());
+            loop {
+                let instances = client
+                    .top(TopRequest {
+                        app: name.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner()
+                    .instances;
+                if output == Output::Json {
+                    let list: Vec<Value> = instances.iter().map(usage_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if live {
+                    // Clear the screen and go home.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print_top(&instances);
+                if !live {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+        AppCommand::Metrics {
+            name,
+            since,
+            instance,
+            output,
+        } => {
+            if !(Duration::from_secs(10)..=Duration::from_secs(90 * 86_400)).contains(&since) {
+                return Err(anyhow!("--since: must be 10s to 90d"));
+            }
+            let api = Api::connect(global)?;
+            let mut client = api.metrics()?;
+            let now = capstan_server::now_ms();
+            let since_ms = now - since.as_millis() as i64;
+            let mut charts = Vec::new();
+            for (label, metric, aggregate, scale) in METRIC_CHARTS {
+                let response = client
+                    .query(QueryRequest {
+                        app: name.clone(),
+                        instance_id: instance.clone().unwrap_or_default(),
+                        metric: metric.to_string(),
+                        aggregate: aggregate as i32,
+                        since_ms,
+                        until_ms: now,
+                        step_ms: 0,
+                        by_instance: false,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                charts.push((label, metric, scale, response));
+            }
+            if output == Output::Json {
+                let list: Vec<Value> = charts
+                    .iter()
+                    .map(|(label, metric, _, r)| {
+                        let points: Vec<Value> = r
+                            .series
+                            .iter()
+                            .flat_map(|s| &s.points)
+                            .map(|p| json!({"at_ms": p.at_ms, "value": p.value}))
+                            .collect();
+                        json!({"chart": label, "metric": metric, "resolution": r.resolution,
+                               "step_ms": r.step_ms, "points": points})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let step = charts.first().map_or(0, |(_, _, _, r)| r.step_ms);
+            let resolution = charts
+                .first()
+                .map_or("raw".to_string(), |(_, _, _, r)| r.resolution.clone());
+            println!(
+                "{name}{}  last {}  (one column per {}, from {} data)",
+                instance.map(|i| format!(" / {i}")).unwrap_or_default(),
+                capstan_types::duration::format(since),
+                capstan_types::duration::format(Duration::from_millis(step)),
+                resolution
+            );
+            for (label, _, scale, response) in &charts {
+                let points: Vec<(i64, f64)> = response
+                    .series
+                    .iter()
+                    .flat_map(|s| &s.points)
+                    .map(|p| (p.at_ms, p.value / scale))
+                    .collect();
+                println!(
+                    "  {label:<12} {}",
+                    chart_line(&points, since_ms, response.step_ms as i64, now)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -54,6 +54,8 @@ pub struct DevOptions {
     pub traefik: capstan_router_config::ack::TraefikArgs,
     /// Where `/metrics` is served, for every service of this process.
     pub metrics_addr: SocketAddr,
+    /// How often usage is sampled and traffic reported.
+    pub sample_every: Duration,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -94,7 +96,7 @@ fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::Agen
                 docker: options.docker,
                 // One machine: instances serve on loopback only.
                 advertise_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-                sample_every: capstan_agent::SAMPLE_EVERY,
+                sample_every: options.sample_every,
             }
         })
         .collect()
@@ -112,6 +114,9 @@ pub struct Endpoints {
     /// Where Prometheus scrapes `/metrics` (every service's series).
     #[serde(default)]
     pub metrics: String,
+    /// The metrics service (gRPC): samples, queries, top.
+    #[serde(default)]
+    pub metrics_service: String,
     pub pid: u32,
 }
 
@@ -184,6 +189,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
     let scheduler_listener = bind(loopback, "scheduler").await?;
     let router_listener = bind(loopback, "router-config service").await?;
     let orchestrator_listener = bind(loopback, "orchestrator").await?;
+    let metrics_service_listener = bind(loopback, "metrics service").await?;
     let mut agent_listeners = Vec::new();
     for _ in 0..options.agents {
         agent_listeners.push(bind(loopback, "agent").await?);
@@ -209,6 +215,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         proxy: proxy_listener.local_addr()?.to_string(),
         traefik_provider: provider_listener.local_addr()?.to_string(),
         metrics: metrics_listener.local_addr()?.to_string(),
+        metrics_service: metrics_service_listener.local_addr()?.to_string(),
         pid: std::process::id(),
     };
 
@@ -266,6 +273,15 @@ pub async fn run(options: DevOptions) -> Result<()> {
         )),
     );
     spawn(
+        "metrics",
+        Box::pin(capstan_metrics::run(
+            platform.clone(),
+            Arc::new(capstan_metrics::RingStore::default()),
+            metrics_service_listener,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
         "router-config",
         Box::pin(capstan_router_config::run(
             platform.clone(),
@@ -275,6 +291,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
                 traefik_apis: options.traefik.apis(),
                 traefik_confirm_timeout: options.traefik.traefik_confirm_timeout,
                 traefik_in_flight_grace: options.traefik.traefik_in_flight_grace,
+                traffic_every: options.sample_every,
                 ..capstan_router_config::RouterOptions::new(options.trusted_proxies.clone())
             },
             router_listener,

@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "capstan/v1/agent.proto",
     "capstan/v1/router_config.proto",
     "capstan/v1/auth.proto",
+    "capstan/v1/metrics.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

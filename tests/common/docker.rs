@@ -10,12 +10,13 @@ use super::BIN;
 
 pub const BASE_IMAGE: &str = "capstan-base:bookworm";
 pub const IMAGE: &str = "capstan:e2e";
-const BINARIES: [&str; 6] = [
+const BINARIES: [&str; 7] = [
     "capstan",
     "capstan-orchestrator",
     "capstan-scheduler",
     "capstan-router-config",
     "capstan-auth",
+    "capstan-metrics",
     "capstan-agent",
 ];
 

@@ -474,13 +474,14 @@ pub fn traefik_confirmations(log: &str) -> Vec<u64> {
 }
 
 /// The Capstan services of docker-compose.yml (backends aside).
-pub const COMPOSE_CAPSTAN_SERVICES: [&str; 8] = [
+pub const COMPOSE_CAPSTAN_SERVICES: [&str; 9] = [
     "auth",
     "scheduler-1",
     "scheduler-2",
     "orchestrator-1",
     "orchestrator-2",
     "router-config",
+    "metrics",
     "agent-1",
     "agent-2",
 ];

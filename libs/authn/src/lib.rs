@@ -94,7 +94,13 @@ impl Role {
 /// An API key: `cap_` and 43 characters of base64url randomness.
 /// The services whose certificates are service principals under mutual
 /// TLS. Agents are not among them: they act as their node, by node key.
-pub const CERTIFICATE_SERVICES: &[&str] = &["auth", "scheduler", "orchestrator", "router-config"];
+pub const CERTIFICATE_SERVICES: &[&str] = &[
+    "auth",
+    "scheduler",
+    "orchestrator",
+    "router-config",
+    "metrics",
+];
 
 /// The Capstan service a client certificate (DER, already verified against
 /// the platform's CA at the handshake) is valid for, by its SAN, if any.

@@ -18,6 +18,9 @@ pub enum Rule {
     /// Agents only. The handler must also check that the node the call is
     /// about is the caller's own ([`Claims::node_id`]).
     Nodes,
+    /// Agents and services: what reports observations (metric samples).
+    /// The handler checks that what an agent reports is its own node's.
+    Reporters,
 }
 
 impl Rule {
@@ -29,6 +32,7 @@ impl Rule {
             }
             Rule::Services => claims.role == Role::Service,
             Rule::Nodes => claims.role == Role::Node,
+            Rule::Reporters => matches!(claims.role, Role::Node | Role::Service),
         }
     }
 }
@@ -92,6 +96,10 @@ impl Policy {
 
     pub fn nodes(self, path: &'static str) -> Self {
         self.rule(path, Rule::Nodes)
+    }
+
+    pub fn reporters(self, path: &'static str) -> Self {
+        self.rule(path, Rule::Reporters)
     }
 
     /// The rule for a full method path; `None` means nobody may call it.

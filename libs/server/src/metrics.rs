@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
@@ -53,6 +53,8 @@ pub struct Metrics {
     pub route_upstreams: IntGauge,
     pub instance_cpu: GaugeVec,
     pub instance_memory: IntGaugeVec,
+    pub metric_samples: IntCounter,
+    pub autoscale_decisions: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -94,6 +96,14 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
 
 fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+fn plain_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("a valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("registered once");
@@ -171,6 +181,17 @@ pub fn metrics() -> &'static Metrics {
                 "capstan_instance_memory_bytes",
                 "Memory an instance holds (process apps: resident set; image apps: the container's usage).",
                 &["app", "instance", "node"],
+            ),
+            metric_samples: plain_counter(
+                r,
+                "capstan_metric_samples_total",
+                "Samples the metrics service ingested.",
+            ),
+            autoscale_decisions: counter(
+                r,
+                "capstan_autoscale_decisions_total",
+                "Autoscaler decisions, by result (up, down, hold).",
+                &["result"],
             ),
             routes: gauge(r, "capstan_routes", "Apps in the routing table in force."),
             route_upstreams: gauge(

@@ -202,6 +202,74 @@ pub fn lwt_outcome(columns: &[(&str, Option<CqlValue>)]) -> Result<LwtOutcome, S
     Ok(LwtOutcome { applied, version })
 }
 
+/// Connects to the nodes of a `scylla://` URL, creates its keyspace and
+/// applies `migrations` in order, each once (recorded in
+/// `schema_migrations`, so adapters sharing a keyspace pass their own
+/// lists). Every Scylla adapter opens its session here.
+pub async fn connect_session(
+    url: &str,
+    migrations: &[(&str, &str)],
+) -> Result<(Session, ScyllaUrl), StoreError> {
+    let url = parse_url(url).map_err(|e| StoreError::Backend(format!("--store: {e}")))?;
+    let session = SessionBuilder::new()
+        .known_nodes(&url.nodes)
+        .connection_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .map_err(|e| backend(&format!("connect to {}", url.nodes.join(",")), e))?;
+    let ks = &url.keyspace;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+                url.replication_factor
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| backend("create keyspace", e))?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (id text PRIMARY KEY, applied_at timestamp)"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| backend("create schema_migrations", e))?;
+    for (id, cql) in migrations {
+        let done = session
+            .query_unpaged(
+                format!("SELECT id FROM {ks}.schema_migrations WHERE id = ?"),
+                (id,),
+            )
+            .await
+            .map_err(|e| backend("read schema_migrations", e))?
+            .into_rows_result()
+            .map_err(|e| backend("read schema_migrations", e))?
+            .rows_num()
+            > 0;
+        if done {
+            continue;
+        }
+        for statement in statements(cql, ks) {
+            session
+                .query_unpaged(statement, &[])
+                .await
+                .map_err(|e| backend(&format!("migration {id}"), e))?;
+        }
+        session
+            .query_unpaged(
+                format!("INSERT INTO {ks}.schema_migrations (id, applied_at) VALUES (?, toTimestamp(now())) IF NOT EXISTS"),
+                (id,),
+            )
+            .await
+            .map_err(|e| backend("record migration", e))?;
+        tracing::info!(migration = id, keyspace = %ks, "applied schema migration");
+    }
+    Ok((session, url))
+}
+
 pub struct ScyllaStore {
     session: Session,
     get: PreparedStatement,
@@ -218,7 +286,7 @@ pub struct ScyllaStore {
     scan: PreparedStatement,
 }
 
-fn backend(what: &str, error: impl std::fmt::Display) -> StoreError {
+pub fn backend(what: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("scylla: {what}: {error}"))
 }
 
@@ -226,63 +294,8 @@ impl ScyllaStore {
     /// Connects, creates the keyspace and applies the schema (idempotent),
     /// and prepares every statement.
     pub async fn connect(url: &str) -> Result<ScyllaStore, StoreError> {
-        let url = parse_url(url).map_err(|e| StoreError::Backend(format!("--store: {e}")))?;
-        let session = SessionBuilder::new()
-            .known_nodes(&url.nodes)
-            .connection_timeout(Duration::from_secs(5))
-            .build()
-            .await
-            .map_err(|e| backend(&format!("connect to {}", url.nodes.join(",")), e))?;
+        let (session, url) = connect_session(url, MIGRATIONS).await?;
         let ks = &url.keyspace;
-        session
-            .query_unpaged(
-                format!(
-                    "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
-                    url.replication_factor
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| backend("create keyspace", e))?;
-        session
-            .query_unpaged(
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (id text PRIMARY KEY, applied_at timestamp)"
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| backend("create schema_migrations", e))?;
-        for (id, cql) in MIGRATIONS {
-            let done = session
-                .query_unpaged(
-                    format!("SELECT id FROM {ks}.schema_migrations WHERE id = ?"),
-                    (id,),
-                )
-                .await
-                .map_err(|e| backend("read schema_migrations", e))?
-                .into_rows_result()
-                .map_err(|e| backend("read schema_migrations", e))?
-                .rows_num()
-                > 0;
-            if done {
-                continue;
-            }
-            for statement in statements(cql, ks) {
-                session
-                    .query_unpaged(statement, &[])
-                    .await
-                    .map_err(|e| backend(&format!("migration {id}"), e))?;
-            }
-            session
-                .query_unpaged(
-                    format!("INSERT INTO {ks}.schema_migrations (id, applied_at) VALUES (?, toTimestamp(now())) IF NOT EXISTS"),
-                    (id,),
-                )
-                .await
-                .map_err(|e| backend("record migration", e))?;
-            tracing::info!(migration = id, keyspace = %ks, "applied schema migration");
-        }
         let text = Statements::new(ks);
         let prepare = |cql: String, lwt: bool, idempotent: bool| {
             let session = &session;

@@ -58,6 +58,15 @@ pub fn format(duration: Duration) -> String {
     }
 }
 
+/// A sampling period (`--sample-every`): 1s to 5m.
+pub fn parse_sample_every(text: &str) -> Result<Duration, String> {
+    let every = parse(text)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&every) {
+        return Err(format!("`{text}` must be between 1s and 5m"));
+    }
+    Ok(every)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

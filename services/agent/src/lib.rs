@@ -471,11 +471,16 @@ impl Inner {
 
     /// Samples what each instance uses every `sample_every`, into the
     /// process's `capstan_instance_*` gauges (CPU as cores used since the
-    /// previous sample); the series of an instance that is gone are removed.
+    /// previous sample; the series of an instance that is gone are
+    /// removed) and to the metrics service (CPU in percent of what the
+    /// instance reserves, memory, and a restart for each instance that
+    /// failed since: the orchestrator replaces it). Metrics are hints: a
+    /// batch the metrics service does not take is dropped.
     async fn sample(self: Arc<Self>, shutdown: CancellationToken) {
         let metrics = capstan_server::metrics::metrics();
         let node = self.config.node_id.clone();
         let mut previous: HashMap<InstanceId, (tokio::time::Instant, f64, String)> = HashMap::new();
+        let mut failed_reported: std::collections::HashSet<InstanceId> = Default::default();
         let mut tick = tokio::time::interval(self.config.sample_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -496,27 +501,61 @@ impl Inner {
                     Err(e) => tracing::debug!("container usage not sampled: {e}"),
                 }
             }
-            let apps: HashMap<InstanceId, String> = self
-                .instances
-                .lock()
-                .expect("instances lock poisoned")
-                .iter()
-                .map(|(id, t)| (id.clone(), t.file.spec.name.to_string()))
-                .collect();
+            let at_ms = now_ms();
+            let mut samples = Vec::new();
+            let sample =
+                |app: &str, id: &InstanceId, metric: &str, value: f64| capstan_proto::v1::Sample {
+                    app: app.to_string(),
+                    instance_id: id.to_string(),
+                    node_id: node.clone(),
+                    at_ms,
+                    metric: metric.to_string(),
+                    value,
+                    buckets: Vec::new(),
+                };
+            // (app, reserved cores) of every instance, and a restart for
+            // each that failed since the last sample.
+            let apps: HashMap<InstanceId, (String, f64)> = {
+                let instances = self.instances.lock().expect("instances lock poisoned");
+                for (id, tracked) in instances.iter() {
+                    if matches!(tracked.state, InstanceState::Failed)
+                        && failed_reported.insert(id.clone())
+                    {
+                        samples.push(sample(&tracked.file.spec.name, id, "restarts", 1.0));
+                    }
+                }
+                failed_reported.retain(|id| instances.contains_key(id));
+                instances
+                    .iter()
+                    .map(|(id, t)| {
+                        let millis = t.file.spec.resources.cpu_millis;
+                        let cores = if millis == 0 {
+                            1.0
+                        } else {
+                            f64::from(millis) / 1000.0
+                        };
+                        (id.clone(), (t.file.spec.name.to_string(), cores))
+                    })
+                    .collect()
+            };
             let now = tokio::time::Instant::now();
             let mut seen = HashMap::new();
             for (id, used) in usage {
-                let Some(app) = apps.get(&id) else { continue };
+                let Some((app, reserved)) = apps.get(&id) else {
+                    continue;
+                };
                 let labels = [app.as_str(), id.as_str(), node.as_str()];
                 metrics
                     .instance_memory
                     .with_label_values(&labels)
                     .set(used.memory_bytes.min(i64::MAX as u64) as i64);
+                samples.push(sample(app, &id, "memory_bytes", used.memory_bytes as f64));
                 if let Some((at, cpu, _)) = previous.get(&id) {
                     let wall = now.duration_since(*at).as_secs_f64();
                     if wall > 0.0 {
                         let cores = ((used.cpu_seconds - cpu) / wall).max(0.0);
                         metrics.instance_cpu.with_label_values(&labels).set(cores);
+                        samples.push(sample(app, &id, "cpu_percent", cores * 100.0 / reserved));
                     }
                 }
                 seen.insert(id, (now, used.cpu_seconds, app.clone()));
@@ -529,6 +568,30 @@ impl Inner {
                 }
             }
             previous = seen;
+            if !samples.is_empty() {
+                self.report(samples).await;
+            }
+        }
+    }
+
+    /// Sends samples to the metrics service; drops them if it is not there.
+    async fn report(&self, samples: Vec<capstan_proto::v1::Sample>) {
+        let client = match self.platform.client("metrics").await {
+            Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
+            Err(e) => {
+                tracing::debug!("metrics service unreachable, samples dropped: {e}");
+                return;
+            }
+        };
+        for chunk in samples.chunks(1_000) {
+            let mut client = client.clone();
+            let request = capstan_proto::v1::IngestRequest {
+                samples: chunk.to_vec(),
+            };
+            if let Err(e) = client.ingest(request).await {
+                tracing::debug!("metric samples not taken: {}", e.message());
+                return;
+            }
         }
     }
 

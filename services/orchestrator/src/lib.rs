@@ -26,14 +26,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Viewers read, operators change apps; router-config reads the endpoints.
+/// Viewers read, operators change apps; router-config reads the endpoints,
+/// the metrics service the app list.
 pub fn policy() -> Policy {
     Policy::new()
         .write("/capstan.v1.Orchestrator/ApplyApp")
         .write("/capstan.v1.Orchestrator/ScaleApp")
         .write("/capstan.v1.Orchestrator/DeleteApp")
         .read("/capstan.v1.Orchestrator/GetApp")
-        .read("/capstan.v1.Orchestrator/ListApps")
+        .users("/capstan.v1.Orchestrator/ListApps", Access::Read, true)
         .read("/capstan.v1.Orchestrator/ListEvents")
         .read("/capstan.v1.Orchestrator/WatchEvents")
         .read("/capstan.v1.Orchestrator/GetAppHistory")

@@ -47,6 +47,9 @@ pub const TRAEFIK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests Traefik sent to a server before it stopped routing to
 /// it get to finish: Traefik does not say what it has in flight.
 pub const TRAEFIK_IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
+/// How often the edge proxy's traffic is reported unless told otherwise
+/// (the agents' sampling period).
+pub const TRAFFIC_EVERY: Duration = Duration::from_secs(5);
 const PROVIDER_TOKEN_PATH: &str = "router-config/provider-token";
 
 pub struct RouterOptions {
@@ -65,6 +68,8 @@ pub struct RouterOptions {
     pub traefik_apis: Vec<ack::TraefikApi>,
     pub traefik_confirm_timeout: Duration,
     pub traefik_in_flight_grace: Duration,
+    /// How often what the edge proxy served goes to the metrics service.
+    pub traffic_every: Duration,
 }
 
 impl RouterOptions {
@@ -79,6 +84,7 @@ impl RouterOptions {
             traefik_apis: Vec::new(),
             traefik_confirm_timeout: TRAEFIK_CONFIRM_TIMEOUT,
             traefik_in_flight_grace: TRAEFIK_IN_FLIGHT_GRACE,
+            traffic_every: TRAFFIC_EVERY,
         }
     }
 }
@@ -348,6 +354,72 @@ async fn publish_to_consul_kv(
     }
 }
 
+/// Every `every`, sends what the edge proxy served per app and instance to
+/// the metrics service: requests, 4xx and 5xx responses (counts over the
+/// period) and the latency histogram. Metrics are hints: a batch the
+/// metrics service does not take is dropped.
+async fn report_traffic(router: Router, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let traffic = router.proxy.take_traffic();
+        if traffic.is_empty() {
+            continue;
+        }
+        let at_ms = capstan_server::now_ms();
+        let samples = traffic_samples(traffic, at_ms);
+        let client = match router.platform.client("metrics").await {
+            Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
+            Err(e) => {
+                tracing::debug!("metrics service unreachable, traffic samples dropped: {e}");
+                continue;
+            }
+        };
+        for chunk in samples.chunks(1_000) {
+            let request = capstan_proto::v1::IngestRequest {
+                samples: chunk.to_vec(),
+            };
+            if let Err(e) = client.clone().ingest(request).await {
+                tracing::debug!("traffic samples not taken: {}", e.message());
+                break;
+            }
+        }
+    }
+}
+
+/// The samples of one period's traffic, four per (app, instance).
+pub fn traffic_samples(
+    traffic: std::collections::HashMap<(String, String), proxy::Traffic>,
+    at_ms: i64,
+) -> Vec<capstan_proto::v1::Sample> {
+    let mut samples = Vec::with_capacity(traffic.len() * 4);
+    for ((app, instance), t) in traffic {
+        let sample = |metric: &str, value: f64, buckets: Vec<u64>| capstan_proto::v1::Sample {
+            app: app.clone(),
+            instance_id: instance.clone(),
+            node_id: String::new(),
+            at_ms,
+            metric: metric.to_string(),
+            value,
+            buckets,
+        };
+        samples.push(sample("requests", t.requests as f64, Vec::new()));
+        samples.push(sample("responses_4xx", t.responses_4xx as f64, Vec::new()));
+        samples.push(sample("responses_5xx", t.responses_5xx as f64, Vec::new()));
+        samples.push(sample(
+            "latency_ms",
+            t.latency_sum_ms,
+            t.latency_buckets.to_vec(),
+        ));
+    }
+    samples
+}
+
 /// Anyone with a key may read the table; only the orchestrator triggers a
 /// sync (it blocks until in-flight requests drain).
 pub fn policy() -> Policy {
@@ -439,6 +511,12 @@ pub async fn run(
     if let Some(kv) = options.traefik_kv {
         tasks.spawn(publish_to_consul_kv(router.clone(), kv, shutdown.clone()));
     }
+
+    tasks.spawn(report_traffic(
+        router.clone(),
+        options.traffic_every,
+        shutdown.clone(),
+    ));
 
     let rebuilder = router.clone();
     let rebuild_shutdown = shutdown.clone();

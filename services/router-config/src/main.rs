@@ -27,6 +27,10 @@ struct Args {
     traefik_kv: Option<String>,
     #[command(flatten)]
     traefik: capstan_router_config::ack::TraefikArgs,
+    /// How often the edge proxy's traffic per app and instance goes to the
+    /// metrics service (1s to 5m).
+    #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
+    sample_every: std::time::Duration,
 }
 
 fn parse_traefik_kv(text: &str) -> Result<String, String> {
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (http_addr, provider_addr) = (args.http_addr, args.traefik_provider_addr);
     let traefik = args.traefik;
+    let traffic_every = args.sample_every;
     let token = std::env::var("CONSUL_HTTP_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -80,6 +85,7 @@ fn main() -> std::process::ExitCode {
                 traefik_apis: traefik.apis(),
                 traefik_confirm_timeout: traefik.traefik_confirm_timeout,
                 traefik_in_flight_grace: traefik.traefik_in_flight_grace,
+                traffic_every,
                 ..capstan_router_config::RouterOptions::new(trusted_proxies)
             };
             capstan_router_config::run(platform, options, listener, shutdown).await

@@ -119,9 +119,34 @@ impl TrustedProxies {
     }
 }
 
+/// What the proxy served for one (app, instance) since it was last taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traffic {
+    pub requests: u64,
+    pub responses_4xx: u64,
+    pub responses_5xx: u64,
+    /// Sum of the latencies, ms.
+    pub latency_sum_ms: f64,
+    /// Counts per bucket of `capstan_metrics::model::LATENCY_BOUNDS_MS`.
+    pub latency_buckets: [u64; capstan_metrics::model::LATENCY_BUCKETS],
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            requests: 0,
+            responses_4xx: 0,
+            responses_5xx: 0,
+            latency_sum_ms: 0.0,
+            latency_buckets: [0; capstan_metrics::model::LATENCY_BUCKETS],
+        }
+    }
+}
+
 pub struct EdgeProxy {
     table: RwLock<Arc<Compiled>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    traffic: Mutex<HashMap<(String, String), Traffic>>,
     client: Client<HttpConnector, ProxyBody>,
     limits: HttpLimits,
     trusted: TrustedProxies,
@@ -145,10 +170,16 @@ impl EdgeProxy {
         Arc::new(EdgeProxy {
             table: RwLock::new(Arc::new(compile(RouteTable::default()))),
             in_flight: Mutex::default(),
+            traffic: Mutex::default(),
             client,
             limits,
             trusted,
         })
+    }
+
+    /// What was served per (app, instance) since the last call.
+    pub fn take_traffic(&self) -> HashMap<(String, String), Traffic> {
+        std::mem::take(&mut *self.traffic.lock().expect("traffic lock poisoned"))
     }
 
     pub fn apply(&self, table: RouteTable) {
@@ -213,10 +244,20 @@ impl EdgeProxy {
                 .proxy_requests
                 .with_label_values(&[app.as_str(), instance.as_str(), class])
                 .inc();
+            let took = started.elapsed().as_secs_f64();
             metrics
                 .proxy_duration
                 .with_label_values(&[app.as_str(), instance.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+                .observe(took);
+            let status = response.status().as_u16();
+            let mut traffic = self.traffic.lock().expect("traffic lock poisoned");
+            let entry = traffic.entry((app, instance)).or_default();
+            entry.requests += 1;
+            entry.responses_4xx += u64::from((400..500).contains(&status));
+            entry.responses_5xx += u64::from(status >= 500);
+            let ms = took * 1000.0;
+            entry.latency_sum_ms += ms;
+            entry.latency_buckets[capstan_metrics::model::latency_bucket(ms)] += 1;
         }
         response
     }

@@ -1,0 +1,722 @@
+//! The metrics service. Agents send what each instance uses (CPU, memory,
+//! restarts) and the edge proxy what each serves (requests, status classes,
+//! a latency histogram), in batches, every sampling period. The service
+//! stores every sample raw, rolls them up into 1-minute and 1-hour rows,
+//! and answers range queries (`Query`), the latest readings (`Top`) and a
+//! live stream (`Watch`).
+//!
+//! Rollups are mergeable (`model::Rollup`) and written per service
+//! replica (`Row::writer`), so replicas need no coordination: each upserts
+//! the rollups of what it ingested, every [`FLUSH_EVERY`], and reads merge
+//! the rows of every writer.
+
+pub mod contract;
+pub mod model;
+pub mod query;
+pub mod scylla;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan_authn::{Policy, RequireAuthLayer, Role, caller};
+use capstan_proto::v1::metrics_server::{Metrics, MetricsServer};
+use capstan_proto::v1::{
+    Aggregate as WireAggregate, IngestRequest, IngestResponse, InstanceUsage, Point, QueryRequest,
+    QueryResponse, Sample, Series, TopRequest, TopResponse, WatchRequest,
+};
+use capstan_server::{Platform, Service, now_ms};
+use capstan_types::{AppName, Error, FieldError, InstanceId, NodeId};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::model::{LATENCY_BUCKETS, Metric, Resolution, Rollup, Row, SeriesKey};
+use crate::query::Aggregate;
+pub use crate::store::{MetricsStore, RingStore, Selector};
+
+/// Samples per `Ingest` call, at most.
+pub const MAX_BATCH: usize = 10_000;
+/// How often rollups of what was ingested are written.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// Samples may be this old when they arrive (an agent catching up), and
+/// this far ahead (clock skew).
+pub const MAX_AGE_MS: i64 = 3_600_000;
+pub const MAX_SKEW_MS: i64 = 60_000;
+/// `Top` reads this much of the recent past.
+pub const TOP_WINDOW_MS: i64 = 30_000;
+/// `Top` lists instances with a memory reading this recent.
+pub const TOP_LIVE_MS: i64 = 12_000;
+/// Open `Watch` streams, at most.
+pub const MAX_WATCHERS: usize = 256;
+
+/// Rollups being accumulated: (resolution, series, start) -> node, rollup,
+/// and whether it changed since it was last written.
+#[derive(Default)]
+struct Accumulator {
+    rows: HashMap<(Resolution, SeriesKey, i64), (String, Rollup, bool)>,
+}
+
+impl Accumulator {
+    fn add(&mut self, key: &SeriesKey, node: &str, at_ms: i64, rollup: &Rollup) {
+        for resolution in [Resolution::Minute, Resolution::Hour] {
+            let entry = self
+                .rows
+                .entry((resolution, key.clone(), resolution.bucket(at_ms)))
+                .or_insert_with(|| (node.to_string(), Rollup::empty(), false));
+            entry.1.merge(rollup);
+            entry.2 = true;
+        }
+    }
+
+    /// The changed rollups, as rows of `writer`. A bucket is kept until no
+    /// sample can be late for it any more ([`MAX_AGE_MS`] after it ended),
+    /// so a late sample updates the row it belongs to instead of replacing
+    /// it with a partial one.
+    fn take(&mut self, writer: &str, now: i64) -> Vec<(Resolution, Row)> {
+        let mut out = Vec::new();
+        for ((resolution, key, start), (node, rollup, dirty)) in self.rows.iter_mut() {
+            if *dirty {
+                *dirty = false;
+                out.push((
+                    *resolution,
+                    Row {
+                        key: key.clone(),
+                        start_ms: *start,
+                        writer: writer.to_string(),
+                        node: node.clone(),
+                        rollup: rollup.clone(),
+                    },
+                ));
+            }
+        }
+        // A bucket that ended longer ago than a sample may be late is
+        // complete: nothing can change it any more.
+        self.rows.retain(|(resolution, _, start), (_, _, dirty)| {
+            *dirty || start + resolution.width_ms() + MAX_AGE_MS > now
+        });
+        out
+    }
+}
+
+#[derive(Clone)]
+struct MetricsService {
+    platform: Platform,
+    store: Arc<dyn MetricsStore>,
+    writer: String,
+    accumulator: Arc<Mutex<Accumulator>>,
+    live: tokio::sync::broadcast::Sender<Arc<Vec<Sample>>>,
+    watchers: Arc<tokio::sync::Semaphore>,
+}
+
+/// A sample checked and parsed.
+struct Parsed {
+    key: SeriesKey,
+    node: String,
+    at_ms: i64,
+    rollup: Rollup,
+}
+
+fn parse_sample(
+    index: usize,
+    sample: &Sample,
+    now: i64,
+    node_caller: Option<&str>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Parsed> {
+    let field = |name: &str| format!("samples[{index}].{name}");
+    let before = errors.len();
+    let mut push = |e: Error| {
+        if let Error::Invalid(found) = e {
+            errors.extend(found);
+        }
+    };
+    if let Err(e) = AppName::parse(&field("app"), &sample.app) {
+        push(e);
+    }
+    if let Err(e) = InstanceId::parse(&field("instance_id"), &sample.instance_id) {
+        push(e);
+    }
+    if !sample.node_id.is_empty()
+        && let Err(e) = NodeId::parse(&field("node_id"), &sample.node_id)
+    {
+        push(e);
+    }
+    let metric = match Metric::parse(&field("metric"), &sample.metric) {
+        Ok(metric) => Some(metric),
+        Err(e) => {
+            push(e);
+            None
+        }
+    };
+    if !sample.value.is_finite() || sample.value < 0.0 {
+        errors.push(FieldError::new(
+            field("value"),
+            "must be a finite number >= 0",
+        ));
+    }
+    if sample.at_ms < now - MAX_AGE_MS || sample.at_ms > now + MAX_SKEW_MS {
+        errors.push(FieldError::new(
+            field("at_ms"),
+            format!("must be within the last hour and at most a minute ahead of now ({now})"),
+        ));
+    }
+    if let Some(metric) = metric {
+        let want = if metric == Metric::LatencyMs {
+            LATENCY_BUCKETS
+        } else {
+            0
+        };
+        if sample.buckets.len() != want {
+            errors.push(FieldError::new(
+                field("buckets"),
+                format!(
+                    "{} takes {want} bucket counts, not {}",
+                    metric.name(),
+                    sample.buckets.len()
+                ),
+            ));
+        }
+    }
+    if let Some(node) = node_caller
+        && sample.node_id != node
+    {
+        errors.push(FieldError::new(
+            field("node_id"),
+            format!("an agent reports only its own node `{node}`"),
+        ));
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Parsed {
+        key: SeriesKey {
+            app: sample.app.clone(),
+            metric: metric?,
+            instance: sample.instance_id.clone(),
+        },
+        node: sample.node_id.clone(),
+        at_ms: sample.at_ms,
+        rollup: Rollup::of(sample.value, &sample.buckets),
+    })
+}
+
+fn aggregate_from_wire(value: i32) -> Result<Aggregate, Error> {
+    match WireAggregate::try_from(value) {
+        Ok(WireAggregate::Avg) => Ok(Aggregate::Avg),
+        Ok(WireAggregate::Max) => Ok(Aggregate::Max),
+        Ok(WireAggregate::Min) => Ok(Aggregate::Min),
+        Ok(WireAggregate::Sum) => Ok(Aggregate::Sum),
+        Ok(WireAggregate::Rate) => Ok(Aggregate::Rate),
+        Ok(WireAggregate::P50) => Ok(Aggregate::Quantile(50)),
+        Ok(WireAggregate::P95) => Ok(Aggregate::Quantile(95)),
+        Ok(WireAggregate::P99) => Ok(Aggregate::Quantile(99)),
+        _ => Err(Error::invalid(
+            "aggregate",
+            "required: avg, max, min, sum, rate, p50, p95 or p99",
+        )),
+    }
+}
+
+impl MetricsService {
+    async fn ingest(&self, samples: &[Sample], node_caller: Option<&str>) -> Result<u32, Error> {
+        if samples.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "samples",
+                format!(
+                    "{} samples in one batch; at most {MAX_BATCH}",
+                    samples.len()
+                ),
+            ));
+        }
+        let now = now_ms();
+        let mut errors = Vec::new();
+        let parsed: Vec<Parsed> = samples
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| parse_sample(i, s, now, node_caller, &mut errors))
+            .collect();
+        if !errors.is_empty() {
+            errors.truncate(20);
+            return Err(Error::Invalid(errors));
+        }
+        let rows: Vec<Row> = parsed
+            .iter()
+            .map(|p| Row {
+                key: p.key.clone(),
+                start_ms: p.at_ms,
+                writer: String::new(),
+                node: p.node.clone(),
+                rollup: p.rollup.clone(),
+            })
+            .collect();
+        self.store.write(Resolution::Raw, &rows).await?;
+        {
+            let mut accumulator = self.accumulator.lock().expect("accumulator lock poisoned");
+            for p in &parsed {
+                accumulator.add(&p.key, &p.node, p.at_ms, &p.rollup);
+            }
+        }
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(Arc::new(samples.to_vec()));
+        }
+        capstan_server::metrics::metrics()
+            .metric_samples
+            .inc_by(rows.len() as u64);
+        Ok(rows.len() as u32)
+    }
+
+    /// Writes the rollups that changed since the last flush.
+    async fn flush(&self) -> Result<usize, Error> {
+        let rows = self
+            .accumulator
+            .lock()
+            .expect("accumulator lock poisoned")
+            .take(&self.writer, now_ms());
+        let mut by_resolution: BTreeMap<Resolution, Vec<Row>> = BTreeMap::new();
+        for (resolution, row) in rows {
+            by_resolution.entry(resolution).or_default().push(row);
+        }
+        let mut written = 0;
+        for (resolution, rows) in by_resolution {
+            if let Err(e) = self.store.write(resolution, &rows).await {
+                // Mark them changed again, so the next flush retries.
+                let mut accumulator = self.accumulator.lock().expect("accumulator lock poisoned");
+                for row in &rows {
+                    if let Some(entry) =
+                        accumulator
+                            .rows
+                            .get_mut(&(resolution, row.key.clone(), row.start_ms))
+                    {
+                        entry.2 = true;
+                    }
+                }
+                return Err(e);
+            }
+            written += rows.len();
+        }
+        Ok(written)
+    }
+
+    async fn query(&self, r: &QueryRequest) -> Result<QueryResponse, Error> {
+        AppName::parse("app", &r.app)?;
+        if !r.instance_id.is_empty() {
+            InstanceId::parse("instance_id", &r.instance_id)?;
+        }
+        let metric = Metric::parse("metric", &r.metric)?;
+        let aggregate = aggregate_from_wire(r.aggregate)?;
+        aggregate.check(metric)?;
+        let now = now_ms();
+        let until = if r.until_ms == 0 { now } else { r.until_ms };
+        if r.since_ms <= 0 {
+            return Err(Error::invalid(
+                "since_ms",
+                "required: the start of the range, in ms since the epoch",
+            ));
+        }
+        if r.since_ms >= until {
+            return Err(Error::invalid("since_ms", "must be before until_ms"));
+        }
+        if until - r.since_ms > query::MAX_RANGE_MS {
+            return Err(Error::invalid(
+                "since_ms",
+                "the range spans more than 90 days",
+            ));
+        }
+        let (resolution, step) = query::plan(r.since_ms, until, r.step_ms, now);
+        let selector = Selector {
+            app: r.app.clone(),
+            metric,
+            instance: (!r.instance_id.is_empty()).then(|| r.instance_id.clone()),
+        };
+        let rows = self
+            .store
+            .read(resolution, &selector, r.since_ms, until)
+            .await?;
+        let series = query::points(&rows, r.since_ms, step, aggregate, r.by_instance)
+            .into_iter()
+            .map(|(instance, points)| Series {
+                app: r.app.clone(),
+                instance_id: if r.by_instance {
+                    instance
+                } else {
+                    r.instance_id.clone()
+                },
+                metric: metric.name().to_string(),
+                points: points
+                    .into_iter()
+                    .map(|(at_ms, value, count)| Point {
+                        at_ms,
+                        value,
+                        count,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(QueryResponse {
+            series,
+            resolution: resolution.name().to_string(),
+            step_ms: step as u64,
+        })
+    }
+
+    /// The latest readings of one app's instances.
+    async fn top_of(&self, app: &str, now: i64) -> Result<Vec<InstanceUsage>, Error> {
+        let from = now - TOP_WINDOW_MS;
+        let mut usage: BTreeMap<String, InstanceUsage> = BTreeMap::new();
+        for metric in [
+            Metric::CpuPercent,
+            Metric::MemoryBytes,
+            Metric::Requests,
+            Metric::LatencyMs,
+            Metric::Restarts,
+        ] {
+            let selector = Selector {
+                app: app.to_string(),
+                metric,
+                instance: None,
+            };
+            let from = if metric == Metric::Restarts {
+                now - 3_600_000
+            } else {
+                from
+            };
+            let rows = self
+                .store
+                .read(Resolution::Raw, &selector, from, now + MAX_SKEW_MS)
+                .await?;
+            let mut latency: BTreeMap<String, Rollup> = BTreeMap::new();
+            for row in rows {
+                let entry =
+                    usage
+                        .entry(row.key.instance.clone())
+                        .or_insert_with(|| InstanceUsage {
+                            app: app.to_string(),
+                            instance_id: row.key.instance.clone(),
+                            ..Default::default()
+                        });
+                if !row.node.is_empty() {
+                    entry.node_id = row.node.clone();
+                }
+                match metric {
+                    Metric::CpuPercent => entry.cpu_percent = row.rollup.sum,
+                    Metric::MemoryBytes => {
+                        entry.memory_bytes = row.rollup.sum as u64;
+                        entry.at_ms = entry.at_ms.max(row.start_ms);
+                    }
+                    Metric::Requests => entry.rps += row.rollup.sum * 1000.0 / TOP_WINDOW_MS as f64,
+                    Metric::Restarts => entry.restarts += row.rollup.sum as u64,
+                    Metric::LatencyMs => {
+                        latency
+                            .entry(row.key.instance.clone())
+                            .and_modify(|r| r.merge(&row.rollup))
+                            .or_insert(row.rollup);
+                    }
+                    _ => {}
+                }
+            }
+            for (instance, rollup) in latency {
+                if let Some(entry) = usage.get_mut(&instance) {
+                    entry.p95_ms = rollup.quantile(0.95).unwrap_or_default();
+                }
+            }
+        }
+        // An instance the agents stopped reporting is gone (it is sampled
+        // every period; two missed periods and some slack).
+        Ok(usage
+            .into_values()
+            .filter(|u| u.at_ms >= now - TOP_LIVE_MS)
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl Metrics for MetricsService {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let claims = caller(&request).map_err(capstan_proto::status)?;
+        let node = (claims.role == Role::Node).then(|| claims.sub.clone());
+        let accepted = self
+            .ingest(&request.get_ref().samples, node.as_deref())
+            .await
+            .map_err(capstan_proto::status)?;
+        Ok(Response::new(IngestResponse { accepted }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        self.query(request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(capstan_proto::status)
+    }
+
+    async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
+        let app = &request.get_ref().app;
+        let apps = if app.is_empty() {
+            let channel = self
+                .platform
+                .client("orchestrator")
+                .await
+                .map_err(capstan_proto::status)?;
+            capstan_proto::v1::orchestrator_client::OrchestratorClient::new(channel)
+                .list_apps(capstan_proto::v1::ListAppsRequest {})
+                .await?
+                .into_inner()
+                .apps
+                .into_iter()
+                .filter_map(|a| a.spec.map(|s| s.name))
+                .collect()
+        } else {
+            AppName::parse("app", app).map_err(capstan_proto::status)?;
+            vec![app.clone()]
+        };
+        let now = now_ms();
+        let mut instances = Vec::new();
+        for app in apps {
+            instances.extend(
+                self.top_of(&app, now)
+                    .await
+                    .map_err(capstan_proto::status)?,
+            );
+        }
+        Ok(Response::new(TopResponse { instances }))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<Sample, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        // A stream lives no longer than the token that opened it.
+        let expires_ms = caller(&request)
+            .map_err(capstan_proto::status)?
+            .exp
+            .saturating_mul(1000);
+        let app = request.into_inner().app;
+        if !app.is_empty() {
+            AppName::parse("app", &app).map_err(capstan_proto::status)?;
+        }
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} watchers are open already; retry later"
+            ))
+        })?;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(expires_ms.saturating_sub(now_ms()).max(0) as u64);
+        let live = self.live.subscribe();
+        let state = (
+            live,
+            app,
+            deadline,
+            std::collections::VecDeque::<Sample>::new(),
+            false,
+            permit,
+        );
+        let stream = futures::stream::unfold(state, |mut state| async move {
+            let (live, app, deadline, pending, ended, _) = &mut state;
+            if *ended {
+                return None;
+            }
+            loop {
+                if let Some(sample) = pending.pop_front() {
+                    return Some((Ok(sample), state));
+                }
+                let received = tokio::select! {
+                    received = live.recv() => received,
+                    _ = tokio::time::sleep_until(*deadline) => {
+                        *ended = true;
+                        return Some((Err(Status::unauthenticated("token expired; watch again with a fresh token")), state));
+                    }
+                };
+                match received {
+                    Ok(batch) => pending.extend(
+                        batch
+                            .iter()
+                            .filter(|s| app.is_empty() || s.app == *app)
+                            .cloned(),
+                    ),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        return Some((
+                            Err(Status::data_loss(format!(
+                                "missed {n} batches; watch again"
+                            ))),
+                            state,
+                        ));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Agents and the edge proxy report; readers read; the orchestrator's
+/// autoscaler queries as a service.
+pub fn policy() -> Policy {
+    Policy::new()
+        .reporters("/capstan.v1.Metrics/Ingest")
+        .users(
+            "/capstan.v1.Metrics/Query",
+            capstan_authn::Access::Read,
+            true,
+        )
+        .read("/capstan.v1.Metrics/Top")
+        .read("/capstan.v1.Metrics/Watch")
+}
+
+/// Serves the metrics service on `listener` until `shutdown`, storing in
+/// `store`; flushes rollups every [`FLUSH_EVERY`] and once more on the way
+/// out.
+pub async fn run(
+    platform: Platform,
+    store: Arc<dyn MetricsStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let service = MetricsService {
+        platform: platform.clone(),
+        store,
+        writer: capstan_server::new_id("metrics"),
+        accumulator: Arc::default(),
+        live: tokio::sync::broadcast::channel(256).0,
+        watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
+    };
+    let flusher = service.clone();
+    let flush_shutdown = shutdown.clone();
+    let flushing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = flush_shutdown.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            if let Err(e) = flusher.flush().await {
+                tracing::warn!("metric rollups not written, retrying: {e}");
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
+    let grpc = Service {
+        name: "metrics",
+        instance_id: service.writer.clone(),
+        grpc_names: vec!["capstan.v1.Metrics"],
+        routes: tonic::service::Routes::new(MetricsServer::new(service)),
+        auth: RequireAuthLayer::new(platform.verifier(), policy()),
+    };
+    let result = capstan_server::serve(&platform, grpc, listener, shutdown).await;
+    let _ = flushing.await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(metric: &str, value: f64) -> Sample {
+        Sample {
+            app: "web".into(),
+            instance_id: "web-1".into(),
+            node_id: "node-1".into(),
+            at_ms: now_ms(),
+            metric: metric.into(),
+            value,
+            buckets: if metric == "latency_ms" {
+                vec![0; LATENCY_BUCKETS]
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    #[test]
+    fn bad_samples_are_named_by_index_and_field() {
+        let now = now_ms();
+        let mut errors = Vec::new();
+        let mut bad = sample("cpu_percent", f64::NAN);
+        bad.app = "Bad App".into();
+        bad.at_ms = now - 2 * MAX_AGE_MS;
+        assert!(parse_sample(4, &bad, now, None, &mut errors).is_none());
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["samples[4].app", "samples[4].value", "samples[4].at_ms"]
+        );
+
+        let mut errors = Vec::new();
+        let mut short = sample("latency_ms", 1.0);
+        short.buckets.pop();
+        assert!(parse_sample(0, &short, now, None, &mut errors).is_none());
+        assert_eq!(errors[0].field, "samples[0].buckets");
+
+        let mut errors = Vec::new();
+        assert!(
+            parse_sample(
+                0,
+                &sample("cpu_percent", 5.0),
+                now,
+                Some("node-2"),
+                &mut errors
+            )
+            .is_none()
+        );
+        assert_eq!(
+            errors[0].field, "samples[0].node_id",
+            "an agent reports only its own node"
+        );
+        let mut errors = Vec::new();
+        assert!(
+            parse_sample(
+                0,
+                &sample("cpu_percent", 5.0),
+                now,
+                Some("node-1"),
+                &mut errors
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn the_accumulator_writes_what_changed_once() {
+        let mut accumulator = Accumulator::default();
+        let key = SeriesKey {
+            app: "web".into(),
+            metric: Metric::Requests,
+            instance: "web-1".into(),
+        };
+        let now = 10 * 3_600_000 + 5_000;
+        accumulator.add(&key, "n", now, &Rollup::of(3.0, &[]));
+        accumulator.add(&key, "n", now + 1_000, &Rollup::of(4.0, &[]));
+        let rows = accumulator.take("w", now);
+        assert_eq!(rows.len(), 2, "one minute row and one hour row");
+        assert!(
+            rows.iter()
+                .all(|(_, r)| r.rollup.sum == 7.0 && r.rollup.count == 2 && r.writer == "w")
+        );
+        assert!(
+            accumulator.take("w", now).is_empty(),
+            "nothing changed since"
+        );
+        accumulator.add(&key, "n", now + 2_000, &Rollup::of(1.0, &[]));
+        let again = accumulator.take("w", now);
+        assert!(
+            again.iter().all(|(_, r)| r.rollup.sum == 8.0),
+            "a rollup row is cumulative"
+        );
+        // Long after its bucket closed, a written row is forgotten.
+        accumulator.take("w", now + 2 * 3_600_000 + MAX_AGE_MS);
+        assert!(accumulator.rows.is_empty());
+    }
+}
