@@ -19,8 +19,8 @@ use capstan_proto::v1::{
     Aggregate, AppStatus, ApplyAppRequest, CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest,
     GetAppHistoryRequest, GetAppRequest, InstanceUsage, ListApiKeysRequest, ListAppsRequest,
     ListEventsRequest, ListNodesRequest, NodeStatus, QueryRequest, RenderTraefikRequest,
-    RevokeApiKeyRequest, RolloutState, RotateSigningKeyRequest, ScaleAppRequest, TopRequest,
-    WatchEventsRequest,
+    ResumeAutoscaleRequest, RevokeApiKeyRequest, RolloutState, RotateSigningKeyRequest,
+    ScaleAppRequest, TopRequest, WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::AppSpec;
@@ -302,7 +302,16 @@ enum AppCommand {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
-    /// Set the number of replicas.
+    /// The autoscaler of an app with `[autoscale]`: `--resume` hands it the
+    /// replica count again after a manual `app scale`.
+    #[command(after_help = "Example:\n  capstan app autoscale hello --resume")]
+    Autoscale {
+        name: String,
+        #[arg(long, required = true)]
+        resume: bool,
+    },
+    /// Set the number of replicas (an autoscaled app: pauses its autoscaler
+    /// until the next deploy or `app autoscale NAME --resume`).
     #[command(after_help = "Example:\n  capstan app scale hello 5")]
     Scale { name: String, replicas: u32 },
     /// Delete an app: take it out of rotation and stop its instances.
@@ -920,6 +929,18 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        AppCommand::Autoscale { name, resume: _ } => {
+            let api = Api::connect(global)?;
+            let app = api
+                .orchestrator()?
+                .resume_autoscale(ResumeAutoscaleRequest { name: name.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let replicas = app.spec.map_or(0, |s| s.replicas);
+            println!("app {name}: autoscaling resumed (now {replicas} replicas)");
+            Ok(ExitCode::SUCCESS)
+        }
         AppCommand::Status { name, output } => {
             let api = Api::connect(global)?;
             let app = api
@@ -937,14 +958,21 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
         }
         AppCommand::Scale { name, replicas } => {
             let api = Api::connect(global)?;
-            api.orchestrator()?
+            let app = api
+                .orchestrator()?
                 .scale_app(ScaleAppRequest {
                     name: name.clone(),
                     replicas,
                 })
                 .await
-                .map_err(rpc)?;
+                .map_err(rpc)?
+                .into_inner();
             println!("app {name} scaled to {replicas} replicas");
+            if app.autoscale_override.is_some() {
+                println!(
+                    "autoscaling is paused until the next deploy or `capstan app autoscale {name} --resume`"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         AppCommand::Rm { name, detach } => {
@@ -1005,6 +1033,11 @@ fn app_json(app: &AppStatus) -> Value {
         "deleting": app.deleting,
         "placement_error": app.placement_error,
         "hosts": spec.route.map(|r| r.hosts).unwrap_or_default(),
+        "autoscale": spec.autoscale.as_ref().map(|a| json!({
+            "min": a.min, "max": a.max,
+            "paused_by": app.autoscale_override.as_ref().map(|o| o.by.clone()),
+            "paused_at_ms": app.autoscale_override.as_ref().map(|o| o.at_ms),
+        })),
         "rollout": {
             "state": rollout_state(app),
             "target_hash": rollout.target_hash,
@@ -1037,6 +1070,22 @@ fn print_status(app: &AppStatus) {
         "hosts:     {}",
         spec.route.map(|r| r.hosts.join(", ")).unwrap_or_default()
     );
+    if let Some(autoscale) = &spec.autoscale {
+        let paused = match &app.autoscale_override {
+            Some(o) => format!(
+                "; paused: scaled to {} by {} at {} (resumes on the next deploy or `capstan app autoscale {} --resume`)",
+                o.replicas,
+                o.by,
+                format_time(o.at_ms),
+                spec.name
+            ),
+            None => String::new(),
+        };
+        println!(
+            "autoscale: {} to {} replicas{paused}",
+            autoscale.min, autoscale.max
+        );
+    }
     println!("rollout:   {} {}", rollout_state(app), rollout.message);
     if !app.placement_error.is_empty() {
         println!("placement: {}", app.placement_error);

@@ -267,7 +267,10 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "orchestrator",
         Box::pin(capstan_orchestrator::run(
             platform.clone(),
-            LEASE_TTL,
+            capstan_orchestrator::OrchestratorOptions {
+                lease_ttl: LEASE_TTL,
+                autoscale_every: options.sample_every,
+            },
             orchestrator_listener,
             shutdown.clone(),
         )),

@@ -27,6 +27,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Orchestrator/ListEvents", "voa"),
     ("/capstan.v1.Orchestrator/WatchEvents", "voa"),
     ("/capstan.v1.Orchestrator/GetAppHistory", "voa"),
+    ("/capstan.v1.Orchestrator/ResumeAutoscale", "oa"),
+    ("/capstan.v1.Orchestrator/WakeApp", "s"),
     ("/capstan.v1.Orchestrator/ListEndpoints", "voas"),
     ("/capstan.v1.Metrics/Ingest", "sn"),
     ("/capstan.v1.Metrics/Query", "voas"),

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use capstan_types::spec::{
-    HealthCheck, HealthSpec, PlacementSpec, PortSpec, Resources, RouteSpec, Run, RunSpec,
-    UpdateSpec,
+    AutoscaleSpec, HealthCheck, HealthSpec, PlacementSpec, PortSpec, Resources, RouteSpec, Run,
+    RunSpec, UpdateSpec,
 };
 use capstan_types::{AppSpec, Error, Event, EventKind, FieldError, InstanceState};
 
@@ -94,8 +94,46 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
         },
         update,
         placement: placement_parts(wire.placement.unwrap_or_default(), &mut errors),
+        autoscale: wire.autoscale.map(autoscale_from_wire),
     };
     spec.checked(errors)
+}
+
+/// Zero targets are unset; zero durations take the defaults.
+fn autoscale_from_wire(wire: v1::AutoscaleSpec) -> AutoscaleSpec {
+    let target = |value: u32| (value > 0).then_some(value);
+    AutoscaleSpec {
+        min: wire.min,
+        max: wire.max,
+        target_cpu_percent: target(wire.target_cpu_percent),
+        target_rps_per_instance: target(wire.target_rps_per_instance),
+        target_p95_ms: target(wire.target_p95_ms),
+        scale_up_cooldown: millis_or(
+            wire.scale_up_cooldown_ms,
+            AutoscaleSpec::DEFAULT_SCALE_UP_COOLDOWN,
+        ),
+        scale_down_cooldown: millis_or(
+            wire.scale_down_cooldown_ms,
+            AutoscaleSpec::DEFAULT_SCALE_DOWN_COOLDOWN,
+        ),
+        stabilization: millis_or(wire.stabilization_ms, AutoscaleSpec::DEFAULT_STABILIZATION),
+        scale_to_zero_after: (wire.scale_to_zero_after_ms > 0)
+            .then(|| Duration::from_millis(wire.scale_to_zero_after_ms)),
+    }
+}
+
+fn autoscale_to_wire(spec: &AutoscaleSpec) -> v1::AutoscaleSpec {
+    v1::AutoscaleSpec {
+        min: spec.min,
+        max: spec.max,
+        target_cpu_percent: spec.target_cpu_percent.unwrap_or(0),
+        target_rps_per_instance: spec.target_rps_per_instance.unwrap_or(0),
+        target_p95_ms: spec.target_p95_ms.unwrap_or(0),
+        scale_up_cooldown_ms: millis(spec.scale_up_cooldown),
+        scale_down_cooldown_ms: millis(spec.scale_down_cooldown),
+        stabilization_ms: millis(spec.stabilization),
+        scale_to_zero_after_ms: spec.scale_to_zero_after.map_or(0, millis),
+    }
 }
 
 /// Parses the placement rules once, naming `placement.*` fields in errors.
@@ -192,6 +230,7 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
             progress_deadline_ms: millis(spec.update.progress_deadline),
         }),
         placement: Some(placement_to_wire(&spec.placement)),
+        autoscale: spec.autoscale.as_ref().map(autoscale_to_wire),
     }
 }
 

@@ -17,6 +17,10 @@
 //!   scale-down after a scale-up, or a scale-up after a scale-down, waits
 //!   the window out.
 //! - **Paused during a rollout**, and holding when no target has a reading.
+//! - **Scale to zero and back.** With `min = 0`, the ratio rule never goes
+//!   below one instance; only `scale_to_zero_after` without a request
+//!   takes the app to zero, and any request seen at zero wakes it to one
+//!   (no cooldown holds a wake: someone is waiting).
 //!
 //! Every decision carries the rule applied and a line a person reads, for
 //! the decision journal: "scaled 2 -> 4: rps 430/instance > target 200 for
@@ -35,6 +39,8 @@ pub struct Policy {
     pub scale_up_cooldown_ms: i64,
     pub scale_down_cooldown_ms: i64,
     pub stabilization_ms: i64,
+    /// With `min == 0`: an app without requests for this long goes to 0.
+    pub scale_to_zero_after_ms: Option<i64>,
 }
 
 /// Ratios within this band of 1.0 change nothing.
@@ -50,6 +56,9 @@ pub struct Observation {
     pub cpu_percent: Option<f64>,
     pub rps_per_instance: Option<f64>,
     pub p95_ms: Option<f64>,
+    /// How long the app has had no requests (`None`: unknown, or it had
+    /// some within the last sample period).
+    pub idle_ms: Option<i64>,
 }
 
 /// What the autoscaler remembers of an app between decisions.
@@ -114,6 +123,44 @@ pub fn decide(
             reason: "paused: a rollout is in progress".into(),
         };
     }
+    if current == 0 {
+        let demand = seen.rps_per_instance.unwrap_or(0.0);
+        if demand > 0.0 {
+            let to = policy.min.max(1);
+            state.last_change = Some((now, true));
+            state.off_since = None;
+            state.recommendations.clear();
+            return Decision::Scale {
+                from: 0,
+                to,
+                rule: "wake on demand: requests while at zero start the minimum of one".into(),
+                reason: format!("scaled 0 -> {to}: {demand:.1} requests/s arrived while at zero"),
+            };
+        }
+        if policy.min == 0 {
+            return Decision::Hold {
+                reason: "at zero: no requests".into(),
+            };
+        }
+    }
+    if let (0, Some(after), Some(idle)) = (policy.min, policy.scale_to_zero_after_ms, seen.idle_ms)
+        && current > 0
+        && idle >= after
+    {
+        state.last_change = Some((now, false));
+        state.off_since = None;
+        state.recommendations.clear();
+        return Decision::Scale {
+            from: current,
+            to: 0,
+            rule: format!("scale to zero after {} s without a request", after / 1000),
+            reason: format!(
+                "scaled {current} -> 0: no requests for {} s (scale_to_zero_after {} s)",
+                idle / 1000,
+                after / 1000
+            ),
+        };
+    }
     let mut asks = Vec::new();
     if let (Some(target), Some(observed)) = (policy.target_cpu_percent, seen.cpu_percent) {
         asks.push(wanted(current, observed, target, "cpu", "%"));
@@ -130,7 +177,9 @@ pub fn decide(
             reason: "no target has a reading yet".into(),
         };
     };
-    let recommended = raw.clamp(policy.min, policy.max.max(policy.min));
+    // At least one instance: only idleness takes an app to zero.
+    let floor = policy.min.max(1);
+    let recommended = raw.clamp(floor, policy.max.max(floor));
 
     // Stabilisation: keep the window's recommendations; a scale-down goes
     // only as low as the highest of them.

@@ -70,6 +70,18 @@ pub struct AppRecord {
     pub placement_error: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// A manual `ScaleApp` of an autoscaled app: the autoscaler leaves the
+    /// count alone until the next deploy or `ResumeAutoscale`.
+    #[serde(default)]
+    pub autoscale_override: Option<ScaleOverride>,
+}
+
+/// Who scaled an autoscaled app by hand, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleOverride {
+    pub by: String,
+    pub at_ms: i64,
+    pub replicas: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

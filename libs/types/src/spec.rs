@@ -58,6 +58,119 @@ pub struct AppSpec {
     /// Where instances may run and how they are spread.
     #[serde(default)]
     pub placement: PlacementSpec,
+    /// Replicas follow load within bounds; `None`: `replicas` is fixed.
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleSpec>,
+}
+
+/// `[autoscale]`: the autoscaler keeps the replica count within
+/// `[min, max]`, following whichever target asks for the most instances
+/// (Kubernetes HPA's ratio rule), with cooldowns and a scale-down
+/// stabilisation window. With `min = 0` and `scale_to_zero_after`, an app
+/// with no requests for that long goes to zero replicas and the edge proxy
+/// wakes it on the next request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleSpec {
+    pub min: u32,
+    pub max: u32,
+    pub target_cpu_percent: Option<u32>,
+    pub target_rps_per_instance: Option<u32>,
+    pub target_p95_ms: Option<u32>,
+    pub scale_up_cooldown: Duration,
+    pub scale_down_cooldown: Duration,
+    pub stabilization: Duration,
+    pub scale_to_zero_after: Option<Duration>,
+}
+
+impl Eq for AutoscaleSpec {}
+
+impl AutoscaleSpec {
+    pub const DEFAULT_SCALE_UP_COOLDOWN: Duration = Duration::from_secs(15);
+    pub const DEFAULT_SCALE_DOWN_COOLDOWN: Duration = Duration::from_secs(120);
+    pub const DEFAULT_STABILIZATION: Duration = Duration::from_secs(60);
+
+    /// `replicas` kept within `[min, max]`, and at least one unless the
+    /// app may scale to zero.
+    pub fn clamp(&self, replicas: u32) -> u32 {
+        replicas.clamp(self.min, self.max.max(self.min))
+    }
+
+    fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.max == 0 || self.max > MAX_REPLICAS {
+            bad(
+                "autoscale.max",
+                format!("must be between 1 and {MAX_REPLICAS}, got {}", self.max),
+            );
+        }
+        if self.min > self.max {
+            bad(
+                "autoscale.min",
+                format!(
+                    "must be at most autoscale.max ({}), got {}",
+                    self.max, self.min
+                ),
+            );
+        }
+        if self.target_cpu_percent.is_none()
+            && self.target_rps_per_instance.is_none()
+            && self.target_p95_ms.is_none()
+        {
+            bad(
+                "autoscale",
+                "set at least one target: target_cpu_percent, target_rps_per_instance or target_p95_ms".into(),
+            );
+        }
+        for (field, value, range) in [
+            (
+                "autoscale.target_cpu_percent",
+                self.target_cpu_percent,
+                1..=1000,
+            ),
+            (
+                "autoscale.target_rps_per_instance",
+                self.target_rps_per_instance,
+                1..=1_000_000,
+            ),
+            ("autoscale.target_p95_ms", self.target_p95_ms, 1..=600_000),
+        ] {
+            if let Some(value) = value
+                && !range.contains(&value)
+            {
+                bad(
+                    field,
+                    format!(
+                        "must be between {} and {}, got {value}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        }
+        for (field, value) in [
+            ("autoscale.scale_up_cooldown", self.scale_up_cooldown),
+            ("autoscale.scale_down_cooldown", self.scale_down_cooldown),
+            ("autoscale.stabilization", self.stabilization),
+        ] {
+            if value > Duration::from_secs(3600) {
+                bad(field, "must be at most 1h".into());
+            }
+        }
+        match (self.min, self.scale_to_zero_after) {
+            (0, None) => bad(
+                "autoscale.min",
+                "0 needs `scale_to_zero_after` (10s to 24h): how long without requests before the app goes to zero".into(),
+            ),
+            (0, Some(after)) if after < Duration::from_secs(10) || after > Duration::from_secs(86_400) => bad(
+                "autoscale.scale_to_zero_after",
+                "must be between 10s and 24h".into(),
+            ),
+            (min, Some(_)) if min > 0 => bad(
+                "autoscale.scale_to_zero_after",
+                format!("only with min = 0 (min is {min})"),
+            ),
+            _ => {}
+        }
+    }
 }
 
 pub use capstan_placement::{Constraint, Strategy};
@@ -101,6 +214,7 @@ impl std::fmt::Debug for AppSpec {
             .field("route", &self.route)
             .field("update", &self.update)
             .field("placement", &self.placement)
+            .field("autoscale", &self.autoscale)
             .finish()
     }
 }
@@ -756,6 +870,10 @@ impl AppSpec {
             );
         }
 
+        if let Some(autoscale) = &self.autoscale {
+            autoscale.validate(&mut bad);
+        }
+
         if errors.is_empty() {
             Ok(())
         } else {
@@ -873,6 +991,21 @@ struct SpecFile {
     update: UpdateFile,
     #[serde(default)]
     placement: PlacementFile,
+    autoscale: Option<AutoscaleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoscaleFile {
+    min: Option<u32>,
+    max: u32,
+    target_cpu_percent: Option<u32>,
+    target_rps_per_instance: Option<u32>,
+    target_p95_ms: Option<u32>,
+    scale_up_cooldown: Option<String>,
+    scale_down_cooldown: Option<String>,
+    stabilization: Option<String>,
+    scale_to_zero_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1042,6 +1175,37 @@ impl SpecFile {
             &self.placement.constraints,
             &mut errors,
         );
+        let autoscale = self.autoscale.map(|file| AutoscaleSpec {
+            min: file.min.unwrap_or(1),
+            max: file.max,
+            target_cpu_percent: file.target_cpu_percent,
+            target_rps_per_instance: file.target_rps_per_instance,
+            target_p95_ms: file.target_p95_ms,
+            scale_up_cooldown: duration_field(
+                &mut errors,
+                "autoscale.scale_up_cooldown",
+                file.scale_up_cooldown,
+                AutoscaleSpec::DEFAULT_SCALE_UP_COOLDOWN,
+            ),
+            scale_down_cooldown: duration_field(
+                &mut errors,
+                "autoscale.scale_down_cooldown",
+                file.scale_down_cooldown,
+                AutoscaleSpec::DEFAULT_SCALE_DOWN_COOLDOWN,
+            ),
+            stabilization: duration_field(
+                &mut errors,
+                "autoscale.stabilization",
+                file.stabilization,
+                AutoscaleSpec::DEFAULT_STABILIZATION,
+            ),
+            scale_to_zero_after: file.scale_to_zero_after.map(|text| {
+                duration::parse(&text).unwrap_or_else(|reason| {
+                    errors.push(FieldError::new("autoscale.scale_to_zero_after", reason));
+                    Duration::from_secs(300)
+                })
+            }),
+        });
         let resource_defaults = Resources::default();
         let spec = AppSpec {
             name: parse_app_name(&self.name, &mut errors),
@@ -1080,6 +1244,7 @@ impl SpecFile {
                 spread_targets: self.placement.spread.map(|s| s.targets).unwrap_or_default(),
                 anti_affinity: self.placement.anti_affinity.unwrap_or(true),
             },
+            autoscale,
         };
         Ok((spec, errors))
     }

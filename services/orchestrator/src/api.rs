@@ -11,7 +11,8 @@ use capstan_proto::v1::{
     AppEndpoints, AppStatus, ApplyAppRequest, ApplyAppResponse, DeleteAppRequest,
     DeleteAppResponse, Endpoint, GetAppHistoryRequest, GetAppHistoryResponse, GetAppRequest,
     JournalEntry, ListAppsRequest, ListAppsResponse, ListEndpointsRequest, ListEndpointsResponse,
-    ListEventsRequest, ListEventsResponse, ScaleAppRequest, WatchEventsRequest,
+    ListEventsRequest, ListEventsResponse, ResumeAutoscaleRequest, ScaleAppRequest, ScaleOverride,
+    WakeAppRequest, WakeAppResponse, WatchEventsRequest,
 };
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, StoreError, Table};
@@ -22,7 +23,10 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::event_log::EventLog;
-use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState};
+use crate::records::{
+    APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState,
+    ScaleOverride as ScaleOverrideRecord,
+};
 
 /// Most `WatchEvents` streams open at once; one more is RESOURCE_EXHAUSTED.
 pub const MAX_WATCHERS: usize = 64;
@@ -121,6 +125,11 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord], show_env: b
         updated_at_ms: app.updated_ms,
         deleting: app.deleting,
         placement_error: app.placement_error.clone(),
+        autoscale_override: app.autoscale_override.as_ref().map(|o| ScaleOverride {
+            by: o.by.clone(),
+            at_ms: o.at_ms,
+            replicas: o.replicas,
+        }),
     }
 }
 
@@ -212,10 +221,21 @@ impl Orchestrator for Api {
             .into_inner()
             .spec
             .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
-        let spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
+        let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
         let hash = spec.template_hash();
         let now = now_ms();
         let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
+        // An autoscaled app keeps the count the autoscaler reached (within
+        // the new bounds); `replicas` is where a new one starts.
+        if let Some(autoscale) = &spec.autoscale {
+            let start = match &existing {
+                Some((_, app)) if app.spec.autoscale.is_some() && !app.deleting => {
+                    app.spec.replicas
+                }
+                _ => spec.replicas,
+            };
+            spec.replicas = autoscale.clamp(start);
+        }
         let (record, expect, created, changed, rollout_started) = match existing {
             Some((_, app)) if app.deleting => {
                 return Err(status(Error::FailedPrecondition(format!(
@@ -237,11 +257,13 @@ impl Orchestrator for Api {
                     placement_error: String::new(),
                     created_ms: now,
                     updated_ms: now,
+                    autoscale_override: None,
                 };
                 (record, Expect::Absent, true, true, true)
             }
             Some((version, mut app)) => {
-                let changed = app.spec != spec;
+                // A deploy ends a manual override of the autoscaler.
+                let changed = app.spec != spec || app.autoscale_override.take().is_some();
                 let rollout_started = hash != app.spec_hash
                     || app.rollout.state != RolloutState::Completed
                         && hash != app.rollout.target_hash;
@@ -363,7 +385,31 @@ impl Orchestrator for Api {
             )));
         }
         let (mut version, mut app) = self.load(&r.name).await?;
-        if app.spec.replicas != r.replicas {
+        // By hand, an autoscaled app's count is the caller's until the
+        // next deploy or ResumeAutoscale.
+        let overrides = app.spec.autoscale.is_some()
+            && app.autoscale_override.as_ref().map(|o| o.replicas) != Some(r.replicas);
+        if overrides {
+            app.autoscale_override = Some(ScaleOverrideRecord {
+                by: caller.sub.clone(),
+                at_ms: now_ms(),
+                replicas: r.replicas,
+            });
+            self.journal
+                .record(
+                    crate::journal::JournalEntry::new(&r.name, now_ms(), "autoscale")
+                        .input("replicas", app.spec.replicas)
+                        .input("by", &caller.sub)
+                        .rule("a manual scale overrides the autoscaler until the next deploy or `capstan app autoscale NAME --resume`")
+                        .result(format!("{} -> {}", app.spec.replicas, r.replicas))
+                        .reason(format!(
+                            "autoscaling paused: scaled {} -> {} by hand ({})",
+                            app.spec.replicas, r.replicas, caller.sub
+                        )),
+                )
+                .await;
+        }
+        if app.spec.replicas != r.replicas || overrides {
             let from = app.spec.replicas;
             app.spec.replicas = r.replicas;
             app.updated_ms = now_ms();
@@ -433,6 +479,97 @@ impl Orchestrator for Api {
                 })
                 .collect(),
         }))
+    }
+
+    async fn resume_autoscale(
+        &self,
+        request: Request<ResumeAutoscaleRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let (mut version, mut app) = self.load(&name).await?;
+        if app.spec.autoscale.is_none() {
+            return Err(status(Error::FailedPrecondition(format!(
+                "app `{name}` has no [autoscale] section: its replicas are set by `app scale`"
+            ))));
+        }
+        if let Some(previous) = app.autoscale_override.take() {
+            app.updated_ms = now_ms();
+            version = self
+                .apps
+                .put(&name, &app, Expect::Version(version))
+                .await
+                .map_err(store_err)?;
+            self.journal
+                .record(
+                    crate::journal::JournalEntry::new(&name, now_ms(), "autoscale")
+                        .input("replicas", app.spec.replicas)
+                        .input("by", &caller.sub)
+                        .rule("resume: the autoscaler decides the count again")
+                        .result("resumed")
+                        .reason(format!(
+                            "autoscaling resumed by {} (paused since {} scaled to {})",
+                            caller.sub, previous.by, previous.replicas
+                        )),
+                )
+                .await;
+            self.emit(
+                EventKind::AppUpdated,
+                &name,
+                "autoscaling resumed".into(),
+                &caller,
+            )
+            .await;
+        }
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
+
+    async fn wake_app(
+        &self,
+        request: Request<WakeAppRequest>,
+    ) -> Result<Response<WakeAppResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        let now = now_ms();
+        let woken = self
+            .apps
+            .update(&name, |current| {
+                let app = current?;
+                let autoscale = app.spec.autoscale.as_ref()?;
+                if app.deleting || app.spec.replicas > 0 || app.autoscale_override.is_some() {
+                    return None;
+                }
+                let mut next = app.clone();
+                next.spec.replicas = autoscale.min.max(1);
+                next.updated_ms = now;
+                Some(next)
+            })
+            .await
+            .map_err(store_err)?;
+        let Some((_, app)) = woken else {
+            return Ok(Response::new(WakeAppResponse { woken: false }));
+        };
+        let to = app.spec.replicas;
+        self.platform
+            .emit(
+                Event::new(new_id("ev"), now, EventKind::AppScaled)
+                    .app(&name)
+                    .message(format!("0 → {to} replicas: woken by a request"))
+                    .actor(&caller.sub, caller.role.as_str()),
+            )
+            .await;
+        self.journal
+            .record(
+                crate::journal::JournalEntry::new(&name, now, "autoscale")
+                    .input("replicas", 0)
+                    .rule("wake on demand: a request for an app at zero starts the minimum of one")
+                    .result(format!("0 -> {to}"))
+                    .reason(format!("scaled 0 -> {to}: a request arrived while at zero")),
+            )
+            .await;
+        self.wake.notify_one();
+        Ok(Response::new(WakeAppResponse { woken: true }))
     }
 
     async fn list_events(

@@ -6,6 +6,7 @@
 //! scheduler does); it never reads another service's tables.
 
 mod api;
+pub mod autoscaler;
 mod cluster;
 mod event_log;
 pub mod journal;
@@ -38,7 +39,17 @@ pub fn policy() -> Policy {
         .read("/capstan.v1.Orchestrator/ListEvents")
         .read("/capstan.v1.Orchestrator/WatchEvents")
         .read("/capstan.v1.Orchestrator/GetAppHistory")
+        .write("/capstan.v1.Orchestrator/ResumeAutoscale")
+        .services("/capstan.v1.Orchestrator/WakeApp")
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
+}
+
+pub struct OrchestratorOptions {
+    /// The lease of the reconciler's leadership.
+    pub lease_ttl: std::time::Duration,
+    /// How often the autoscaler decides: the agents' and the edge proxy's
+    /// sampling period (it reads the last two).
+    pub autoscale_every: std::time::Duration,
 }
 
 /// The singleton role of the reconciler: one replica leads it at a time.
@@ -49,10 +60,12 @@ pub const RECONCILER_ROLE: &str = "orchestrator.reconciler";
 /// [`RECONCILER_ROLE`] reconciles, writing through its fenced store.
 pub async fn run(
     platform: Platform,
-    lease_ttl: std::time::Duration,
+    options: OrchestratorOptions,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let lease_ttl = options.lease_ttl;
+    let autoscale_every = options.autoscale_every;
     let instance_id = capstan_server::new_id("orchestrator");
     let wake = Arc::new(Notify::new());
     let events = event_log::EventLog::new(&platform);
@@ -68,7 +81,14 @@ pub async fn run(
         let platform = platform.clone();
         let wake = wake.clone();
         election.lead(shutdown.clone(), move |store, term| {
-            reconcile::Reconciler::new(platform.with_store(store)).run(wake.clone(), term)
+            let platform = platform.with_store(store);
+            let reconciler =
+                reconcile::Reconciler::new(platform.clone()).run(wake.clone(), term.clone());
+            let autoscaler =
+                autoscaler::Autoscaler::new(platform, autoscale_every).run(wake.clone(), term);
+            async move {
+                tokio::join!(reconciler, autoscaler);
+            }
         })
     });
 

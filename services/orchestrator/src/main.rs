@@ -8,17 +8,24 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     standalone: capstan_server::standalone::StandaloneArgs,
+    /// The agents' and the edge proxy's sampling period: the autoscaler
+    /// decides once per period, from the last two (1s to 5m).
+    #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
+    sample_every: std::time::Duration,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let lease_ttl = args.standalone.lease_ttl;
+    let options = capstan_orchestrator::OrchestratorOptions {
+        lease_ttl: args.standalone.lease_ttl,
+        autoscale_every: args.sample_every,
+    };
     capstan_server::standalone::main(
         "capstan-orchestrator",
         args.standalone,
         capstan_server::standalone::Credential::ServiceKey,
         move |platform, listener, shutdown| {
-            capstan_orchestrator::run(platform, lease_ttl, listener, shutdown)
+            capstan_orchestrator::run(platform, options, listener, shutdown)
         },
     )
 }

@@ -356,7 +356,8 @@ async fn publish_to_consul_kv(
 
 /// Every `every`, sends what the edge proxy served per app and instance to
 /// the metrics service: requests, 4xx and 5xx responses (counts over the
-/// period) and the latency histogram. Metrics are hints: a batch the
+/// period) and the latency histogram, zeros for routed instances that
+/// served nothing. Metrics are hints: a batch the
 /// metrics service does not take is dropped.
 async fn report_traffic(router: Router, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
@@ -367,7 +368,17 @@ async fn report_traffic(router: Router, every: Duration, shutdown: CancellationT
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let traffic = router.proxy.take_traffic();
+        let mut traffic = router.proxy.take_traffic();
+        // Every routed instance reports, idle ones with zeros: "no
+        // requests" is a reading (the autoscaler scales down and to zero
+        // on it), where no sample at all means no edge proxy saw the app.
+        for route in &router.proxy.table().routes {
+            for upstream in &route.upstreams {
+                traffic
+                    .entry((route.app.clone(), upstream.instance_id.clone()))
+                    .or_default();
+            }
+        }
         if traffic.is_empty() {
             continue;
         }
@@ -459,6 +470,13 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
 
     if let Some(proxy_listener) = options.proxy {
+        // Only a proxy that serves reports traffic: zeros from one that
+        // does not would read as an idle app.
+        tasks.spawn(report_traffic(
+            router.clone(),
+            options.traffic_every,
+            shutdown.clone(),
+        ));
         let proxy = router.proxy.clone();
         let handler = move |request, remote| proxy.clone().handle(request, remote);
         tasks.spawn(proxy::serve(
@@ -511,12 +529,6 @@ pub async fn run(
     if let Some(kv) = options.traefik_kv {
         tasks.spawn(publish_to_consul_kv(router.clone(), kv, shutdown.clone()));
     }
-
-    tasks.spawn(report_traffic(
-        router.clone(),
-        options.traffic_every,
-        shutdown.clone(),
-    ));
 
     let rebuilder = router.clone();
     let rebuild_shutdown = shutdown.clone();

@@ -12,6 +12,7 @@ fn policy() -> Policy {
         scale_up_cooldown_ms: 15_000,
         scale_down_cooldown_ms: 120_000,
         stabilization_ms: 60_000,
+        scale_to_zero_after_ms: None,
     }
 }
 
@@ -22,6 +23,7 @@ fn seen(at_ms: i64, current: u32, rps_per_instance: f64) -> Observation {
         cpu_percent: None,
         rps_per_instance: Some(rps_per_instance),
         p95_ms: None,
+        idle_ms: None,
     }
 }
 
@@ -172,4 +174,58 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn an_idle_app_goes_to_zero_only_after_scale_to_zero_after_and_wakes_on_demand() {
+    let zero = Policy {
+        min: 0,
+        scale_to_zero_after_ms: Some(300_000),
+        ..policy()
+    };
+    let mut state = State::default();
+    // No traffic, but not idle long enough: the ratio rule keeps one.
+    let quiet = Observation {
+        idle_ms: Some(200_000),
+        ..seen(1_000_000, 2, 0.0)
+    };
+    match decide(&zero, &mut state, &quiet, false) {
+        Decision::Hold { .. } => {}
+        Decision::Scale { to, .. } => assert_eq!(to, 1, "never below one by ratio"),
+    }
+    let idle = Observation {
+        idle_ms: Some(300_000),
+        ..seen(1_100_000, 1, 0.0)
+    };
+    let Decision::Scale { to, reason, .. } = decide(&zero, &mut state, &idle, false) else {
+        panic!("an idle app stays up");
+    };
+    assert_eq!(to, 0);
+    assert_eq!(
+        reason,
+        "scaled 1 -> 0: no requests for 300 s (scale_to_zero_after 300 s)"
+    );
+    // At zero without requests it holds; the first request wakes it at
+    // once, cooldowns notwithstanding.
+    assert!(matches!(
+        decide(&zero, &mut state, &seen(1_105_000, 0, 0.0), false),
+        Decision::Hold { .. }
+    ));
+    let Decision::Scale {
+        from, to, reason, ..
+    } = decide(&zero, &mut state, &seen(1_106_000, 0, 3.0), false)
+    else {
+        panic!("a request does not wake the app");
+    };
+    assert_eq!((from, to), (0, 1));
+    assert!(reason.contains("arrived while at zero"), "{reason}");
+    // Without scale_to_zero_after nothing goes to zero.
+    let idle_forever = Observation {
+        idle_ms: Some(10_000_000),
+        ..seen(2_000_000, 1, 0.0)
+    };
+    let Decision::Hold { .. } = decide(&policy(), &mut State::default(), &idle_forever, false)
+    else {
+        panic!("min 1 went to zero");
+    };
 }

@@ -28,6 +28,7 @@ fn rolling(greeting: &str, stable: Option<&str>) -> AppRecord {
         placement_error: String::new(),
         created_ms: 0,
         updated_ms: 0,
+        autoscale_override: None,
     }
 }
 

@@ -468,3 +468,102 @@ fn a_bad_run_section_does_not_hide_other_problems() {
         assert!(fields.contains(&field), "{field} missing from {errors:?}");
     }
 }
+
+const AUTOSCALE: &str = r#"
+[autoscale]
+min = 1
+max = 10
+target_cpu_percent = 70
+target_rps_per_instance = 200
+target_p95_ms = 250
+scale_up_cooldown = "15s"
+scale_down_cooldown = "2m"
+stabilization = "1m"
+"#;
+
+#[test]
+fn autoscale_parses_with_its_defaults_and_leaves_the_template_alone() {
+    let spec = AppSpec::parse(&format!("{VALID}{AUTOSCALE}"), SpecFormat::Toml).unwrap();
+    let autoscale = spec.autoscale.clone().unwrap();
+    assert_eq!((autoscale.min, autoscale.max), (1, 10));
+    assert_eq!(autoscale.target_rps_per_instance, Some(200));
+    assert_eq!(autoscale.scale_down_cooldown, Duration::from_secs(120));
+    assert_eq!(autoscale.scale_to_zero_after, None);
+    let plain = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    assert_eq!(
+        spec.template_hash(),
+        plain.template_hash(),
+        "autoscaling restarts nothing"
+    );
+
+    let minimal = "\n[autoscale]\nmax = 4\ntarget_cpu_percent = 50\n";
+    let spec = AppSpec::parse(&format!("{VALID}{minimal}"), SpecFormat::Toml).unwrap();
+    let autoscale = spec.autoscale.unwrap();
+    assert_eq!(autoscale.min, 1);
+    assert_eq!(
+        autoscale.scale_up_cooldown,
+        AutoscaleSpec::DEFAULT_SCALE_UP_COOLDOWN
+    );
+    assert_eq!(
+        autoscale.stabilization,
+        AutoscaleSpec::DEFAULT_STABILIZATION
+    );
+    assert_eq!(autoscale.clamp(9), 4);
+    assert_eq!(autoscale.clamp(0), 1);
+}
+
+#[test]
+fn autoscale_rejects_bad_bounds_targets_and_scale_to_zero() {
+    let with = |body: &str| format!("{VALID}\n[autoscale]\n{body}\n");
+    for (body, field, reason) in [
+        (
+            "min = 5\nmax = 2\ntarget_cpu_percent = 50",
+            "autoscale.min",
+            "at most autoscale.max",
+        ),
+        (
+            "max = 0\ntarget_cpu_percent = 50",
+            "autoscale.max",
+            "between 1 and 1000",
+        ),
+        ("max = 3", "autoscale", "at least one target"),
+        (
+            "max = 3\ntarget_cpu_percent = 0",
+            "autoscale.target_cpu_percent",
+            "between 1 and 1000",
+        ),
+        (
+            "min = 0\nmax = 3\ntarget_rps_per_instance = 10",
+            "autoscale.min",
+            "scale_to_zero_after",
+        ),
+        (
+            "min = 0\nmax = 3\ntarget_rps_per_instance = 10\nscale_to_zero_after = \"5s\"",
+            "autoscale.scale_to_zero_after",
+            "between 10s and 24h",
+        ),
+        (
+            "min = 1\nmax = 3\ntarget_rps_per_instance = 10\nscale_to_zero_after = \"5m\"",
+            "autoscale.scale_to_zero_after",
+            "only with min = 0",
+        ),
+        (
+            "max = 3\ntarget_cpu_percent = 50\nstabilization = \"soon\"",
+            "autoscale.stabilization",
+            "",
+        ),
+        (
+            "max = 3\ntarget_cpu_percent = 50\ncooldown = \"1s\"",
+            "autoscale.cooldown",
+            "unknown field",
+        ),
+    ] {
+        check_rejected(SpecFormat::Toml, &with(body), field, reason);
+    }
+    let zero = with("min = 0\nmax = 3\ntarget_rps_per_instance = 10\nscale_to_zero_after = \"5m\"");
+    let spec = AppSpec::parse(&zero, SpecFormat::Toml).unwrap();
+    assert_eq!(
+        spec.autoscale.unwrap().scale_to_zero_after,
+        Some(Duration::from_secs(300))
+    );
+}

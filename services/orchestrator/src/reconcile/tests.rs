@@ -287,6 +287,7 @@ impl Harness {
                 placement_error: String::new(),
                 created_ms: self.now,
                 updated_ms: self.now,
+                autoscale_override: None,
             },
         };
         let expect = existing.map_or(Expect::Absent, |(v, _)| Expect::Version(v));
