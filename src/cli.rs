@@ -160,6 +160,14 @@ enum Command {
         /// reports its traffic to the metrics service (1s to 5m).
         #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
         sample_every: Duration,
+        /// Requests per app the edge proxy holds while an app scaled to
+        /// zero starts (past it: 503 with Retry-After).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        wake_queue: u32,
+        /// How long such a request waits for an instance (then: 503 with
+        /// Retry-After).
+        #[arg(long, default_value = "30s", value_parser = parse_wake_timeout)]
+        wake_timeout: Duration,
     },
     /// Check a service's gRPC health (grpc.health.v1); exit 0 when it is
     /// SERVING. For container health checks.
@@ -542,6 +550,14 @@ fn parse_trusted_proxy(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+fn parse_wake_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = capstan_types::duration::parse(text)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&timeout) {
+        return Err(format!("`{text}` must be between 1s and 5m"));
+    }
+    Ok(timeout)
+}
+
 fn parse_strategy(text: &str) -> Result<capstan_placement::Strategy, String> {
     capstan_placement::Strategy::parse(text)
 }
@@ -567,6 +583,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             traefik,
             metrics_addr,
             sample_every,
+            wake_queue,
+            wake_timeout,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -593,6 +611,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 traefik,
                 metrics_addr,
                 sample_every,
+                wake_queue: wake_queue as usize,
+                wake_timeout,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -56,6 +56,10 @@ pub struct DevOptions {
     pub metrics_addr: SocketAddr,
     /// How often usage is sampled and traffic reported.
     pub sample_every: Duration,
+    /// Requests per app held while an app scaled to zero starts.
+    pub wake_queue: usize,
+    /// How long they wait.
+    pub wake_timeout: Duration,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -295,6 +299,11 @@ pub async fn run(options: DevOptions) -> Result<()> {
                 traefik_confirm_timeout: options.traefik.traefik_confirm_timeout,
                 traefik_in_flight_grace: options.traefik.traefik_in_flight_grace,
                 traffic_every: options.sample_every,
+                limits: capstan_router_config::HttpLimits {
+                    wake_queue: options.wake_queue,
+                    wake_timeout: options.wake_timeout,
+                    ..Default::default()
+                },
                 ..capstan_router_config::RouterOptions::new(options.trusted_proxies.clone())
             },
             router_listener,

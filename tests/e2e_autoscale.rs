@@ -22,7 +22,8 @@ fn replicas(dev: &Dev, app: &str) -> u64 {
 }
 
 fn autoscale_entries(dev: &Dev, app: &str) -> Vec<Value> {
-    let history: Value = serde_json::from_str(&dev.ok(&["app", "history", app, "-o", "json"])).unwrap();
+    let history: Value =
+        serde_json::from_str(&dev.ok(&["app", "history", app, "-o", "json"])).unwrap();
     history
         .as_array()
         .unwrap()
@@ -42,17 +43,23 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
     assert!(status.contains("autoscale: 1 to 3 replicas"), "{status}");
 
     // A load step: far more than 20 requests/s per instance.
-    let loads: Vec<Load> = (0..4).map(|_| Load::start(dev.http_port, "auto.localhost")).collect();
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(dev.http_port, "auto.localhost"))
+        .collect();
     let step = Instant::now();
-    wait_until("the autoscaler scales up to max", Duration::from_secs(60), || {
-        replicas(&dev, "auto") == 3 && healthy(&dev.status("auto")) == 3
-    });
+    wait_until(
+        "the autoscaler scales up to max",
+        Duration::from_secs(60),
+        || replicas(&dev, "auto") == 3 && healthy(&dev.status("auto")) == 3,
+    );
     println!("load step -> 3 healthy replicas in {:?}", step.elapsed());
     let up = autoscale_entries(&dev, "auto");
     let first_up = up.last().expect("a scale-up entry");
     let reason = first_up["reason"].as_str().unwrap();
     assert!(
-        reason.starts_with("scaled 1 -> ") && reason.contains("rps") && reason.contains("> target 20"),
+        reason.starts_with("scaled 1 -> ")
+            && reason.contains("rps")
+            && reason.contains("> target 20"),
         "{reason}"
     );
     assert_eq!(first_up["inputs"]["target_rps_per_instance"], "20");
@@ -67,9 +74,11 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
         failures.extend(failed);
     }
     let idle = Instant::now();
-    wait_until("the autoscaler scales down to min", Duration::from_secs(60), || {
-        replicas(&dev, "auto") == 1
-    });
+    wait_until(
+        "the autoscaler scales down to min",
+        Duration::from_secs(60),
+        || replicas(&dev, "auto") == 1,
+    );
     let down_after = idle.elapsed();
     println!("load removed -> 1 replica in {down_after:?}");
     assert!(
@@ -79,8 +88,18 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
     let entries = autoscale_entries(&dev, "auto");
     let down = &entries[0];
     let reason = down["reason"].as_str().unwrap();
-    assert!(reason.ends_with("-> 1: rps 0/instance < target 20") || reason.contains("-> 1: rps 0/instance < target 20"), "{reason}");
-    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), ok + failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        reason.ends_with("-> 1: rps 0/instance < target 20")
+            || reason.contains("-> 1: rps 0/instance < target 20"),
+        "{reason}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok > 100, "only {ok} requests were served");
 
     // A manual scale pauses it: the count stays though the app is idle.
@@ -89,16 +108,24 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
     let status = dev.json(&["app", "status", "auto", "-o", "json"]);
     assert_eq!(status["autoscale"]["paused_by"], "admin");
     std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(replicas(&dev, "auto"), 2, "the autoscaler changed a manual count");
-    assert!(autoscale_entries(&dev, "auto")[0]["reason"]
-        .as_str()
-        .unwrap()
-        .starts_with("autoscaling paused: scaled 1 -> 2 by hand"));
+    assert_eq!(
+        replicas(&dev, "auto"),
+        2,
+        "the autoscaler changed a manual count"
+    );
+    assert!(
+        autoscale_entries(&dev, "auto")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("autoscaling paused: scaled 1 -> 2 by hand")
+    );
     // --resume hands it back: idle, so back to min.
     dev.ok(&["app", "autoscale", "auto", "--resume"]);
-    wait_until("the resumed autoscaler scales down", Duration::from_secs(60), || {
-        replicas(&dev, "auto") == 1
-    });
+    wait_until(
+        "the resumed autoscaler scales down",
+        Duration::from_secs(60),
+        || replicas(&dev, "auto") == 1,
+    );
     let out = dev.cli(&["app", "autoscale", "missing", "--resume"]);
     assert!(!out.status.success());
 }

@@ -693,6 +693,13 @@ impl Orchestrator for Api {
                 },
                 health_interval_ms: health.interval.as_millis() as u64,
                 health_timeout_ms: health.timeout.as_millis() as u64,
+                wakeable: app
+                    .spec
+                    .autoscale
+                    .as_ref()
+                    .is_some_and(|a| a.min == 0 && a.scale_to_zero_after.is_some())
+                    // Scaled to zero by hand: that stands.
+                    && app.autoscale_override.is_none(),
             });
         }
         Ok(Response::new(ListEndpointsResponse { apps }))

@@ -47,6 +47,9 @@ pub const TRAEFIK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests Traefik sent to a server before it stopped routing to
 /// it get to finish: Traefik does not say what it has in flight.
 pub const TRAEFIK_IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
+/// A waiting request asks the orchestrator to wake its app at most this
+/// often (WakeApp is idempotent; this spares it a burst).
+pub const WAKE_EVERY: Duration = Duration::from_secs(1);
 /// How often the edge proxy's traffic is reported unless told otherwise
 /// (the agents' sampling period).
 pub const TRAFFIC_EVERY: Duration = Duration::from_secs(5);
@@ -141,6 +144,7 @@ impl Router {
                     hosts: app.hosts,
                     upstreams,
                     health,
+                    wakeable: app.wakeable,
                 }
             })
             .collect();
@@ -403,6 +407,50 @@ async fn report_traffic(router: Router, every: Duration, shutdown: CancellationT
     }
 }
 
+/// Asks the orchestrator to wake the apps requests wait for, each at most
+/// once per [`WAKE_EVERY`] (a burst of first requests is one wake).
+async fn wake_apps(
+    router: Router,
+    mut apps: tokio::sync::mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut asked: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+    loop {
+        let app = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            app = apps.recv() => match app {
+                Some(app) => app,
+                None => return,
+            },
+        };
+        let now = tokio::time::Instant::now();
+        asked.retain(|_, at| now.duration_since(*at) < WAKE_EVERY);
+        if asked.contains_key(&app) {
+            continue;
+        }
+        asked.insert(app.clone(), now);
+        let woken = async {
+            let channel = router.platform.client("orchestrator").await?;
+            OrchestratorClient::new(channel)
+                .wake_app(capstan_proto::v1::WakeAppRequest { name: app.clone() })
+                .await
+                .map(|r| r.into_inner().woken)
+                .map_err(capstan_proto::into_error)
+        };
+        match woken.await {
+            Ok(true) => {
+                tracing::info!(app = %app, "woke an app scaled to zero for a waiting request")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Ask again on the next request.
+                asked.remove(&app);
+                tracing::warn!(app = %app, "could not wake the app: {e}");
+            }
+        }
+    }
+}
+
 /// The samples of one period's traffic, four per (app, instance).
 pub fn traffic_samples(
     traffic: std::collections::HashMap<(String, String), proxy::Traffic>,
@@ -468,6 +516,10 @@ pub async fn run(
         traefik_in_flight_grace: options.traefik_in_flight_grace,
     };
     let tasks = tokio_util::task::TaskTracker::new();
+
+    let (waker, woken) = tokio::sync::mpsc::channel(64);
+    router.proxy.set_waker(waker);
+    tasks.spawn(wake_apps(router.clone(), woken, shutdown.clone()));
 
     if let Some(proxy_listener) = options.proxy {
         // Only a proxy that serves reports traffic: zeros from one that

@@ -58,6 +58,12 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub max_h2_streams: u32,
+    /// Requests per app that wait while an app scaled to zero starts;
+    /// past it, 503 with `Retry-After`.
+    pub wake_queue: usize,
+    /// How long such a request waits for an instance; then 503 with
+    /// `Retry-After`.
+    pub wake_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -68,6 +74,8 @@ impl Default for HttpLimits {
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_h2_streams: 256,
+            wake_queue: 100,
+            wake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -147,6 +155,13 @@ pub struct EdgeProxy {
     table: RwLock<Arc<Compiled>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     traffic: Mutex<HashMap<(String, String), Traffic>>,
+    /// Requests waiting for a woken app, per app.
+    waiting: Mutex<HashMap<String, usize>>,
+    /// Bumped on every applied table: waiters look again.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Where the names of apps to wake go (router-config asks the
+    /// orchestrator); unset: nothing is woken.
+    waker: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
     client: Client<HttpConnector, ProxyBody>,
     limits: HttpLimits,
     trusted: TrustedProxies,
@@ -171,6 +186,9 @@ impl EdgeProxy {
             table: RwLock::new(Arc::new(compile(RouteTable::default()))),
             in_flight: Mutex::default(),
             traffic: Mutex::default(),
+            waiting: Mutex::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+            waker: std::sync::OnceLock::new(),
             client,
             limits,
             trusted,
@@ -188,7 +206,66 @@ impl EdgeProxy {
         metrics
             .route_upstreams
             .set(table.addresses().count() as i64);
+        let generation = table.generation;
         *self.table.write().expect("table lock poisoned") = Arc::new(compile(table));
+        self.generation.send_replace(generation);
+    }
+
+    /// Where to send the names of apps a request waits for.
+    pub fn set_waker(&self, waker: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.waker.set(waker);
+    }
+
+    /// For a request to a wakeable app with no upstream: takes a place in
+    /// the app's queue, asks for the app to be woken, and waits until the
+    /// host's route has an upstream (the table to route with), or answers
+    /// 503 with `Retry-After` when the queue is full or the wait times out.
+    async fn wake_and_wait(
+        &self,
+        app: &str,
+        hostname: &str,
+    ) -> Result<Arc<Compiled>, Response<ProxyBody>> {
+        let unavailable = |retry_after: &'static str, why: String| {
+            let mut response = text(StatusCode::SERVICE_UNAVAILABLE, why);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
+            response
+        };
+        let Some(_place) = QueuePlace::take(&self.waiting, app, self.limits.wake_queue) else {
+            return Err(unavailable(
+                "1",
+                format!(
+                    "capstan: app `{app}` is starting and {} requests already wait for it; retry shortly\n",
+                    self.limits.wake_queue
+                ),
+            ));
+        };
+        let mut generation = self.generation.subscribe();
+        if let Some(waker) = self.waker.get() {
+            let _ = waker.try_send(app.to_string());
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.wake_timeout;
+        loop {
+            let compiled = self.table.read().expect("table lock poisoned").clone();
+            match compiled.hosts.get(hostname) {
+                Some(&i)
+                    if compiled.table.routes[i].upstreams.is_empty()
+                        && compiled.table.routes[i].wakeable => {}
+                // Upstreams, or the route changed: route with this table.
+                _ => return Ok(compiled),
+            }
+            let changed = tokio::time::timeout_at(deadline, generation.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return Err(unavailable(
+                    "5",
+                    format!(
+                        "capstan: app `{app}` did not start within {:?}; retry shortly\n",
+                        self.limits.wake_timeout
+                    ),
+                ));
+            }
+        }
     }
 
     pub fn table(&self) -> RouteTable {
@@ -277,7 +354,17 @@ impl EdgeProxy {
             .unwrap_or_default()
             .to_string();
         let hostname = strip_port(&host).to_ascii_lowercase();
-        let compiled = self.table.read().expect("table lock poisoned").clone();
+        let mut compiled = self.table.read().expect("table lock poisoned").clone();
+        if let Some(&i) = compiled.hosts.get(&hostname) {
+            let route = &compiled.table.routes[i];
+            if route.upstreams.is_empty() && route.wakeable {
+                let app = route.app.clone();
+                match self.wake_and_wait(&app, &hostname).await {
+                    Ok(woken) => compiled = woken,
+                    Err(response) => return (response, Some((app, "none".to_string()))),
+                }
+            }
+        }
         let Some(&route_idx) = compiled.hosts.get(&hostname) else {
             let response = text(
                 StatusCode::NOT_FOUND,
@@ -372,6 +459,41 @@ impl EdgeProxy {
             format!("capstan: no instance of `{}` answered\n", route.app),
         );
         (response, Some(served))
+    }
+}
+
+/// A place in an app's wake queue, given back on drop.
+struct QueuePlace<'a> {
+    queues: &'a Mutex<HashMap<String, usize>>,
+    app: String,
+}
+
+impl<'a> QueuePlace<'a> {
+    fn take(queues: &'a Mutex<HashMap<String, usize>>, app: &str, bound: usize) -> Option<Self> {
+        {
+            let mut waiting = queues.lock().expect("wake queue lock poisoned");
+            let waiting = waiting.entry(app.to_string()).or_default();
+            if *waiting >= bound {
+                return None;
+            }
+            *waiting += 1;
+        }
+        Some(QueuePlace {
+            queues,
+            app: app.to_string(),
+        })
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        let mut queues = self.queues.lock().expect("wake queue lock poisoned");
+        if let Some(waiting) = queues.get_mut(&self.app) {
+            *waiting -= 1;
+            if *waiting == 0 {
+                queues.remove(&self.app);
+            }
+        }
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Route {
     /// that it stops sending to a dead host's servers at once; `None` for
     /// a TCP check.
     pub health: Option<RouteHealth>,
+    /// The app scales to zero: a request that finds no upstream waits for
+    /// one while the app is woken.
+    pub wakeable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

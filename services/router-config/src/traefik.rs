@@ -148,6 +148,7 @@ mod tests {
                 app: "hello".into(),
                 hosts: vec!["hello.localhost".into()],
                 health: None,
+                wakeable: false,
                 upstreams: vec![Upstream {
                     instance_id: "i1".into(),
                     address: "10.0.0.5:31000".into(),

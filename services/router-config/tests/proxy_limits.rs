@@ -36,6 +36,7 @@ async fn start(
             app: "app".into(),
             hosts: vec!["app.test".into()],
             health: None,
+            wakeable: false,
             upstreams: vec![Upstream {
                 instance_id: "app-1".into(),
                 address: upstream.to_string(),

@@ -26,6 +26,7 @@ fn table() -> RouteTable {
                     interval_ms: 1000,
                     timeout_ms: 500,
                 }),
+                wakeable: false,
                 upstreams: vec![
                     Upstream {
                         instance_id: "hello-1".into(),
@@ -41,6 +42,7 @@ fn table() -> RouteTable {
                 app: "idle".into(),
                 hosts: vec!["idle.localhost".into()],
                 health: None,
+                wakeable: false,
                 upstreams: vec![],
             },
         ],
