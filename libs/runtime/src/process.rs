@@ -72,6 +72,43 @@ struct ProcessRecord {
     /// Start time in clock ticks since boot, from /proc: tells our process
     /// from another that reused the pid.
     start_ticks: u64,
+    /// The memory it may allocate (RLIMIT_DATA), bytes; 0: none set.
+    #[serde(default)]
+    memory_limit: u64,
+}
+
+/// Caps what the process `command` starts may allocate: RLIMIT_DATA
+/// (heap and private mappings, since Linux 4.7), soft and hard, set by the
+/// child on itself just before exec (lowering a limit needs no
+/// privilege), so the program never runs without it. An allocation past
+/// it fails. Address space (RLIMIT_AS) is left alone: runtimes that
+/// reserve large ranges (Go, the JVM) would not start under it.
+#[allow(unsafe_code)]
+fn limit_memory(command: &mut tokio::process::Command, bytes: u64) {
+    use nix::sys::resource::{Resource, setrlimit};
+    // SAFETY: the closure runs in the forked child before exec. It makes
+    // one async-signal-safe system call (setrlimit), allocates nothing and
+    // touches no lock, which is what pre_exec requires.
+    unsafe {
+        command.pre_exec(move || {
+            setrlimit(Resource::RLIMIT_DATA, bytes, bytes).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Whether the end of a workload's log says an allocation failed: what
+/// common runtimes print when RLIMIT_DATA refuses memory.
+pub fn says_out_of_memory(log_tail: &str) -> bool {
+    const MARKERS: [&str; 6] = [
+        "memoryerror",
+        "cannot allocate memory",
+        "out of memory",
+        "memory allocation of",
+        "std::bad_alloc",
+        "enomem",
+    ];
+    let tail = log_tail.to_ascii_lowercase();
+    MARKERS.iter().any(|m| tail.contains(m))
 }
 
 impl ProcessDriver {
@@ -108,6 +145,21 @@ impl ProcessDriver {
 
     pub fn log_path(&self, instance_id: &InstanceId) -> PathBuf {
         self.state_dir.join(format!("{instance_id}.log"))
+    }
+
+    /// The last `bytes` of an instance's log (lossy UTF-8; empty if none).
+    async fn log_tail(&self, instance_id: &InstanceId, bytes: u64) -> String {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let Ok(mut file) = tokio::fs::File::open(self.log_path(instance_id)).await else {
+            return String::new();
+        };
+        let length = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let _ = file
+            .seek(std::io::SeekFrom::Start(length.saturating_sub(bytes)))
+            .await;
+        let mut tail = Vec::new();
+        let _ = file.take(bytes).read_to_end(&mut tail).await;
+        String::from_utf8_lossy(&tail).into_owned()
     }
 
     async fn read_record(&self, instance_id: &InstanceId) -> Option<ProcessRecord> {
@@ -287,6 +339,10 @@ impl Driver for ProcessDriver {
             // std drops supplementary groups too when switching from root.
             command.uid(uid).gid(gid);
         }
+        let memory_limit = u64::from(spec.memory_mb) * 1024 * 1024;
+        if memory_limit > 0 {
+            limit_memory(&mut command, memory_limit);
+        }
         let mut child = command.spawn().map_err(|e| DriverError::Start {
             program: program.clone(),
             reason: e.to_string(),
@@ -306,6 +362,7 @@ impl Driver for ProcessDriver {
             workload: workload.clone(),
             pid,
             start_ticks,
+            memory_limit,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| DriverError::Io(e.to_string()))?;
         let path = self.record_path(&spec.instance_id);
@@ -371,12 +428,22 @@ impl Driver for ProcessDriver {
                 }
                 let _ = tokio::time::timeout(REAP_WAIT, receiver.wait_for(Option::is_some)).await;
             }
-            if let Some(status) = *receiver.borrow() {
-                let reason = match (status.code(), status.signal()) {
+            let exited = *receiver.borrow();
+            if let Some(status) = exited {
+                let mut reason = match (status.code(), status.signal()) {
                     (Some(code), _) => format!("exited with code {code}"),
                     (None, Some(signal)) => format!("killed by signal {signal}"),
                     _ => "exited".to_string(),
                 };
+                if record.memory_limit > 0 && !status.success() {
+                    let tail = self.log_tail(instance_id, 8 * 1024).await;
+                    if says_out_of_memory(&tail) {
+                        reason = format!(
+                            "out of memory: it allocated up to its memory_mb ({} MiB, enforced as RLIMIT_DATA) and {reason}",
+                            record.memory_limit / (1024 * 1024)
+                        );
+                    }
+                }
                 return Ok(WorkloadStatus::Exited {
                     code: status.code().map(i64::from),
                     reason,

@@ -282,3 +282,67 @@ async fn a_crashed_process_always_reports_its_exit_code() {
             .unwrap();
     }
 }
+
+/// Starts `argv` with `memory_mb` and waits for it to exit; its status.
+async fn exit_of(
+    driver: &ProcessDriver,
+    instance: &InstanceId,
+    argv: Vec<String>,
+    memory_mb: u32,
+) -> (Option<i64>, String) {
+    let spec = WorkloadSpec {
+        instance_id: instance.clone(),
+        app: "a".into(),
+        spec_hash: "h".into(),
+        program: Program::Process { argv },
+        env: Default::default(),
+        host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        host_port: 1,
+        cpu_millis: 1,
+        memory_mb,
+    };
+    driver.start(&spec).await.unwrap();
+    for _ in 0..200 {
+        if let WorkloadStatus::Exited { code, reason } = driver.status(instance).await.unwrap() {
+            return (code, reason);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{instance} did not exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_allocates_past_memory_mb_fails_out_of_memory() {
+    capstan_testkit::require_tool("python3", "apt-get install -y python3");
+    let dir = tempfile::tempdir().unwrap();
+    let driver =
+        ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work"))).unwrap();
+    // 200 MiB, in 10 MiB steps, printing its progress.
+    let hog = vec![
+        "python3".to_string(),
+        "-c".into(),
+        "import sys\nheld = []\nfor i in range(20):\n    held.append(bytearray(10 * 1024 * 1024))\n    print('held', (i + 1) * 10, 'MiB', flush=True)\nprint('done', flush=True)\n".into(),
+    ];
+    let (code, reason) = exit_of(&driver, &id("hog-small"), hog.clone(), 64).await;
+    assert_ne!(code, Some(0), "{reason}");
+    assert!(
+        reason.starts_with("out of memory: it allocated up to its memory_mb (64 MiB"),
+        "{reason}"
+    );
+    let log = std::fs::read_to_string(driver.log_path(&id("hog-small"))).unwrap();
+    assert!(
+        !log.contains("done") && log.contains("MemoryError"),
+        "{log}"
+    );
+    // The same program within its limit runs to the end.
+    let (code, reason) = exit_of(&driver, &id("hog-roomy"), hog, 512).await;
+    assert_eq!(code, Some(0), "{reason}");
+    // A plain crash is not called out of memory.
+    let crash = vec![
+        "python3".to_string(),
+        "-c".into(),
+        "raise SystemExit(3)".into(),
+    ];
+    let (code, reason) = exit_of(&driver, &id("crash"), crash, 64).await;
+    assert_eq!((code, reason.as_str()), (Some(3), "exited with code 3"));
+}
