@@ -1,6 +1,7 @@
 //! The services as separate processes (`capstan-auth`, `capstan-scheduler`,
-//! `capstan-orchestrator`, `capstan-router-config`, `capstan-agent`), talking
-//! gRPC to each other and events over a real RabbitMQ, driven by the CLI.
+//! `capstan-orchestrator`, `capstan-router-config`, `capstan-metrics`,
+//! `capstan-agent`), talking gRPC to each other and events over a real
+//! RabbitMQ, driven by the CLI.
 
 mod common;
 
@@ -16,12 +17,13 @@ fn services_run_as_separate_processes() {
         .block_on(capstan_testkit::rabbitmq::RabbitMq::start());
     let mut services = Services::new(broker.amqp_uri());
     let port = capstan_testkit::free_port;
-    let (auth, scheduler, orchestrator, router, agent, http) =
-        (port(), port(), port(), port(), port(), port());
+    let (auth, scheduler, orchestrator, router, agent, http, metrics) =
+        (port(), port(), port(), port(), port(), port(), port());
     services.peer("auth", auth);
     services.peer("scheduler", scheduler);
     services.peer("orchestrator", orchestrator);
     services.peer("router-config", router);
+    services.peer("metrics", metrics);
     services.spawn("auth", "capstan-auth", auth, &[]);
     services.spawn("scheduler", "capstan-scheduler", scheduler, &[]);
     services.spawn("orchestrator", "capstan-orchestrator", orchestrator, &[]);
@@ -29,10 +31,16 @@ fn services_run_as_separate_processes() {
         "router-config",
         "capstan-router-config",
         router,
-        &["--http-addr".into(), format!("127.0.0.1:{http}")],
+        &[
+            "--http-addr".into(),
+            format!("127.0.0.1:{http}"),
+            "--sample-every".into(),
+            "1s".into(),
+        ],
     );
+    services.spawn("metrics", "capstan-metrics", metrics, &[]);
     // The admin issues the agent its node key once auth is up.
-    services.spawn_agent("solo", agent);
+    services.spawn_agent_with("solo", agent, &["--sample-every".into(), "1s".into()]);
     services.wait_for_a_ready_node();
 
     let spec = spec_file(
@@ -57,6 +65,23 @@ fn services_run_as_separate_processes() {
         2,
         "both instances answer through the proxy: {bodies:?}"
     );
+    // The agent's and the proxy's samples reach the metrics service.
+    let mut top = serde_json::Value::Null;
+    wait_until(
+        "app top shows both instances with traffic",
+        Duration::from_secs(30),
+        || {
+            let _ = http_get(http, "solo.localhost", "/");
+            let out = services.cli(&["app", "top", "solo", "-o", "json"]);
+            top = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            top.as_array().is_some_and(|list| {
+                list.len() == 2
+                    && list.iter().all(|u| u["memory_bytes"].as_u64() > Some(0))
+                    && list.iter().any(|u| u["rps"].as_f64() > Some(0.0))
+            })
+        },
+    );
+    assert!(top[0]["node"] == "solo", "{top}");
     let events =
         String::from_utf8_lossy(&services.cli(&["events", "-n", "200"]).stdout).to_string();
     assert!(

@@ -3,15 +3,27 @@
 //! its raw floor measured in the same run (spawn the same process, or
 //! `docker run` the same image, then poll until it answers).
 //!
-//! Prints one JSON object per mode. Needs a running `capstan dev` (pass its
-//! `--data-dir`), `/bin/busybox` (busybox-static) and, for the Docker mode,
-//! the Docker engine and the image `capstan-test/busybox:2` (the test suite
-//! builds it).
+//! Two more modes measure what autoscaling costs, each beside the process
+//! deploy-to-routable of the same run:
 //!
-//!   capstan-deploy-bench --data-dir DIR [--runs 10] [--modes process,docker]
+//! - `cold-start`: an app with `min = 0` idles to zero replicas; the
+//!   latency of the first request, which the edge proxy holds while the
+//!   app wakes;
+//! - `autoscale`: from a load step on a one-replica app (target 20 rps per
+//!   instance) to its second replica serving.
+//!
+//! Prints one JSON object per mode. Needs a running `capstan dev` (pass its
+//! `--data-dir`; for the autoscaling modes started with `--sample-every
+//! 1s`, or each run waits out 5 s periods), `/bin/busybox` (busybox-static)
+//! and, for the Docker mode, the Docker engine and the image
+//! `capstan-test/busybox:2` (the test suite builds it).
+//!
+//!   capstan-deploy-bench --data-dir DIR [--runs 10] [--modes process,docker,cold-start,autoscale]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use capstan_authn::{Authed, TokenSource};
@@ -82,20 +94,29 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 fn spec(mode: &str, name: &str, www: &str) -> anyhow::Result<AppSpec> {
     let run = match mode {
-        "process" => format!(
+        "process" | "cold-start" | "autoscale" => format!(
             "command = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"127.0.0.1:${{PORT}}\", \"-h\", \"{www}\"]"
         ),
         _ => format!(
             "image = \"{IMAGE}\"\nargs = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]"
         ),
     };
-    let ports = if mode == "process" {
+    let ports = if mode != "docker" {
         "[[ports]]\nname = \"http\"".to_string()
     } else {
         "[[ports]]\nname = \"http\"\ncontainer_port = 8080".to_string()
     };
+    let autoscale = match mode {
+        "cold-start" => {
+            "[autoscale]\nmin = 0\nmax = 1\ntarget_rps_per_instance = 100000\nscale_to_zero_after = \"10s\"\n"
+        }
+        "autoscale" => {
+            "[autoscale]\nmin = 1\nmax = 2\ntarget_rps_per_instance = 20\nscale_up_cooldown = \"1s\"\n"
+        }
+        _ => "",
+    };
     let text = format!(
-        "name = \"{name}\"\nreplicas = 1\n[run]\n{run}\n{ports}\n[health]\nhttp_path = \"/\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n[route]\nhosts = [\"{name}.bench.localhost\"]\n"
+        "name = \"{name}\"\nreplicas = 1\n[run]\n{run}\n{ports}\n[health]\nhttp_path = \"/\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n[route]\nhosts = [\"{name}.bench.localhost\"]\n{autoscale}"
     );
     Ok(AppSpec::parse(&text, SpecFormat::Toml)?)
 }
@@ -167,6 +188,100 @@ async fn capstan_deploy(
         .await?;
     until_200(proxy, &host).await?;
     let elapsed = started.elapsed();
+    delete(client, name.as_str()).await?;
+    Ok(elapsed.as_secs_f64() * 1000.0)
+}
+
+/// Deploys an app that scales to zero, waits until it has, then times the
+/// first request (held by the proxy while the app wakes).
+async fn cold_start(
+    client: &mut OrchestratorClient<Authed>,
+    proxy: &str,
+    spec: AppSpec,
+) -> anyhow::Result<f64> {
+    let host = spec.route.hosts[0].clone();
+    let name = spec.name.to_string();
+    client
+        .apply_app(ApplyAppRequest {
+            spec: Some(capstan_proto::spec_to_wire(&spec)),
+        })
+        .await?;
+    until_200(proxy, &host).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let app = client
+            .get_app(GetAppRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        if app.spec.is_some_and(|s| s.replicas == 0) && app.instances.is_empty() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{name} never scaled to zero");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let status = http_status(proxy, &host).await;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(status == Some(200), "the first request got {status:?}");
+    delete(client, &name).await?;
+    Ok(elapsed.as_secs_f64() * 1000.0)
+}
+
+/// Deploys a one-replica autoscaled app, steps load onto it, and times
+/// until a second replica is healthy and routed.
+async fn autoscale_reaction(
+    client: &mut OrchestratorClient<Authed>,
+    proxy: &str,
+    spec: AppSpec,
+) -> anyhow::Result<f64> {
+    let host = spec.route.hosts[0].clone();
+    let name = spec.name.to_string();
+    client
+        .apply_app(ApplyAppRequest {
+            spec: Some(capstan_proto::spec_to_wire(&spec)),
+        })
+        .await?;
+    until_200(proxy, &host).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, proxy, host) = (stop.clone(), proxy.to_string(), host.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = http_status(&proxy, &host).await;
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let result = loop {
+        let app = client
+            .get_app(GetAppRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        let serving = app
+            .instances
+            .iter()
+            .filter(|i| i.routable && i.state == capstan_proto::v1::InstanceState::Healthy as i32)
+            .count();
+        if serving >= 2 {
+            break Ok(started.elapsed());
+        }
+        if Instant::now() >= deadline {
+            break Err(anyhow::anyhow!("{name} did not scale up under load"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        let _ = task.await;
+    }
+    delete(client, &name).await?;
+    Ok(result?.as_secs_f64() * 1000.0)
+}
+
+async fn delete(client: &mut OrchestratorClient<Authed>, name: &str) -> anyhow::Result<()> {
     client
         .delete_app(DeleteAppRequest {
             name: name.to_string(),
@@ -184,7 +299,7 @@ async fn capstan_deploy(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(elapsed.as_secs_f64() * 1000.0)
+    Ok(())
 }
 
 #[tokio::main]
@@ -215,6 +330,41 @@ async fn main() -> anyhow::Result<()> {
     let www = www.path().display().to_string();
 
     for mode in args.modes.split(',') {
+        if matches!(mode, "cold-start" | "autoscale") {
+            let (mut measured, mut deploy) = (Vec::new(), Vec::new());
+            for run in 0..args.runs {
+                let name = format!("bench-deploy-{}-{run}", std::process::id());
+                deploy.push(
+                    capstan_deploy(&mut client, &endpoints.proxy, spec("process", &name, &www)?)
+                        .await?,
+                );
+                let name = format!("bench-{mode}-{}-{run}", std::process::id());
+                let app = spec(mode, &name, &www)?;
+                measured.push(if mode == "cold-start" {
+                    cold_start(&mut client, &endpoints.proxy, app).await?
+                } else {
+                    autoscale_reaction(&mut client, &endpoints.proxy, app).await?
+                });
+            }
+            let what = if mode == "cold-start" {
+                "first_request"
+            } else {
+                "load_step_to_second_replica_serving"
+            };
+            let deploy_p50 = percentile(&mut deploy, 50.0);
+            let result = json!({
+                "mode": mode,
+                "runs": args.runs,
+                "measures": what,
+                "p50_ms": percentile(&mut measured, 50.0),
+                "p90_ms": percentile(&mut measured, 90.0),
+                "max_ms": percentile(&mut measured, 100.0),
+                "deploy_to_routable_p50_ms": deploy_p50,
+                "deploy_to_routable_p90_ms": percentile(&mut deploy, 90.0),
+            });
+            println!("{result}");
+            continue;
+        }
         let (mut capstan, mut raw) = (Vec::new(), Vec::new());
         for run in 0..args.runs {
             // Interleave the two so drift on the machine hits both alike.

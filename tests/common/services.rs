@@ -167,6 +167,12 @@ impl Services {
             .env("CAPSTAN_AUTH_ADDR", address("auth"))
             .env("CAPSTAN_SCHEDULER_ADDR", address("scheduler"))
             .env("CAPSTAN_ROUTER_ADDR", address("router-config"))
+            .envs(
+                self.peers
+                    .iter()
+                    .find(|(n, _)| n == "metrics")
+                    .map(|(_, port)| ("CAPSTAN_METRICS_SERVICE_ADDR", format!("127.0.0.1:{port}"))),
+            )
             .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap()
