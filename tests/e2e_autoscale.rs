@@ -89,7 +89,8 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
     let down = &entries[0];
     let reason = down["reason"].as_str().unwrap();
     assert!(
-        reason.starts_with("scaled 3 -> 1: rps 0/instance < target 20"),
+        // Down in one step or two, as the stabilisation window lets go.
+        reason.starts_with("scaled ") && reason.contains(" -> 1: rps 0/instance < target 20"),
         "{reason}"
     );
     assert!(
