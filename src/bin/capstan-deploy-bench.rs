@@ -192,6 +192,23 @@ async fn capstan_deploy(
     Ok(elapsed.as_secs_f64() * 1000.0)
 }
 
+/// Applies `spec` and waits until its first host answers 200 through the
+/// proxy; its host and name.
+async fn deploy(
+    client: &mut OrchestratorClient<Authed>,
+    proxy: &str,
+    spec: &AppSpec,
+) -> anyhow::Result<(String, String)> {
+    let host = spec.route.hosts[0].clone();
+    client
+        .apply_app(ApplyAppRequest {
+            spec: Some(capstan_proto::spec_to_wire(spec)),
+        })
+        .await?;
+    until_200(proxy, &host).await?;
+    Ok((host, spec.name.to_string()))
+}
+
 /// Deploys an app that scales to zero, waits until it has, then times the
 /// first request (held by the proxy while the app wakes).
 async fn cold_start(
@@ -199,14 +216,7 @@ async fn cold_start(
     proxy: &str,
     spec: AppSpec,
 ) -> anyhow::Result<f64> {
-    let host = spec.route.hosts[0].clone();
-    let name = spec.name.to_string();
-    client
-        .apply_app(ApplyAppRequest {
-            spec: Some(capstan_proto::spec_to_wire(&spec)),
-        })
-        .await?;
-    until_200(proxy, &host).await?;
+    let (host, name) = deploy(client, proxy, &spec).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let app = client
@@ -234,14 +244,7 @@ async fn autoscale_reaction(
     proxy: &str,
     spec: AppSpec,
 ) -> anyhow::Result<f64> {
-    let host = spec.route.hosts[0].clone();
-    let name = spec.name.to_string();
-    client
-        .apply_app(ApplyAppRequest {
-            spec: Some(capstan_proto::spec_to_wire(&spec)),
-        })
-        .await?;
-    until_200(proxy, &host).await?;
+    let (host, name) = deploy(client, proxy, &spec).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..8)
         .map(|_| {

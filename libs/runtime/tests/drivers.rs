@@ -16,9 +16,9 @@ fn busybox() -> String {
     "/bin/busybox".to_string()
 }
 
-/// Runs `argv` as a one-shot process workload until it exits; returns its output.
-async fn run_to_exit(driver: &ProcessDriver, id: &InstanceId, argv: Vec<String>) -> String {
-    let spec = WorkloadSpec {
+/// A process workload of `argv` with `memory_mb`.
+fn workload(id: &InstanceId, argv: Vec<String>, memory_mb: u32) -> WorkloadSpec {
+    WorkloadSpec {
         instance_id: id.clone(),
         app: "a".into(),
         spec_hash: "h".into(),
@@ -27,9 +27,13 @@ async fn run_to_exit(driver: &ProcessDriver, id: &InstanceId, argv: Vec<String>)
         host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         host_port: 1,
         cpu_millis: 1,
-        memory_mb: 4,
-    };
-    driver.start(&spec).await.unwrap();
+        memory_mb,
+    }
+}
+
+/// Runs `argv` as a one-shot process workload until it exits; returns its output.
+async fn run_to_exit(driver: &ProcessDriver, id: &InstanceId, argv: Vec<String>) -> String {
+    driver.start(&workload(id, argv, 4)).await.unwrap();
     for _ in 0..50 {
         if matches!(
             driver.status(id).await.unwrap(),
@@ -290,18 +294,10 @@ async fn exit_of(
     argv: Vec<String>,
     memory_mb: u32,
 ) -> (Option<i64>, String) {
-    let spec = WorkloadSpec {
-        instance_id: instance.clone(),
-        app: "a".into(),
-        spec_hash: "h".into(),
-        program: Program::Process { argv },
-        env: Default::default(),
-        host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-        host_port: 1,
-        cpu_millis: 1,
-        memory_mb,
-    };
-    driver.start(&spec).await.unwrap();
+    driver
+        .start(&workload(instance, argv, memory_mb))
+        .await
+        .unwrap();
     for _ in 0..200 {
         if let WorkloadStatus::Exited { code, reason } = driver.status(instance).await.unwrap() {
             return (code, reason);
