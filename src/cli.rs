@@ -455,12 +455,15 @@ impl Api {
 }
 
 /// The charts `app metrics` draws: label, metric, aggregate, divisor.
-const METRIC_CHARTS: [(&str, &str, Aggregate, f64); 5] = [
+const METRIC_CHARTS: [(&str, &str, Aggregate, f64); 7] = [
     ("rps", "requests", Aggregate::Rate, 1.0),
     ("p95 ms", "latency_ms", Aggregate::P95, 1.0),
     ("5xx/s", "responses_5xx", Aggregate::Rate, 1.0),
     ("cpu %", "cpu_percent", Aggregate::Avg, 1.0),
     ("memory MiB", "memory_bytes", Aggregate::Avg, 1_048_576.0),
+    // Image apps only: a process shares its node's network.
+    ("net in KiB/s", "net_rx_bytes", Aggregate::Rate, 1024.0),
+    ("net out KiB/s", "net_tx_bytes", Aggregate::Rate, 1024.0),
 ];
 
 /// One line: a bar per step from `since` to `now` (blank where no

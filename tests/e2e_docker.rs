@@ -63,7 +63,7 @@ fn containers(dev: &Dev) -> Vec<String> {
 
 #[test]
 fn docker_app_deploy_scale_kill_update_delete() {
-    let dev = Dev::start(None);
+    let dev = Dev::start_with(None, &["--sample-every", "1s"]);
     let spec = spec_file(dev.data_dir(), "box.toml", &busybox_spec(3, "hello"));
     let out = dev.ok(&["app", "deploy", "-f", &spec]);
     assert!(out.contains("3 healthy instances"), "{out}");
@@ -82,6 +82,26 @@ fn docker_app_deploy_scale_kill_update_delete() {
         (200, "hello from busybox\n".to_string())
     );
     assert_eq!(containers(&dev).len(), 3);
+
+    // Docker's stats reach the metrics service, network bytes included.
+    wait_until(
+        "network bytes of the containers are charted",
+        Duration::from_secs(30),
+        || {
+            let _ = dev.get("box.localhost");
+            let charts: serde_json::Value = serde_json::from_str(
+                &dev.ok(&["app", "metrics", "box", "--since", "1m", "-o", "json"]),
+            )
+            .unwrap();
+            ["net in KiB/s", "net out KiB/s", "memory MiB"]
+                .iter()
+                .all(|name| {
+                    charts.as_array().unwrap().iter().any(|c| {
+                        c["chart"] == *name && c["points"].as_array().is_some_and(|p| !p.is_empty())
+                    })
+                })
+        },
+    );
 
     // Containers run locked down.
     let inspect = Command::new("docker")

@@ -16,6 +16,8 @@ fn instance_id(text: &str) -> InstanceId {
 pub struct Programs {
     pub serve: Program,
     pub crash: Program,
+    /// Whether the driver counts network bytes per workload.
+    pub counts_network: bool,
 }
 
 fn spec(id: &InstanceId, program: Program, port: u16) -> WorkloadSpec {
@@ -91,6 +93,11 @@ pub async fn run(
         "one usage sample for the workload: {usage:?}"
     );
     assert!(mine[0].memory_bytes > 0, "{usage:?}");
+    assert_eq!(
+        mine[0].network.is_some(),
+        programs.counts_network,
+        "network counters: {usage:?}"
+    );
     assert!(mine[0].cpu_seconds >= 0.0, "{usage:?}");
     for _ in 0..20 {
         http_ok(port).await;
@@ -101,6 +108,14 @@ pub async fn run(
         again.is_some_and(|u| u.cpu_seconds >= mine[0].cpu_seconds),
         "CPU time went back: {usage:?} then {later:?}"
     );
+    // Network counters, where the runtime keeps them, count what was sent
+    // and received since the workload started: 20 requests went in.
+    if let (Some((rx, tx)), Some(Some((rx2, tx2)))) = (mine[0].network, again.map(|u| u.network)) {
+        assert!(
+            rx2 > rx && tx2 > tx,
+            "network counters did not grow with traffic: {usage:?} then {later:?}"
+        );
+    }
 
     // Starting the same instance again is a no-op, not a second copy.
     driver

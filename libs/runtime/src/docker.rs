@@ -281,11 +281,17 @@ impl Driver for DockerDriver {
                 .and_then(|u| u.total_usage)
                 .unwrap_or(0);
             let memory = stats.memory_stats.and_then(|m| m.usage).unwrap_or(0);
+            let network = stats.networks.map(|networks| {
+                networks.values().fold((0u64, 0u64), |(rx, tx), n| {
+                    (rx + n.rx_bytes.unwrap_or(0), tx + n.tx_bytes.unwrap_or(0))
+                })
+            });
             out.push((
                 workload.instance_id,
                 Usage {
                     cpu_seconds: cpu_ns as f64 / 1e9,
                     memory_bytes: memory,
+                    network,
                 },
             ));
         }

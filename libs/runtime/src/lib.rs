@@ -67,6 +67,10 @@ pub struct Workload {
 pub struct Usage {
     pub cpu_seconds: f64,
     pub memory_bytes: u64,
+    /// Bytes received and sent since the workload started, where the
+    /// runtime counts them per workload (Docker: the container's
+    /// interfaces; a process shares the node's network, so `None`).
+    pub network: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

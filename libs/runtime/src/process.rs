@@ -507,6 +507,7 @@ impl Driver for ProcessDriver {
                         Usage {
                             cpu_seconds: ticks as f64 / hz,
                             memory_bytes: pages * page,
+                            network: None,
                         },
                     ))
                 })

@@ -69,6 +69,7 @@ async fn process_driver_passes_the_contract() {
         crash: Program::Process {
             argv: vec![busybox(), "sh".into(), "-c".into(), "exit 3".into()],
         },
+        counts_network: false,
     };
     let work = dir.path().join("work");
     let reopen = || {
@@ -147,6 +148,7 @@ async fn docker_driver_passes_the_contract() {
             args: vec!["sh".into(), "-c".into(), "exit 3".into()],
             container_port: 8080,
         },
+        counts_network: true,
     };
     let runtime = tokio::runtime::Handle::current();
     let reopen = move || {

@@ -480,6 +480,7 @@ impl Inner {
         let metrics = capstan_server::metrics::metrics();
         let node = self.config.node_id.clone();
         let mut previous: HashMap<InstanceId, (tokio::time::Instant, f64, String)> = HashMap::new();
+        let mut network: HashMap<InstanceId, (u64, u64)> = HashMap::new();
         let mut failed_reported: std::collections::HashSet<InstanceId> = Default::default();
         let mut tick = tokio::time::interval(self.config.sample_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -558,6 +559,23 @@ impl Inner {
                         samples.push(sample(app, &id, "cpu_percent", cores * 100.0 / reserved));
                     }
                 }
+                if let Some((rx, tx)) = used.network {
+                    if let Some((rx0, tx0)) = network.insert(id.clone(), (rx, tx)) {
+                        // A restarted container counts from zero again.
+                        samples.push(sample(
+                            app,
+                            &id,
+                            "net_rx_bytes",
+                            rx.saturating_sub(rx0) as f64,
+                        ));
+                        samples.push(sample(
+                            app,
+                            &id,
+                            "net_tx_bytes",
+                            tx.saturating_sub(tx0) as f64,
+                        ));
+                    }
+                }
                 seen.insert(id, (now, used.cpu_seconds, app.clone()));
             }
             for (id, (_, _, app)) in &previous {
@@ -567,6 +585,7 @@ impl Inner {
                     let _ = metrics.instance_cpu.remove_label_values(&labels);
                 }
             }
+            network.retain(|id, _| seen.contains_key(id));
             previous = seen;
             if !samples.is_empty() {
                 self.report(samples).await;

@@ -22,6 +22,8 @@ pub enum Metric {
     Responses4xx,
     Responses5xx,
     LatencyMs,
+    NetRxBytes,
+    NetTxBytes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +37,7 @@ pub enum Kind {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 9] = [
         Metric::CpuPercent,
         Metric::MemoryBytes,
         Metric::Restarts,
@@ -43,6 +45,8 @@ impl Metric {
         Metric::Responses4xx,
         Metric::Responses5xx,
         Metric::LatencyMs,
+        Metric::NetRxBytes,
+        Metric::NetTxBytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,15 +58,20 @@ impl Metric {
             Metric::Responses4xx => "responses_4xx",
             Metric::Responses5xx => "responses_5xx",
             Metric::LatencyMs => "latency_ms",
+            Metric::NetRxBytes => "net_rx_bytes",
+            Metric::NetTxBytes => "net_tx_bytes",
         }
     }
 
     pub fn kind(self) -> Kind {
         match self {
             Metric::CpuPercent | Metric::MemoryBytes => Kind::Gauge,
-            Metric::Restarts | Metric::Requests | Metric::Responses4xx | Metric::Responses5xx => {
-                Kind::Counter
-            }
+            Metric::Restarts
+            | Metric::Requests
+            | Metric::Responses4xx
+            | Metric::Responses5xx
+            | Metric::NetRxBytes
+            | Metric::NetTxBytes => Kind::Counter,
             Metric::LatencyMs => Kind::Histogram,
         }
     }
