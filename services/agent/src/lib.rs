@@ -559,22 +559,13 @@ impl Inner {
                         samples.push(sample(app, &id, "cpu_percent", cores * 100.0 / reserved));
                     }
                 }
-                if let Some((rx, tx)) = used.network {
-                    if let Some((rx0, tx0)) = network.insert(id.clone(), (rx, tx)) {
-                        // A restarted container counts from zero again.
-                        samples.push(sample(
-                            app,
-                            &id,
-                            "net_rx_bytes",
-                            rx.saturating_sub(rx0) as f64,
-                        ));
-                        samples.push(sample(
-                            app,
-                            &id,
-                            "net_tx_bytes",
-                            tx.saturating_sub(tx0) as f64,
-                        ));
-                    }
+                // A restarted container counts from zero again.
+                if let Some((rx, tx)) = used.network
+                    && let Some((rx0, tx0)) = network.insert(id.clone(), (rx, tx))
+                {
+                    let (rx, tx) = (rx.saturating_sub(rx0), tx.saturating_sub(tx0));
+                    samples.push(sample(app, &id, "net_rx_bytes", rx as f64));
+                    samples.push(sample(app, &id, "net_tx_bytes", tx as f64));
                 }
                 seen.insert(id, (now, used.cpu_seconds, app.clone()));
             }
