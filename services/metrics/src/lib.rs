@@ -27,7 +27,7 @@ use capstan_proto::v1::{
     QueryResponse, Sample, Series, TopRequest, TopResponse, WatchRequest,
 };
 use capstan_server::{Platform, Service, now_ms};
-use capstan_types::{AppName, Error, FieldError, InstanceId, NodeId};
+use capstan_types::{AppName, Error, FieldError, InstanceId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -51,22 +51,38 @@ pub const TOP_LIVE_MS: i64 = 12_000;
 /// Open `Watch` streams, at most.
 pub const MAX_WATCHERS: usize = 256;
 
-/// Rollups being accumulated: (resolution, series, start) -> node, rollup,
-/// and whether it changed since it was last written.
+/// One rollup being accumulated: its node, the rollup, and whether it
+/// changed since it was last written.
+struct Pending {
+    node: String,
+    rollup: Rollup,
+    dirty: bool,
+}
+
+/// Rollups being accumulated, per series, then per (resolution, start):
+/// a sample's series is looked up by reference, so the hot path copies a
+/// key only for a series' first row of a bucket.
 #[derive(Default)]
 struct Accumulator {
-    rows: HashMap<(Resolution, SeriesKey, i64), (String, Rollup, bool)>,
+    series: HashMap<SeriesKey, HashMap<(Resolution, i64), Pending>>,
 }
 
 impl Accumulator {
-    fn add(&mut self, key: &SeriesKey, node: &str, at_ms: i64, rollup: &Rollup) {
+    fn add(&mut self, row: &Row) {
+        let buckets = match self.series.get_mut(&row.key) {
+            Some(buckets) => buckets,
+            None => self.series.entry(row.key.clone()).or_default(),
+        };
         for resolution in [Resolution::Minute, Resolution::Hour] {
-            let entry = self
-                .rows
-                .entry((resolution, key.clone(), resolution.bucket(at_ms)))
-                .or_insert_with(|| (node.to_string(), Rollup::empty(), false));
-            entry.1.merge(rollup);
-            entry.2 = true;
+            let pending = buckets
+                .entry((resolution, resolution.bucket(row.start_ms)))
+                .or_insert_with(|| Pending {
+                    node: row.node.clone(),
+                    rollup: Rollup::empty(),
+                    dirty: false,
+                });
+            pending.rollup.merge(&row.rollup);
+            pending.dirty = true;
         }
     }
 
@@ -76,27 +92,39 @@ impl Accumulator {
     /// it with a partial one.
     fn take(&mut self, writer: &str, now: i64) -> Vec<(Resolution, Row)> {
         let mut out = Vec::new();
-        for ((resolution, key, start), (node, rollup, dirty)) in self.rows.iter_mut() {
-            if *dirty {
-                *dirty = false;
-                out.push((
-                    *resolution,
-                    Row {
-                        key: key.clone(),
-                        start_ms: *start,
-                        writer: writer.to_string(),
-                        node: node.clone(),
-                        rollup: rollup.clone(),
-                    },
-                ));
+        for (key, buckets) in self.series.iter_mut() {
+            for ((resolution, start), pending) in buckets.iter_mut() {
+                if pending.dirty {
+                    pending.dirty = false;
+                    out.push((
+                        *resolution,
+                        Row {
+                            key: key.clone(),
+                            start_ms: *start,
+                            writer: writer.to_string(),
+                            node: pending.node.clone(),
+                            rollup: pending.rollup.clone(),
+                        },
+                    ));
+                }
             }
+            buckets.retain(|(resolution, start), pending| {
+                pending.dirty || start + resolution.width_ms() + MAX_AGE_MS > now
+            });
         }
-        // A bucket that ended longer ago than a sample may be late is
-        // complete: nothing can change it any more.
-        self.rows.retain(|(resolution, _, start), (_, _, dirty)| {
-            *dirty || start + resolution.width_ms() + MAX_AGE_MS > now
-        });
+        self.series.retain(|_, buckets| !buckets.is_empty());
         out
+    }
+
+    /// Marks a row that could not be written as changed, for the next flush.
+    fn retry(&mut self, resolution: Resolution, row: &Row) {
+        if let Some(pending) = self
+            .series
+            .get_mut(&row.key)
+            .and_then(|b| b.get_mut(&(resolution, row.start_ms)))
+        {
+            pending.dirty = true;
+        }
     }
 }
 
@@ -110,53 +138,60 @@ struct MetricsService {
     watchers: Arc<tokio::sync::Semaphore>,
 }
 
-/// A sample checked and parsed.
-struct Parsed {
-    key: SeriesKey,
-    node: String,
-    at_ms: i64,
-    rollup: Rollup,
-}
-
+/// A sample checked and turned into its raw row (its strings moved, not
+/// copied: ingest is the service's hot path); `None` with the problems in
+/// `errors`, each named `samples[i].field`.
 fn parse_sample(
     index: usize,
-    sample: &Sample,
+    sample: Sample,
     now: i64,
     node_caller: Option<&str>,
     errors: &mut Vec<FieldError>,
-) -> Option<Parsed> {
+) -> Option<Row> {
     let field = |name: &str| format!("samples[{index}].{name}");
     let before = errors.len();
-    let mut push = |e: Error| {
-        if let Error::Invalid(found) = e {
-            errors.extend(found);
-        }
-    };
-    if let Err(e) = AppName::parse(&field("app"), &sample.app) {
-        push(e);
-    }
-    if let Err(e) = InstanceId::parse(&field("instance_id"), &sample.instance_id) {
-        push(e);
-    }
-    if !sample.node_id.is_empty()
-        && let Err(e) = NodeId::parse(&field("node_id"), &sample.node_id)
+    let Sample {
+        app,
+        instance_id,
+        node_id,
+        at_ms,
+        metric,
+        value,
+        buckets,
+    } = sample;
+    let app = AppName::try_from(app)
+        .map_err(|reason| errors.push(FieldError::new(field("app"), reason)))
+        .ok();
+    let instance = InstanceId::try_from(instance_id)
+        .map_err(|reason| errors.push(FieldError::new(field("instance_id"), reason)))
+        .ok();
+    if let Some(node) = node_caller
+        && node_id != node
     {
-        push(e);
+        errors.push(FieldError::new(
+            field("node_id"),
+            format!("an agent reports only its own node `{node}`"),
+        ));
+    } else if !node_id.is_empty()
+        && let Err(reason) = capstan_types::spec::check_dns_label(&node_id)
+    {
+        errors.push(FieldError::new(field("node_id"), reason));
     }
-    let metric = match Metric::parse(&field("metric"), &sample.metric) {
+    let metric = match Metric::parse(&field("metric"), &metric) {
         Ok(metric) => Some(metric),
-        Err(e) => {
-            push(e);
+        Err(Error::Invalid(found)) => {
+            errors.extend(found);
             None
         }
+        Err(_) => None,
     };
-    if !sample.value.is_finite() || sample.value < 0.0 {
+    if !value.is_finite() || value < 0.0 {
         errors.push(FieldError::new(
             field("value"),
             "must be a finite number >= 0",
         ));
     }
-    if sample.at_ms < now - MAX_AGE_MS || sample.at_ms > now + MAX_SKEW_MS {
+    if at_ms < now - MAX_AGE_MS || at_ms > now + MAX_SKEW_MS {
         errors.push(FieldError::new(
             field("at_ms"),
             format!("must be within the last hour and at most a minute ahead of now ({now})"),
@@ -168,37 +203,36 @@ fn parse_sample(
         } else {
             0
         };
-        if sample.buckets.len() != want {
+        if buckets.len() != want {
             errors.push(FieldError::new(
                 field("buckets"),
                 format!(
                     "{} takes {want} bucket counts, not {}",
                     metric.name(),
-                    sample.buckets.len()
+                    buckets.len()
                 ),
             ));
         }
     }
-    if let Some(node) = node_caller
-        && sample.node_id != node
-    {
-        errors.push(FieldError::new(
-            field("node_id"),
-            format!("an agent reports only its own node `{node}`"),
-        ));
-    }
     if errors.len() > before {
         return None;
     }
-    Some(Parsed {
+    Some(Row {
         key: SeriesKey {
-            app: sample.app.clone(),
+            app: app?.into(),
             metric: metric?,
-            instance: sample.instance_id.clone(),
+            instance: instance?.into(),
         },
-        node: sample.node_id.clone(),
-        at_ms: sample.at_ms,
-        rollup: Rollup::of(sample.value, &sample.buckets),
+        start_ms: at_ms,
+        writer: String::new(),
+        node: node_id,
+        rollup: Rollup {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+            buckets,
+        },
     })
 }
 
@@ -220,7 +254,7 @@ fn aggregate_from_wire(value: i32) -> Result<Aggregate, Error> {
 }
 
 impl MetricsService {
-    async fn ingest(&self, samples: &[Sample], node_caller: Option<&str>) -> Result<u32, Error> {
+    async fn ingest(&self, samples: Vec<Sample>, node_caller: Option<&str>) -> Result<u32, Error> {
         if samples.len() > MAX_BATCH {
             return Err(Error::invalid(
                 "samples",
@@ -231,9 +265,11 @@ impl MetricsService {
             ));
         }
         let now = now_ms();
+        // Watchers get the batch as sent; copied only when someone watches.
+        let live = (self.live.receiver_count() > 0).then(|| Arc::new(samples.clone()));
         let mut errors = Vec::new();
-        let parsed: Vec<Parsed> = samples
-            .iter()
+        let rows: Vec<Row> = samples
+            .into_iter()
             .enumerate()
             .filter_map(|(i, s)| parse_sample(i, s, now, node_caller, &mut errors))
             .collect();
@@ -241,25 +277,15 @@ impl MetricsService {
             errors.truncate(20);
             return Err(Error::Invalid(errors));
         }
-        let rows: Vec<Row> = parsed
-            .iter()
-            .map(|p| Row {
-                key: p.key.clone(),
-                start_ms: p.at_ms,
-                writer: String::new(),
-                node: p.node.clone(),
-                rollup: p.rollup.clone(),
-            })
-            .collect();
         self.store.write(Resolution::Raw, &rows).await?;
         {
             let mut accumulator = self.accumulator.lock().expect("accumulator lock poisoned");
-            for p in &parsed {
-                accumulator.add(&p.key, &p.node, p.at_ms, &p.rollup);
+            for row in &rows {
+                accumulator.add(row);
             }
         }
-        if self.live.receiver_count() > 0 {
-            let _ = self.live.send(Arc::new(samples.to_vec()));
+        if let Some(batch) = live {
+            let _ = self.live.send(batch);
         }
         capstan_server::metrics::metrics()
             .metric_samples
@@ -284,13 +310,7 @@ impl MetricsService {
                 // Mark them changed again, so the next flush retries.
                 let mut accumulator = self.accumulator.lock().expect("accumulator lock poisoned");
                 for row in &rows {
-                    if let Some(entry) =
-                        accumulator
-                            .rows
-                            .get_mut(&(resolution, row.key.clone(), row.start_ms))
-                    {
-                        entry.2 = true;
-                    }
+                    accumulator.retry(resolution, row);
                 }
                 return Err(e);
             }
@@ -440,7 +460,7 @@ impl Metrics for MetricsService {
         let claims = caller(&request).map_err(capstan_proto::status)?;
         let node = (claims.role == Role::Node).then(|| claims.sub.clone());
         let accepted = self
-            .ingest(&request.get_ref().samples, node.as_deref())
+            .ingest(request.into_inner().samples, node.as_deref())
             .await
             .map_err(capstan_proto::status)?;
         Ok(Response::new(IngestResponse { accepted }))
@@ -647,7 +667,7 @@ mod tests {
         let mut bad = sample("cpu_percent", f64::NAN);
         bad.app = "Bad App".into();
         bad.at_ms = now - 2 * MAX_AGE_MS;
-        assert!(parse_sample(4, &bad, now, None, &mut errors).is_none());
+        assert!(parse_sample(4, bad, now, None, &mut errors).is_none());
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -657,14 +677,22 @@ mod tests {
         let mut errors = Vec::new();
         let mut short = sample("latency_ms", 1.0);
         short.buckets.pop();
-        assert!(parse_sample(0, &short, now, None, &mut errors).is_none());
+        assert!(parse_sample(0, short, now, None, &mut errors).is_none());
         assert_eq!(errors[0].field, "samples[0].buckets");
+
+        let mut errors = Vec::new();
+        let mut traversal = sample("cpu_percent", 1.0);
+        traversal.instance_id = "../../etc".into();
+        traversal.node_id = "Node 1".into();
+        assert!(parse_sample(0, traversal, now, None, &mut errors).is_none());
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["samples[0].instance_id", "samples[0].node_id"]);
 
         let mut errors = Vec::new();
         assert!(
             parse_sample(
                 0,
-                &sample("cpu_percent", 5.0),
+                sample("cpu_percent", 5.0),
                 now,
                 Some("node-2"),
                 &mut errors
@@ -676,16 +704,23 @@ mod tests {
             "an agent reports only its own node"
         );
         let mut errors = Vec::new();
-        assert!(
-            parse_sample(
-                0,
-                &sample("cpu_percent", 5.0),
-                now,
-                Some("node-1"),
-                &mut errors
-            )
-            .is_some()
+        let row = parse_sample(
+            0,
+            sample("cpu_percent", 5.0),
+            now,
+            Some("node-1"),
+            &mut errors,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                row.key.app.as_str(),
+                row.key.instance.as_str(),
+                row.node.as_str()
+            ),
+            ("web", "web-1", "node-1")
         );
+        assert_eq!((row.rollup.count, row.rollup.sum), (1, 5.0));
     }
 
     #[test]
@@ -697,8 +732,15 @@ mod tests {
             instance: "web-1".into(),
         };
         let now = 10 * 3_600_000 + 5_000;
-        accumulator.add(&key, "n", now, &Rollup::of(3.0, &[]));
-        accumulator.add(&key, "n", now + 1_000, &Rollup::of(4.0, &[]));
+        let row = |at: i64, value: f64| Row {
+            key: key.clone(),
+            start_ms: at,
+            writer: String::new(),
+            node: "n".into(),
+            rollup: Rollup::of(value, &[]),
+        };
+        accumulator.add(&row(now, 3.0));
+        accumulator.add(&row(now + 1_000, 4.0));
         let rows = accumulator.take("w", now);
         assert_eq!(rows.len(), 2, "one minute row and one hour row");
         assert!(
@@ -709,14 +751,24 @@ mod tests {
             accumulator.take("w", now).is_empty(),
             "nothing changed since"
         );
-        accumulator.add(&key, "n", now + 2_000, &Rollup::of(1.0, &[]));
+        accumulator.add(&row(now + 2_000, 1.0));
         let again = accumulator.take("w", now);
         assert!(
             again.iter().all(|(_, r)| r.rollup.sum == 8.0),
             "a rollup row is cumulative"
         );
+        // A row that could not be written goes out again.
+        accumulator.retry(
+            Resolution::Minute,
+            &again
+                .iter()
+                .find(|(r, _)| *r == Resolution::Minute)
+                .unwrap()
+                .1,
+        );
+        assert_eq!(accumulator.take("w", now).len(), 1);
         // Long after its bucket closed, a written row is forgotten.
         accumulator.take("w", now + 2 * 3_600_000 + MAX_AGE_MS);
-        assert!(accumulator.rows.is_empty());
+        assert!(accumulator.series.is_empty());
     }
 }
