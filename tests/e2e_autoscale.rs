@@ -119,6 +119,22 @@ fn load_scales_up_idleness_scales_down_and_a_manual_scale_pauses_the_autoscaler(
             .unwrap()
             .starts_with("autoscaling paused: scaled 1 -> 2 by hand")
     );
+    // A deploy ends the pause too, whether or not the spec changed.
+    let wider = spec_file(
+        dev.data_dir(),
+        "a4.toml",
+        &autoscaled_spec("auto").replace("max = 3", "max = 4"),
+    );
+    dev.ok(&["app", "deploy", "-f", &wider, "--timeout", "60s"]);
+    let status = dev.json(&["app", "status", "auto", "-o", "json"]);
+    assert_eq!(status["autoscale"]["max"], 4);
+    assert!(status["autoscale"]["paused_by"].is_null(), "{status:#}");
+    wait_until(
+        "the autoscaler takes over after the deploy",
+        Duration::from_secs(60),
+        || replicas(&dev, "auto") == 1,
+    );
+    dev.ok(&["app", "scale", "auto", "2"]);
     // --resume hands it back: idle, so back to min.
     dev.ok(&["app", "autoscale", "auto", "--resume"]);
     wait_until(

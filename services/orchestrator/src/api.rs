@@ -262,8 +262,10 @@ impl Orchestrator for Api {
                 (record, Expect::Absent, true, true, true)
             }
             Some((version, mut app)) => {
-                // A deploy ends a manual override of the autoscaler.
-                let changed = app.spec != spec || app.autoscale_override.take().is_some();
+                // A deploy ends a manual override of the autoscaler, whether
+                // or not the spec changed.
+                let overridden = app.autoscale_override.take().is_some();
+                let changed = app.spec != spec || overridden;
                 let rollout_started = hash != app.spec_hash
                     || app.rollout.state != RolloutState::Completed
                         && hash != app.rollout.target_hash;
