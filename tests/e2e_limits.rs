@@ -1,6 +1,6 @@
-//! Enforced limits: a process app that allocates past its `memory_mb` is
-//! stopped by the limit and reported failed, out of memory, while the
-//! node and its other apps carry on.
+//! Enforced limits: a process app that holds more than its `memory_mb` is
+//! killed and reported failed, out of memory, while the node and its other
+//! apps carry on.
 
 mod common;
 
@@ -55,7 +55,8 @@ progress_deadline = "30s"
         },
     );
     assert!(
-        failure.starts_with("out of memory: it allocated up to its memory_mb (48 MiB"),
+        failure.starts_with("out of memory: it held ")
+            && failure.ends_with("over its memory_mb (48 MiB), and was killed"),
         "{failure}"
     );
     // The node and the other app are unaffected.

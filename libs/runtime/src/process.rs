@@ -63,6 +63,115 @@ pub struct ProcessDriver {
     /// Exit statuses of the processes this driver started, delivered by
     /// their reaper tasks (`None` until the process is reaped).
     exits: Arc<Mutex<HashMap<InstanceId, ExitReceiver>>>,
+    /// The memory watchdog's view: what it watches, and what it killed.
+    memory: Arc<MemoryWatch>,
+}
+
+/// How often resident memory is compared with each workload's limit.
+pub const MEMORY_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// The memory limit of process workloads. What a process holds resident
+/// (its process group's RSS) is what `memory_mb` limits, as a cgroup's
+/// memory.max would: every [`MEMORY_CHECK_EVERY`] a group over its limit
+/// is killed (SIGKILL) and reported out of memory. Between two checks a
+/// backstop holds: RLIMIT_DATA at [`data_backstop`], set by the child on
+/// itself, past which an allocation fails at once. RLIMIT_DATA alone would
+/// count virtual memory (every thread's 8 MiB stack), which is not what
+/// an app uses.
+#[derive(Default)]
+struct MemoryWatch {
+    /// instance -> (pid = process group, start ticks, limit in bytes)
+    watched: Mutex<HashMap<InstanceId, (i32, u64, u64)>>,
+    /// instance -> the resident bytes it was killed at
+    killed: Mutex<HashMap<InstanceId, u64>>,
+    started: std::sync::OnceLock<()>,
+}
+
+/// The RLIMIT_DATA backstop for a `memory_mb` limit of `limit` bytes: room
+/// for thread stacks and allocator slack, still bounded.
+pub fn data_backstop(limit: u64) -> u64 {
+    limit.saturating_add((limit.saturating_mul(3)).max(1 << 30))
+}
+
+impl MemoryWatch {
+    fn watch(self: &Arc<Self>, id: &InstanceId, pid: i32, start_ticks: u64, limit: u64) {
+        self.watched
+            .lock()
+            .expect("memory watch lock poisoned")
+            .insert(id.clone(), (pid, start_ticks, limit));
+        self.started.get_or_init(|| {
+            tokio::spawn(Arc::clone(self).run());
+        });
+    }
+
+    fn is_watched(&self, id: &InstanceId) -> bool {
+        self.watched
+            .lock()
+            .expect("memory watch lock poisoned")
+            .contains_key(id)
+    }
+
+    fn forget(&self, id: &InstanceId) {
+        self.watched
+            .lock()
+            .expect("memory watch lock poisoned")
+            .remove(id);
+        self.killed
+            .lock()
+            .expect("memory watch lock poisoned")
+            .remove(id);
+    }
+
+    fn killed_at(&self, id: &InstanceId) -> Option<u64> {
+        self.killed
+            .lock()
+            .expect("memory watch lock poisoned")
+            .get(id)
+            .copied()
+    }
+
+    async fn run(self: Arc<Self>) {
+        let (_, page) = tick_and_page();
+        loop {
+            tokio::time::sleep(MEMORY_CHECK_EVERY).await;
+            let watched: Vec<(InstanceId, (i32, u64, u64))> = self
+                .watched
+                .lock()
+                .expect("memory watch lock poisoned")
+                .iter()
+                .map(|(id, w)| (id.clone(), *w))
+                .collect();
+            if watched.is_empty() {
+                continue;
+            }
+            let Ok(groups) = blocking(|| Ok(usage_by_group())).await else {
+                continue;
+            };
+            for (id, (pid, start_ticks, limit)) in watched {
+                let alive = matches!(proc_start_ticks(pid), Some((t, false)) if t == start_ticks);
+                if !alive {
+                    self.watched
+                        .lock()
+                        .expect("memory watch lock poisoned")
+                        .remove(&id);
+                    continue;
+                }
+                let resident = groups.get(&pid).map_or(0, |(_, pages)| pages * page);
+                if resident > limit {
+                    tracing::warn!(instance = %id, resident, limit, "killing a workload over its memory limit");
+                    self.killed
+                        .lock()
+                        .expect("memory watch lock poisoned")
+                        .insert(id.clone(), resident);
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    self.watched
+                        .lock()
+                        .expect("memory watch lock poisoned")
+                        .remove(&id);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,7 +186,8 @@ struct ProcessRecord {
     memory_limit: u64,
 }
 
-/// Caps what the process `command` starts may allocate: RLIMIT_DATA
+/// Caps what the process `command` starts may allocate (the backstop of
+/// [`MemoryWatch`]): RLIMIT_DATA
 /// (heap and private mappings, since Linux 4.7), soft and hard, set by the
 /// child on itself just before exec (lowering a limit needs no
 /// privilege), so the program never runs without it. An allocation past
@@ -130,6 +240,7 @@ impl ProcessDriver {
             state_dir: state_dir.to_path_buf(),
             sandbox,
             exits: Arc::default(),
+            memory: Arc::default(),
         })
     }
 
@@ -341,7 +452,7 @@ impl Driver for ProcessDriver {
         }
         let memory_limit = u64::from(spec.memory_mb) * 1024 * 1024;
         if memory_limit > 0 {
-            limit_memory(&mut command, memory_limit);
+            limit_memory(&mut command, data_backstop(memory_limit));
         }
         let mut child = command.spawn().map_err(|e| DriverError::Start {
             program: program.clone(),
@@ -370,6 +481,10 @@ impl Driver for ProcessDriver {
             write_owner_only(&path, &bytes).map_err(|e| DriverError::Io(e.to_string()))
         })
         .await?;
+        if memory_limit > 0 {
+            self.memory
+                .watch(&spec.instance_id, pid, start_ticks, memory_limit);
+        }
         let (exited, receiver) = tokio::sync::watch::channel(None);
         self.exits
             .lock()
@@ -404,6 +519,7 @@ impl Driver for ProcessDriver {
             .lock()
             .expect("exits lock poisoned")
             .remove(instance_id);
+        self.memory.forget(instance_id);
         Ok(())
     }
 
@@ -435,12 +551,20 @@ impl Driver for ProcessDriver {
                     (None, Some(signal)) => format!("killed by signal {signal}"),
                     _ => "exited".to_string(),
                 };
-                if record.memory_limit > 0 && !status.success() {
+                let mib = |bytes: u64| bytes / (1024 * 1024);
+                if let Some(resident) = self.memory.killed_at(instance_id) {
+                    reason = format!(
+                        "out of memory: it held {} MiB, over its memory_mb ({} MiB), and was killed",
+                        mib(resident),
+                        mib(record.memory_limit)
+                    );
+                } else if record.memory_limit > 0 && !status.success() {
                     let tail = self.log_tail(instance_id, 8 * 1024).await;
                     if says_out_of_memory(&tail) {
                         reason = format!(
-                            "out of memory: it allocated up to its memory_mb ({} MiB, enforced as RLIMIT_DATA) and {reason}",
-                            record.memory_limit / (1024 * 1024)
+                            "out of memory: an allocation failed at its limit ({} MiB of private memory for memory_mb {} MiB) and it {reason}",
+                            mib(data_backstop(record.memory_limit)),
+                            mib(record.memory_limit)
                         );
                     }
                 }
@@ -451,6 +575,15 @@ impl Driver for ProcessDriver {
             }
         }
         if is_alive(&record) {
+            // Adopted after a restart: watched from here on.
+            if record.memory_limit > 0 && !self.memory.is_watched(instance_id) {
+                self.memory.watch(
+                    instance_id,
+                    record.pid,
+                    record.start_ticks,
+                    record.memory_limit,
+                );
+            }
             Ok(WorkloadStatus::Running)
         } else {
             Ok(WorkloadStatus::Exited {

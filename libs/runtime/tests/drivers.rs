@@ -310,37 +310,44 @@ async fn exit_of(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_process_that_allocates_past_memory_mb_fails_out_of_memory() {
+async fn a_process_that_holds_more_than_memory_mb_is_killed_out_of_memory() {
     capstan_testkit::require_tool("python3", "apt-get install -y python3");
     let dir = tempfile::tempdir().unwrap();
     let driver =
         ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work"))).unwrap();
-    // 200 MiB, in 10 MiB steps, printing its progress.
-    let hog = vec![
-        "python3".to_string(),
-        "-c".into(),
-        "import sys\nheld = []\nfor i in range(20):\n    held.append(bytearray(10 * 1024 * 1024))\n    print('held', (i + 1) * 10, 'MiB', flush=True)\nprint('done', flush=True)\n".into(),
-    ];
-    let (code, reason) = exit_of(&driver, &id("hog-small"), hog.clone(), 64).await;
-    assert_ne!(code, Some(0), "{reason}");
+    let python = |code: &str| vec!["python3".to_string(), "-c".into(), code.into()];
+    // 200 MiB held, in 10 MiB steps: the watchdog kills it.
+    let hold = python(
+        "import time\nheld = [bytearray(10 * 1024 * 1024) for _ in range(20)]\nprint('holding', flush=True)\ntime.sleep(30)\n",
+    );
+    let (code, reason) = exit_of(&driver, &id("hog-held"), hold, 64).await;
+    assert_eq!(code, None, "killed, not exited: {reason}");
+    assert!(reason.starts_with("out of memory: it held "), "{reason}");
     assert!(
-        reason.starts_with("out of memory: it allocated up to its memory_mb (64 MiB"),
+        reason.ends_with("over its memory_mb (64 MiB), and was killed"),
         "{reason}"
     );
-    let log = std::fs::read_to_string(driver.log_path(&id("hog-small"))).unwrap();
+    // One allocation far past the limit fails at once (the backstop).
+    let burst = python("x = bytearray(4 * 1024 * 1024 * 1024)\n");
+    let (code, reason) = exit_of(&driver, &id("hog-burst"), burst, 64).await;
+    assert_eq!(code, Some(1), "{reason}");
     assert!(
-        !log.contains("done") && log.contains("MemoryError"),
-        "{log}"
+        reason.starts_with("out of memory: an allocation failed at its limit"),
+        "{reason}"
     );
-    // The same program within its limit runs to the end.
-    let (code, reason) = exit_of(&driver, &id("hog-roomy"), hog, 512).await;
+    // The same 200 MiB within a roomier limit runs to the end.
+    let roomy = python("held = [bytearray(10 * 1024 * 1024) for _ in range(20)]\nprint('done')\n");
+    let (code, reason) = exit_of(&driver, &id("hog-roomy"), roomy, 512).await;
+    assert_eq!(code, Some(0), "{reason}");
+    // Threads reserve stacks they do not use: 50 of them (400 MiB of
+    // address space) fit a 64 MiB app. RLIMIT_DATA at memory_mb refused
+    // them, and a threaded server failed under a burst of connections.
+    let threads = python(
+        "import threading, time\nts = [threading.Thread(target=time.sleep, args=(1,)) for _ in range(50)]\n[t.start() for t in ts]\n[t.join() for t in ts]\n",
+    );
+    let (code, reason) = exit_of(&driver, &id("threads"), threads, 64).await;
     assert_eq!(code, Some(0), "{reason}");
     // A plain crash is not called out of memory.
-    let crash = vec![
-        "python3".to_string(),
-        "-c".into(),
-        "raise SystemExit(3)".into(),
-    ];
-    let (code, reason) = exit_of(&driver, &id("crash"), crash, 64).await;
+    let (code, reason) = exit_of(&driver, &id("crash"), python("raise SystemExit(3)"), 64).await;
     assert_eq!((code, reason.as_str()), (Some(3), "exited with code 3"));
 }
