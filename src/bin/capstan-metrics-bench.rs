@@ -97,9 +97,11 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let batch = args.batch.clamp(1, capstan_metrics::MAX_BATCH);
-    let endpoints: Endpoints = serde_json::from_str(&std::fs::read_to_string(
-        args.data_dir.join("endpoints.json"),
-    )?)?;
+    let path = args.data_dir.join("endpoints.json");
+    let endpoints: Endpoints =
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("{}: {e}; is `capstan dev` running there?", path.display())
+        })?)?;
     let secrets = capstan_secrets::FileSecretStore::new(&args.data_dir);
     let key = capstan_server::standalone::service_key(&secrets, false).await?;
     let tokens = TokenSource::new(key, capstan_server::channel_to(&endpoints.auth)?);
@@ -110,12 +112,13 @@ async fn main() -> anyhow::Result<()> {
 
     let mut service_rates = Vec::new();
     let mut raw_rates = Vec::new();
+    // One store across rounds, as the service keeps one.
+    let store = RingStore::default();
     for round in 0..args.rounds.max(1) {
         let data = samples(args.samples, round);
         let batches: Vec<Vec<Sample>> = data.chunks(batch).map(<[Sample]>::to_vec).collect();
 
         // Raw: the same rows straight into a ring store, batch by batch.
-        let store = RingStore::default();
         let raw: Vec<Vec<Row>> = batches.iter().map(|b| rows(b)).collect();
         let started = Instant::now();
         for rows in &raw {

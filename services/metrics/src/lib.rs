@@ -177,14 +177,12 @@ fn parse_sample(
     {
         errors.push(FieldError::new(field("node_id"), reason));
     }
-    let metric = match Metric::parse(&field("metric"), &metric) {
-        Ok(metric) => Some(metric),
-        Err(Error::Invalid(found)) => {
+    let metric = Metric::from_name(&metric).or_else(|| {
+        if let Err(Error::Invalid(found)) = Metric::parse(&field("metric"), &metric) {
             errors.extend(found);
-            None
         }
-        Err(_) => None,
-    };
+        None
+    });
     if !value.is_finite() || value < 0.0 {
         errors.push(FieldError::new(
             field("value"),

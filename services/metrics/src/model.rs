@@ -76,6 +76,10 @@ impl Metric {
         }
     }
 
+    pub fn from_name(text: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == text)
+    }
+
     pub fn parse(field: &str, text: &str) -> Result<Metric, Error> {
         Metric::ALL
             .into_iter()

@@ -83,8 +83,10 @@ impl Default for RingStore {
 }
 
 impl Ring {
-    /// Drops what is past retention, then the oldest rows of the finest
-    /// resolution until at most `max_rows` remain.
+    /// Drops what is past retention; then, over `max_rows`, the oldest
+    /// rows of the finest resolution first, down to 90 % of `max_rows` in
+    /// one pass (each partition gives up the same share of its oldest
+    /// rows), so a full ring trims once per 10 % of writes, not per write.
     fn trim(&mut self, max_rows: usize) {
         let newest = self.newest;
         let mut removed = 0;
@@ -95,21 +97,26 @@ impl Ring {
             *partition = keep;
         }
         self.rows -= removed;
-        for resolution in [Resolution::Raw, Resolution::Minute, Resolution::Hour] {
-            while self.rows > max_rows {
-                // The partition of this resolution with the oldest row.
-                let oldest = self
-                    .partitions
-                    .iter()
-                    .filter(|((r, _, _), p)| *r == resolution && !p.is_empty())
-                    .min_by_key(|(_, p)| p.keys().next().map(|k| k.0))
-                    .map(|(key, _)| key.clone());
-                let Some(key) = oldest else { break };
-                let partition = self.partitions.get_mut(&key).expect("found above");
-                // Evict a tenth of the excess at a time, at least one row,
-                // so a full ring does not rescan for every row.
-                let excess = (self.rows - max_rows).max(max_rows / 10).max(1);
-                let take = excess.min(partition.len());
+        let target = max_rows - max_rows / 10;
+        for resolution in Resolution::ALL {
+            if self.rows <= target {
+                break;
+            }
+            let held: usize = self
+                .partitions
+                .iter()
+                .filter(|((r, _, _), _)| *r == resolution)
+                .map(|(_, p)| p.len())
+                .sum();
+            if held == 0 {
+                continue;
+            }
+            let share = ((self.rows - target) as f64 / held as f64).min(1.0);
+            for ((r, _, _), partition) in self.partitions.iter_mut() {
+                if *r != resolution {
+                    continue;
+                }
+                let take = ((partition.len() as f64 * share).ceil() as usize).min(partition.len());
                 for _ in 0..take {
                     partition.pop_first();
                 }
