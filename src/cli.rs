@@ -554,11 +554,11 @@ fn parse_trusted_proxy(text: &str) -> Result<String, String> {
 }
 
 fn parse_wake_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = capstan_types::duration::parse(text)?;
-    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&timeout) {
-        return Err(format!("`{text}` must be between 1s and 5m"));
-    }
-    Ok(timeout)
+    capstan_types::duration::parse_within(
+        text,
+        Duration::from_secs(1)..=Duration::from_secs(300),
+        "1s and 5m",
+    )
 }
 
 fn parse_strategy(text: &str) -> Result<capstan_placement::Strategy, String> {

@@ -127,8 +127,7 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
     use capstan_proto::v1::auth_client::AuthClient;
     use capstan_proto::v1::metrics_client::MetricsClient;
     use capstan_proto::v1::{
-        Aggregate, CreateApiKeyRequest, IngestRequest, IssueTokenRequest, QueryRequest, Sample,
-        WatchRequest,
+        Aggregate, CreateApiKeyRequest, IngestRequest, QueryRequest, Sample, WatchRequest,
     };
     use tonic::Code;
 
@@ -139,15 +138,8 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let admin_key = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
+        let admin = token(&dev, admin_key.trim().into()).await;
         let mut auth = AuthClient::new(channel(endpoints["auth"].as_str().unwrap()));
-        let admin = auth
-            .issue_token(IssueTokenRequest {
-                api_key: admin_key.trim().into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
         let viewer_key = auth
             .create_api_key(with_token(
                 CreateApiKeyRequest {
@@ -160,14 +152,7 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
             .unwrap()
             .into_inner()
             .api_key;
-        let viewer = auth
-            .issue_token(IssueTokenRequest {
-                api_key: viewer_key,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
+        let viewer = token(&dev, viewer_key).await;
         let mut metrics =
             MetricsClient::new(channel(endpoints["metrics_service"].as_str().unwrap()));
 

@@ -17,9 +17,9 @@ use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
     CreateApiKeyRequest, DeleteAppRequest, DrainNodeRequest, GetAppRequest, HeartbeatRequest,
-    IssueTokenRequest, ListEventsRequest, ListInstancesRequest, ListNodesRequest, PlaceRequest,
-    RegisterNodeRequest, ReleaseRequest, Resources, ScaleAppRequest, StartInstanceRequest,
-    StopInstanceRequest, SyncRequest, WatchEventsRequest,
+    ListEventsRequest, ListInstancesRequest, ListNodesRequest, PlaceRequest, RegisterNodeRequest,
+    ReleaseRequest, Resources, ScaleAppRequest, StartInstanceRequest, StopInstanceRequest,
+    SyncRequest, WatchEventsRequest,
 };
 use common::*;
 use serde_json::Value;
@@ -27,15 +27,6 @@ use tonic::Code;
 
 fn secret(dev: &Dev, path: &str) -> String {
     stored_secret(dev.data_dir(), path)
-}
-
-async fn token(dev: &Dev, api_key: String) -> String {
-    AuthClient::new(channel(&dev.endpoint("auth")))
-        .issue_token(IssueTokenRequest { api_key })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
 }
 
 /// Tokens for every kind of caller of one `capstan dev`.

@@ -82,7 +82,7 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
             start_ms: s.at_ms,
             writer: String::new(),
             node: s.node_id.clone(),
-            rollup: Rollup::of(s.value, &[]),
+            rollup: Rollup::of(s.value, Vec::new()),
         })
         .collect()
 }

@@ -447,6 +447,16 @@ pub fn channel(address: &str) -> tonic::transport::Channel {
         .connect_lazy()
 }
 
+/// A token for `api_key` from `dev`'s auth service.
+pub async fn token(dev: &Dev, api_key: String) -> String {
+    capstan_proto::v1::auth_client::AuthClient::new(channel(&dev.endpoint("auth")))
+        .issue_token(capstan_proto::v1::IssueTokenRequest { api_key })
+        .await
+        .expect("a token for the key")
+        .into_inner()
+        .token
+}
+
 /// `message` with `authorization: Bearer <token>`.
 pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

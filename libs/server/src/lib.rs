@@ -260,6 +260,28 @@ impl Platform {
         )
     }
 
+    /// Sends samples to the metrics service, in calls of at most 1,000.
+    /// Metrics are hints, like events: what the service does not take is
+    /// dropped (and logged at debug), never retried.
+    pub async fn report_samples(&self, samples: Vec<capstan_proto::v1::Sample>) {
+        let client = match self.client("metrics").await {
+            Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
+            Err(e) => {
+                tracing::debug!("metrics service unreachable, samples dropped: {e}");
+                return;
+            }
+        };
+        for chunk in samples.chunks(1_000) {
+            let request = capstan_proto::v1::IngestRequest {
+                samples: chunk.to_vec(),
+            };
+            if let Err(e) = client.clone().ingest(request).await {
+                tracing::debug!("metric samples not taken: {}", e.message());
+                return;
+            }
+        }
+    }
+
     /// Publishes an event. Events are hints: a failure is logged, and the
     /// state it describes is already committed, so reconcilers still see it.
     pub async fn emit(&self, event: Event) {

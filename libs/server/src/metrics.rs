@@ -57,12 +57,20 @@ pub struct Metrics {
     pub autoscale_decisions: IntCounterVec,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+/// `metric`, registered with `registry` (each name once, at start).
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
     registry
         .register(Box::new(metric.clone()))
         .expect("registered once");
     metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registered(registry, metric)
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -71,51 +79,33 @@ fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Hi
         labels,
     )
     .expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn plain_histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
     let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()))
         .expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let metric = GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn plain_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("a valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 /// This process's metrics.

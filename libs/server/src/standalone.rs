@@ -124,11 +124,11 @@ pub struct StandaloneArgs {
 }
 
 fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = capstan_types::duration::parse(text)?;
-    if !(Duration::from_millis(300)..=Duration::from_secs(300)).contains(&ttl) {
-        return Err(format!("`{text}` must be between 300ms and 5m"));
-    }
-    Ok(ttl)
+    capstan_types::duration::parse_within(
+        text,
+        Duration::from_millis(300)..=Duration::from_secs(300),
+        "300ms and 5m",
+    )
 }
 
 /// The bus `--bus` (or CAPSTAN_AMQP_URL) names; connecting to RabbitMQ is

@@ -58,13 +58,27 @@ pub fn format(duration: Duration) -> String {
     }
 }
 
+/// Parses a duration that must lie in `range`, which `range_text` names
+/// for the error ("1s and 5m").
+pub fn parse_within(
+    text: &str,
+    range: std::ops::RangeInclusive<Duration>,
+    range_text: &str,
+) -> Result<Duration, String> {
+    let duration = parse(text)?;
+    if !range.contains(&duration) {
+        return Err(format!("`{text}` must be between {range_text}"));
+    }
+    Ok(duration)
+}
+
 /// A sampling period (`--sample-every`): 1s to 5m.
 pub fn parse_sample_every(text: &str) -> Result<Duration, String> {
-    let every = parse(text)?;
-    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&every) {
-        return Err(format!("`{text}` must be between 1s and 5m"));
-    }
-    Ok(every)
+    parse_within(
+        text,
+        Duration::from_secs(1)..=Duration::from_secs(300),
+        "1s and 5m",
+    )
 }
 
 #[cfg(test)]

@@ -579,28 +579,7 @@ impl Inner {
             network.retain(|id, _| seen.contains_key(id));
             previous = seen;
             if !samples.is_empty() {
-                self.report(samples).await;
-            }
-        }
-    }
-
-    /// Sends samples to the metrics service; drops them if it is not there.
-    async fn report(&self, samples: Vec<capstan_proto::v1::Sample>) {
-        let client = match self.platform.client("metrics").await {
-            Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
-            Err(e) => {
-                tracing::debug!("metrics service unreachable, samples dropped: {e}");
-                return;
-            }
-        };
-        for chunk in samples.chunks(1_000) {
-            let mut client = client.clone();
-            let request = capstan_proto::v1::IngestRequest {
-                samples: chunk.to_vec(),
-            };
-            if let Err(e) = client.ingest(request).await {
-                tracing::debug!("metric samples not taken: {}", e.message());
-                return;
+                self.platform.report_samples(samples).await;
             }
         }
     }

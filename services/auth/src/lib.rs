@@ -31,11 +31,11 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// A token lifetime from a flag: 1s to the verifiers' maximum of one hour.
 pub fn parse_token_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = capstan_types::duration::parse(text)?;
-    if ttl < Duration::from_secs(1) || ttl > capstan_authn::MAX_TOKEN_LIFETIME {
-        return Err(format!("`{text}` must be between 1s and 1h"));
-    }
-    Ok(ttl)
+    capstan_types::duration::parse_within(
+        text,
+        Duration::from_secs(1)..=capstan_authn::MAX_TOKEN_LIFETIME,
+        "1s and 1h",
+    )
 }
 const API_KEYS: &str = "api_keys";
 /// `<key digest>/<jti>` of every live token, kept as long as the token

@@ -14,7 +14,7 @@ fn row(app: &str, metric: Metric, instance: &str, start_ms: i64, writer: &str, v
         start_ms,
         writer: writer.to_string(),
         node: "node-1".to_string(),
-        rollup: Rollup::of(value, &[]),
+        rollup: Rollup::of(value, Vec::new()),
     }
 }
 

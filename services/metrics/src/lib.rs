@@ -224,13 +224,7 @@ fn parse_sample(
         start_ms: at_ms,
         writer: String::new(),
         node: node_id,
-        rollup: Rollup {
-            count: 1,
-            sum: value,
-            min: value,
-            max: value,
-            buckets,
-        },
+        rollup: Rollup::of(value, buckets),
     })
 }
 
@@ -735,7 +729,7 @@ mod tests {
             start_ms: at,
             writer: String::new(),
             node: "n".into(),
-            rollup: Rollup::of(value, &[]),
+            rollup: Rollup::of(value, Vec::new()),
         };
         accumulator.add(&row(now, 3.0));
         accumulator.add(&row(now + 1_000, 4.0));

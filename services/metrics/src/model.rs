@@ -119,13 +119,13 @@ impl Rollup {
     }
 
     /// One reading (for a histogram: its sum and its bucket counts).
-    pub fn of(value: f64, buckets: &[u64]) -> Rollup {
+    pub fn of(value: f64, buckets: Vec<u64>) -> Rollup {
         Rollup {
             count: 1,
             sum: value,
             min: value,
             max: value,
-            buckets: buckets.to_vec(),
+            buckets,
         }
     }
 
@@ -266,18 +266,18 @@ mod tests {
         let mut buckets = vec![0; LATENCY_BUCKETS];
         buckets[latency_bucket(3.0)] = 90; // (2, 5]
         buckets[latency_bucket(200.0)] = 10; // (100, 250]
-        let rollup = Rollup::of(0.0, &buckets);
+        let rollup = Rollup::of(0.0, buckets);
         let p50 = rollup.quantile(0.5).unwrap();
         assert!((2.0..=5.0).contains(&p50), "p50 {p50}");
         let p95 = rollup.quantile(0.95).unwrap();
         assert!((100.0..=250.0).contains(&p95), "p95 {p95}");
-        assert_eq!(Rollup::of(1.0, &[]).quantile(0.5), None);
+        assert_eq!(Rollup::of(1.0, Vec::new()).quantile(0.5), None);
     }
 
     #[test]
     fn merging_keeps_count_sum_and_extremes() {
-        let mut a = Rollup::of(10.0, &[]);
-        a.merge(&Rollup::of(30.0, &[]));
+        let mut a = Rollup::of(10.0, Vec::new());
+        a.merge(&Rollup::of(30.0, Vec::new()));
         a.merge(&Rollup {
             count: 0,
             sum: 0.0,

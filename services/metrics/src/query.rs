@@ -140,7 +140,7 @@ mod tests {
             start_ms,
             writer: String::new(),
             node: String::new(),
-            rollup: Rollup::of(value, &[]),
+            rollup: Rollup::of(value, Vec::new()),
         }
     }
 

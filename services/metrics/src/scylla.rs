@@ -19,7 +19,7 @@ use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
-use crate::model::{Resolution, Rollup, Row, SeriesKey};
+use crate::model::{Resolution, Rollup, Row};
 use crate::store::{MetricsStore, Selector};
 
 pub const MIGRATIONS: &[(&str, &str)] = &[(
@@ -231,19 +231,11 @@ impl MetricsStore for ScyllaMetricsStore {
                     .await
                     .map_err(|e| unavailable("read metric row", e))?
             {
-                if selector
-                    .instance
-                    .as_ref()
-                    .is_some_and(|want| *want != instance)
-                {
+                if !selector.admits(&instance) {
                     continue;
                 }
                 rows.push(Row {
-                    key: SeriesKey {
-                        app: selector.app.clone(),
-                        metric: selector.metric,
-                        instance,
-                    },
+                    key: selector.key(instance),
                     start_ms,
                     writer,
                     node,
@@ -268,7 +260,7 @@ impl MetricsStore for ScyllaMetricsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Metric;
+    use crate::model::{Metric, SeriesKey};
 
     #[test]
     fn a_range_reads_every_partition_it_spans() {
@@ -333,7 +325,7 @@ mod tests {
             start_ms: 7_200_123,
             writer: "w".into(),
             node: "n".into(),
-            rollup: Rollup::of(2.0, &[1, 2]),
+            rollup: Rollup::of(2.0, vec![1, 2]),
         };
         let values = insert_values(Resolution::Raw, &row, 7_200_123).unwrap();
         assert_eq!(

@@ -21,6 +21,22 @@ pub struct Selector {
     pub instance: Option<String>,
 }
 
+impl Selector {
+    /// Whether a row of `instance` is selected.
+    pub fn admits(&self, instance: &str) -> bool {
+        self.instance.as_deref().is_none_or(|want| want == instance)
+    }
+
+    /// The key of the selected series of `instance`.
+    pub fn key(&self, instance: String) -> SeriesKey {
+        SeriesKey {
+            app: self.app.clone(),
+            metric: self.metric,
+            instance,
+        }
+    }
+}
+
 #[async_trait]
 pub trait MetricsStore: Send + Sync {
     /// Stores `rows` at `resolution`; a row with the key, start and writer
@@ -175,18 +191,9 @@ impl MetricsStore for RingStore {
         Ok(partition
             .range(from..)
             .take_while(|((start, _, _), _)| *start < to_ms)
-            .filter(|((_, instance, _), _)| {
-                selector
-                    .instance
-                    .as_ref()
-                    .is_none_or(|want| want == instance)
-            })
+            .filter(|((_, instance, _), _)| selector.admits(instance))
             .map(|((start, instance, writer), (node, rollup))| Row {
-                key: SeriesKey {
-                    app: selector.app.clone(),
-                    metric: selector.metric,
-                    instance: instance.clone(),
-                },
+                key: selector.key(instance.clone()),
                 start_ms: *start,
                 writer: writer.clone(),
                 node: node.clone(),

@@ -22,7 +22,7 @@ async fn the_ring_keeps_at_most_max_rows_and_drops_the_oldest_raw_rows_first() {
         start_ms: resolution_start,
         writer: String::new(),
         node: String::new(),
-        rollup: Rollup::of(i as f64, &[]),
+        rollup: Rollup::of(i as f64, Vec::new()),
     };
     let hour: Vec<Row> = (0..10)
         .map(|i| row(Resolution::Hour.bucket(now) - i * 3_600_000, i))

@@ -203,11 +203,11 @@ impl TraefikArgs {
 }
 
 fn parse_confirm_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = capstan_types::duration::parse(text)?;
-    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&timeout) {
-        return Err(format!("`{text}` must be between 1s and 10m"));
-    }
-    Ok(timeout)
+    capstan_types::duration::parse_within(
+        text,
+        Duration::from_secs(1)..=Duration::from_secs(600),
+        "1s and 10m",
+    )
 }
 
 fn parse_grace(text: &str) -> Result<Duration, String> {

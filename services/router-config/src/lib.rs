@@ -386,24 +386,8 @@ async fn report_traffic(router: Router, every: Duration, shutdown: CancellationT
         if traffic.is_empty() {
             continue;
         }
-        let at_ms = capstan_server::now_ms();
-        let samples = traffic_samples(traffic, at_ms);
-        let client = match router.platform.client("metrics").await {
-            Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
-            Err(e) => {
-                tracing::debug!("metrics service unreachable, traffic samples dropped: {e}");
-                continue;
-            }
-        };
-        for chunk in samples.chunks(1_000) {
-            let request = capstan_proto::v1::IngestRequest {
-                samples: chunk.to_vec(),
-            };
-            if let Err(e) = client.clone().ingest(request).await {
-                tracing::debug!("traffic samples not taken: {}", e.message());
-                break;
-            }
-        }
+        let samples = traffic_samples(traffic, capstan_server::now_ms());
+        router.platform.report_samples(samples).await;
     }
 }
 
