@@ -168,6 +168,12 @@ enum Command {
         /// Retry-After).
         #[arg(long, default_value = "30s", value_parser = parse_wake_timeout)]
         wake_timeout: Duration,
+        /// Where process apps' memory_mb and cpu_millis limits come from:
+        /// `auto` (a cgroup v2 per instance when this process's cgroup is
+        /// delegated to it, else rlimits and a memory watchdog), `off`, or
+        /// the path of a cgroup v2 directory it owns.
+        #[arg(long, env = "CAPSTAN_CGROUP_ROOT", default_value = "auto", value_parser = capstan_agent::parse_cgroup_root)]
+        cgroup_root: capstan_runtime::cgroup::CgroupMode,
     },
     /// Check a service's gRPC health (grpc.health.v1); exit 0 when it is
     /// SERVING. For container health checks.
@@ -588,6 +594,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             sample_every,
             wake_queue,
             wake_timeout,
+            cgroup_root,
         } => {
             let data_dir = global.data_dir.unwrap_or_else(default_data_dir);
             let trusted_proxies = capstan_router_config::TrustedProxies::parse(&trusted_proxies)
@@ -616,6 +623,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 sample_every,
                 wake_queue: wake_queue as usize,
                 wake_timeout,
+                cgroup_root,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -60,6 +60,8 @@ pub struct DevOptions {
     pub wake_queue: usize,
     /// How long they wait.
     pub wake_timeout: Duration,
+    /// Where process apps' limits come from (`--cgroup-root`).
+    pub cgroup_root: capstan_runtime::cgroup::CgroupMode,
 }
 
 /// Most agents `capstan dev` runs in one process.
@@ -69,7 +71,11 @@ pub const MAX_AGENTS: u32 = 16;
 /// id (so a one-agent data dir keeps its workloads), the others add `-N`.
 /// Each gets a zone label cycling through a, b, c, and a capacity that
 /// shrinks with its index, so that placement has real differences to see.
-fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::AgentConfig> {
+fn agent_configs(
+    options: &DevOptions,
+    base_id: &str,
+    cgroups: Option<capstan_runtime::cgroup::Cgroups>,
+) -> Vec<capstan_agent::AgentConfig> {
     (1..=options.agents)
         .map(|i| {
             let node_id = if i == 1 {
@@ -101,6 +107,8 @@ fn agent_configs(options: &DevOptions, base_id: &str) -> Vec<capstan_agent::Agen
                 // One machine: instances serve on loopback only.
                 advertise_ip: std::net::Ipv4Addr::LOCALHOST.into(),
                 sample_every: options.sample_every,
+                // Instance ids are unique: the agents share one root.
+                cgroups: cgroups.clone(),
             }
         })
         .collect()
@@ -310,7 +318,9 @@ pub async fn run(options: DevOptions) -> Result<()> {
             shutdown.clone(),
         )),
     );
-    let agents = agent_configs(&options, &node_id);
+    let cgroups = capstan_agent::cgroups(&options.cgroup_root)
+        .map_err(|reason| anyhow::anyhow!("--cgroup-root: {reason}"))?;
+    let agents = agent_configs(&options, &node_id, cgroups);
     let node_ids: Vec<String> = agents.iter().map(|a| a.node_id.clone()).collect();
     for (agent, listener) in agents.into_iter().zip(agent_listeners) {
         // Each agent calls with its own node key: it may act only as itself.

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use capstan_types::InstanceId;
 use serde::{Deserialize, Serialize};
 
+pub mod cgroup;
 pub mod contract;
 mod docker;
 mod process;

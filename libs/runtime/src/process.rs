@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::{Cgroups, join_before_exec};
 use crate::{
     Driver, DriverError, Program, Usage, Workload, WorkloadSpec, WorkloadStatus, substitute,
 };
@@ -65,6 +66,9 @@ pub struct ProcessDriver {
     exits: Arc<Mutex<HashMap<InstanceId, ExitReceiver>>>,
     /// The memory watchdog's view: what it watches, and what it killed.
     memory: Arc<MemoryWatch>,
+    /// Where limits come from when the host delegates a cgroup v2 to the
+    /// agent; else rlimits and the memory watchdog.
+    cgroups: Option<Cgroups>,
 }
 
 /// How often resident memory is compared with each workload's limit.
@@ -181,9 +185,13 @@ struct ProcessRecord {
     /// Start time in clock ticks since boot, from /proc: tells our process
     /// from another that reused the pid.
     start_ticks: u64,
-    /// The memory it may allocate (RLIMIT_DATA), bytes; 0: none set.
+    /// Its `memory_mb` in bytes; 0: none set.
     #[serde(default)]
     memory_limit: u64,
+    /// Whether it runs in its own cgroup v2 (the kernel enforces its
+    /// limits) rather than under rlimits and the memory watchdog.
+    #[serde(default)]
+    cgroup: bool,
 }
 
 /// Caps what the process `command` starts may allocate (the backstop of
@@ -241,7 +249,27 @@ impl ProcessDriver {
             sandbox,
             exits: Arc::default(),
             memory: Arc::default(),
+            cgroups: None,
         })
+    }
+
+    /// Limits from cgroup v2: each workload in its own cgroup under
+    /// `cgroups`, with memory.max and cpu.max.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
+        self.cgroups = Some(cgroups);
+        self
+    }
+
+    /// What enforces `memory_mb` and `cpu_millis`, in a line for the log
+    /// and the docs.
+    pub fn limits(&self) -> String {
+        match &self.cgroups {
+            Some(cgroups) => format!(
+                "cgroup v2 under {} (memory.max, cpu.max)",
+                cgroups.root().display()
+            ),
+            None => "memory: resident-memory watchdog with an RLIMIT_DATA backstop; cpu: reserved, not capped".into(),
+        }
     }
 
     fn record_path(&self, instance_id: &InstanceId) -> PathBuf {
@@ -451,7 +479,11 @@ impl Driver for ProcessDriver {
             command.uid(uid).gid(gid);
         }
         let memory_limit = u64::from(spec.memory_mb) * 1024 * 1024;
-        if memory_limit > 0 {
+        if let Some(cgroups) = &self.cgroups {
+            let (cgroups, id, cpu) = (cgroups.clone(), spec.instance_id.clone(), spec.cpu_millis);
+            let procs = blocking(move || cgroups.create(&id, memory_limit, cpu)).await?;
+            join_before_exec(&mut command, procs);
+        } else if memory_limit > 0 {
             limit_memory(&mut command, data_backstop(memory_limit));
         }
         let mut child = command.spawn().map_err(|e| DriverError::Start {
@@ -474,6 +506,7 @@ impl Driver for ProcessDriver {
             pid,
             start_ticks,
             memory_limit,
+            cgroup: self.cgroups.is_some(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| DriverError::Io(e.to_string()))?;
         let path = self.record_path(&spec.instance_id);
@@ -481,7 +514,7 @@ impl Driver for ProcessDriver {
             write_owner_only(&path, &bytes).map_err(|e| DriverError::Io(e.to_string()))
         })
         .await?;
-        if memory_limit > 0 {
+        if memory_limit > 0 && self.cgroups.is_none() {
             self.memory
                 .watch(&spec.instance_id, pid, start_ticks, memory_limit);
         }
@@ -510,6 +543,16 @@ impl Driver for ProcessDriver {
                 if is_alive(&record) {
                     let _ = killpg(group, Signal::SIGKILL);
                 }
+            }
+            if record.cgroup
+                && let Some(cgroups) = self.cgroups.clone()
+            {
+                let id = instance_id.clone();
+                let _ = blocking(move || {
+                    cgroups.remove(&id);
+                    Ok(())
+                })
+                .await;
             }
             let _ = tokio::fs::remove_file(self.record_path(instance_id)).await;
             let _ = tokio::fs::remove_file(self.log_path(instance_id)).await;
@@ -552,7 +595,16 @@ impl Driver for ProcessDriver {
                     _ => "exited".to_string(),
                 };
                 let mib = |bytes: u64| bytes / (1024 * 1024);
-                if let Some(resident) = self.memory.killed_at(instance_id) {
+                let oom_kills = match (&self.cgroups, record.cgroup) {
+                    (Some(cgroups), true) => cgroups.oom_kills(instance_id),
+                    _ => 0,
+                };
+                if oom_kills > 0 {
+                    reason = format!(
+                        "out of memory: it reached its memory_mb ({} MiB) and the kernel killed it ({reason})",
+                        mib(record.memory_limit)
+                    );
+                } else if let Some(resident) = self.memory.killed_at(instance_id) {
                     reason = format!(
                         "out of memory: it held {} MiB, over its memory_mb ({} MiB), and was killed",
                         mib(resident),
@@ -576,7 +628,7 @@ impl Driver for ProcessDriver {
         }
         if is_alive(&record) {
             // Adopted after a restart: watched from here on.
-            if record.memory_limit > 0 && !self.memory.is_watched(instance_id) {
+            if record.memory_limit > 0 && !record.cgroup && !self.memory.is_watched(instance_id) {
                 self.memory.watch(
                     instance_id,
                     record.pid,
@@ -616,6 +668,7 @@ impl Driver for ProcessDriver {
 
     async fn usage(&self) -> Result<Vec<(InstanceId, Usage)>, DriverError> {
         let state_dir = self.state_dir.clone();
+        let cgroups = self.cgroups.clone();
         blocking(move || {
             let entries =
                 std::fs::read_dir(&state_dir).map_err(|e| DriverError::Io(e.to_string()))?;
@@ -634,6 +687,24 @@ impl Driver for ProcessDriver {
             Ok(records
                 .into_iter()
                 .filter_map(|record| {
+                    // In its own cgroup, the cgroup counts what its
+                    // processes used, also those that left the group.
+                    if record.cgroup
+                        && let Some(cgroups) = &cgroups
+                        && let (Some(cpu_seconds), Some(memory_bytes)) = (
+                            cgroups.cpu_seconds(&record.workload.instance_id),
+                            cgroups.memory_current(&record.workload.instance_id),
+                        )
+                    {
+                        return Some((
+                            record.workload.instance_id,
+                            Usage {
+                                cpu_seconds,
+                                memory_bytes,
+                                network: None,
+                            },
+                        ));
+                    }
                     let (ticks, pages) = *groups.get(&record.pid)?;
                     Some((
                         record.workload.instance_id,

@@ -351,3 +351,165 @@ async fn a_process_that_holds_more_than_memory_mb_is_killed_out_of_memory() {
     let (code, reason) = exit_of(&driver, &id("crash"), python("raise SystemExit(3)"), 64).await;
     assert_eq!((code, reason.as_str()), (Some(3), "exited with code 3"));
 }
+
+/// A double of a delegated cgroup v2 directory: the interface files the
+/// kernel makes for a cgroup and its children (cgroup-v2.rst), as plain
+/// files. It shows what the driver writes and reads; the kernel's
+/// enforcement is what `cgroup_live` checks where the host has cgroup v2.
+fn cgroupfs_double(root: &std::path::Path, children: &[&InstanceId]) {
+    std::fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+    for child in children {
+        let dir = root.join(child.as_str());
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, content) in [
+            ("cgroup.procs", ""),
+            ("memory.max", "max\n"),
+            ("cpu.max", "max 100000\n"),
+            ("memory.current", "0\n"),
+            ("cpu.stat", "usage_usec 0\nuser_usec 0\nsystem_usec 0\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"),
+        ] {
+            std::fs::write(dir.join(file), content).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_cgroups_each_process_joins_its_own_cgroup_with_its_limits() {
+    use capstan_runtime::cgroup::Cgroups;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cgroup");
+    std::fs::create_dir_all(&root).unwrap();
+    let instance = id("limited");
+    cgroupfs_double(&root, &[&instance]);
+    let driver = ProcessDriver::new(
+        &dir.path().join("state"),
+        Sandbox::same_user(&dir.path().join("work")),
+    )
+    .unwrap()
+    .with_cgroups(Cgroups::at(&root).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
+        "+memory +cpu",
+        "the children get the memory and cpu controllers"
+    );
+    assert!(
+        driver.limits().starts_with("cgroup v2 under "),
+        "{}",
+        driver.limits()
+    );
+
+    let mut spec = workload(&instance, vec![busybox(), "sleep".into(), "30".into()], 64);
+    spec.cpu_millis = 250;
+    driver.start(&spec).await.unwrap();
+    let cgroup = root.join(instance.as_str());
+    let read = |file: &str| std::fs::read_to_string(cgroup.join(file)).unwrap();
+    assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+    assert_eq!(read("cpu.max"), "25000 100000");
+    // The child wrote itself ("0") into cgroup.procs before it exec'd.
+    assert_eq!(read("cgroup.procs"), "0");
+    assert_eq!(
+        driver.status(&instance).await.unwrap(),
+        WorkloadStatus::Running
+    );
+
+    // Usage is the cgroup's.
+    std::fs::write(cgroup.join("memory.current"), "123456789\n").unwrap();
+    std::fs::write(
+        cgroup.join("cpu.stat"),
+        "usage_usec 2500000\nuser_usec 2000000\n",
+    )
+    .unwrap();
+    let usage = driver.usage().await.unwrap();
+    let (_, usage) = usage.iter().find(|(i, _)| *i == instance).unwrap();
+    assert_eq!(usage.memory_bytes, 123_456_789);
+    assert!(
+        (usage.cpu_seconds - 2.5).abs() < 1e-9,
+        "{}",
+        usage.cpu_seconds
+    );
+
+    // The kernel's OOM killer, as memory.events records it.
+    std::fs::write(
+        cgroup.join("memory.events"),
+        "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+    )
+    .unwrap();
+    let pid: i32 = {
+        let record =
+            std::fs::read_to_string(dir.path().join("state").join("limited.json")).unwrap();
+        let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+        record["pid"].as_i64().unwrap() as i32
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut reason = String::new();
+    for _ in 0..100 {
+        if let WorkloadStatus::Exited { reason: r, .. } = driver.status(&instance).await.unwrap() {
+            reason = r;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        reason.starts_with(
+            "out of memory: it reached its memory_mb (64 MiB) and the kernel killed it"
+        ),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_cgroup_root_that_is_not_cgroup_v2_is_refused_by_name() {
+    use capstan_runtime::cgroup::CgroupMode;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = CgroupMode::parse("--cgroup-root", dir.path().to_str().unwrap()).unwrap();
+    let reason = mode.resolve().unwrap_err();
+    assert!(
+        reason.contains("is not on a cgroup v2 file system"),
+        "{reason}"
+    );
+    assert!(reason.contains(dir.path().to_str().unwrap()), "{reason}");
+    assert_eq!(
+        CgroupMode::Off.resolve().unwrap_err(),
+        "turned off (--cgroup-root off)"
+    );
+}
+
+/// On a host with cgroup v2: CAPSTAN_TEST_CGROUP2_ROOT names a directory
+/// on it the test may write (a delegated one, or one made by root):
+///
+///   CAPSTAN_TEST_CGROUP2_ROOT=/sys/fs/cgroup/capstan-test cargo test -p capstan-runtime --test drivers -- --ignored cgroup_live
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "live cgroup v2: set CAPSTAN_TEST_CGROUP2_ROOT and run with --ignored"]
+async fn cgroup_live_the_kernel_kills_a_process_over_memory_max() {
+    capstan_testkit::require_tool("python3", "apt-get install -y python3");
+    let root = std::env::var("CAPSTAN_TEST_CGROUP2_ROOT")
+        .expect("CAPSTAN_TEST_CGROUP2_ROOT=a writable cgroup v2 directory");
+    let cgroups = capstan_runtime::cgroup::CgroupMode::At(root.into())
+        .resolve()
+        .expect("a usable cgroup v2 root");
+    let dir = tempfile::tempdir().unwrap();
+    let driver = ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work")))
+        .unwrap()
+        .with_cgroups(cgroups);
+    let hold = vec![
+        "python3".to_string(),
+        "-c".into(),
+        "import time\nheld = [bytearray(10 * 1024 * 1024) for _ in range(20)]\ntime.sleep(30)\n"
+            .into(),
+    ];
+    let (code, reason) = exit_of(&driver, &id("cg-hog"), hold, 64).await;
+    assert_eq!(code, None, "{reason}");
+    assert!(
+        reason.starts_with("out of memory: it reached its memory_mb (64 MiB)"),
+        "{reason}"
+    );
+    driver
+        .stop(&id("cg-hog"), std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+}

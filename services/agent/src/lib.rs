@@ -56,6 +56,31 @@ pub struct AgentConfig {
     pub advertise_ip: IpAddr,
     /// How often each instance's CPU and memory are sampled.
     pub sample_every: Duration,
+    /// Where process apps' limits come from: a cgroup v2 the agent owns
+    /// (`cgroup::CgroupMode::resolve`), else rlimits and the memory watchdog.
+    pub cgroups: Option<capstan_runtime::cgroup::Cgroups>,
+}
+
+/// `--cgroup-root`: `auto`, `off` or an absolute path.
+pub fn parse_cgroup_root(text: &str) -> Result<capstan_runtime::cgroup::CgroupMode, String> {
+    capstan_runtime::cgroup::CgroupMode::parse("--cgroup-root", text).map_err(|e| e.to_string())
+}
+
+/// The cgroups process apps' limits come from under `mode`: with `auto`,
+/// none (and the reason in the log) when the host does not delegate one;
+/// a path that cannot be used is an error.
+pub fn cgroups(
+    mode: &capstan_runtime::cgroup::CgroupMode,
+) -> Result<Option<capstan_runtime::cgroup::Cgroups>, String> {
+    use capstan_runtime::cgroup::CgroupMode;
+    match (mode, mode.resolve()) {
+        (_, Ok(cgroups)) => Ok(Some(cgroups)),
+        (CgroupMode::At(_), Err(reason)) => Err(reason),
+        (_, Err(reason)) => {
+            tracing::info!("process app limits without cgroup v2: {reason}");
+            Ok(None)
+        }
+    }
 }
 
 /// How often an agent samples its instances' usage unless told otherwise.
@@ -764,8 +789,12 @@ pub async fn run(
         );
         Sandbox::same_user(&config.work_root)
     };
-    let process = ProcessDriver::new(&config.state_dir.join("processes"), sandbox)
+    let mut process = ProcessDriver::new(&config.state_dir.join("processes"), sandbox)
         .map_err(Error::internal)?;
+    if let Some(cgroups) = config.cgroups.clone() {
+        process = process.with_cgroups(cgroups);
+    }
+    tracing::info!(node = %config.node_id, "process app limits: {}", process.limits());
     let (docker, docker_error) = if config.docker {
         match DockerDriver::connect(&config.node_id).await {
             Ok(docker) => (Some(docker), String::new()),

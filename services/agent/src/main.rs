@@ -45,6 +45,12 @@ struct Args {
     /// How often each instance's CPU and memory are sampled (1s to 5m).
     #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
     sample_every: std::time::Duration,
+    /// Where process apps' memory_mb and cpu_millis limits come from:
+    /// `auto` (a cgroup v2 per instance when this agent's cgroup is
+    /// delegated to it, else rlimits and a memory watchdog), `off`, or the
+    /// path of a cgroup v2 directory the agent owns.
+    #[arg(long, env = "CAPSTAN_CGROUP_ROOT", default_value = "auto", value_parser = capstan_agent::parse_cgroup_root)]
+    cgroup_root: capstan_runtime::cgroup::CgroupMode,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -73,6 +79,13 @@ fn main() -> std::process::ExitCode {
             }
         },
     };
+    let cgroups = match capstan_agent::cgroups(&args.cgroup_root) {
+        Ok(cgroups) => cgroups,
+        Err(reason) => {
+            eprintln!("error: --cgroup-root: {reason}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let mut standalone = args.standalone;
     if standalone.advertise_host.is_none() {
         standalone.advertise_host = Some(advertise_ip.to_string());
@@ -93,6 +106,7 @@ fn main() -> std::process::ExitCode {
         docker: !args.no_docker,
         advertise_ip,
         sample_every: args.sample_every,
+        cgroups,
     };
     capstan_server::standalone::main(
         "capstan-agent",

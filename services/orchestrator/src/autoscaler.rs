@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::journal::{Journal, JournalEntry};
 
 /// Readings are taken this long before now: the last period's samples may
-/// still be on their way.
-const SETTLE_MS: i64 = 1_000;
+/// still be on their way. Reporters stamp a sample when they send it (after
+/// collecting it) and send at once, so this covers one ingest round trip,
+/// not a period: a longer settle only delays every reaction by as much.
+const SETTLE_MS: i64 = 250;
 
 pub struct Autoscaler {
     platform: Platform,
