@@ -127,7 +127,8 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
     use capstan_proto::v1::auth_client::AuthClient;
     use capstan_proto::v1::metrics_client::MetricsClient;
     use capstan_proto::v1::{
-        Aggregate, CreateApiKeyRequest, IngestRequest, QueryRequest, Sample, WatchRequest,
+        Aggregate, CreateApiKeyRequest, IngestRequest, InstanceReadings, MetricName, QueryRequest,
+        Reading, WatchRequest,
     };
     use tonic::Code;
 
@@ -187,19 +188,21 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
         );
 
         // Users may not ingest: not even an admin can forge readings.
-        let forged = Sample {
+        let forged = InstanceReadings {
             app: "watched".into(),
             instance_id: "watched-1".into(),
             node_id: String::new(),
             at_ms: capstan_server::now_ms(),
-            metric: "cpu_percent".into(),
-            value: 1000.0,
-            buckets: vec![],
+            readings: vec![Reading {
+                metric: MetricName::CpuPercent as i32,
+                value: 1000.0,
+                buckets: vec![],
+            }],
         };
         let denied = metrics
             .ingest(with_token(
                 IngestRequest {
-                    samples: vec![forged],
+                    instances: vec![forged],
                 },
                 &admin,
             ))

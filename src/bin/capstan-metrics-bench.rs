@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use capstan_authn::{Authed, TokenSource};
-use capstan_metrics::model::{Metric, Resolution, Rollup, Row, SeriesKey};
+use capstan_metrics::model::{Resolution, Rollup, Row, SeriesKey};
 use capstan_metrics::{MetricsStore, RingStore};
 use capstan_proto::v1::metrics_client::MetricsClient;
-use capstan_proto::v1::{IngestRequest, Sample};
+use capstan_proto::v1::{IngestRequest, InstanceReadings, MetricName, Reading};
 use clap::Parser;
 use serde_json::json;
 
@@ -44,45 +44,52 @@ struct Endpoints {
     metrics_service: String,
 }
 
-/// `count` samples over 100 apps x 10 instances, two metrics each, all
-/// within the last minute.
-fn samples(count: usize, round: usize) -> Vec<Sample> {
+/// Readings of 1,000 instances (100 apps x 10), four each: what an agent
+/// and the edge proxy send of an instance every period (CPU, memory,
+/// requests, 5xx), at times within the last minute; `count` readings in
+/// all.
+fn samples(count: usize, round: usize) -> Vec<InstanceReadings> {
     let now = capstan_server::now_ms();
-    (0..count)
-        .map(|i| Sample {
+    let metrics = [
+        MetricName::CpuPercent,
+        MetricName::MemoryBytes,
+        MetricName::Requests,
+        MetricName::Responses5xx,
+    ];
+    (0..count.div_ceil(metrics.len()))
+        .map(|i| InstanceReadings {
             app: format!("bench-{}", i % 100),
             instance_id: format!("bench-{}-{}", i % 100, (i / 100) % 10),
             node_id: "bench-node".into(),
             at_ms: now - 60_000 + ((i / 1000) as i64) + round as i64,
-            metric: if i % 2 == 0 {
-                "cpu_percent"
-            } else {
-                "memory_bytes"
-            }
-            .into(),
-            value: (i % 97) as f64,
-            buckets: Vec::new(),
+            readings: metrics
+                .iter()
+                .map(|metric| Reading {
+                    metric: *metric as i32,
+                    value: (i % 97) as f64,
+                    buckets: Vec::new(),
+                })
+                .collect(),
         })
         .collect()
 }
 
-fn rows(samples: &[Sample]) -> Vec<Row> {
-    samples
+/// The rows the service stores of `instances`, for the raw peer.
+fn rows(instances: &[InstanceReadings]) -> Vec<Row> {
+    instances
         .iter()
-        .map(|s| Row {
-            key: SeriesKey {
-                app: s.app.clone(),
-                metric: if s.metric == "cpu_percent" {
-                    Metric::CpuPercent
-                } else {
-                    Metric::MemoryBytes
+        .flat_map(|i| {
+            i.readings.iter().map(|r| Row {
+                key: SeriesKey {
+                    app: i.app.clone(),
+                    metric: capstan_metrics::metric_from_wire(r.metric).expect("a known metric"),
+                    instance: i.instance_id.clone(),
                 },
-                instance: s.instance_id.clone(),
-            },
-            start_ms: s.at_ms,
-            writer: String::new(),
-            node: s.node_id.clone(),
-            rollup: Rollup::of(s.value, Vec::new()),
+                start_ms: i.at_ms,
+                writer: String::new(),
+                node: i.node_id.clone(),
+                rollup: Rollup::of(r.value, Vec::new()),
+            })
         })
         .collect()
 }
@@ -105,10 +112,15 @@ async fn main() -> anyhow::Result<()> {
     let secrets = capstan_secrets::FileSecretStore::new(&args.data_dir);
     let key = capstan_server::standalone::service_key(&secrets, false).await?;
     let tokens = TokenSource::new(key, capstan_server::channel_to(&endpoints.auth)?);
-    let client = MetricsClient::new(Authed::new(
-        capstan_server::channel_to(&endpoints.metrics_service)?,
-        tokens,
-    ));
+    // One connection per worker, as each agent and edge proxy has its own.
+    let clients = (0..args.concurrency.max(1))
+        .map(|_| {
+            Ok(MetricsClient::new(Authed::new(
+                capstan_server::channel_to(&endpoints.metrics_service)?,
+                tokens.clone(),
+            )))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let mut service_rates = Vec::new();
     let mut raw_rates = Vec::new();
@@ -116,7 +128,13 @@ async fn main() -> anyhow::Result<()> {
     let store = RingStore::default();
     for round in 0..args.rounds.max(1) {
         let data = samples(args.samples, round);
-        let batches: Vec<Vec<Sample>> = data.chunks(batch).map(<[Sample]>::to_vec).collect();
+        // `batch` readings a call, whole instances.
+        let per_call = (batch / 4).max(1);
+        let batches: Vec<Vec<InstanceReadings>> = data
+            .chunks(per_call)
+            .map(<[InstanceReadings]>::to_vec)
+            .collect();
+        let readings: usize = data.iter().map(|i| i.readings.len()).sum();
 
         // Raw: the same rows straight into a ring store, batch by batch.
         let raw: Vec<Vec<Row>> = batches.iter().map(|b| rows(b)).collect();
@@ -124,20 +142,21 @@ async fn main() -> anyhow::Result<()> {
         for rows in &raw {
             store.write(Resolution::Raw, rows).await?;
         }
-        raw_rates.push(args.samples as f64 / started.elapsed().as_secs_f64());
+        raw_rates.push(readings as f64 / started.elapsed().as_secs_f64());
 
         // Through the service: gRPC, auth, validation, rollups, the store.
         let queue = Arc::new(tokio::sync::Mutex::new(batches));
         let started = Instant::now();
-        let workers: Vec<_> = (0..args.concurrency.max(1))
-            .map(|_| {
+        let workers: Vec<_> = clients
+            .iter()
+            .map(|client| {
                 let (queue, mut client) = (queue.clone(), client.clone());
                 tokio::spawn(async move {
                     loop {
-                        let Some(samples) = queue.lock().await.pop() else {
+                        let Some(instances) = queue.lock().await.pop() else {
                             return Ok::<_, tonic::Status>(());
                         };
-                        client.ingest(IngestRequest { samples }).await?;
+                        client.ingest(IngestRequest { instances }).await?;
                     }
                 })
             })
@@ -145,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
         for worker in workers {
             worker.await??;
         }
-        service_rates.push(args.samples as f64 / started.elapsed().as_secs_f64());
+        service_rates.push(readings as f64 / started.elapsed().as_secs_f64());
     }
     let (service, raw) = (median(service_rates), median(raw_rates));
     println!(

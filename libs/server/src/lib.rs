@@ -260,10 +260,10 @@ impl Platform {
         )
     }
 
-    /// Sends samples to the metrics service, in calls of at most 1,000.
-    /// Metrics are hints, like events: what the service does not take is
-    /// dropped (and logged at debug), never retried.
-    pub async fn report_samples(&self, samples: Vec<capstan_proto::v1::Sample>) {
+    /// Sends readings to the metrics service, in calls of at most 1,000
+    /// readings. Metrics are hints, like events: what the service does not
+    /// take is dropped (and logged at debug), never retried.
+    pub async fn report_samples(&self, instances: Vec<capstan_proto::v1::InstanceReadings>) {
         let client = match self.client("metrics").await {
             Ok(channel) => capstan_proto::v1::metrics_client::MetricsClient::new(channel),
             Err(e) => {
@@ -271,10 +271,21 @@ impl Platform {
                 return;
             }
         };
-        for chunk in samples.chunks(1_000) {
-            let request = capstan_proto::v1::IngestRequest {
-                samples: chunk.to_vec(),
-            };
+        let mut batches = vec![Vec::new()];
+        let mut readings = 0;
+        for instance in instances {
+            if readings + instance.readings.len() > 1_000 && readings > 0 {
+                batches.push(Vec::new());
+                readings = 0;
+            }
+            readings += instance.readings.len();
+            batches
+                .last_mut()
+                .expect("one batch at least")
+                .push(instance);
+        }
+        for instances in batches.into_iter().filter(|b| !b.is_empty()) {
+            let request = capstan_proto::v1::IngestRequest { instances };
             if let Err(e) = client.clone().ingest(request).await {
                 tracing::debug!("metric samples not taken: {}", e.message());
                 return;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capstan_authn::{Policy, RequireAuthLayer};
+use capstan_proto::v1::MetricName;
 use capstan_proto::v1::agent_server::{Agent, AgentServer};
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
@@ -528,17 +529,26 @@ impl Inner {
                 }
             }
             let at_ms = now_ms();
-            let mut samples = Vec::new();
-            let sample =
-                |app: &str, id: &InstanceId, metric: &str, value: f64| capstan_proto::v1::Sample {
-                    app: app.to_string(),
-                    instance_id: id.to_string(),
-                    node_id: node.clone(),
-                    at_ms,
-                    metric: metric.to_string(),
-                    value,
-                    buckets: Vec::new(),
-                };
+            // One group of readings per instance.
+            let mut samples: HashMap<InstanceId, capstan_proto::v1::InstanceReadings> =
+                HashMap::new();
+            let mut sample = |app: &str, id: &InstanceId, metric: MetricName, value: f64| {
+                samples
+                    .entry(id.clone())
+                    .or_insert_with(|| capstan_proto::v1::InstanceReadings {
+                        app: app.to_string(),
+                        instance_id: id.to_string(),
+                        node_id: node.clone(),
+                        at_ms,
+                        readings: Vec::new(),
+                    })
+                    .readings
+                    .push(capstan_proto::v1::Reading {
+                        metric: metric as i32,
+                        value,
+                        buckets: Vec::new(),
+                    });
+            };
             // (app, reserved cores) of every instance, and a restart for
             // each that failed since the last sample.
             let apps: HashMap<InstanceId, (String, f64)> = {
@@ -547,7 +557,7 @@ impl Inner {
                     if matches!(tracked.state, InstanceState::Failed)
                         && failed_reported.insert(id.clone())
                     {
-                        samples.push(sample(&tracked.file.spec.name, id, "restarts", 1.0));
+                        sample(&tracked.file.spec.name, id, MetricName::Restarts, 1.0);
                     }
                 }
                 failed_reported.retain(|id| instances.contains_key(id));
@@ -575,13 +585,13 @@ impl Inner {
                     .instance_memory
                     .with_label_values(&labels)
                     .set(used.memory_bytes.min(i64::MAX as u64) as i64);
-                samples.push(sample(app, &id, "memory_bytes", used.memory_bytes as f64));
+                sample(app, &id, MetricName::MemoryBytes, used.memory_bytes as f64);
                 if let Some((at, cpu, _)) = previous.get(&id) {
                     let wall = now.duration_since(*at).as_secs_f64();
                     if wall > 0.0 {
                         let cores = ((used.cpu_seconds - cpu) / wall).max(0.0);
                         metrics.instance_cpu.with_label_values(&labels).set(cores);
-                        samples.push(sample(app, &id, "cpu_percent", cores * 100.0 / reserved));
+                        sample(app, &id, MetricName::CpuPercent, cores * 100.0 / reserved);
                     }
                 }
                 // A restarted container counts from zero again.
@@ -589,8 +599,8 @@ impl Inner {
                     && let Some((rx0, tx0)) = network.insert(id.clone(), (rx, tx))
                 {
                     let (rx, tx) = (rx.saturating_sub(rx0), tx.saturating_sub(tx0));
-                    samples.push(sample(app, &id, "net_rx_bytes", rx as f64));
-                    samples.push(sample(app, &id, "net_tx_bytes", tx as f64));
+                    sample(app, &id, MetricName::NetRxBytes, rx as f64);
+                    sample(app, &id, MetricName::NetTxBytes, tx as f64);
                 }
                 seen.insert(id, (now, used.cpu_seconds, app.clone()));
             }
@@ -604,7 +614,9 @@ impl Inner {
             network.retain(|id, _| seen.contains_key(id));
             previous = seen;
             if !samples.is_empty() {
-                self.platform.report_samples(samples).await;
+                self.platform
+                    .report_samples(samples.into_values().collect())
+                    .await;
             }
         }
     }

@@ -435,32 +435,36 @@ async fn wake_apps(
     }
 }
 
-/// The samples of one period's traffic, four per (app, instance).
+/// The readings of one period's traffic: four per (app, instance).
 pub fn traffic_samples(
     traffic: std::collections::HashMap<(String, String), proxy::Traffic>,
     at_ms: i64,
-) -> Vec<capstan_proto::v1::Sample> {
-    let mut samples = Vec::with_capacity(traffic.len() * 4);
-    for ((app, instance), t) in traffic {
-        let sample = |metric: &str, value: f64, buckets: Vec<u64>| capstan_proto::v1::Sample {
-            app: app.clone(),
-            instance_id: instance.clone(),
+) -> Vec<capstan_proto::v1::InstanceReadings> {
+    use capstan_proto::v1::{InstanceReadings, MetricName, Reading};
+    let reading = |metric: MetricName, value: f64, buckets: Vec<u64>| Reading {
+        metric: metric as i32,
+        value,
+        buckets,
+    };
+    traffic
+        .into_iter()
+        .map(|((app, instance_id), t)| InstanceReadings {
+            app,
+            instance_id,
             node_id: String::new(),
             at_ms,
-            metric: metric.to_string(),
-            value,
-            buckets,
-        };
-        samples.push(sample("requests", t.requests as f64, Vec::new()));
-        samples.push(sample("responses_4xx", t.responses_4xx as f64, Vec::new()));
-        samples.push(sample("responses_5xx", t.responses_5xx as f64, Vec::new()));
-        samples.push(sample(
-            "latency_ms",
-            t.latency_sum_ms,
-            t.latency_buckets.to_vec(),
-        ));
-    }
-    samples
+            readings: vec![
+                reading(MetricName::Requests, t.requests as f64, Vec::new()),
+                reading(MetricName::Responses4xx, t.responses_4xx as f64, Vec::new()),
+                reading(MetricName::Responses5xx, t.responses_5xx as f64, Vec::new()),
+                reading(
+                    MetricName::LatencyMs,
+                    t.latency_sum_ms,
+                    t.latency_buckets.to_vec(),
+                ),
+            ],
+        })
+        .collect()
 }
 
 /// Anyone with a key may read the table; only the orchestrator triggers a
