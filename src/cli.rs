@@ -316,6 +316,29 @@ enum AppCommand {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
+    /// What an app's instances printed (stdout and stderr), merged by time.
+    #[command(
+        after_help = "Examples:\n  capstan app logs hello\n  capstan app logs hello -f --since 10m\n  capstan app logs hello --instance hello-3f9a --tail 20"
+    )]
+    Logs {
+        name: String,
+        /// Keep printing new lines (until interrupted, or the key's token
+        /// can no longer be renewed).
+        #[arg(long, short)]
+        follow: bool,
+        /// One instance instead of all of them.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only lines printed this recently (1s to 90d).
+        #[arg(long, value_parser = capstan_types::duration::parse)]
+        since: Option<Duration>,
+        /// The last this many lines of each instance (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        tail: u32,
+        /// text: time, instance and line; json: one object per line.
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// The autoscaler of an app with `[autoscale]`: `--resume` hands it the
     /// replica count again after a manual `app scale`.
     #[command(after_help = "Example:\n  capstan app autoscale hello --resume")]
@@ -886,6 +909,65 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                     _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
                 }
             }
+        }
+        AppCommand::Logs {
+            name,
+            follow,
+            instance,
+            since,
+            tail,
+            output,
+        } => {
+            let since_ms = match since {
+                None => 0,
+                Some(since)
+                    if (Duration::from_secs(1)..=Duration::from_secs(90 * 86_400))
+                        .contains(&since) =>
+                {
+                    capstan_server::now_ms() - since.as_millis() as i64
+                }
+                Some(_) => return Err(anyhow!("--since: must be 1s to 90d")),
+            };
+            let api = Api::connect(global)?;
+            let mut stream = api
+                .orchestrator()?
+                .app_logs(capstan_proto::v1::AppLogsRequest {
+                    app: name,
+                    instance_id: instance.unwrap_or_default(),
+                    tail,
+                    since_ms,
+                    follow,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            while let Some(line) = stream.message().await.map_err(rpc)? {
+                let written = if output == Output::Json {
+                    writeln!(
+                        stdout,
+                        "{}",
+                        json!({
+                            "app": line.app, "instance": line.instance_id,
+                            "at": (line.at_ms > 0).then(|| format_time(line.at_ms)),
+                            "at_ms": line.at_ms, "stream": line.stream, "text": line.text,
+                        })
+                    )
+                } else {
+                    let at = if line.at_ms > 0 {
+                        format_time(line.at_ms)
+                    } else {
+                        "-".to_string()
+                    };
+                    writeln!(stdout, "{at}  {}  {}", line.instance_id, line.text)
+                };
+                // A closed pipe (`| head`) ends the command quietly.
+                if written.and_then(|()| stdout.flush()).is_err() {
+                    break;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         AppCommand::Metrics {
             name,

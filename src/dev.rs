@@ -109,6 +109,8 @@ fn agent_configs(
                 sample_every: options.sample_every,
                 // Instance ids are unique: the agents share one root.
                 cgroups: cgroups.clone(),
+                // `capstan __log-writer ...` (main.rs).
+                log_writer: std::env::current_exe().ok(),
             }
         })
         .collect()

@@ -7,6 +7,13 @@ mod dev;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // The log writer of a process app that `capstan dev` runs: before
+    // anything else (no runtime, no telemetry), see capstan_runtime::logs.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(capstan_runtime::logs::WRITER_ARG) {
+        let code = capstan_runtime::logs::writer_main(&raw[2..]);
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     // Exactly one rustls crypto provider, installed before anything uses TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = cli::Args::parse();

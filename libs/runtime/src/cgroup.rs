@@ -232,14 +232,28 @@ impl Cgroups {
     }
 }
 
+/// The least CPU a cap can hold: the kernel refuses a CFS quota under
+/// 1 ms a period (100 ms), so a reservation below 10 millicores is capped
+/// at 10, by cgroups here and by Docker alike.
+pub const MIN_CPU_MILLIS: u32 = 10;
+
+/// The CPU cap, in millicores, of a reservation of `millis` (0: none).
+pub fn enforced_cpu_millis(millis: u32) -> u32 {
+    if millis == 0 {
+        0
+    } else {
+        millis.max(MIN_CPU_MILLIS)
+    }
+}
+
 /// `cpu.max` for a reservation of `millis` thousandths of a core.
 pub fn cpu_max(millis: u32) -> String {
-    if millis == 0 {
-        format!("max {CPU_PERIOD_US}")
-    } else {
-        // At least 1 ms per period: the kernel's floor for a quota.
-        let quota = (u64::from(millis) * CPU_PERIOD_US / 1000).max(1000);
-        format!("{quota} {CPU_PERIOD_US}")
+    match enforced_cpu_millis(millis) {
+        0 => format!("max {CPU_PERIOD_US}"),
+        millis => format!(
+            "{} {CPU_PERIOD_US}",
+            u64::from(millis) * CPU_PERIOD_US / 1000
+        ),
     }
 }
 

@@ -67,6 +67,117 @@ impl DockerDriver {
     }
 }
 
+impl DockerDriver {
+    /// What a container printed, through the logs API, as (stream, line):
+    /// the last `tail` lines (0: all) from `since_ms` on, then with
+    /// `follow` each new one. Lines arrive on the returned channel; the
+    /// reading stops when it is dropped.
+    pub fn logs(
+        &self,
+        instance_id: &InstanceId,
+        tail: usize,
+        since_ms: i64,
+        follow: bool,
+    ) -> tokio::sync::mpsc::Receiver<Result<(&'static str, crate::logs::LogLine), DriverError>>
+    {
+        use futures::StreamExt;
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let docker = self.docker.clone();
+        let name = container_name(&self.node_id, instance_id.as_str());
+        let options = bollard::query_parameters::LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            // The API counts whole seconds; lines are filtered to the ms below.
+            since: i32::try_from(since_ms / 1000).unwrap_or(i32::MAX),
+            timestamps: true,
+            tail: if tail == 0 {
+                "all".into()
+            } else {
+                tail.to_string()
+            },
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let mut stream = docker.logs(&name, Some(options));
+            let mut partial: HashMap<&'static str, Vec<u8>> = HashMap::new();
+            while let Some(item) = stream.next().await {
+                let (kind, bytes) = match item {
+                    Ok(bollard::container::LogOutput::StdOut { message }) => ("stdout", message),
+                    Ok(bollard::container::LogOutput::StdErr { message }) => ("stderr", message),
+                    Ok(bollard::container::LogOutput::Console { message }) => ("stdout", message),
+                    Ok(bollard::container::LogOutput::StdIn { .. }) => continue,
+                    Err(e) => {
+                        let _ = sender.send(Err(unavailable(e))).await;
+                        return;
+                    }
+                };
+                let pending = partial.entry(kind).or_default();
+                pending.extend_from_slice(&bytes);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = docker_log_line(&line);
+                    if line.at_ms < since_ms {
+                        continue;
+                    }
+                    if sender.send(Ok((kind, line))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        receiver
+    }
+}
+
+/// A line of the logs API with `timestamps`: an RFC 3339 time in UTC
+/// (`2026-12-01T15:14:28.123456789Z`), a space, the text.
+fn docker_log_line(line: &[u8]) -> crate::logs::LogLine {
+    let line = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line));
+    match line.split_once(' ') {
+        Some((time, text)) if rfc3339_utc_ms(time).is_some() => crate::logs::LogLine {
+            at_ms: rfc3339_utc_ms(time).unwrap_or_default(),
+            text: text.to_string(),
+        },
+        _ => crate::logs::LogLine {
+            at_ms: 0,
+            text: line.into_owned(),
+        },
+    }
+}
+
+/// Milliseconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+fn rfc3339_utc_ms(text: &str) -> Option<i64> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut clock = clock.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hour, minute, second) = (clock.next()??, clock.next()??, clock.next()??);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let millis: i64 = format!("{fraction:0<3}")[..3].parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
+}
+
 #[async_trait]
 impl Driver for DockerDriver {
     fn name(&self) -> &'static str {
@@ -121,7 +232,10 @@ impl Driver for DockerDriver {
                 }]),
             )])),
             memory: Some(i64::from(spec.memory_mb) * 1024 * 1024),
-            nano_cpus: Some(i64::from(spec.cpu_millis) * 1_000_000),
+            // Docker turns NanoCPUs into a CFS quota, which has a floor.
+            nano_cpus: Some(
+                i64::from(crate::cgroup::enforced_cpu_millis(spec.cpu_millis)) * 1_000_000,
+            ),
             pids_limit: Some(256),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
@@ -296,5 +410,31 @@ impl Driver for DockerDriver {
             ));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_log_times_are_read_to_the_millisecond() {
+        assert_eq!(rfc3339_utc_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_utc_ms("2026-12-01T15:14:28.123456789Z"),
+            Some(1_796_138_068_123)
+        );
+        assert_eq!(
+            rfc3339_utc_ms("2024-02-29T00:00:01.5Z"),
+            Some(1_709_164_801_500)
+        );
+        assert_eq!(rfc3339_utc_ms("2026-13-01T00:00:00Z"), None);
+        assert_eq!(rfc3339_utc_ms("yesterday"), None);
+        let line = docker_log_line(b"2026-12-01T15:14:28.5Z hello there\n");
+        assert_eq!(
+            (line.at_ms, line.text.as_str()),
+            (1_796_138_068_500, "hello there")
+        );
+        assert_eq!(docker_log_line(b"no time\n").at_ms, 0);
     }
 }

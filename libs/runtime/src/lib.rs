@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub mod cgroup;
 pub mod contract;
 mod docker;
+pub mod logs;
 mod process;
 
 pub use docker::DockerDriver;

@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroups, join_before_exec};
+use crate::logs;
 use crate::{
     Driver, DriverError, Program, Usage, Workload, WorkloadSpec, WorkloadStatus, substitute,
 };
@@ -69,6 +70,10 @@ pub struct ProcessDriver {
     /// Where limits come from when the host delegates a cgroup v2 to the
     /// agent; else rlimits and the memory watchdog.
     cgroups: Option<Cgroups>,
+    /// A binary that runs the log writer when called with
+    /// [`logs::WRITER_ARG`]; `None`: output goes straight to the log,
+    /// unstamped and unrotated.
+    log_writer: Option<PathBuf>,
 }
 
 /// How often resident memory is compared with each workload's limit.
@@ -250,7 +255,43 @@ impl ProcessDriver {
             exits: Arc::default(),
             memory: Arc::default(),
             cgroups: None,
+            log_writer: None,
         })
+    }
+
+    /// Apps' output goes through a log writer (`binary __log-writer ...`,
+    /// see [`logs`]): stamped per line and rotated by size.
+    pub fn with_log_writer(mut self, binary: PathBuf) -> Self {
+        self.log_writer = Some(binary);
+        self
+    }
+
+    /// Starts the log writer of `instance_id` and returns the two ends the
+    /// app writes to (stdout, stderr: one pipe).
+    fn start_log_writer(
+        &self,
+        binary: &Path,
+        instance_id: &InstanceId,
+    ) -> std::io::Result<(Stdio, Stdio)> {
+        let (reader, writer) = std::io::pipe()?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg(logs::WRITER_ARG)
+            .arg(self.log_path(instance_id))
+            .arg(logs::MAX_BYTES.to_string())
+            .arg(logs::KEEP.to_string())
+            .env_clear()
+            .stdin(Stdio::from(reader))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            // Not in the app's group: it outlives the app's last line.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok((Stdio::from(writer.try_clone()?), Stdio::from(writer)))
     }
 
     /// Limits from cgroup v2: each workload in its own cgroup under
@@ -317,20 +358,21 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Makes a workload's private working directory (owned by `user` when it
-/// runs as another user) and opens its log, 0600 and the agent's.
-fn prepare(
-    work_dir: &Path,
-    log_path: &Path,
-    user: Option<(u32, u32)>,
-) -> Result<std::fs::File, DriverError> {
+/// runs as another user).
+fn prepare(work_dir: &Path, user: Option<(u32, u32)>) -> Result<(), DriverError> {
     let io = |e: std::io::Error| DriverError::Io(format!("{}: {e}", work_dir.display()));
     std::fs::create_dir_all(work_dir).map_err(io)?;
     std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     if let Some((uid, gid)) = user {
         std::os::unix::fs::chown(work_dir, Some(uid), Some(gid)).map_err(io)?;
     }
-    // The log holds what the app prints, env values included. The app
-    // writes it through the descriptor it inherits.
+    Ok(())
+}
+
+/// Opens a workload's log for it to write straight into (no log writer),
+/// 0600 and the agent's: it holds what the app prints, env values
+/// included. The app writes it through the descriptor it inherits.
+fn open_log(log_path: &Path) -> Result<std::fs::File, DriverError> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -447,14 +489,32 @@ impl Driver for ProcessDriver {
             reason: "empty command".into(),
         })?;
         let work_dir = self.work_dir(&spec.instance_id);
-        let log = {
-            let (work_dir, log_path) = (work_dir.clone(), self.log_path(&spec.instance_id));
+        {
+            let work_dir = work_dir.clone();
             let user = self.sandbox.user;
-            blocking(move || prepare(&work_dir, &log_path, user)).await?
+            blocking(move || prepare(&work_dir, user)).await?;
+        }
+        let through_writer = match &self.log_writer {
+            Some(binary) => match self.start_log_writer(binary, &spec.instance_id) {
+                Ok(ends) => Some(ends),
+                Err(e) => {
+                    tracing::warn!(instance = %spec.instance_id, "log writer {} did not start, output goes to the log unstamped: {e}", binary.display());
+                    None
+                }
+            },
+            None => None,
         };
-        let log_err = log
-            .try_clone()
-            .map_err(|e| DriverError::Io(e.to_string()))?;
+        let (stdout, stderr) = match through_writer {
+            Some(ends) => ends,
+            None => {
+                let log_path = self.log_path(&spec.instance_id);
+                let log = blocking(move || open_log(&log_path)).await?;
+                let log_err = log
+                    .try_clone()
+                    .map_err(|e| DriverError::Io(e.to_string()))?;
+                (Stdio::from(log), Stdio::from(log_err))
+            }
+        };
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -468,8 +528,8 @@ impl Driver for ProcessDriver {
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .current_dir(&work_dir)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
+            .stdout(stdout)
+            .stderr(stderr)
             // Its own group: signals reach its children too, and a crash of
             // the agent does not take the workload with it.
             .process_group(0)
@@ -555,7 +615,9 @@ impl Driver for ProcessDriver {
                 .await;
             }
             let _ = tokio::fs::remove_file(self.record_path(instance_id)).await;
-            let _ = tokio::fs::remove_file(self.log_path(instance_id)).await;
+            for log in logs::files(&self.log_path(instance_id)) {
+                let _ = tokio::fs::remove_file(log).await;
+            }
             let _ = tokio::fs::remove_dir_all(self.work_dir(instance_id)).await;
         }
         self.exits

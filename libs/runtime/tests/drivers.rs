@@ -513,3 +513,113 @@ async fn cgroup_live_the_kernel_kills_a_process_over_memory_max() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_log_writer_output_is_stamped_and_the_writer_ends_with_the_app() {
+    capstan_testkit::require_tool("python3", "apt-get install -y python3");
+    let dir = tempfile::tempdir().unwrap();
+    let driver = ProcessDriver::new(dir.path(), Sandbox::same_user(&dir.path().join("work")))
+        .unwrap()
+        .with_log_writer(env!("CARGO_BIN_EXE_capstan-log-writer").into());
+    let instance = id("logged");
+    let before = now_ms();
+    let program = vec![
+        "python3".to_string(),
+        "-c".into(),
+        "import sys\nprint('to stdout', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)\n".into(),
+    ];
+    let (code, _) = exit_of(&driver, &instance, program, 64).await;
+    assert_eq!(code, Some(0));
+    let log = driver.log_path(&instance);
+    let writer_running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(log.to_str().unwrap()))
+        })
+    };
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = capstan_runtime::logs::read(&log, 0, 0);
+        if lines.len() == 2 && !writer_running() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["to stdout", "to stderr"], "both streams, in order");
+    assert!(lines.iter().all(|l| l.at_ms >= before), "{lines:?}");
+    assert!(!writer_running(), "the writer ends once the app has");
+    driver
+        .stop(&instance, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(!log.exists(), "stopping removes the logs");
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_logs_keep_the_two_streams_apart_with_their_times() {
+    let image = capstan_testkit::docker::busybox_image();
+    let node = format!("logs{}", std::process::id());
+    let driver = DockerDriver::connect(&node)
+        .await
+        .expect("connect to the Docker engine");
+    let instance = id("talker");
+    let spec = WorkloadSpec {
+        program: Program::Image {
+            image: image.to_string(),
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo hello; echo oops >&2; echo bye; sleep 30".into(),
+            ],
+            container_port: 8080,
+        },
+        // 1 millicore: under the kernel's CFS floor, which Docker refused
+        // (cpu.cfs_quota_us 100: invalid argument) until the driver capped
+        // reservations like this at the floor.
+        ..workload(&instance, vec![], 64)
+    };
+    assert_eq!(spec.cpu_millis, 1);
+    let before = now_ms() - 1_000;
+    driver.start(&spec).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let mut lines = driver.logs(&instance, 0, 0, false);
+        seen.clear();
+        while let Some(line) = lines.recv().await {
+            let (stream, line) = line.unwrap();
+            assert!(line.at_ms >= before, "{line:?}");
+            seen.push((stream, line.text));
+        }
+        if seen.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = driver
+        .stop(&instance, std::time::Duration::from_secs(1))
+        .await;
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("stderr", "oops".to_string()),
+            ("stdout", "bye".to_string()),
+            ("stdout", "hello".to_string())
+        ]
+    );
+    let tail: Vec<&str> = seen
+        .iter()
+        .filter(|(s, _)| *s == "stdout")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(tail, ["hello", "bye"], "each stream in order");
+}

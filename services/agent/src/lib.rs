@@ -60,6 +60,10 @@ pub struct AgentConfig {
     /// Where process apps' limits come from: a cgroup v2 the agent owns
     /// (`cgroup::CgroupMode::resolve`), else rlimits and the memory watchdog.
     pub cgroups: Option<capstan_runtime::cgroup::Cgroups>,
+    /// A binary that is a log writer when called with `__log-writer`
+    /// (`capstan_runtime::logs`): the agent's own. `None`: apps write
+    /// their log directly, unstamped and unrotated.
+    pub log_writer: Option<PathBuf>,
 }
 
 /// `--cgroup-root`: `auto`, `off` or an absolute path.
@@ -757,6 +761,109 @@ impl Agent for AgentApi {
         Ok(Response::new(StopInstanceResponse {}))
     }
 
+    type LogsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<capstan_proto::v1::LogLine, Status>> + Send>,
+    >;
+
+    async fn logs(
+        &self,
+        request: Request<capstan_proto::v1::InstanceLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let r = request.into_inner();
+        let instance_id =
+            InstanceId::parse("instance_id", &r.instance_id).map_err(capstan_proto::status)?;
+        let (app, image) = {
+            let instances = self
+                .inner
+                .instances
+                .lock()
+                .expect("instances lock poisoned");
+            let tracked = instances.get(&instance_id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "instance {instance_id} does not run on node {}",
+                    self.inner.config.node_id
+                ))
+            })?;
+            (
+                tracked.file.spec.name.to_string(),
+                tracked.file.spec.is_image(),
+            )
+        };
+        let tail = r.tail as usize;
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let line = {
+            let (app, id) = (app.clone(), instance_id.to_string());
+            move |stream: &str, line: capstan_runtime::logs::LogLine| capstan_proto::v1::LogLine {
+                app: app.clone(),
+                instance_id: id.clone(),
+                at_ms: line.at_ms,
+                stream: stream.to_string(),
+                text: line.text,
+            }
+        };
+        if image {
+            let docker = self.inner.docker.as_ref().ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "image apps need Docker on node {}: {}",
+                    self.inner.config.node_id, self.inner.docker_error
+                ))
+            })?;
+            let mut lines = docker.logs(&instance_id, tail, r.since_ms, r.follow);
+            tokio::spawn(async move {
+                while let Some(item) = lines.recv().await {
+                    let sent = match item {
+                        Ok((stream, l)) => sender.send(Ok(line(stream, l))).await,
+                        Err(e) => sender.send(Err(Status::unavailable(e.to_string()))).await,
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            });
+        } else {
+            let path = self.inner.process.log_path(&instance_id);
+            let (since, follow) = (r.since_ms, r.follow);
+            tokio::spawn(async move {
+                let read = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || {
+                        capstan_runtime::logs::read_then_follow(&path, since, tail)
+                    })
+                    .await
+                };
+                let Ok((history, mut follower)) = read else {
+                    return;
+                };
+                for l in history {
+                    if sender.send(Ok(line("output", l))).await.is_err() {
+                        return;
+                    }
+                }
+                if !follow {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        _ = sender.closed() => return,
+                        _ = tokio::time::sleep(LOG_POLL_EVERY) => {}
+                    }
+                    let Some(new) = follower.poll() else {
+                        // The instance was stopped: its logs are gone.
+                        return;
+                    };
+                    for l in new {
+                        if sender.send(Ok(line("output", l))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
     async fn list_instances(
         &self,
         _: Request<ListInstancesRequest>,
@@ -783,7 +890,11 @@ pub fn policy() -> Policy {
         .services("/capstan.v1.Agent/StartInstance")
         .services("/capstan.v1.Agent/StopInstance")
         .services("/capstan.v1.Agent/ListInstances")
+        .services("/capstan.v1.Agent/Logs")
 }
+
+/// How often a followed process log is checked for new lines.
+const LOG_POLL_EVERY: Duration = Duration::from_millis(200);
 
 /// Serves the agent on `listener` until `shutdown`. Workloads keep running
 /// when the agent stops; the next start re-adopts them.
@@ -805,6 +916,9 @@ pub async fn run(
         .map_err(Error::internal)?;
     if let Some(cgroups) = config.cgroups.clone() {
         process = process.with_cgroups(cgroups);
+    }
+    if let Some(binary) = config.log_writer.clone() {
+        process = process.with_log_writer(binary);
     }
     tracing::info!(node = %config.node_id, "process app limits: {}", process.limits());
     let (docker, docker_error) = if config.docker {

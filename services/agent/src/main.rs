@@ -60,6 +60,11 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> std::process::ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(capstan_runtime::logs::WRITER_ARG) {
+        let code = capstan_runtime::logs::writer_main(&raw[2..]);
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args = Args::parse();
     if let Err(reason) = capstan_types::spec::check_dns_label(&args.node_id) {
         eprintln!("error: --node-id: {reason}");
@@ -107,6 +112,8 @@ fn main() -> std::process::ExitCode {
         advertise_ip,
         sample_every: args.sample_every,
         cgroups,
+        // This binary is its own log writer.
+        log_writer: std::env::current_exe().ok(),
     };
     capstan_server::standalone::main(
         "capstan-agent",

@@ -589,6 +589,37 @@ impl Orchestrator for Api {
 
     type WatchEventsStream = EventStream;
 
+    type AppLogsStream = crate::logs::LogStream;
+
+    async fn app_logs(
+        &self,
+        request: Request<capstan_proto::v1::AppLogsRequest>,
+    ) -> Result<Response<Self::AppLogsStream>, Status> {
+        // A followed stream lives no longer than the token that opened it.
+        let expires_ms = caller(&request)?.exp.saturating_mul(1000);
+        let r = request.into_inner();
+        crate::logs::check(&r).map_err(status)?;
+        self.load(&r.app).await?;
+        let permit = if r.follow {
+            Some(self.watchers.clone().try_acquire_owned().map_err(|_| {
+                status(Error::ResourceExhausted(format!(
+                    "{MAX_WATCHERS} event and log watchers are open already; retry later"
+                )))
+            })?)
+        } else {
+            None
+        };
+        let records = self.instances.values("").await.map_err(store_err)?;
+        let targets = crate::logs::targets(&self.platform, records, &r.app, &r.instance_id)
+            .await
+            .map_err(status)?;
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms()).max(0) as u64);
+        Ok(Response::new(
+            crate::logs::stream(self.platform.clone(), targets, r, deadline, permit).await,
+        ))
+    }
+
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,

@@ -10,6 +10,7 @@ pub mod autoscaler;
 mod cluster;
 mod event_log;
 pub mod journal;
+mod logs;
 mod reconcile;
 
 pub use api::MAX_WATCHERS;
@@ -39,6 +40,7 @@ pub fn policy() -> Policy {
         .read("/capstan.v1.Orchestrator/ListEvents")
         .read("/capstan.v1.Orchestrator/WatchEvents")
         .read("/capstan.v1.Orchestrator/GetAppHistory")
+        .read("/capstan.v1.Orchestrator/AppLogs")
         .write("/capstan.v1.Orchestrator/ResumeAutoscale")
         .services("/capstan.v1.Orchestrator/WakeApp")
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
