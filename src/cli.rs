@@ -316,6 +316,18 @@ enum AppCommand {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Replace every instance with a fresh one of the same spec, as a
+    /// rolling update under the app's [update] policy; waits for it.
+    #[command(after_help = "Example:\n  capstan app restart hello")]
+    Restart {
+        name: String,
+        /// Return once the restart is accepted.
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this long (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m", value_parser = capstan_types::duration::parse)]
+        timeout: Duration,
+    },
     /// What an app's instances printed (stdout and stderr), merged by time.
     #[command(
         after_help = "Examples:\n  capstan app logs hello\n  capstan app logs hello -f --since 10m\n  capstan app logs hello --instance hello-3f9a --tail 20"
@@ -909,6 +921,28 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                     _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
                 }
             }
+        }
+        AppCommand::Restart {
+            name,
+            detach,
+            timeout,
+        } => {
+            let api = Api::connect(global)?;
+            let mut client = api.orchestrator()?;
+            let app = client
+                .restart_app(capstan_proto::v1::RestartAppRequest { name: name.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let restarts = app.spec.as_ref().map_or(0, |s| s.restarts);
+            println!(
+                "app {name}: rolling restart {restarts} (template {})",
+                app.spec_hash
+            );
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_rollout(&mut client, &name, &app.spec_hash, timeout).await
         }
         AppCommand::Logs {
             name,

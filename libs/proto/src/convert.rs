@@ -95,6 +95,7 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
         update,
         placement: placement_parts(wire.placement.unwrap_or_default(), &mut errors),
         autoscale: wire.autoscale.map(autoscale_from_wire),
+        restarts: wire.restarts,
     };
     spec.checked(errors)
 }
@@ -231,6 +232,7 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
         }),
         placement: Some(placement_to_wire(&spec.placement)),
         autoscale: spec.autoscale.as_ref().map(autoscale_to_wire),
+        restarts: spec.restarts,
     }
 }
 

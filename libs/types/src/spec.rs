@@ -61,6 +61,11 @@ pub struct AppSpec {
     /// Replicas follow load within bounds; `None`: `replicas` is fixed.
     #[serde(default)]
     pub autoscale: Option<AutoscaleSpec>,
+    /// Rolling restarts asked for (`RestartApp`): part of the template, so
+    /// each one replaces every instance. The platform's, never a spec
+    /// file's: a deploy keeps the count the app has.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// `[autoscale]`: the autoscaler keeps the replica count within
@@ -899,6 +904,9 @@ impl AppSpec {
             // when default so that older templates keep their hash.
             #[serde(skip_serializing_if = "PlacementSpec::is_default")]
             placement: &'a PlacementSpec,
+            // Left out until the first restart, for the same reason.
+            #[serde(skip_serializing_if = "is_zero")]
+            restarts: u32,
         }
         let template = Template {
             run: RunSpec::from(self.run.clone()),
@@ -907,11 +915,16 @@ impl AppSpec {
             env: &self.env,
             health: &self.health,
             placement: &self.placement,
+            restarts: self.restarts,
         };
         let json = serde_json::to_vec(&template).expect("a spec always serializes");
         let digest = Sha256::digest(json);
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 fn path_error<E: std::fmt::Display>(err: serde_path_to_error::Error<E>) -> Error {
@@ -1245,6 +1258,7 @@ impl SpecFile {
                 anti_affinity: self.placement.anti_affinity.unwrap_or(true),
             },
             autoscale,
+            restarts: 0,
         };
         Ok((spec, errors))
     }

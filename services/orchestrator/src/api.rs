@@ -222,9 +222,14 @@ impl Orchestrator for Api {
             .spec
             .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
         let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
-        let hash = spec.template_hash();
         let now = now_ms();
         let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
+        // Restarts are the platform's count: a deploy keeps the app's.
+        spec.restarts = match &existing {
+            Some((_, app)) if !app.deleting => app.spec.restarts,
+            _ => 0,
+        };
+        let hash = spec.template_hash();
         // An autoscaled app keeps the count the autoscaler reached (within
         // the new bounds); `replicas` is where a new one starts.
         if let Some(autoscale) = &spec.autoscale {
@@ -588,6 +593,40 @@ impl Orchestrator for Api {
     }
 
     type WatchEventsStream = EventStream;
+
+    async fn restart_app(
+        &self,
+        request: Request<capstan_proto::v1::RestartAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let (version, mut app) = self.load(&name).await?;
+        let now = now_ms();
+        app.spec.restarts = app.spec.restarts.saturating_add(1);
+        let hash = app.spec.template_hash();
+        app.spec_hash = hash.clone();
+        app.rollout = Rollout {
+            trace: capstan_telemetry::traceparent(),
+            ..Rollout::start(hash.clone(), now)
+        };
+        app.placement_error.clear();
+        app.backoff = Default::default();
+        app.updated_ms = now;
+        let version = self
+            .apps
+            .put(&name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.emit(
+            EventKind::RolloutStarted,
+            &name,
+            format!("rolling restart {} to template {hash}", app.spec.restarts),
+            &caller,
+        )
+        .await;
+        self.wake.notify_one();
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
 
     type AppLogsStream = crate::logs::LogStream;
 

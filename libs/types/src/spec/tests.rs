@@ -249,6 +249,20 @@ fn template_hash_ignores_scale_and_routes_but_not_the_command() {
     assert_ne!(spec.template_hash(), changed.template_hash());
 }
 
+#[test]
+fn a_restart_is_a_new_template_and_a_spec_file_cannot_set_one() {
+    let spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    assert_eq!(spec.restarts, 0);
+    let mut restarted = spec.clone();
+    restarted.restarts = 1;
+    assert_ne!(spec.template_hash(), restarted.template_hash());
+    let with_field = format!("restarts = 3\n{VALID}");
+    assert!(
+        AppSpec::parse(&with_field, SpecFormat::Toml).is_err(),
+        "restarts is the platform's, not a spec field"
+    );
+}
+
 proptest! {
     /// Whatever the input, parsing never panics, and what it accepts is valid.
     #[test]
