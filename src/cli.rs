@@ -328,6 +328,22 @@ enum AppCommand {
         #[arg(long, default_value = "5m", value_parser = capstan_types::duration::parse)]
         timeout: Duration,
     },
+    /// Return an app to an earlier template (run, resources, ports, env,
+    /// health, placement), as a rolling update; scale and routes stay.
+    #[command(
+        after_help = "Examples:\n  capstan app rollback hello\n  capstan app rollback hello --to 3f9a0c1d2b4e5f60"
+    )]
+    Rollback {
+        name: String,
+        /// The template (see `capstan app status`); default: the one before.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this long (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m", value_parser = capstan_types::duration::parse)]
+        timeout: Duration,
+    },
     /// What an app's instances printed (stdout and stderr), merged by time.
     #[command(
         after_help = "Examples:\n  capstan app logs hello\n  capstan app logs hello -f --since 10m\n  capstan app logs hello --instance hello-3f9a --tail 20"
@@ -944,6 +960,28 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
             }
             wait_for_rollout(&mut client, &name, &app.spec_hash, timeout).await
         }
+        AppCommand::Rollback {
+            name,
+            to,
+            detach,
+            timeout,
+        } => {
+            let api = Api::connect(global)?;
+            let mut client = api.orchestrator()?;
+            let app = client
+                .rollback_app(capstan_proto::v1::RollbackAppRequest {
+                    name: name.clone(),
+                    to_template: to.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            println!("app {name}: rolling back to template {}", app.spec_hash);
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_rollout(&mut client, &name, &app.spec_hash, timeout).await
+        }
         AppCommand::Logs {
             name,
             follow,
@@ -1177,6 +1215,7 @@ fn app_json(app: &AppStatus) -> Value {
         "replicas": spec.replicas,
         "healthy": app.healthy,
         "spec_hash": app.spec_hash,
+        "previous_templates": app.previous_templates,
         "deleting": app.deleting,
         "placement_error": app.placement_error,
         "hosts": spec.route.map(|r| r.hosts).unwrap_or_default(),
@@ -1213,6 +1252,13 @@ fn print_status(app: &AppStatus) {
         spec.replicas, app.healthy
     );
     println!("template:  {}", app.spec_hash);
+    if !app.previous_templates.is_empty() {
+        println!(
+            "earlier:   {} (`capstan app rollback {} --to TEMPLATE`)",
+            app.previous_templates.join(", "),
+            spec.name
+        );
+    }
     println!(
         "hosts:     {}",
         spec.route.map(|r| r.hosts.join(", ")).unwrap_or_default()

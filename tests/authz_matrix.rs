@@ -31,6 +31,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Orchestrator/AppLogs", "voa"),
     ("/capstan.v1.Orchestrator/ResumeAutoscale", "oa"),
     ("/capstan.v1.Orchestrator/RestartApp", "oa"),
+    ("/capstan.v1.Orchestrator/RollbackApp", "oa"),
     ("/capstan.v1.Orchestrator/WakeApp", "s"),
     ("/capstan.v1.Orchestrator/ListEndpoints", "voas"),
     ("/capstan.v1.Metrics/Ingest", "sn"),

@@ -135,7 +135,8 @@ pub fn advance(app: &AppRecord, instances: &[InstanceView], progress: &Progress,
             next.rollout.state = RolloutState::Completed;
             next.rollout.updated = updated;
             next.rollout.message = format!("{updated} of {} instances updated", next.spec.replicas);
-            next.stable = Some(next.spec.clone());
+            let spec = next.spec.clone();
+            next.settle(spec);
             events.push((EventKind::RolloutCompleted, next.rollout.message.clone()));
         } else if updated > next.rollout.updated {
             next.rollout.updated = updated;

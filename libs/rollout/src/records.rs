@@ -74,6 +74,31 @@ pub struct AppRecord {
     /// count alone until the next deploy or `ResumeAutoscale`.
     #[serde(default)]
     pub autoscale_override: Option<ScaleOverride>,
+    /// Templates this app ran before its stable one, newest first (at most
+    /// [`PREVIOUS_TEMPLATES`]): what `RollbackApp` can return to.
+    #[serde(default)]
+    pub previous: Vec<AppSpec>,
+}
+
+/// Earlier templates an app keeps for rollbacks.
+pub const PREVIOUS_TEMPLATES: usize = 10;
+
+impl AppRecord {
+    /// `spec` became the stable template: the one it replaces goes first
+    /// into `previous`, which holds each template once.
+    pub fn settle(&mut self, spec: AppSpec) {
+        let hash = spec.template_hash();
+        if let Some(old) = self.stable.take()
+            && old.template_hash() != hash
+        {
+            let old_hash = old.template_hash();
+            self.previous.retain(|p| p.template_hash() != old_hash);
+            self.previous.insert(0, old);
+        }
+        self.previous.retain(|p| p.template_hash() != hash);
+        self.previous.truncate(PREVIOUS_TEMPLATES);
+        self.stable = Some(spec);
+    }
 }
 
 /// Who scaled an autoscaled app by hand, and when.
@@ -97,4 +122,60 @@ pub struct InstanceRecord {
     pub message: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(greeting: &str) -> AppSpec {
+        AppSpec::parse(
+            &format!(
+                "name = \"web\"\nreplicas = 1\n[run]\ncommand = [\"serve\"]\n[env]\nG = \"{greeting}\"\n"
+            ),
+            capstan_types::spec::SpecFormat::Toml,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn settling_keeps_each_earlier_template_once_newest_first_and_bounded() {
+        let mut app = AppRecord {
+            spec: spec("a"),
+            spec_hash: spec("a").template_hash(),
+            stable: None,
+            rollout: Rollout::start(spec("a").template_hash(), 0),
+            deleting: false,
+            backoff: Backoff::default(),
+            placement_error: String::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            autoscale_override: None,
+            previous: Vec::new(),
+        };
+        let hashes = |app: &AppRecord| -> Vec<String> {
+            app.previous.iter().map(|s| s.template_hash()).collect()
+        };
+        app.settle(spec("a"));
+        assert!(app.previous.is_empty());
+        app.settle(spec("b"));
+        app.settle(spec("c"));
+        assert_eq!(
+            hashes(&app),
+            [spec("b").template_hash(), spec("a").template_hash()]
+        );
+        // Back to a: it leaves `previous`, c goes first.
+        app.settle(spec("a"));
+        assert_eq!(
+            hashes(&app),
+            [spec("c").template_hash(), spec("b").template_hash()]
+        );
+        app.settle(spec("a"));
+        assert_eq!(app.previous.len(), 2, "settling again changes nothing");
+        for i in 0..20 {
+            app.settle(spec(&format!("n{i}")));
+        }
+        assert_eq!(app.previous.len(), PREVIOUS_TEMPLATES);
+        assert_eq!(app.previous[0].template_hash(), spec("n18").template_hash());
+    }
 }

@@ -130,7 +130,24 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord], show_env: b
             at_ms: o.at_ms,
             replicas: o.replicas,
         }),
+        previous_templates: rollback_targets(app)
+            .iter()
+            .map(|s| s.template_hash())
+            .collect(),
     }
+}
+
+/// The templates an app can roll back to, newest first: the stable one
+/// while another is rolling out, then the earlier ones.
+fn rollback_targets(app: &AppRecord) -> Vec<&capstan_types::AppSpec> {
+    let mut targets: Vec<&capstan_types::AppSpec> = Vec::new();
+    for spec in app.stable.iter().chain(app.previous.iter()) {
+        let hash = spec.template_hash();
+        if hash != app.spec_hash && targets.iter().all(|t| t.template_hash() != hash) {
+            targets.push(spec);
+        }
+    }
+    targets
 }
 
 fn check_name(name: &str) -> Result<AppName, Status> {
@@ -263,6 +280,7 @@ impl Orchestrator for Api {
                     created_ms: now,
                     updated_ms: now,
                     autoscale_override: None,
+                    previous: Vec::new(),
                 };
                 (record, Expect::Absent, true, true, true)
             }
@@ -621,6 +639,107 @@ impl Orchestrator for Api {
             EventKind::RolloutStarted,
             &name,
             format!("rolling restart {} to template {hash}", app.spec.restarts),
+            &caller,
+        )
+        .await;
+        self.wake.notify_one();
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
+
+    async fn rollback_app(
+        &self,
+        request: Request<capstan_proto::v1::RollbackAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let is_hash =
+            |t: &str| t.len() == 16 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !r.to_template.is_empty() && !is_hash(&r.to_template) {
+            return Err(status(Error::invalid(
+                "to_template",
+                "a template hash: 16 lowercase hex digits (see `capstan app status`)",
+            )));
+        }
+        let (version, mut app) = self.load(&r.name).await?;
+        let targets = rollback_targets(&app);
+        let target = if r.to_template.is_empty() {
+            targets.first().copied().ok_or_else(|| {
+                status(Error::FailedPrecondition(format!(
+                    "app `{}` has no earlier template to roll back to",
+                    r.name
+                )))
+            })?
+        } else if r.to_template == app.spec_hash {
+            return Err(status(Error::FailedPrecondition(format!(
+                "app `{}` is at template {} already",
+                r.name, r.to_template
+            ))));
+        } else {
+            let known: Vec<String> = targets.iter().map(|t| t.template_hash()).collect();
+            targets
+                .iter()
+                .find(|t| t.template_hash() == r.to_template)
+                .copied()
+                .ok_or_else(|| {
+                    status(Error::NotFound(format!(
+                        "template {} of app `{}`; earlier templates: {}",
+                        r.to_template,
+                        r.name,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )))
+                })?
+        };
+        // The template is the target's; scale, routes and policies stay.
+        let spec = capstan_types::AppSpec {
+            run: target.run.clone(),
+            resources: target.resources,
+            ports: target.ports.clone(),
+            env: target.env.clone(),
+            health: target.health.clone(),
+            placement: target.placement.clone(),
+            restarts: target.restarts,
+            ..app.spec.clone()
+        };
+        let from = app.spec_hash.clone();
+        let hash = spec.template_hash();
+        let now = now_ms();
+        app.spec = spec;
+        app.spec_hash = hash.clone();
+        app.rollout = Rollout {
+            trace: capstan_telemetry::traceparent(),
+            ..Rollout::start(hash.clone(), now)
+        };
+        app.placement_error.clear();
+        app.backoff = Default::default();
+        app.updated_ms = now;
+        let version = self
+            .apps
+            .put(&r.name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.journal
+            .record(
+                crate::journal::JournalEntry::new(&r.name, now, "rollback")
+                    .input("from", &from)
+                    .input("by", &caller.sub)
+                    .rule(
+                        "a rollback by hand returns the template; scale, routes and policies stay",
+                    )
+                    .result(format!("{from} -> {hash}"))
+                    .reason(format!(
+                        "rolled back by hand to template {hash} ({})",
+                        caller.sub
+                    )),
+            )
+            .await;
+        self.emit(
+            EventKind::RolloutStarted,
+            &r.name,
+            format!("rollback from template {from} to {hash}"),
             &caller,
         )
         .await;

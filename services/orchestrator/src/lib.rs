@@ -43,6 +43,7 @@ pub fn policy() -> Policy {
         .read("/capstan.v1.Orchestrator/AppLogs")
         .write("/capstan.v1.Orchestrator/ResumeAutoscale")
         .write("/capstan.v1.Orchestrator/RestartApp")
+        .write("/capstan.v1.Orchestrator/RollbackApp")
         .services("/capstan.v1.Orchestrator/WakeApp")
         .users("/capstan.v1.Orchestrator/ListEndpoints", Access::Read, true)
 }

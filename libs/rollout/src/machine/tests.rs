@@ -29,6 +29,7 @@ fn rolling(greeting: &str, stable: Option<&str>) -> AppRecord {
         created_ms: 0,
         updated_ms: 0,
         autoscale_override: None,
+        previous: Vec::new(),
     }
 }
 

@@ -288,6 +288,7 @@ impl Harness {
                 created_ms: self.now,
                 updated_ms: self.now,
                 autoscale_override: None,
+                previous: Vec::new(),
             },
         };
         let expect = existing.map_or(Expect::Absent, |(v, _)| Expect::Version(v));
