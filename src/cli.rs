@@ -156,6 +156,9 @@ enum Command {
         /// Where Prometheus scrapes every service's metrics (`/metrics`).
         #[arg(long, env = "CAPSTAN_METRICS_ADDR", default_value = "127.0.0.1:9464")]
         metrics_addr: SocketAddr,
+        /// Where the HTTP gateway serves REST under /v1/ and /openapi.json.
+        #[arg(long, env = "CAPSTAN_GATEWAY_ADDR", default_value = "127.0.0.1:8081")]
+        gateway_addr: SocketAddr,
         /// How often agents sample each instance's usage and the edge proxy
         /// reports its traffic to the metrics service (1s to 5m).
         #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
@@ -642,6 +645,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             store,
             traefik,
             metrics_addr,
+            gateway_addr,
             sample_every,
             wake_queue,
             wake_timeout,
@@ -671,6 +675,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 store,
                 traefik,
                 metrics_addr,
+                gateway_addr,
                 sample_every,
                 wake_queue: wake_queue as usize,
                 wake_timeout,

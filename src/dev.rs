@@ -54,6 +54,8 @@ pub struct DevOptions {
     pub traefik: capstan_router_config::ack::TraefikArgs,
     /// Where `/metrics` is served, for every service of this process.
     pub metrics_addr: SocketAddr,
+    /// Where the HTTP gateway listens.
+    pub gateway_addr: SocketAddr,
     /// How often usage is sampled and traffic reported.
     pub sample_every: Duration,
     /// Requests per app held while an app scaled to zero starts.
@@ -131,6 +133,9 @@ pub struct Endpoints {
     /// The metrics service (gRPC): samples, queries, top.
     #[serde(default)]
     pub metrics_service: String,
+    /// The HTTP gateway (REST under /v1/, /openapi.json).
+    #[serde(default)]
+    pub gateway: String,
     pub pid: u32,
 }
 
@@ -220,6 +225,11 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "Prometheus metrics (use --metrics-addr to pick another)",
     )
     .await?;
+    let gateway_listener = bind(
+        options.gateway_addr,
+        "HTTP gateway (use --gateway-addr to pick another)",
+    )
+    .await?;
 
     let endpoints = Endpoints {
         orchestrator: orchestrator_listener.local_addr()?.to_string(),
@@ -230,6 +240,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         traefik_provider: provider_listener.local_addr()?.to_string(),
         metrics: metrics_listener.local_addr()?.to_string(),
         metrics_service: metrics_service_listener.local_addr()?.to_string(),
+        gateway: gateway_listener.local_addr()?.to_string(),
         pid: std::process::id(),
     };
 
@@ -286,6 +297,15 @@ pub async fn run(options: DevOptions) -> Result<()> {
                 autoscale_every: options.sample_every,
             },
             orchestrator_listener,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        "gateway",
+        Box::pin(capstan_gateway::run(
+            // Its callers' tokens only: never the service key.
+            platform.with_api_key(capstan_secrets::Secret::new("")),
+            gateway_listener,
             shutdown.clone(),
         )),
     );

@@ -94,6 +94,7 @@ impl Dev {
             .arg(self.data_dir())
             .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--gateway-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -16,14 +16,50 @@ pub fn status(err: Error) -> Status {
         Error::Unavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     };
-    Status::new(code, err.to_string())
+    let mut status = Status::new(code, err.to_string());
+    if let Error::Invalid(fields) = &err {
+        // The fields, structured, for clients that show them at the field
+        // (the HTTP gateway's problem+json): `[{"field", "reason"}]`.
+        let fields: Vec<serde_json::Value> = fields
+            .iter()
+            .map(|f| serde_json::json!({"field": f.field, "reason": f.reason}))
+            .collect();
+        let bytes = serde_json::to_vec(&fields).unwrap_or_default();
+        status.metadata_mut().insert_bin(
+            FIELD_ERRORS,
+            tonic::metadata::MetadataValue::from_bytes(&bytes),
+        );
+    }
+    status
+}
+
+/// The binary metadata key of a validation error's fields.
+pub const FIELD_ERRORS: &str = "capstan-field-errors-bin";
+
+/// The fields of an INVALID_ARGUMENT status, when it carries them.
+fn field_errors(status: &Status) -> Option<Vec<capstan_types::FieldError>> {
+    let bytes = status.metadata().get_bin(FIELD_ERRORS)?.to_bytes().ok()?;
+    let fields: Vec<serde_json::Value> = serde_json::from_slice(&bytes).ok()?;
+    let fields: Vec<capstan_types::FieldError> = fields
+        .iter()
+        .filter_map(|f| {
+            Some(capstan_types::FieldError::new(
+                f["field"].as_str()?,
+                f["reason"].as_str()?,
+            ))
+        })
+        .collect();
+    (!fields.is_empty()).then_some(fields)
 }
 
 /// The reverse, for clients that branch on the kind of failure.
 pub fn into_error(status: Status) -> Error {
     let message = status.message().to_string();
     match status.code() {
-        Code::InvalidArgument => Error::invalid("request", message),
+        Code::InvalidArgument => match field_errors(&status) {
+            Some(fields) => Error::Invalid(fields),
+            None => Error::invalid("request", message),
+        },
         Code::NotFound => Error::NotFound(message),
         Code::AlreadyExists => Error::AlreadyExists(message),
         Code::Aborted => Error::Conflict(message),

@@ -380,6 +380,9 @@ pub enum Credential {
     /// An agent's node key, read from this file (`capstan key create
     /// --role node --name NODE` prints one).
     NodeKeyFile(PathBuf),
+    /// None of its own: every call it makes carries its caller's token
+    /// (the HTTP gateway). Least privilege: it never holds the service key.
+    CallersOnly,
 }
 
 /// Registers `--peer` services and keeps them passing until `shutdown`.
@@ -568,11 +571,16 @@ async fn platform(
     let (registry, locks) = open_registry(&args.registry, shutdown, args.backend_wait).await?;
     register_peers(registry.clone(), &args.peers, shutdown.child_token()).await?;
     // Over mutual TLS a service is its certificate: it needs no service key.
-    let by_certificate = tls.is_some() && !matches!(credential, Credential::NodeKeyFile(_));
+    let by_certificate = tls.is_some()
+        && !matches!(
+            credential,
+            Credential::NodeKeyFile(_) | Credential::CallersOnly
+        );
     let key = match credential {
         Credential::CreateServiceKey => service_key(secrets.as_ref(), true).await?,
         Credential::ServiceKey if by_certificate => Secret::new(""),
         Credential::ServiceKey => service_key(secrets.as_ref(), false).await?,
+        Credential::CallersOnly => Secret::new(""),
         Credential::NodeKeyFile(path) => Secret::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("read the node key from {}", path.display()))?
