@@ -155,3 +155,27 @@ fn the_matrix_can_fail() {
             .is_err()
     );
 }
+
+/// Every REST route is a gRPC method of the table above, so the same rule
+/// decides it; none exposes a method only services or nodes may call.
+#[test]
+fn every_rest_route_is_a_method_with_a_rule_for_users() {
+    for route in capstan_gateway::routes::ROUTES {
+        let method = format!("/{}", route.rpc);
+        let (_, who) = EXPECTED
+            .iter()
+            .find(|(m, _)| *m == method)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} {} calls {method}, which has no rule",
+                    route.method, route.path
+                )
+            });
+        assert!(
+            who.contains(['v', 'o', 'a']),
+            "{} {} exposes {method}, which no user may call ({who})",
+            route.method,
+            route.path
+        );
+    }
+}
