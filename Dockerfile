@@ -1,6 +1,6 @@
 # Capstan's image: every binary (capstan, capstan-orchestrator,
 # capstan-scheduler, capstan-router-config, capstan-auth, capstan-metrics,
-# capstan-agent),
+# capstan-gateway, capstan-agent),
 # run as the unprivileged user `capstan` (uid 10001).
 #
 #   docker build -t capstan .                       # build from source
@@ -49,7 +49,7 @@ RUN cargo build --release --locked --bins \
  && mkdir -p /out/bin \
  && cp target/release/capstan target/release/capstan-orchestrator target/release/capstan-scheduler \
        target/release/capstan-router-config target/release/capstan-auth target/release/capstan-metrics \
-       target/release/capstan-agent /out/bin/
+       target/release/capstan-gateway target/release/capstan-agent /out/bin/
 
 # The default target: built from source.
 FROM runtime-base AS runtime

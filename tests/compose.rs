@@ -270,6 +270,34 @@ fn the_traefik_static_config_matches_the_schema_and_routes_on_web() {
 }
 
 #[test]
+fn traefik_routes_api_to_the_gateway_with_a_file_provider_config_of_the_schema() {
+    let text = std::fs::read_to_string(root().join("infra/traefik/dynamic/gateway.yml")).unwrap();
+    let config = yaml_to_json(&text);
+    validate(
+        &contract("traefik-v3-file-provider.schema.json"),
+        &config,
+        "infra/traefik/dynamic/gateway.yml",
+    );
+    let router = &config["http"]["routers"]["capstan-gateway"];
+    assert_eq!(router["rule"], "Host(`api.{{ env \"CAPSTAN_DOMAIN\" }}`)");
+    assert_eq!(
+        router["entryPoints"][0],
+        capstan_router_config::traefik::ENTRY_POINT
+    );
+    let servers = &config["http"]["services"]["capstan-gateway"]["loadBalancer"]["servers"];
+    assert_eq!(servers[0]["url"], "http://gateway:7007");
+    let static_config =
+        yaml_to_json(&std::fs::read_to_string(root().join("infra/traefik/traefik.yml")).unwrap());
+    assert_eq!(
+        static_config["providers"]["file"]["directory"],
+        "/etc/traefik/dynamic"
+    );
+    let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    assert!(compose.contains("./infra/traefik/dynamic:/etc/traefik/dynamic:ro"));
+    assert!(compose.contains("CAPSTAN_LISTEN: 0.0.0.0:7007"));
+}
+
+#[test]
 fn the_rabbitmq_definitions_declare_the_bus_exchange_as_the_bus_does() {
     let definitions: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("infra/rabbitmq/definitions.json")).unwrap(),

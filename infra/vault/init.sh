@@ -22,7 +22,7 @@ set -euo pipefail
 : "${VAULT_TOKEN:?set VAULT_TOKEN to a token that may configure Vault}"
 out_dir=${1:?usage: init.sh OUT_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-services=(auth scheduler orchestrator router-config metrics agent)
+services=(auth scheduler orchestrator router-config metrics gateway agent)
 # Token lifetimes of the services' AppRole logins; Capstan renews at 2/3.
 token_ttl=${CAPSTAN_VAULT_TOKEN_TTL:-1h}
 token_max_ttl=${CAPSTAN_VAULT_TOKEN_MAX_TTL:-24h}

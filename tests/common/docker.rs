@@ -10,13 +10,14 @@ use super::BIN;
 
 pub const BASE_IMAGE: &str = "capstan-base:bookworm";
 pub const IMAGE: &str = "capstan:e2e";
-const BINARIES: [&str; 7] = [
+const BINARIES: [&str; 8] = [
     "capstan",
     "capstan-orchestrator",
     "capstan-scheduler",
     "capstan-router-config",
     "capstan-auth",
     "capstan-metrics",
+    "capstan-gateway",
     "capstan-agent",
 ];
 

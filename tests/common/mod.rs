@@ -485,7 +485,7 @@ pub fn traefik_confirmations(log: &str) -> Vec<u64> {
 }
 
 /// The Capstan services of docker-compose.yml (backends aside).
-pub const COMPOSE_CAPSTAN_SERVICES: [&str; 9] = [
+pub const COMPOSE_CAPSTAN_SERVICES: [&str; 10] = [
     "auth",
     "scheduler-1",
     "scheduler-2",
@@ -493,6 +493,7 @@ pub const COMPOSE_CAPSTAN_SERVICES: [&str; 9] = [
     "orchestrator-2",
     "router-config",
     "metrics",
+    "gateway",
     "agent-1",
     "agent-2",
 ];

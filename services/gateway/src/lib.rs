@@ -499,10 +499,20 @@ fn router(gateway: Gateway) -> axum::Router {
                             Query(query): Query<HashMap<String, String>>,
                             headers: HeaderMap,
                             body: Bytes| async move {
-            match gateway.call(route, headers, path, query, body).await {
+            let started = std::time::Instant::now();
+            let response = match gateway.call(route, headers, path, query, body).await {
                 Ok(response) => response,
                 Err(problem) => problem.into_response(),
-            }
+            };
+            // Per route as the gRPC method it is, under service `gateway`
+            // (a stream counts when its response starts).
+            capstan_server::metrics::metrics().record_rpc(
+                "gateway",
+                route.rpc,
+                capstan_server::metrics::status_class(response.status().as_u16()),
+                started.elapsed(),
+            );
+            response
         };
         let method_router = match route.method {
             http::Method::GET => axum::routing::get(handler),
