@@ -1,7 +1,7 @@
 //! The services as separate processes (`capstan-auth`, `capstan-scheduler`,
 //! `capstan-orchestrator`, `capstan-router-config`, `capstan-metrics`,
-//! `capstan-agent`), talking gRPC to each other and events over a real
-//! RabbitMQ, driven by the CLI.
+//! `capstan-gateway`, `capstan-agent`), talking gRPC to each other and
+//! events over a real RabbitMQ, driven by the CLI and over REST.
 
 mod common;
 
@@ -17,8 +17,16 @@ fn services_run_as_separate_processes() {
         .block_on(capstan_testkit::rabbitmq::RabbitMq::start());
     let mut services = Services::new(broker.amqp_uri());
     let port = capstan_testkit::free_port;
-    let (auth, scheduler, orchestrator, router, agent, http, metrics) =
-        (port(), port(), port(), port(), port(), port(), port());
+    let (auth, scheduler, orchestrator, router, agent, http, metrics, gateway) = (
+        port(),
+        port(),
+        port(),
+        port(),
+        port(),
+        port(),
+        port(),
+        port(),
+    );
     services.peer("auth", auth);
     services.peer("scheduler", scheduler);
     services.peer("orchestrator", orchestrator);
@@ -39,6 +47,7 @@ fn services_run_as_separate_processes() {
         ],
     );
     services.spawn("metrics", "capstan-metrics", metrics, &[]);
+    services.spawn("gateway", "capstan-gateway", gateway, &[]);
     // The admin issues the agent its node key once auth is up.
     services.spawn_agent_with("solo", agent, &["--sample-every".into(), "1s".into()]);
     services.wait_for_a_ready_node();
@@ -82,6 +91,35 @@ fn services_run_as_separate_processes() {
         },
     );
     assert!(top[0]["node"] == "solo", "{top}");
+    // The gateway, its own process, answers REST with the caller's key.
+    let key = std::fs::read_to_string(services.dir.path().join("admin.key")).unwrap();
+    let rest = |key: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", gateway)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(
+            stream,
+            "GET /v1/apps/solo HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+            key.trim()
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    };
+    let mut answer = String::new();
+    wait_until("the gateway answers", Duration::from_secs(30), || {
+        answer = rest(&key).unwrap_or_default();
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
+    });
+    assert!(answer.contains("\"healthy\":2"), "{answer}");
+    let denied = rest("not-a-key").unwrap_or_default();
+    assert!(
+        denied.contains(" 401 ") && denied.contains("application/problem+json"),
+        "{denied}"
+    );
     let events =
         String::from_utf8_lossy(&services.cli(&["events", "-n", "200"]).stdout).to_string();
     assert!(
