@@ -960,10 +960,7 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                 "app {name}: rolling restart {restarts} (template {})",
                 app.spec_hash
             );
-            if detach {
-                return Ok(ExitCode::SUCCESS);
-            }
-            wait_for_rollout(&mut client, &name, &app.spec_hash, timeout).await
+            follow_unless_detached(&mut client, &name, &app, detach, timeout).await
         }
         AppCommand::Rollback {
             name,
@@ -982,10 +979,7 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                 .map_err(rpc)?
                 .into_inner();
             println!("app {name}: rolling back to template {}", app.spec_hash);
-            if detach {
-                return Ok(ExitCode::SUCCESS);
-            }
-            wait_for_rollout(&mut client, &name, &app.spec_hash, timeout).await
+            follow_unless_detached(&mut client, &name, &app, detach, timeout).await
         }
         AppCommand::Logs {
             name,
@@ -1304,6 +1298,21 @@ fn print_status(app: &AppStatus) {
             i.message
         );
     }
+}
+
+/// After a change that started a rollout: done at once with `detach`,
+/// else waits for the rollout to end.
+async fn follow_unless_detached(
+    client: &mut OrchestratorClient<Authed>,
+    name: &str,
+    app: &AppStatus,
+    detach: bool,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait_for_rollout(client, name, &app.spec_hash, timeout).await
 }
 
 async fn wait_for_rollout(

@@ -254,6 +254,53 @@ pub fn code_name(code: &str) -> &'static str {
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
     let address = listener.local_addr().ok();
     tracing::info!(address = ?address, "serving Prometheus metrics on /metrics");
+    let service = hyper::service::service_fn(|request: http::Request<_>| {
+        let response =
+            if request.uri().path() == "/metrics" && request.method() == http::Method::GET {
+                http::Response::builder()
+                    .header(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                    .body(Full::new(Bytes::from(metrics().render())))
+            } else {
+                http::Response::builder()
+                    .status(http::StatusCode::NOT_FOUND)
+                    .body(Full::new(Bytes::from_static(b"metrics are at /metrics\n")))
+            };
+        std::future::ready(Ok::<_, Infallible>(response.unwrap_or_default()))
+    });
+    serve_http1(
+        "metrics",
+        listener,
+        service,
+        shutdown,
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
+/// Serves HTTP/1.1 with `service` on `listener` until `shutdown`, then lets
+/// the connections finish for up to `drain`. Each connection has 10 s to
+/// send a request head (no slow-loris), and is closed gracefully on
+/// shutdown.
+pub async fn serve_http1<S, B>(
+    what: &'static str,
+    listener: TcpListener,
+    service: S,
+    shutdown: CancellationToken,
+    drain: Duration,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -261,31 +308,14 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!("metrics listener: {e}");
+                    tracing::warn!("{what} listener: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        let shutdown = shutdown.clone();
+        let (service, shutdown) = (service.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let service = hyper::service::service_fn(|request: http::Request<_>| {
-                let response = if request.uri().path() == "/metrics"
-                    && request.method() == http::Method::GET
-                {
-                    http::Response::builder()
-                        .header(
-                            http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )
-                        .body(Full::new(Bytes::from(metrics().render())))
-                } else {
-                    http::Response::builder()
-                        .status(http::StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"metrics are at /metrics\n")))
-                };
-                std::future::ready(Ok::<_, Infallible>(response.unwrap_or_default()))
-            });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -298,7 +328,7 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
         });
     }
     tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    let _ = tokio::time::timeout(drain, tasks.wait()).await;
 }
 
 /// Binds `address` for [`serve`], with the error naming the flag.

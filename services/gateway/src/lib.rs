@@ -583,37 +583,16 @@ pub async fn run(
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))?;
     tracing::info!(address = %address, "serving the HTTP gateway");
-    let app = router(gateway);
-    let tasks = tokio_util::task::TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("gateway listener: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (app, shutdown) = (app.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = &mut connection => {}
-                _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
-            }
-        });
-    }
+    let service = hyper_util::service::TowerToHyperService::new(router(gateway));
+    capstan_server::metrics::serve_http1(
+        "gateway",
+        listener,
+        service,
+        shutdown,
+        Duration::from_secs(5),
+    )
+    .await;
     let _ = platform.registry.deregister(&id).await;
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     Ok(())
 }
 

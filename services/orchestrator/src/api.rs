@@ -137,6 +137,22 @@ fn app_status(app: &AppRecord, version: u64, all: &[InstanceRecord], show_env: b
     }
 }
 
+/// Starts a rollout of `app`'s spec as it is now (a restart, a rollback):
+/// a fresh rollout in this request's trace, no stale placement problem or
+/// backoff. Returns the template hash.
+fn roll_out(app: &mut AppRecord, now: i64) -> String {
+    let hash = app.spec.template_hash();
+    app.spec_hash = hash.clone();
+    app.rollout = Rollout {
+        trace: capstan_telemetry::traceparent(),
+        ..Rollout::start(hash.clone(), now)
+    };
+    app.placement_error.clear();
+    app.backoff = Default::default();
+    app.updated_ms = now;
+    hash
+}
+
 /// The templates an app can roll back to, newest first: the stable one
 /// while another is rolling out, then the earlier ones.
 fn rollback_targets(app: &AppRecord) -> Vec<&capstan_types::AppSpec> {
@@ -621,15 +637,7 @@ impl Orchestrator for Api {
         let (version, mut app) = self.load(&name).await?;
         let now = now_ms();
         app.spec.restarts = app.spec.restarts.saturating_add(1);
-        let hash = app.spec.template_hash();
-        app.spec_hash = hash.clone();
-        app.rollout = Rollout {
-            trace: capstan_telemetry::traceparent(),
-            ..Rollout::start(hash.clone(), now)
-        };
-        app.placement_error.clear();
-        app.backoff = Default::default();
-        app.updated_ms = now;
+        let hash = roll_out(&mut app, now);
         let version = self
             .apps
             .put(&name, &app, Expect::Version(version))
@@ -705,17 +713,9 @@ impl Orchestrator for Api {
             ..app.spec.clone()
         };
         let from = app.spec_hash.clone();
-        let hash = spec.template_hash();
         let now = now_ms();
         app.spec = spec;
-        app.spec_hash = hash.clone();
-        app.rollout = Rollout {
-            trace: capstan_telemetry::traceparent(),
-            ..Rollout::start(hash.clone(), now)
-        };
-        app.placement_error.clear();
-        app.backoff = Default::default();
-        app.updated_ms = now;
+        let hash = roll_out(&mut app, now);
         let version = self
             .apps
             .put(&r.name, &app, Expect::Version(version))
