@@ -159,6 +159,10 @@ enum Command {
         /// Where the HTTP gateway serves REST under /v1/ and /openapi.json.
         #[arg(long, env = "CAPSTAN_GATEWAY_ADDR", default_value = "127.0.0.1:8081")]
         gateway_addr: SocketAddr,
+        /// The gateway's requests a second per API key or token (bursts of
+        /// twice as many); past it, 429 with Retry-After.
+        #[arg(long, env = "CAPSTAN_API_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        api_rate: u32,
         /// How often agents sample each instance's usage and the edge proxy
         /// reports its traffic to the metrics service (1s to 5m).
         #[arg(long, env = "CAPSTAN_SAMPLE_EVERY", default_value = "5s", value_parser = capstan_types::duration::parse_sample_every)]
@@ -646,6 +650,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             traefik,
             metrics_addr,
             gateway_addr,
+            api_rate,
             sample_every,
             wake_queue,
             wake_timeout,
@@ -676,6 +681,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 traefik,
                 metrics_addr,
                 gateway_addr,
+                api_rate,
                 sample_every,
                 wake_queue: wake_queue as usize,
                 wake_timeout,

@@ -56,6 +56,8 @@ pub struct DevOptions {
     pub metrics_addr: SocketAddr,
     /// Where the HTTP gateway listens.
     pub gateway_addr: SocketAddr,
+    /// Its requests a second per credential.
+    pub api_rate: u32,
     /// How often usage is sampled and traffic reported.
     pub sample_every: Duration,
     /// Requests per app held while an app scaled to zero starts.
@@ -305,6 +307,9 @@ pub async fn run(options: DevOptions) -> Result<()> {
         Box::pin(capstan_gateway::run(
             // Its callers' tokens only: never the service key.
             platform.with_api_key(capstan_secrets::Secret::new("")),
+            capstan_gateway::GatewayOptions {
+                requests_per_second: options.api_rate,
+            },
             gateway_listener,
             shutdown.clone(),
         )),

@@ -302,3 +302,39 @@ fn rest_deploy_get_scale_logs_events_keys_rollback_and_delete() {
         call(&addr, "GET", "/v1/apps/web", Some(admin), None).status == 404
     });
 }
+
+#[test]
+fn a_credential_past_its_rate_gets_429_with_retry_after_and_others_go_on() {
+    let dev = Dev::start_with(None, &["--no-docker", "--api-rate", "5"]);
+    let addr = dev.endpoints()["gateway"].as_str().unwrap().to_string();
+    let admin = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
+    let admin = admin.trim();
+    // A burst of 10, then 5 a second: 30 at once cannot all pass.
+    let statuses: Vec<u16> = (0..30)
+        .map(|_| call(&addr, "GET", "/v1/apps", Some(admin), None).status)
+        .collect();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(limited >= 5, "{statuses:?}");
+    assert!(
+        statuses.iter().take(10).all(|s| *s == 200),
+        "the burst passes: {statuses:?}"
+    );
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET /v1/apps HTTP/1.0\r\nAuthorization: Bearer {admin}\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.contains(" 429 "), "{response}");
+    assert!(
+        response.to_lowercase().contains("retry-after: 1"),
+        "{response}"
+    );
+    // Another credential has its own bucket.
+    problem(
+        &call(&addr, "GET", "/v1/apps", Some("another-key"), None),
+        401,
+    );
+}

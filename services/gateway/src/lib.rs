@@ -100,6 +100,8 @@ pub struct Problem {
     pub detail: String,
     /// Rejected fields, as gRPC validation names them.
     pub errors: Vec<capstan_types::FieldError>,
+    /// Seconds, for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -109,6 +111,7 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("error").to_string(),
             detail: detail.into(),
             errors: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -171,6 +174,11 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(seconds) = self.retry_after
+            && let Ok(value) = http::HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -191,6 +199,23 @@ struct Gateway {
     tokens: Arc<Mutex<TokenCache>>,
     in_flight: Arc<tokio::sync::Semaphore>,
     openapi: Arc<String>,
+    /// Requests per credential (API key or token).
+    rate: capstan_cache::RateLimit,
+}
+
+/// What `capstan dev --api-rate` and `capstan-gateway --api-rate` set.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayOptions {
+    /// Requests a second per credential, with bursts of twice as many.
+    pub requests_per_second: u32,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            requests_per_second: 50,
+        }
+    }
 }
 
 /// The descriptors of every Capstan service.
@@ -322,6 +347,43 @@ fn request_of(
 }
 
 impl Gateway {
+    /// Takes a request from the caller's bucket (by the credential's
+    /// SHA-256; one bucket for callers without one), in the platform's
+    /// cache, so several gateways share it. 429 with Retry-After when it is
+    /// empty; a cache that does not answer limits nothing.
+    async fn limit(&self, headers: &HeaderMap) -> Result<(), Problem> {
+        use sha2::Digest;
+        let credential = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let digest = sha2::Sha256::digest(credential);
+        let bucket: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        match self
+            .platform
+            .cache
+            .take(&format!("gateway/{bucket}"), self.rate)
+            .await
+        {
+            Ok(capstan_cache::Admit::Allowed) => Ok(()),
+            Ok(capstan_cache::Admit::Limited { retry_after }) => Err(Problem {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "more than {} requests a second with this credential; retry in {} ms",
+                        self.rate.per_second,
+                        retry_after.as_millis().max(1)
+                    ),
+                )
+            }),
+            Err(e) => {
+                tracing::warn!("rate limiter unavailable, not limiting: {e}");
+                Ok(())
+            }
+        }
+    }
+
     /// The token to call with, from `Authorization: Bearer`.
     async fn token(&self, headers: &HeaderMap) -> Result<String, Problem> {
         let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
@@ -397,6 +459,7 @@ impl Gateway {
             query.insert("follow".into(), "true".into());
         }
         let request = request_of(route, &method.input(), &path, &query, &headers, &body)?;
+        self.limit(&headers).await?;
         let token = self.token(&headers).await?;
         let channel = self
             .platform
@@ -552,6 +615,7 @@ fn router(gateway: Gateway) -> axum::Router {
 /// send a request head.
 pub async fn run(
     platform: Platform,
+    options: GatewayOptions,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
@@ -563,6 +627,10 @@ pub async fn run(
         tokens: Arc::default(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         openapi: Arc::new(openapi),
+        rate: capstan_cache::RateLimit {
+            burst: options.requests_per_second.saturating_mul(2).max(1),
+            per_second: f64::from(options.requests_per_second.max(1)),
+        },
     };
     let address: SocketAddr = listener.local_addr().map_err(Error::internal)?;
     let advertised = platform.advertised(address)?;

@@ -9,14 +9,24 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     standalone: capstan_server::standalone::StandaloneArgs,
+    /// Requests a second per API key or token (bursts of twice as many),
+    /// counted in the cache (shared by every gateway).
+    #[arg(long, env = "CAPSTAN_API_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    api_rate: u32,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let api_rate = args.api_rate;
     capstan_server::standalone::main(
         "capstan-gateway",
         args.standalone,
         capstan_server::standalone::Credential::CallersOnly,
-        capstan_gateway::run,
+        move |platform, listener, shutdown| {
+            let options = capstan_gateway::GatewayOptions {
+                requests_per_second: api_rate,
+            };
+            capstan_gateway::run(platform, options, listener, shutdown)
+        },
     )
 }
