@@ -890,6 +890,27 @@ impl AppSpec {
         matches!(self.run, Run::Image { .. })
     }
 
+    /// What in this spec weakens the isolation of the node or of other
+    /// apps, each with why: only an admin may deploy it (the admission
+    /// policy). A fixed host port below 1024 is a privileged port of the
+    /// node's. (Containers never get added capabilities or a writable
+    /// root, and every app has CPU and memory limits: no spec can ask.)
+    pub fn privileged_fields(&self) -> Vec<FieldError> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, port)| match port.host_port {
+                Some(host_port) if host_port < 1024 => Some(FieldError::new(
+                    format!("ports[{i}].host_port"),
+                    format!(
+                        "{host_port} is a privileged port of the node: only an admin may deploy it"
+                    ),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A digest of what a running instance is made from. Replicas, routes and
     /// update policy are not part of it: changing those restarts nothing.
     pub fn template_hash(&self) -> String {

@@ -255,6 +255,12 @@ impl Orchestrator for Api {
             .spec
             .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
         let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
+        // Admission: what weakens isolation is the admin's to deploy.
+        let privileged = spec.privileged_fields();
+        if !privileged.is_empty() && caller.role != capstan_authn::Role::Admin {
+            let fields: Vec<String> = privileged.iter().map(ToString::to_string).collect();
+            return Err(status(Error::PermissionDenied(fields.join("; "))));
+        }
         let now = now_ms();
         let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
         // Restarts are the platform's count: a deploy keeps the app's.

@@ -581,3 +581,27 @@ fn autoscale_rejects_bad_bounds_targets_and_scale_to_zero() {
         Some(Duration::from_secs(300))
     );
 }
+
+#[test]
+fn a_host_port_below_1024_is_privileged_and_named() {
+    let mut spec = AppSpec::parse(VALID, SpecFormat::Toml).unwrap();
+    assert!(spec.privileged_fields().is_empty());
+    if spec.ports.is_empty() {
+        spec.ports.push(PortSpec {
+            name: "http".into(),
+            container_port: None,
+            host_port: None,
+        });
+    }
+    spec.ports[0].host_port = Some(8080);
+    assert!(spec.privileged_fields().is_empty());
+    spec.ports[0].host_port = Some(80);
+    let fields = spec.privileged_fields();
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields[0].field, "ports[0].host_port");
+    assert!(
+        fields[0].reason.contains("only an admin"),
+        "{}",
+        fields[0].reason
+    );
+}
