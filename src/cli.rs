@@ -230,6 +230,28 @@ enum Command {
     /// Manage API keys (admin).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The audit log (admin): every change asked for and refused.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Records, oldest first: when, who (key and role), what, and how it ended.
+    #[command(after_help = "Examples:\n  capstan audit ls\n  capstan audit ls --since 1h -o json")]
+    Ls {
+        /// Only records this recent (1s to 90d).
+        #[arg(long, value_parser = capstan_types::duration::parse)]
+        since: Option<Duration>,
+        /// The last this many (1 to 10000).
+        #[arg(long, short = 'n', default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Checks the hash chain: fails (exit 1) naming the first record that
+    /// was changed or removed.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -752,6 +774,91 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(command) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let mut client = AuthClient::new(api.channel(&address, "auth")?);
+            match command {
+                AuditCommand::Ls {
+                    since,
+                    limit,
+                    output,
+                } => {
+                    let since_ms = match since {
+                        None => 0,
+                        Some(since)
+                            if (Duration::from_secs(1)..=Duration::from_secs(90 * 86_400))
+                                .contains(&since) =>
+                        {
+                            capstan_server::now_ms() - since.as_millis() as i64
+                        }
+                        Some(_) => return Err(anyhow!("--since: must be 1s to 90d")),
+                    };
+                    let records = client
+                        .list_audit(capstan_proto::v1::ListAuditRequest { since_ms, limit })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner()
+                        .records;
+                    if output == Output::Json {
+                        let list: Vec<Value> = records
+                            .iter()
+                            .map(|r| {
+                                json!({
+                                    "seq": r.seq, "at": format_time(r.at_ms), "at_ms": r.at_ms,
+                                    "actor": r.actor, "role": r.role, "method": r.method,
+                                    "target": r.target, "summary": r.summary, "result": r.result,
+                                    "hash": r.hash,
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else if records.is_empty() {
+                        println!("no changes recorded yet");
+                    } else {
+                        for r in &records {
+                            let who = if r.role.is_empty() {
+                                r.actor.clone()
+                            } else {
+                                format!("{} ({})", r.actor, r.role)
+                            };
+                            println!(
+                                "{:>6}  {}  {:<22} {:<28} {:<14} {}{}",
+                                r.seq,
+                                format_time(r.at_ms),
+                                who,
+                                r.method,
+                                r.target,
+                                r.result,
+                                if r.summary.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" — {}", r.summary)
+                                }
+                            );
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                AuditCommand::Verify => {
+                    let verdict = client
+                        .verify_audit(capstan_proto::v1::VerifyAuditRequest {})
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    if verdict.intact {
+                        println!("the audit log is intact: {} records", verdict.records);
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!(
+                            "error: the audit log was tampered with: {}",
+                            verdict.problem
+                        );
+                        Ok(ExitCode::FAILURE)
+                    }
+                }
+            }
         }
         Command::Key(KeyCommand::RotateSigning) => {
             let api = Api::connect(&global)?;

@@ -20,6 +20,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Auth/ListApiKeys", "a"),
     ("/capstan.v1.Auth/RevokeApiKey", "a"),
     ("/capstan.v1.Auth/RotateSigningKey", "a"),
+    ("/capstan.v1.Auth/ListAudit", "a"),
+    ("/capstan.v1.Auth/VerifyAudit", "a"),
     ("/capstan.v1.Orchestrator/ApplyApp", "oa"),
     ("/capstan.v1.Orchestrator/GetApp", "voa"),
     ("/capstan.v1.Orchestrator/ListApps", "voas"),

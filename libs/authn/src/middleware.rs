@@ -148,14 +148,27 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Claims, Error> {
 pub struct RequireAuthLayer {
     verifier: Arc<Verifier>,
     policy: Arc<Policy>,
+    on_denied: Option<DenialHook>,
 }
+
+/// Told of every refused call of a method users may change things with:
+/// the method, the verified caller (when the token was good), and why.
+pub type DenialHook = Arc<dyn Fn(&str, Option<&Claims>, &str) + Send + Sync>;
 
 impl RequireAuthLayer {
     pub fn new(verifier: Arc<Verifier>, policy: Policy) -> Self {
         RequireAuthLayer {
             verifier,
             policy: Arc::new(policy),
+            on_denied: None,
         }
+    }
+
+    /// Calls `hook` for each refused call of a write or admin method (the
+    /// audit log).
+    pub fn with_denial_hook(mut self, hook: DenialHook) -> Self {
+        self.on_denied = Some(hook);
+        self
     }
 }
 
@@ -224,6 +237,29 @@ where
                 Ok(None) => {}
                 Err(err) => {
                     tracing::debug!(%path, "rejected call: {err}");
+                    let mutating = matches!(
+                        layer.policy.rule_for(&path),
+                        Some(Rule::Users {
+                            access: Access::Write | Access::Admin,
+                            ..
+                        })
+                    );
+                    if let Some(hook) = &layer.on_denied
+                        && mutating
+                    {
+                        // The caller, if its token was good (denied by role).
+                        let token = request
+                            .headers()
+                            .get(http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .map(|t| t.trim().to_string());
+                        let claims = match token {
+                            Some(token) => layer.verifier.verify(&token).await.ok(),
+                            None => None,
+                        };
+                        hook(&path, claims.as_ref(), &err.to_string());
+                    }
                     return Ok(capstan_proto::status(err).into_http());
                 }
             }

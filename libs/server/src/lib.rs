@@ -6,6 +6,7 @@
 //! [`Platform`] holds the infrastructure ports a service is given and makes
 //! authenticated clients of other services, found through the registry.
 
+pub mod audit;
 pub mod leader;
 pub mod metrics;
 pub mod tls;
@@ -588,7 +589,15 @@ pub async fn serve_with(
             service.name,
             &service.grpc_names,
         ))
-        .layer(service.auth)
+        .layer({
+            // Refused changes go to the audit log too.
+            let store = platform.store.clone();
+            service
+                .auth
+                .with_denial_hook(Arc::new(move |path, claims, reason| {
+                    audit::denied(store.clone(), path, claims, reason)
+                }))
+        })
         .add_routes(routes);
     let stop_accepting = CancellationToken::new();
     let signal = stop_accepting.clone().cancelled_owned();

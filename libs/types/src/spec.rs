@@ -890,6 +890,59 @@ impl AppSpec {
         matches!(self.run, Run::Image { .. })
     }
 
+    /// A line on what this spec changes from `old` (none: a new app), for
+    /// the audit log. Env values are never named, only their keys.
+    pub fn changes_from(&self, old: Option<&AppSpec>) -> String {
+        let Some(old) = old else {
+            return format!(
+                "created: {} replicas, template {}",
+                self.replicas,
+                self.template_hash()
+            );
+        };
+        let mut changes = Vec::new();
+        if old.replicas != self.replicas {
+            changes.push(format!("replicas {} -> {}", old.replicas, self.replicas));
+        }
+        let env: Vec<&str> = old
+            .env
+            .keys()
+            .chain(self.env.keys())
+            .filter(|k| old.env.get(*k) != self.env.get(*k))
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !env.is_empty() {
+            changes.push(format!("env {}", env.join(", ")));
+        }
+        for (name, changed) in [
+            ("run", old.run != self.run),
+            ("resources", old.resources != self.resources),
+            ("ports", old.ports != self.ports),
+            ("health", old.health != self.health),
+            ("route", old.route != self.route),
+            ("update", old.update != self.update),
+            ("placement", old.placement != self.placement),
+            ("autoscale", old.autoscale != self.autoscale),
+        ] {
+            if changed {
+                changes.push(name.to_string());
+            }
+        }
+        let (from, to) = (old.template_hash(), self.template_hash());
+        let template = if from == to {
+            "same template".to_string()
+        } else {
+            format!("template {from} -> {to}")
+        };
+        if changes.is_empty() {
+            format!("unchanged ({template})")
+        } else {
+            format!("{} ({template})", changes.join("; "))
+        }
+    }
+
     /// What in this spec weakens the isolation of the node or of other
     /// apps, each with why: only an admin may deploy it (the admission
     /// policy). A fixed host port below 1024 is a privileged port of the

@@ -255,6 +255,169 @@ impl Auth for AuthApi {
         &self,
         request: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let audit =
+            capstan_server::audit::begin(&request, "Auth/CreateApiKey", &request.get_ref().name);
+        let summary = format!("role {}", request.get_ref().role);
+        let result = self.create_api_key_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
+    }
+
+    async fn list_api_keys(
+        &self,
+        _: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        let mut keys: Vec<ApiKeyInfo> = self
+            .keys
+            .values("")
+            .await
+            .map_err(|e| capstan_proto::status(Error::internal(e)))?
+            .into_iter()
+            .map(|record| ApiKeyInfo {
+                name: record.name,
+                role: record.role.as_str().to_string(),
+                created_ms: record.created_ms,
+            })
+            .collect();
+        keys.sort_by(|a, b| (&a.name, a.created_ms).cmp(&(&b.name, b.created_ms)));
+        Ok(Response::new(ListApiKeysResponse { keys }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<capstan_proto::v1::ListAuditRequest>,
+    ) -> Result<Response<capstan_proto::v1::ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        if r.limit > 10_000 {
+            return Err(capstan_proto::status(Error::invalid(
+                "limit",
+                format!("{}; at most 10000", r.limit),
+            )));
+        }
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let mut records: Vec<capstan_proto::v1::AuditRecord> =
+            capstan_server::audit::list(&self.platform.store)
+                .await
+                .map_err(capstan_proto::status)?
+                .into_iter()
+                .filter(|rec| rec.at_ms >= r.since_ms)
+                .map(|rec| capstan_proto::v1::AuditRecord {
+                    seq: rec.seq,
+                    at_ms: rec.at_ms,
+                    actor: rec.entry.actor,
+                    role: rec.entry.role,
+                    method: rec.entry.method,
+                    target: rec.entry.target,
+                    summary: rec.entry.summary,
+                    result: rec.entry.result,
+                    prev: rec.prev,
+                    hash: rec.hash,
+                })
+                .collect();
+        if records.len() > limit {
+            records.drain(..records.len() - limit);
+        }
+        Ok(Response::new(capstan_proto::v1::ListAuditResponse {
+            records,
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        _: Request<capstan_proto::v1::VerifyAuditRequest>,
+    ) -> Result<Response<capstan_proto::v1::VerifyAuditResponse>, Status> {
+        let verdict = capstan_server::audit::verify(&self.platform.store)
+            .await
+            .map_err(capstan_proto::status)?;
+        Ok(Response::new(match verdict {
+            Ok(records) => capstan_proto::v1::VerifyAuditResponse {
+                intact: true,
+                records,
+                problem: String::new(),
+            },
+            Err(problem) => capstan_proto::v1::VerifyAuditResponse {
+                intact: false,
+                records: 0,
+                problem,
+            },
+        }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let audit = capstan_server::audit::begin(&request, "Auth/RotateSigningKey", "signing key");
+        let summary = String::new();
+        let result = self.rotate_signing_key_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let audit =
+            capstan_server::audit::begin(&request, "Auth/RevokeApiKey", &request.get_ref().name);
+        let summary = String::new();
+        let result = self.revoke_api_key_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
+    }
+}
+
+/// Who may call what on the auth service.
+pub fn policy() -> Policy {
+    Policy::new()
+        .public("/capstan.v1.Auth/IssueToken")
+        .public("/capstan.v1.Auth/GetVerificationKeys")
+        .admin("/capstan.v1.Auth/CreateApiKey")
+        .admin("/capstan.v1.Auth/ListApiKeys")
+        .admin("/capstan.v1.Auth/RevokeApiKey")
+        .admin("/capstan.v1.Auth/RotateSigningKey")
+        .admin("/capstan.v1.Auth/ListAudit")
+        .admin("/capstan.v1.Auth/VerifyAudit")
+}
+
+/// Serves the auth service on `listener` until `shutdown`.
+pub async fn run(
+    platform: Platform,
+    token_ttl: Duration,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let signer = signer(&platform).await?;
+    // The auth service verifies its own tokens without a network round trip.
+    let verifier = Arc::new(
+        Verifier::new(Arc::new(signing::SignerKeys(signer.clone())))
+            .with_revocations(platform.cache.clone()),
+    );
+    let policy = policy();
+    let api = AuthApi {
+        platform: platform.clone(),
+        token_ttl,
+        signer,
+        keys: Table::new(platform.store.clone(), API_KEYS),
+        issued: Table::new(platform.store.clone(), ISSUED_TOKENS),
+    };
+    let service = Service {
+        name: "auth",
+        instance_id: capstan_server::new_id("auth"),
+        grpc_names: vec!["capstan.v1.Auth"],
+        routes: tonic::service::Routes::new(AuthServer::new(api)),
+        auth: RequireAuthLayer::new(verifier, policy),
+    };
+    capstan_server::serve(&platform, service, listener, shutdown).await
+}
+
+/// The mutating calls' bodies; the trait methods record each in the
+/// audit log around them.
+impl AuthApi {
+    async fn create_api_key_inner(
+        &self,
+        request: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
         let caller = capstan_authn::caller(&request)
             .map_err(capstan_proto::status)?
             .clone();
@@ -311,50 +474,7 @@ impl Auth for AuthApi {
         Ok(Response::new(CreateApiKeyResponse { api_key }))
     }
 
-    async fn list_api_keys(
-        &self,
-        _: Request<ListApiKeysRequest>,
-    ) -> Result<Response<ListApiKeysResponse>, Status> {
-        let mut keys: Vec<ApiKeyInfo> = self
-            .keys
-            .values("")
-            .await
-            .map_err(|e| capstan_proto::status(Error::internal(e)))?
-            .into_iter()
-            .map(|record| ApiKeyInfo {
-                name: record.name,
-                role: record.role.as_str().to_string(),
-                created_ms: record.created_ms,
-            })
-            .collect();
-        keys.sort_by(|a, b| (&a.name, a.created_ms).cmp(&(&b.name, b.created_ms)));
-        Ok(Response::new(ListApiKeysResponse { keys }))
-    }
-
-    async fn rotate_signing_key(
-        &self,
-        request: Request<RotateSigningKeyRequest>,
-    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
-        let caller = capstan_authn::caller(&request)
-            .map_err(capstan_proto::status)?
-            .clone();
-        let kid = self.signer.rotate().await.map_err(capstan_proto::status)?;
-        tracing::info!(kid, by = %caller.sub, "rotated the token signing key");
-        self.platform
-            .emit(
-                Event::new(
-                    capstan_server::new_id("ev"),
-                    now_ms(),
-                    EventKind::SigningKeyRotated,
-                )
-                .message(format!("tokens are now signed with key `{kid}`"))
-                .actor(&caller.sub, caller.role.as_str()),
-            )
-            .await;
-        Ok(Response::new(RotateSigningKeyResponse { kid }))
-    }
-
-    async fn revoke_api_key(
+    async fn revoke_api_key_inner(
         &self,
         request: Request<RevokeApiKeyRequest>,
     ) -> Result<Response<RevokeApiKeyResponse>, Status> {
@@ -415,46 +535,27 @@ impl Auth for AuthApi {
             .await;
         Ok(Response::new(RevokeApiKeyResponse { revoked_tokens }))
     }
-}
 
-/// Who may call what on the auth service.
-pub fn policy() -> Policy {
-    Policy::new()
-        .public("/capstan.v1.Auth/IssueToken")
-        .public("/capstan.v1.Auth/GetVerificationKeys")
-        .admin("/capstan.v1.Auth/CreateApiKey")
-        .admin("/capstan.v1.Auth/ListApiKeys")
-        .admin("/capstan.v1.Auth/RevokeApiKey")
-        .admin("/capstan.v1.Auth/RotateSigningKey")
-}
-
-/// Serves the auth service on `listener` until `shutdown`.
-pub async fn run(
-    platform: Platform,
-    token_ttl: Duration,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let signer = signer(&platform).await?;
-    // The auth service verifies its own tokens without a network round trip.
-    let verifier = Arc::new(
-        Verifier::new(Arc::new(signing::SignerKeys(signer.clone())))
-            .with_revocations(platform.cache.clone()),
-    );
-    let policy = policy();
-    let api = AuthApi {
-        platform: platform.clone(),
-        token_ttl,
-        signer,
-        keys: Table::new(platform.store.clone(), API_KEYS),
-        issued: Table::new(platform.store.clone(), ISSUED_TOKENS),
-    };
-    let service = Service {
-        name: "auth",
-        instance_id: capstan_server::new_id("auth"),
-        grpc_names: vec!["capstan.v1.Auth"],
-        routes: tonic::service::Routes::new(AuthServer::new(api)),
-        auth: RequireAuthLayer::new(verifier, policy),
-    };
-    capstan_server::serve(&platform, service, listener, shutdown).await
+    async fn rotate_signing_key_inner(
+        &self,
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let kid = self.signer.rotate().await.map_err(capstan_proto::status)?;
+        tracing::info!(kid, by = %caller.sub, "rotated the token signing key");
+        self.platform
+            .emit(
+                Event::new(
+                    capstan_server::new_id("ev"),
+                    now_ms(),
+                    EventKind::SigningKeyRotated,
+                )
+                .message(format!("tokens are now signed with key `{kid}`"))
+                .actor(&caller.sub, caller.role.as_str()),
+            )
+            .await;
+        Ok(Response::new(RotateSigningKeyResponse { kid }))
+    }
 }

@@ -240,6 +240,22 @@ pub const ROUTES: &[Route] = &[
         Body::None,
         "Revoke an API key and its live tokens",
     ),
+    route(
+        Method::GET,
+        "/v1/audit",
+        "auth",
+        "capstan.v1.Auth/ListAudit",
+        Body::None,
+        "The audit log: every change asked for and refused, oldest first",
+    ),
+    route(
+        Method::GET,
+        "/v1/audit/verify",
+        "auth",
+        "capstan.v1.Auth/VerifyAudit",
+        Body::None,
+        "Whether the audit log's hash chain is whole",
+    ),
 ];
 
 /// The `{field}` names of a path.

@@ -249,137 +249,33 @@ impl Orchestrator for Api {
         &self,
         request: Request<ApplyAppRequest>,
     ) -> Result<Response<ApplyAppResponse>, Status> {
-        let caller = caller(&request)?;
-        let wire = request
-            .into_inner()
+        let name = request
+            .get_ref()
             .spec
-            .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
-        let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
-        // Admission: what weakens isolation is the admin's to deploy.
-        let privileged = spec.privileged_fields();
-        if !privileged.is_empty() && caller.role != capstan_authn::Role::Admin {
-            let fields: Vec<String> = privileged.iter().map(ToString::to_string).collect();
-            return Err(status(Error::PermissionDenied(fields.join("; "))));
-        }
-        let now = now_ms();
-        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
-        // Restarts are the platform's count: a deploy keeps the app's.
-        spec.restarts = match &existing {
-            Some((_, app)) if !app.deleting => app.spec.restarts,
-            _ => 0,
-        };
-        let hash = spec.template_hash();
-        // An autoscaled app keeps the count the autoscaler reached (within
-        // the new bounds); `replicas` is where a new one starts.
-        if let Some(autoscale) = &spec.autoscale {
-            let start = match &existing {
-                Some((_, app)) if app.spec.autoscale.is_some() && !app.deleting => {
-                    app.spec.replicas
-                }
-                _ => spec.replicas,
-            };
-            spec.replicas = autoscale.clamp(start);
-        }
-        let (record, expect, created, changed, rollout_started) = match existing {
-            Some((_, app)) if app.deleting => {
-                return Err(status(Error::FailedPrecondition(format!(
-                    "app `{}` is being deleted; apply it again once it is gone",
-                    spec.name
-                ))));
-            }
-            None => {
-                let record = AppRecord {
-                    spec: spec.clone(),
-                    spec_hash: hash.clone(),
-                    stable: None,
-                    rollout: Rollout {
-                        trace: capstan_telemetry::traceparent(),
-                        ..Rollout::start(hash.clone(), now)
-                    },
-                    deleting: false,
-                    backoff: Default::default(),
-                    placement_error: String::new(),
-                    created_ms: now,
-                    updated_ms: now,
-                    autoscale_override: None,
-                    previous: Vec::new(),
-                };
-                (record, Expect::Absent, true, true, true)
-            }
-            Some((version, mut app)) => {
-                // A deploy ends a manual override of the autoscaler, whether
-                // or not the spec changed.
-                let overridden = app.autoscale_override.take().is_some();
-                let changed = app.spec != spec || overridden;
-                let rollout_started = hash != app.spec_hash
-                    || app.rollout.state != RolloutState::Completed
-                        && hash != app.rollout.target_hash;
-                if rollout_started {
-                    app.rollout = Rollout {
-                        trace: capstan_telemetry::traceparent(),
-                        ..Rollout::start(hash.clone(), now)
-                    };
-                    // The old template's placement problem says nothing
-                    // about the new one.
-                    app.placement_error.clear();
-                }
-                app.spec = spec.clone();
-                app.spec_hash = hash.clone();
-                app.backoff = Default::default();
-                app.updated_ms = now;
-                (
-                    app,
-                    Expect::Version(version),
-                    false,
-                    changed,
-                    rollout_started,
-                )
-            }
-        };
-        let mut version = match expect {
-            Expect::Version(version) => version,
-            _ => 0,
-        };
-        if changed {
-            version = self
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let audit = capstan_server::audit::begin(&request, "Orchestrator/ApplyApp", &name);
+        let old = match check_name(&name) {
+            Ok(_) => self
                 .apps
-                .put(&spec.name, &record, expect)
+                .get(&name)
                 .await
-                .map_err(store_err)?;
-            if created {
-                self.emit(
-                    EventKind::AppCreated,
-                    &spec.name,
-                    format!("{} replicas", spec.replicas),
-                    &caller,
-                )
-                .await;
-            } else {
-                self.emit(
-                    EventKind::AppUpdated,
-                    &spec.name,
-                    format!("template {hash}"),
-                    &caller,
-                )
-                .await;
-            }
-            if rollout_started {
-                self.emit(
-                    EventKind::RolloutStarted,
-                    &spec.name,
-                    format!("to template {hash}"),
-                    &caller,
-                )
-                .await;
-            }
-            self.wake.notify_one();
-        }
-        let app = self.app_status(&record, version, true).await?;
-        Ok(Response::new(ApplyAppResponse {
-            app: Some(app),
-            created,
-            changed,
-        }))
+                .ok()
+                .flatten()
+                .map(|(_, a)| a.spec),
+            Err(_) => None,
+        };
+        let summary = request
+            .get_ref()
+            .spec
+            .clone()
+            .and_then(|wire| capstan_proto::spec_from_wire(wire).ok())
+            .map(|new| new.changes_from(old.as_ref()))
+            .unwrap_or_default();
+        let result = self.apply_app_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     async fn get_app(
@@ -423,77 +319,30 @@ impl Orchestrator for Api {
         &self,
         request: Request<ScaleAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        if r.replicas > MAX_REPLICAS {
-            return Err(status(Error::invalid(
-                "replicas",
-                format!("must be between 0 and {MAX_REPLICAS}, got {}", r.replicas),
-            )));
-        }
-        let (mut version, mut app) = self.load(&r.name).await?;
-        // By hand, an autoscaled app's count is the caller's until the
-        // next deploy or ResumeAutoscale.
-        let overrides = app.spec.autoscale.is_some()
-            && app.autoscale_override.as_ref().map(|o| o.replicas) != Some(r.replicas);
-        if overrides {
-            app.autoscale_override = Some(ScaleOverrideRecord {
-                by: caller.sub.clone(),
-                at_ms: now_ms(),
-                replicas: r.replicas,
-            });
-            self.journal
-                .record(
-                    crate::journal::JournalEntry::new(&r.name, now_ms(), "autoscale")
-                        .input("replicas", app.spec.replicas)
-                        .input("by", &caller.sub)
-                        .rule("a manual scale overrides the autoscaler until the next deploy or `capstan app autoscale NAME --resume`")
-                        .result(format!("{} -> {}", app.spec.replicas, r.replicas))
-                        .reason(format!(
-                            "autoscaling paused: scaled {} -> {} by hand ({})",
-                            app.spec.replicas, r.replicas, caller.sub
-                        )),
-                )
-                .await;
-        }
-        if app.spec.replicas != r.replicas || overrides {
-            let from = app.spec.replicas;
-            app.spec.replicas = r.replicas;
-            app.updated_ms = now_ms();
-            version = self
-                .apps
-                .put(&r.name, &app, Expect::Version(version))
-                .await
-                .map_err(store_err)?;
-            self.emit(
-                EventKind::AppScaled,
-                &r.name,
-                format!("{from} → {} replicas", r.replicas),
-                &caller,
-            )
-            .await;
-            self.wake.notify_one();
-        }
-        Ok(Response::new(self.app_status(&app, version, true).await?))
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Orchestrator/ScaleApp",
+            &request.get_ref().name,
+        );
+        let summary = format!("replicas {}", request.get_ref().replicas);
+        let result = self.scale_app_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     async fn delete_app(
         &self,
         request: Request<DeleteAppRequest>,
     ) -> Result<Response<DeleteAppResponse>, Status> {
-        let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        let (version, mut app) = self.load(&name).await?;
-        app.deleting = true;
-        app.updated_ms = now_ms();
-        self.apps
-            .put(&name, &app, Expect::Version(version))
-            .await
-            .map_err(store_err)?;
-        self.emit(EventKind::AppDeleted, &name, String::new(), &caller)
-            .await;
-        self.wake.notify_one();
-        Ok(Response::new(DeleteAppResponse {}))
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Orchestrator/DeleteApp",
+            &request.get_ref().name,
+        );
+        let summary = String::new();
+        let result = self.delete_app_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     async fn get_app_history(
@@ -532,43 +381,15 @@ impl Orchestrator for Api {
         &self,
         request: Request<ResumeAutoscaleRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        let (mut version, mut app) = self.load(&name).await?;
-        if app.spec.autoscale.is_none() {
-            return Err(status(Error::FailedPrecondition(format!(
-                "app `{name}` has no [autoscale] section: its replicas are set by `app scale`"
-            ))));
-        }
-        if let Some(previous) = app.autoscale_override.take() {
-            app.updated_ms = now_ms();
-            version = self
-                .apps
-                .put(&name, &app, Expect::Version(version))
-                .await
-                .map_err(store_err)?;
-            self.journal
-                .record(
-                    crate::journal::JournalEntry::new(&name, now_ms(), "autoscale")
-                        .input("replicas", app.spec.replicas)
-                        .input("by", &caller.sub)
-                        .rule("resume: the autoscaler decides the count again")
-                        .result("resumed")
-                        .reason(format!(
-                            "autoscaling resumed by {} (paused since {} scaled to {})",
-                            caller.sub, previous.by, previous.replicas
-                        )),
-                )
-                .await;
-            self.emit(
-                EventKind::AppUpdated,
-                &name,
-                "autoscaling resumed".into(),
-                &caller,
-            )
-            .await;
-        }
-        Ok(Response::new(self.app_status(&app, version, true).await?))
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Orchestrator/ResumeAutoscale",
+            &request.get_ref().name,
+        );
+        let summary = String::new();
+        let result = self.resume_autoscale_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     async fn wake_app(
@@ -638,119 +459,33 @@ impl Orchestrator for Api {
         &self,
         request: Request<capstan_proto::v1::RestartAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        let (version, mut app) = self.load(&name).await?;
-        let now = now_ms();
-        app.spec.restarts = app.spec.restarts.saturating_add(1);
-        let hash = roll_out(&mut app, now);
-        let version = self
-            .apps
-            .put(&name, &app, Expect::Version(version))
-            .await
-            .map_err(store_err)?;
-        self.emit(
-            EventKind::RolloutStarted,
-            &name,
-            format!("rolling restart {} to template {hash}", app.spec.restarts),
-            &caller,
-        )
-        .await;
-        self.wake.notify_one();
-        Ok(Response::new(self.app_status(&app, version, true).await?))
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Orchestrator/RestartApp",
+            &request.get_ref().name,
+        );
+        let summary = String::new();
+        let result = self.restart_app_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     async fn rollback_app(
         &self,
         request: Request<capstan_proto::v1::RollbackAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let is_hash =
-            |t: &str| t.len() == 16 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if !r.to_template.is_empty() && !is_hash(&r.to_template) {
-            return Err(status(Error::invalid(
-                "to_template",
-                "a template hash: 16 lowercase hex digits (see `capstan app status`)",
-            )));
-        }
-        let (version, mut app) = self.load(&r.name).await?;
-        let targets = rollback_targets(&app);
-        let target = if r.to_template.is_empty() {
-            targets.first().copied().ok_or_else(|| {
-                status(Error::FailedPrecondition(format!(
-                    "app `{}` has no earlier template to roll back to",
-                    r.name
-                )))
-            })?
-        } else if r.to_template == app.spec_hash {
-            return Err(status(Error::FailedPrecondition(format!(
-                "app `{}` is at template {} already",
-                r.name, r.to_template
-            ))));
-        } else {
-            let known: Vec<String> = targets.iter().map(|t| t.template_hash()).collect();
-            targets
-                .iter()
-                .find(|t| t.template_hash() == r.to_template)
-                .copied()
-                .ok_or_else(|| {
-                    status(Error::NotFound(format!(
-                        "template {} of app `{}`; earlier templates: {}",
-                        r.to_template,
-                        r.name,
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    )))
-                })?
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Orchestrator/RollbackApp",
+            &request.get_ref().name,
+        );
+        let summary = match request.get_ref().to_template.as_str() {
+            "" => "to the template before".to_string(),
+            to => format!("to template {to}"),
         };
-        // The template is the target's; scale, routes and policies stay.
-        let spec = capstan_types::AppSpec {
-            run: target.run.clone(),
-            resources: target.resources,
-            ports: target.ports.clone(),
-            env: target.env.clone(),
-            health: target.health.clone(),
-            placement: target.placement.clone(),
-            restarts: target.restarts,
-            ..app.spec.clone()
-        };
-        let from = app.spec_hash.clone();
-        let now = now_ms();
-        app.spec = spec;
-        let hash = roll_out(&mut app, now);
-        let version = self
-            .apps
-            .put(&r.name, &app, Expect::Version(version))
-            .await
-            .map_err(store_err)?;
-        self.journal
-            .record(
-                crate::journal::JournalEntry::new(&r.name, now, "rollback")
-                    .input("from", &from)
-                    .input("by", &caller.sub)
-                    .rule(
-                        "a rollback by hand returns the template; scale, routes and policies stay",
-                    )
-                    .result(format!("{from} -> {hash}"))
-                    .reason(format!(
-                        "rolled back by hand to template {hash} ({})",
-                        caller.sub
-                    )),
-            )
-            .await;
-        self.emit(
-            EventKind::RolloutStarted,
-            &r.name,
-            format!("rollback from template {from} to {hash}"),
-            &caller,
-        )
-        .await;
-        self.wake.notify_one();
-        Ok(Response::new(self.app_status(&app, version, true).await?))
+        let result = self.rollback_app_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 
     type AppLogsStream = crate::logs::LogStream;
@@ -900,5 +635,385 @@ impl Orchestrator for Api {
             });
         }
         Ok(Response::new(ListEndpointsResponse { apps }))
+    }
+}
+
+/// The mutating calls' bodies; the trait methods record each in the
+/// audit log around them.
+impl Api {
+    async fn apply_app_inner(
+        &self,
+        request: Request<ApplyAppRequest>,
+    ) -> Result<Response<ApplyAppResponse>, Status> {
+        let caller = caller(&request)?;
+        let wire = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
+        let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
+        // Admission: what weakens isolation is the admin's to deploy.
+        let privileged = spec.privileged_fields();
+        if !privileged.is_empty() && caller.role != capstan_authn::Role::Admin {
+            let fields: Vec<String> = privileged.iter().map(ToString::to_string).collect();
+            return Err(status(Error::PermissionDenied(fields.join("; "))));
+        }
+        let now = now_ms();
+        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
+        // Restarts are the platform's count: a deploy keeps the app's.
+        spec.restarts = match &existing {
+            Some((_, app)) if !app.deleting => app.spec.restarts,
+            _ => 0,
+        };
+        let hash = spec.template_hash();
+        // An autoscaled app keeps the count the autoscaler reached (within
+        // the new bounds); `replicas` is where a new one starts.
+        if let Some(autoscale) = &spec.autoscale {
+            let start = match &existing {
+                Some((_, app)) if app.spec.autoscale.is_some() && !app.deleting => {
+                    app.spec.replicas
+                }
+                _ => spec.replicas,
+            };
+            spec.replicas = autoscale.clamp(start);
+        }
+        let (record, expect, created, changed, rollout_started) = match existing {
+            Some((_, app)) if app.deleting => {
+                return Err(status(Error::FailedPrecondition(format!(
+                    "app `{}` is being deleted; apply it again once it is gone",
+                    spec.name
+                ))));
+            }
+            None => {
+                let record = AppRecord {
+                    spec: spec.clone(),
+                    spec_hash: hash.clone(),
+                    stable: None,
+                    rollout: Rollout {
+                        trace: capstan_telemetry::traceparent(),
+                        ..Rollout::start(hash.clone(), now)
+                    },
+                    deleting: false,
+                    backoff: Default::default(),
+                    placement_error: String::new(),
+                    created_ms: now,
+                    updated_ms: now,
+                    autoscale_override: None,
+                    previous: Vec::new(),
+                };
+                (record, Expect::Absent, true, true, true)
+            }
+            Some((version, mut app)) => {
+                // A deploy ends a manual override of the autoscaler, whether
+                // or not the spec changed.
+                let overridden = app.autoscale_override.take().is_some();
+                let changed = app.spec != spec || overridden;
+                let rollout_started = hash != app.spec_hash
+                    || app.rollout.state != RolloutState::Completed
+                        && hash != app.rollout.target_hash;
+                if rollout_started {
+                    app.rollout = Rollout {
+                        trace: capstan_telemetry::traceparent(),
+                        ..Rollout::start(hash.clone(), now)
+                    };
+                    // The old template's placement problem says nothing
+                    // about the new one.
+                    app.placement_error.clear();
+                }
+                app.spec = spec.clone();
+                app.spec_hash = hash.clone();
+                app.backoff = Default::default();
+                app.updated_ms = now;
+                (
+                    app,
+                    Expect::Version(version),
+                    false,
+                    changed,
+                    rollout_started,
+                )
+            }
+        };
+        let mut version = match expect {
+            Expect::Version(version) => version,
+            _ => 0,
+        };
+        if changed {
+            version = self
+                .apps
+                .put(&spec.name, &record, expect)
+                .await
+                .map_err(store_err)?;
+            if created {
+                self.emit(
+                    EventKind::AppCreated,
+                    &spec.name,
+                    format!("{} replicas", spec.replicas),
+                    &caller,
+                )
+                .await;
+            } else {
+                self.emit(
+                    EventKind::AppUpdated,
+                    &spec.name,
+                    format!("template {hash}"),
+                    &caller,
+                )
+                .await;
+            }
+            if rollout_started {
+                self.emit(
+                    EventKind::RolloutStarted,
+                    &spec.name,
+                    format!("to template {hash}"),
+                    &caller,
+                )
+                .await;
+            }
+            self.wake.notify_one();
+        }
+        let app = self.app_status(&record, version, true).await?;
+        Ok(Response::new(ApplyAppResponse {
+            app: Some(app),
+            created,
+            changed,
+        }))
+    }
+
+    async fn scale_app_inner(
+        &self,
+        request: Request<ScaleAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        if r.replicas > MAX_REPLICAS {
+            return Err(status(Error::invalid(
+                "replicas",
+                format!("must be between 0 and {MAX_REPLICAS}, got {}", r.replicas),
+            )));
+        }
+        let (mut version, mut app) = self.load(&r.name).await?;
+        // By hand, an autoscaled app's count is the caller's until the
+        // next deploy or ResumeAutoscale.
+        let overrides = app.spec.autoscale.is_some()
+            && app.autoscale_override.as_ref().map(|o| o.replicas) != Some(r.replicas);
+        if overrides {
+            app.autoscale_override = Some(ScaleOverrideRecord {
+                by: caller.sub.clone(),
+                at_ms: now_ms(),
+                replicas: r.replicas,
+            });
+            self.journal
+                .record(
+                    crate::journal::JournalEntry::new(&r.name, now_ms(), "autoscale")
+                        .input("replicas", app.spec.replicas)
+                        .input("by", &caller.sub)
+                        .rule("a manual scale overrides the autoscaler until the next deploy or `capstan app autoscale NAME --resume`")
+                        .result(format!("{} -> {}", app.spec.replicas, r.replicas))
+                        .reason(format!(
+                            "autoscaling paused: scaled {} -> {} by hand ({})",
+                            app.spec.replicas, r.replicas, caller.sub
+                        )),
+                )
+                .await;
+        }
+        if app.spec.replicas != r.replicas || overrides {
+            let from = app.spec.replicas;
+            app.spec.replicas = r.replicas;
+            app.updated_ms = now_ms();
+            version = self
+                .apps
+                .put(&r.name, &app, Expect::Version(version))
+                .await
+                .map_err(store_err)?;
+            self.emit(
+                EventKind::AppScaled,
+                &r.name,
+                format!("{from} → {} replicas", r.replicas),
+                &caller,
+            )
+            .await;
+            self.wake.notify_one();
+        }
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
+
+    async fn delete_app_inner(
+        &self,
+        request: Request<DeleteAppRequest>,
+    ) -> Result<Response<DeleteAppResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let (version, mut app) = self.load(&name).await?;
+        app.deleting = true;
+        app.updated_ms = now_ms();
+        self.apps
+            .put(&name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.emit(EventKind::AppDeleted, &name, String::new(), &caller)
+            .await;
+        self.wake.notify_one();
+        Ok(Response::new(DeleteAppResponse {}))
+    }
+
+    async fn resume_autoscale_inner(
+        &self,
+        request: Request<ResumeAutoscaleRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let (mut version, mut app) = self.load(&name).await?;
+        if app.spec.autoscale.is_none() {
+            return Err(status(Error::FailedPrecondition(format!(
+                "app `{name}` has no [autoscale] section: its replicas are set by `app scale`"
+            ))));
+        }
+        if let Some(previous) = app.autoscale_override.take() {
+            app.updated_ms = now_ms();
+            version = self
+                .apps
+                .put(&name, &app, Expect::Version(version))
+                .await
+                .map_err(store_err)?;
+            self.journal
+                .record(
+                    crate::journal::JournalEntry::new(&name, now_ms(), "autoscale")
+                        .input("replicas", app.spec.replicas)
+                        .input("by", &caller.sub)
+                        .rule("resume: the autoscaler decides the count again")
+                        .result("resumed")
+                        .reason(format!(
+                            "autoscaling resumed by {} (paused since {} scaled to {})",
+                            caller.sub, previous.by, previous.replicas
+                        )),
+                )
+                .await;
+            self.emit(
+                EventKind::AppUpdated,
+                &name,
+                "autoscaling resumed".into(),
+                &caller,
+            )
+            .await;
+        }
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
+
+    async fn restart_app_inner(
+        &self,
+        request: Request<capstan_proto::v1::RestartAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let (version, mut app) = self.load(&name).await?;
+        let now = now_ms();
+        app.spec.restarts = app.spec.restarts.saturating_add(1);
+        let hash = roll_out(&mut app, now);
+        let version = self
+            .apps
+            .put(&name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.emit(
+            EventKind::RolloutStarted,
+            &name,
+            format!("rolling restart {} to template {hash}", app.spec.restarts),
+            &caller,
+        )
+        .await;
+        self.wake.notify_one();
+        Ok(Response::new(self.app_status(&app, version, true).await?))
+    }
+
+    async fn rollback_app_inner(
+        &self,
+        request: Request<capstan_proto::v1::RollbackAppRequest>,
+    ) -> Result<Response<AppStatus>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let is_hash =
+            |t: &str| t.len() == 16 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !r.to_template.is_empty() && !is_hash(&r.to_template) {
+            return Err(status(Error::invalid(
+                "to_template",
+                "a template hash: 16 lowercase hex digits (see `capstan app status`)",
+            )));
+        }
+        let (version, mut app) = self.load(&r.name).await?;
+        let targets = rollback_targets(&app);
+        let target = if r.to_template.is_empty() {
+            targets.first().copied().ok_or_else(|| {
+                status(Error::FailedPrecondition(format!(
+                    "app `{}` has no earlier template to roll back to",
+                    r.name
+                )))
+            })?
+        } else if r.to_template == app.spec_hash {
+            return Err(status(Error::FailedPrecondition(format!(
+                "app `{}` is at template {} already",
+                r.name, r.to_template
+            ))));
+        } else {
+            let known: Vec<String> = targets.iter().map(|t| t.template_hash()).collect();
+            targets
+                .iter()
+                .find(|t| t.template_hash() == r.to_template)
+                .copied()
+                .ok_or_else(|| {
+                    status(Error::NotFound(format!(
+                        "template {} of app `{}`; earlier templates: {}",
+                        r.to_template,
+                        r.name,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )))
+                })?
+        };
+        // The template is the target's; scale, routes and policies stay.
+        let spec = capstan_types::AppSpec {
+            run: target.run.clone(),
+            resources: target.resources,
+            ports: target.ports.clone(),
+            env: target.env.clone(),
+            health: target.health.clone(),
+            placement: target.placement.clone(),
+            restarts: target.restarts,
+            ..app.spec.clone()
+        };
+        let from = app.spec_hash.clone();
+        let now = now_ms();
+        app.spec = spec;
+        let hash = roll_out(&mut app, now);
+        let version = self
+            .apps
+            .put(&r.name, &app, Expect::Version(version))
+            .await
+            .map_err(store_err)?;
+        self.journal
+            .record(
+                crate::journal::JournalEntry::new(&r.name, now, "rollback")
+                    .input("from", &from)
+                    .input("by", &caller.sub)
+                    .rule(
+                        "a rollback by hand returns the template; scale, routes and policies stay",
+                    )
+                    .result(format!("{from} -> {hash}"))
+                    .reason(format!(
+                        "rolled back by hand to template {hash} ({})",
+                        caller.sub
+                    )),
+            )
+            .await;
+        self.emit(
+            EventKind::RolloutStarted,
+            &r.name,
+            format!("rollback from template {from} to {hash}"),
+            &caller,
+        )
+        .await;
+        self.wake.notify_one();
+        Ok(Response::new(self.app_status(&app, version, true).await?))
     }
 }

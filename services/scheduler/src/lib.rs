@@ -321,46 +321,19 @@ impl Scheduler for SchedulerApi {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<Node>, Status> {
-        let caller = capstan_authn::caller(&request)
-            .map_err(capstan_proto::status)?
-            .clone();
-        let r = request.into_inner();
-        NodeId::parse("node_id", &r.node_id).map_err(capstan_proto::status)?;
-        let mut found = false;
-        let changed = self
-            .nodes()
-            .update(&r.node_id, |node| {
-                found = node.is_some();
-                let node = node.filter(|n| n.draining != r.enable)?;
-                Some(NodeRecord {
-                    draining: r.enable,
-                    ..node.clone()
-                })
-            })
-            .await
-            .map_err(internal)?;
-        if !found {
-            return Err(capstan_proto::status(Error::NotFound(format!(
-                "node {}",
-                r.node_id
-            ))));
-        }
-        if changed.is_some() {
-            tracing::info!(node = %r.node_id, draining = r.enable, by = %caller.sub, "node eligibility changed");
-            let kind = if r.enable {
-                EventKind::NodeDrainStarted
-            } else {
-                EventKind::NodeDrainCancelled
-            };
-            self.platform
-                .emit(
-                    Event::new(capstan_server::new_id("ev"), now_ms(), kind)
-                        .node(&r.node_id)
-                        .actor(&caller.sub, caller.role.as_str()),
-                )
-                .await;
-        }
-        Ok(Response::new(self.node_status(&r.node_id).await?))
+        let audit = capstan_server::audit::begin(
+            &request,
+            "Scheduler/DrainNode",
+            &request.get_ref().node_id,
+        );
+        let summary = if request.get_ref().enable {
+            "enable".to_string()
+        } else {
+            "drain".to_string()
+        };
+        let result = self.drain_node_inner(request).await;
+        audit.finish(&self.platform.store, &result, summary).await;
+        result
     }
 }
 
@@ -539,6 +512,56 @@ async fn migrate_allocations(platform: &Platform) -> Result<(), Error> {
     }
     tracing::info!("migrated allocations to per-node rows");
     Ok(())
+}
+
+/// The mutating calls' bodies; the trait methods record each in the
+/// audit log around them.
+impl SchedulerApi {
+    async fn drain_node_inner(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let r = request.into_inner();
+        NodeId::parse("node_id", &r.node_id).map_err(capstan_proto::status)?;
+        let mut found = false;
+        let changed = self
+            .nodes()
+            .update(&r.node_id, |node| {
+                found = node.is_some();
+                let node = node.filter(|n| n.draining != r.enable)?;
+                Some(NodeRecord {
+                    draining: r.enable,
+                    ..node.clone()
+                })
+            })
+            .await
+            .map_err(internal)?;
+        if !found {
+            return Err(capstan_proto::status(Error::NotFound(format!(
+                "node {}",
+                r.node_id
+            ))));
+        }
+        if changed.is_some() {
+            tracing::info!(node = %r.node_id, draining = r.enable, by = %caller.sub, "node eligibility changed");
+            let kind = if r.enable {
+                EventKind::NodeDrainStarted
+            } else {
+                EventKind::NodeDrainCancelled
+            };
+            self.platform
+                .emit(
+                    Event::new(capstan_server::new_id("ev"), now_ms(), kind)
+                        .node(&r.node_id)
+                        .actor(&caller.sub, caller.role.as_str()),
+                )
+                .await;
+        }
+        Ok(Response::new(self.node_status(&r.node_id).await?))
+    }
 }
 
 #[cfg(test)]
