@@ -785,16 +785,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                     limit,
                     output,
                 } => {
-                    let since_ms = match since {
-                        None => 0,
-                        Some(since)
-                            if (Duration::from_secs(1)..=Duration::from_secs(90 * 86_400))
-                                .contains(&since) =>
-                        {
-                            capstan_server::now_ms() - since.as_millis() as i64
-                        }
-                        Some(_) => return Err(anyhow!("--since: must be 1s to 90d")),
-                    };
+                    let since_ms = since_ms(since)?;
                     let records = client
                         .list_audit(capstan_proto::v1::ListAuditRequest { since_ms, limit })
                         .await
@@ -1102,16 +1093,7 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
             tail,
             output,
         } => {
-            let since_ms = match since {
-                None => 0,
-                Some(since)
-                    if (Duration::from_secs(1)..=Duration::from_secs(90 * 86_400))
-                        .contains(&since) =>
-                {
-                    capstan_server::now_ms() - since.as_millis() as i64
-                }
-                Some(_) => return Err(anyhow!("--since: must be 1s to 90d")),
-            };
+            let since_ms = since_ms(since)?;
             let api = Api::connect(global)?;
             let mut stream = api
                 .orchestrator()?
@@ -1410,6 +1392,19 @@ fn print_status(app: &AppStatus) {
             if i.routable { "yes" } else { "no" },
             i.message
         );
+    }
+}
+
+/// A `--since` (1s to 90d) as ms since the epoch; none: 0 (all).
+fn since_ms(since: Option<Duration>) -> Result<i64> {
+    match since {
+        None => Ok(0),
+        Some(since)
+            if (Duration::from_secs(1)..=Duration::from_secs(90 * 86_400)).contains(&since) =>
+        {
+            Ok(capstan_server::now_ms() - since.as_millis() as i64)
+        }
+        Some(_) => Err(anyhow!("--since: must be 1s to 90d")),
     }
 }
 

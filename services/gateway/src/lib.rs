@@ -115,6 +115,13 @@ impl Problem {
         }
     }
 
+    fn timed_out() -> Problem {
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the service did not answer within {CALL_TIMEOUT:?}"),
+        )
+    }
+
     fn invalid(field: &str, reason: impl Into<String>) -> Problem {
         let reason = reason.into();
         Problem {
@@ -482,12 +489,7 @@ impl Gateway {
             call.set_timeout(CALL_TIMEOUT);
             let response = tokio::time::timeout(CALL_TIMEOUT, grpc.unary(call, rpc_path, RawCodec))
                 .await
-                .map_err(|_| {
-                    Problem::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the service did not answer in time",
-                    )
-                })?
+                .map_err(|_| Problem::timed_out())?
                 .map_err(|s| Problem::of_status(&s))?;
             let message = DynamicMessage::decode(output, response.into_inner())
                 .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
@@ -514,12 +516,7 @@ impl Gateway {
                     .collect::<Vec<_>>(),
             )
             .await
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the service did not answer in time",
-                )
-            })?
+            .map_err(|_| Problem::timed_out())?
             .into_iter()
             .collect::<Result<_, _>>()?;
             return Ok(axum::Json(Value::Array(items)).into_response());
