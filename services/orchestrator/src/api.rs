@@ -256,24 +256,8 @@ impl Orchestrator for Api {
             .map(|s| s.name.clone())
             .unwrap_or_default();
         let audit = capstan_server::audit::begin(&request, "Orchestrator/ApplyApp", &name);
-        let old = match check_name(&name) {
-            Ok(_) => self
-                .apps
-                .get(&name)
-                .await
-                .ok()
-                .flatten()
-                .map(|(_, a)| a.spec),
-            Err(_) => None,
-        };
-        let summary = request
-            .get_ref()
-            .spec
-            .clone()
-            .and_then(|wire| capstan_proto::spec_from_wire(wire).ok())
-            .map(|new| new.changes_from(old.as_ref()))
-            .unwrap_or_default();
-        let result = self.apply_app_inner(request).await;
+        let mut summary = String::new();
+        let result = self.apply_app_inner(request, &mut summary).await;
         audit.finish(&self.platform.store, &result, summary).await;
         result
     }
@@ -641,9 +625,11 @@ impl Orchestrator for Api {
 /// The mutating calls' bodies; the trait methods record each in the
 /// audit log around them.
 impl Api {
+    /// `summary`: what the deploy changes, for the audit log, once known.
     async fn apply_app_inner(
         &self,
         request: Request<ApplyAppRequest>,
+        summary: &mut String,
     ) -> Result<Response<ApplyAppResponse>, Status> {
         let caller = caller(&request)?;
         let wire = request
@@ -676,6 +662,12 @@ impl Api {
             };
             spec.replicas = autoscale.clamp(start);
         }
+        *summary = spec.changes_from(
+            existing
+                .as_ref()
+                .filter(|(_, app)| !app.deleting)
+                .map(|(_, app)| &app.spec),
+        );
         let (record, expect, created, changed, rollout_started) = match existing {
             Some((_, app)) if app.deleting => {
                 return Err(status(Error::FailedPrecondition(format!(
