@@ -233,6 +233,27 @@ enum Command {
     /// The audit log (admin): every change asked for and refused.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Projects: what apps and the keys of their people belong to.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Create a project (admin). Then give its people keys with
+    /// `capstan key create --project NAME --role deployer|viewer`.
+    #[command(
+        after_help = "Example:\n  capstan project create team-a\n  capstan key create --name alice --project team-a --role deployer"
+    )]
+    Create {
+        /// A DNS label: lowercase letters, digits and `-`.
+        name: String,
+    },
+    /// List the projects this key may see (an admin sees every one).
+    Ls {
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -246,6 +267,9 @@ enum AuditCommand {
         /// The last this many (1 to 10000).
         #[arg(long, short = 'n', default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
+        /// Only records about this project.
+        #[arg(long)]
+        project: Option<String>,
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
@@ -258,15 +282,19 @@ enum AuditCommand {
 enum KeyCommand {
     /// Create an API key and print it once; only its digest is stored.
     #[command(
-        after_help = "Roles: viewer (reads), operator (changes apps), admin (everything),\nnode (an agent joining as node NAME: pass the key to capstan-agent --node-key-file).\n\nExamples:\n  capstan key create --name ci --role operator\n  capstan key create --name node-7 --role node > node-7.key"
+        after_help = "Roles: viewer (reads its project), deployer (deploys, scales, restarts, rolls back\nand deletes its project's apps), admin (everything, every project: keys, nodes, projects),\nnode (an agent joining as node NAME: pass the key to capstan-agent --node-key-file).\n\nExamples:\n  capstan key create --name ci --project team-a --role deployer\n  capstan key create --name node-7 --role node > node-7.key"
     )]
     Create {
         /// The key's name: who or what holds it (a node id for role node).
         #[arg(long)]
         name: String,
-        /// viewer, operator, admin or node.
+        /// viewer, deployer, admin or node.
         #[arg(long)]
         role: String,
+        /// The project a viewer or deployer key is for (default: `default`).
+        /// Admin and node keys are for every project.
+        #[arg(long)]
+        project: Option<String>,
     },
     /// List API keys: names, roles and creation times (never the keys).
     Ls {
@@ -742,11 +770,19 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 capstan_types::duration::parse(&timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
             drain(&global, &node, !cancel, detach, timeout).await
         }
-        Command::Key(KeyCommand::Create { name, role }) => {
+        Command::Key(KeyCommand::Create {
+            name,
+            role,
+            project,
+        }) => {
             let api = Api::connect(&global)?;
             let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
             let response = AuthClient::new(api.channel(&address, "auth")?)
-                .create_api_key(CreateApiKeyRequest { name, role })
+                .create_api_key(CreateApiKeyRequest {
+                    name,
+                    role,
+                    project: project.unwrap_or_default(),
+                })
                 .await
                 .map_err(rpc)?;
             println!("{}", response.into_inner().api_key);
@@ -764,13 +800,65 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             if output == Output::Json {
                 let list: Vec<Value> = keys
                     .iter()
-                    .map(|k| json!({"name": k.name, "role": k.role, "created_ms": k.created_ms}))
+                    .map(|k| json!({"name": k.name, "role": k.role, "project": k.project, "created_ms": k.created_ms}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<32} {:<9} CREATED (ms since epoch)", "NAME", "ROLE");
+                println!("{:<32} {:<9} {:<20} CREATED", "NAME", "ROLE", "PROJECT");
                 for key in &keys {
-                    println!("{:<32} {:<9} {}", key.name, key.role, key.created_ms);
+                    let project = if key.project.is_empty() {
+                        "*"
+                    } else {
+                        &key.project
+                    };
+                    println!(
+                        "{:<32} {:<9} {:<20} {}",
+                        key.name,
+                        key.role,
+                        project,
+                        format_time(key.created_ms)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Project(command) => {
+            let api = Api::connect(&global)?;
+            let address = api.service_address("CAPSTAN_AUTH_ADDR", |e| e.auth.clone())?;
+            let mut client = AuthClient::new(api.channel(&address, "auth")?);
+            match command {
+                ProjectCommand::Create { name } => {
+                    let project = client
+                        .create_project(capstan_proto::v1::CreateProjectRequest { name })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    println!("created project {}", project.name);
+                }
+                ProjectCommand::Ls { output } => {
+                    let projects = client
+                        .list_projects(capstan_proto::v1::ListProjectsRequest {})
+                        .await
+                        .map_err(rpc)?
+                        .into_inner()
+                        .projects;
+                    if output == Output::Json {
+                        let list: Vec<Value> = projects
+                            .iter()
+                            .map(|p| json!({"name": p.name, "created_ms": p.created_ms, "created_by": p.created_by}))
+                            .collect();
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else {
+                        println!("{:<32} {:<20} CREATED", "NAME", "BY");
+                        for p in &projects {
+                            let created = if p.created_ms == 0 {
+                                "(built in)".to_string()
+                            } else {
+                                format_time(p.created_ms)
+                            };
+                            println!("{:<32} {:<20} {}", p.name, p.created_by, created);
+                        }
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -783,11 +871,16 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 AuditCommand::Ls {
                     since,
                     limit,
+                    project,
                     output,
                 } => {
                     let since_ms = since_ms(since)?;
                     let records = client
-                        .list_audit(capstan_proto::v1::ListAuditRequest { since_ms, limit })
+                        .list_audit(capstan_proto::v1::ListAuditRequest {
+                            since_ms,
+                            limit,
+                            project: project.unwrap_or_default(),
+                        })
                         .await
                         .map_err(rpc)?
                         .into_inner()
@@ -800,7 +893,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                                     "seq": r.seq, "at": format_time(r.at_ms), "at_ms": r.at_ms,
                                     "actor": r.actor, "role": r.role, "method": r.method,
                                     "target": r.target, "summary": r.summary, "result": r.result,
-                                    "hash": r.hash,
+                                    "project": r.project, "hash": r.hash,
                                 })
                             })
                             .collect();
@@ -961,15 +1054,16 @@ async fn app(global: &Global, command: AppCommand) -> Result<ExitCode> {
                 );
             } else {
                 println!(
-                    "{:<24} {:>8} {:>8} {:<12} HOSTS",
-                    "NAME", "REPLICAS", "HEALTHY", "ROLLOUT"
+                    "{:<24} {:<16} {:>8} {:>8} {:<12} HOSTS",
+                    "NAME", "PROJECT", "REPLICAS", "HEALTHY", "ROLLOUT"
                 );
                 for app in &apps {
                     let spec = app.spec.clone().unwrap_or_default();
                     let hosts = spec.route.map(|r| r.hosts.join(",")).unwrap_or_default();
                     println!(
-                        "{:<24} {:>8} {:>8} {:<12} {}",
+                        "{:<24} {:<16} {:>8} {:>8} {:<12} {}",
                         spec.name,
+                        spec.project,
                         spec.replicas,
                         app.healthy,
                         rollout_state(app),
@@ -1306,6 +1400,7 @@ fn app_json(app: &AppStatus) -> Value {
     let rollout = app.rollout.clone().unwrap_or_default();
     json!({
         "name": spec.name,
+        "project": spec.project,
         "replicas": spec.replicas,
         "healthy": app.healthy,
         "spec_hash": app.spec_hash,

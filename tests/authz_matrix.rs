@@ -7,7 +7,7 @@
 use capstan_authn::{Claims, Policy, Role};
 use prost::Message;
 
-/// Who may call each method: `-` anonymous, `v` viewer, `o` operator,
+/// Who may call each method: `-` anonymous, `v` viewer, `o` deployer,
 /// `a` admin, `s` Capstan's services, `n` a node (agent).
 const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Agent/StartInstance", "s"),
@@ -22,6 +22,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("/capstan.v1.Auth/RotateSigningKey", "a"),
     ("/capstan.v1.Auth/ListAudit", "a"),
     ("/capstan.v1.Auth/VerifyAudit", "a"),
+    ("/capstan.v1.Auth/CreateProject", "a"),
+    ("/capstan.v1.Auth/ListProjects", "voa"),
     ("/capstan.v1.Orchestrator/ApplyApp", "oa"),
     ("/capstan.v1.Orchestrator/GetApp", "voa"),
     ("/capstan.v1.Orchestrator/ListApps", "voas"),
@@ -55,7 +57,7 @@ const EXPECTED: &[(&str, &str)] = &[
 const CALLERS: [(char, Option<Role>); 6] = [
     ('-', None),
     ('v', Some(Role::Viewer)),
-    ('o', Some(Role::Operator)),
+    ('o', Some(Role::Deployer)),
     ('a', Some(Role::Admin)),
     ('s', Some(Role::Service)),
     ('n', Some(Role::Node)),
@@ -83,6 +85,7 @@ fn claims(role: Role) -> Claims {
         nbf: 0,
         exp: 0,
         jti: String::new(),
+        project: String::new(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The admission policy: what weakens isolation (a fixed host port below
 //! 1024, a privileged port of the node) only an admin may deploy; an
-//! operator is refused with PERMISSION_DENIED naming the field, over gRPC
+//! deployer is refused with PERMISSION_DENIED naming the field, over gRPC
 //! (the CLI) and over REST alike, and nothing is created.
 
 mod common;
@@ -10,8 +10,8 @@ use common::*;
 #[test]
 fn only_an_admin_may_deploy_a_privileged_host_port() {
     let dev = Dev::start_with(None, &["--no-docker"]);
-    let operator = dev
-        .ok(&["key", "create", "--name", "deployer", "--role", "operator"])
+    let deployer = dev
+        .ok(&["key", "create", "--name", "deployer", "--role", "deployer"])
         .trim()
         .to_string();
     let privileged = whoami_spec("low", 1, "v1").replace(
@@ -27,7 +27,7 @@ fn only_an_admin_may_deploy_a_privileged_host_port() {
         &file,
         "--detach",
         "--api-key",
-        &operator,
+        &deployer,
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -40,7 +40,7 @@ fn only_an_admin_may_deploy_a_privileged_host_port() {
     let apps = dev.ok(&["app", "ls", "-o", "json"]);
     assert!(!apps.contains("\"low\""), "nothing was created: {apps}");
 
-    // An unprivileged port is the operator's to deploy.
+    // An unprivileged port is the deployer's to deploy.
     let fine = privileged.replace("host_port = 80", "host_port = 18099");
     let fine = spec_file(
         dev.data_dir(),
@@ -54,7 +54,7 @@ fn only_an_admin_may_deploy_a_privileged_host_port() {
         &fine,
         "--detach",
         "--api-key",
-        &operator,
+        &deployer,
     ]);
 
     // The admin may.

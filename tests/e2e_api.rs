@@ -125,6 +125,7 @@ async fn health_reflection_and_authorisation() {
             CreateApiKeyRequest {
                 name: "ci-viewer".into(),
                 role: "viewer".into(),
+                ..Default::default()
             },
             &admin,
         ))
@@ -137,6 +138,7 @@ async fn health_reflection_and_authorisation() {
             CreateApiKeyRequest {
                 name: "x".into(),
                 role: "root".into(),
+                ..Default::default()
             },
             &admin,
         ))
@@ -182,6 +184,7 @@ async fn health_reflection_and_authorisation() {
             CreateApiKeyRequest {
                 name: "y".into(),
                 role: "admin".into(),
+                ..Default::default()
             },
             &viewer,
         ))

@@ -42,8 +42,8 @@ fn sql(dev: &Dev, statement: &str, args: &[&str]) {
 #[test]
 fn every_change_and_refusal_is_recorded_and_tampering_is_found() {
     let mut dev = Dev::start_with(None, &["--no-docker"]);
-    let operator = dev
-        .ok(&["key", "create", "--name", "deployer", "--role", "operator"])
+    let deployer = dev
+        .ok(&["key", "create", "--name", "deployer", "--role", "deployer"])
         .trim()
         .to_string();
     let viewer = dev
@@ -63,9 +63,9 @@ fn every_change_and_refusal_is_recorded_and_tampering_is_found() {
         "--timeout",
         "60s",
         "--api-key",
-        &operator,
+        &deployer,
     ]);
-    dev.ok(&["app", "scale", "web", "2", "--api-key", &operator]);
+    dev.ok(&["app", "scale", "web", "2", "--api-key", &deployer]);
     let out = dev.cli(&["app", "scale", "web", "5", "--api-key", &viewer]);
     assert!(!out.status.success());
     let v2 = spec_file(
@@ -80,9 +80,9 @@ fn every_change_and_refusal_is_recorded_and_tampering_is_found() {
         &v2,
         "--detach",
         "--api-key",
-        &operator,
+        &deployer,
     ]);
-    let out = dev.cli(&["app", "scale", "nosuch", "1", "--api-key", &operator]);
+    let out = dev.cli(&["app", "scale", "nosuch", "1", "--api-key", &deployer]);
     assert!(!out.status.success());
 
     let all = records(&dev);
@@ -92,7 +92,8 @@ fn every_change_and_refusal_is_recorded_and_tampering_is_found() {
         (Some("deployer"), Some("ok"))
     );
     let created = find(&all, "Orchestrator/ApplyApp", "deployer");
-    assert_eq!(created["role"], "operator");
+    assert_eq!(created["role"], "deployer");
+    assert_eq!(created["project"], "default", "{created}");
     assert!(
         created["summary"]
             .as_str()
@@ -146,7 +147,42 @@ fn every_change_and_refusal_is_recorded_and_tampering_is_found() {
         listing.contains("watcher (viewer)") && listing.contains("denied"),
         "{listing}"
     );
-    let out = dev.cli(&["audit", "ls", "--api-key", &operator]);
+    // By project: the deploys were `default`'s; another project has none.
+    let by_project = |project: &str| -> Vec<Value> {
+        serde_json::from_str::<Value>(&dev.ok(&[
+            "audit",
+            "ls",
+            "-n",
+            "1000",
+            "--project",
+            project,
+            "-o",
+            "json",
+        ]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+    };
+    let defaults = by_project("default");
+    assert!(
+        defaults
+            .iter()
+            .any(|r| r["method"] == "Orchestrator/ApplyApp")
+    );
+    assert!(defaults.iter().all(|r| r["project"] == "default"));
+    dev.ok(&["project", "create", "quiet"]);
+    assert!(
+        by_project("quiet")
+            .iter()
+            .all(|r| r["method"] == "Auth/CreateProject")
+    );
+    let out = dev.cli(&["audit", "ls", "--project", "../etc"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("project"),
+        "a bad project name is refused, naming the field"
+    );
+    let out = dev.cli(&["audit", "ls", "--api-key", &deployer]);
     assert!(!out.status.success(), "only admins read the audit log");
     // That refusal (an admin-only method) is recorded too.
     let now = records(&dev);

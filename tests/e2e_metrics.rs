@@ -146,6 +146,7 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
                 CreateApiKeyRequest {
                     name: "watcher".into(),
                     role: "viewer".into(),
+                    ..Default::default()
                 },
                 &admin,
             ))

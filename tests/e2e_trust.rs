@@ -192,6 +192,7 @@ async fn internal_rpcs_are_closed_to_users_and_nodes_act_only_as_themselves() {
                 CreateApiKeyRequest {
                     name: "evil".into(),
                     role: "service".into(),
+                    ..Default::default()
                 },
                 &c.admin,
             ))
@@ -389,6 +390,7 @@ async fn every_rpc_that_takes_an_id_refuses_a_path() {
             CreateApiKeyRequest {
                 name: evil.into(),
                 role: "viewer".into(),
+                ..Default::default()
             },
             &c.admin,
         ))
@@ -589,7 +591,7 @@ async fn viewers_see_no_env_values_and_events_name_who_changed_what() {
     };
     for (kind, actor, role) in [
         ("app.created", "admin", "admin"),
-        ("app.scaled", "e2e-operator", "operator"),
+        ("app.scaled", "e2e-operator", "deployer"),
         ("node.drain_started", "admin", "admin"),
         ("node.drain_cancelled", "admin", "admin"),
         ("key.created", "admin", "admin"),

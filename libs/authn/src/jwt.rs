@@ -41,9 +41,31 @@ pub struct Claims {
     /// Unique per token.
     #[serde(default)]
     pub jti: String,
+    /// The one project a viewer's or deployer's key is for. Empty for
+    /// admins, services and nodes (every project), and in tokens of keys
+    /// made before projects (which are `default`'s).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
 }
 
 impl Claims {
+    /// The project this caller is confined to; `None`: every project
+    /// (admins, Capstan's services, nodes).
+    pub fn project_scope(&self) -> Option<&str> {
+        match self.role {
+            Role::Admin | Role::Service | Role::Node => None,
+            Role::Deployer | Role::Viewer if self.project.is_empty() => {
+                Some(crate::DEFAULT_PROJECT)
+            }
+            Role::Deployer | Role::Viewer => Some(&self.project),
+        }
+    }
+
+    /// Whether this caller may see or change what belongs to `project`.
+    pub fn in_project(&self, project: &str) -> bool {
+        self.project_scope().is_none_or(|own| own == project)
+    }
+
     /// The node this caller is, when it is an agent.
     pub fn node_id(&self) -> Option<&str> {
         (self.role == Role::Node).then_some(self.sub.as_str())
@@ -140,8 +162,20 @@ pub async fn issue(
     role: Role,
     ttl: Duration,
 ) -> Result<(String, Claims), Error> {
+    issue_in(signer, sub, role, "", ttl).await
+}
+
+/// [`issue`] for a key confined to `project` (empty: every project).
+pub async fn issue_in(
+    signer: &dyn Signer,
+    sub: &str,
+    role: Role,
+    project: &str,
+    ttl: Duration,
+) -> Result<(String, Claims), Error> {
     let kid = signer.current_kid().await?;
-    let claims = claims_for(sub, role, ttl);
+    let mut claims = claims_for(sub, role, ttl);
+    claims.project = project.to_string();
     let signing_input = signing_input(&kid, &claims);
     let signature = signer.sign(&kid, signing_input.as_bytes()).await?;
     Ok((format!("{signing_input}.{}", B64.encode(signature)), claims))
@@ -158,6 +192,7 @@ fn claims_for(sub: &str, role: Role, ttl: Duration) -> Claims {
         nbf: iat,
         exp: iat + ttl.as_secs() as i64,
         jti: format!("{:032x}", rand::random::<u128>()),
+        project: String::new(),
     }
 }
 
@@ -368,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn issued_tokens_verify() {
         let signer = TokenSigner::generate();
-        let (token, claims) = signer.issue("alice", Role::Operator, Duration::from_secs(300));
+        let (token, claims) = signer.issue("alice", Role::Deployer, Duration::from_secs(300));
         assert_eq!(verifier_for(&signer).verify(&token).await.unwrap(), claims);
     }
 

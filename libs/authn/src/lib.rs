@@ -20,7 +20,7 @@ mod revocation;
 pub use client::{Authed, TokenSource};
 pub use jwt::{
     AUDIENCE, Claims, ISSUER, KEY_REFRESH_INTERVAL, KeySource, MAX_TOKEN_LIFETIME,
-    RETIRED_KEY_GRACE, Signer, StaticKeys, TokenSigner, Verifier, VerifyingKeys, issue,
+    RETIRED_KEY_GRACE, Signer, StaticKeys, TokenSigner, Verifier, VerifyingKeys, issue, issue_in,
 };
 pub use middleware::{Peer, Policy, RequireAuthLayer, Rule, caller};
 pub use revocation::RECHECK as REVOCATION_RECHECK;
@@ -32,8 +32,10 @@ use serde::{Deserialize, Serialize};
 pub enum Role {
     /// Everything, including API keys.
     Admin,
-    /// Reads and changes apps.
-    Operator,
+    /// Reads and changes (deploys, scales, restarts, rolls back, deletes)
+    /// the apps of its project. Keys made before projects say `operator`.
+    #[serde(alias = "operator")]
+    Deployer,
     /// Reads only.
     Viewer,
     /// Capstan's own services calling each other. Never a user's.
@@ -54,7 +56,8 @@ impl Role {
     pub fn parse(name: &str) -> Option<Role> {
         match name {
             "admin" => Some(Role::Admin),
-            "operator" => Some(Role::Operator),
+            // The name before projects; keys and scripts that say it still work.
+            "deployer" | "operator" => Some(Role::Deployer),
             "viewer" => Some(Role::Viewer),
             "service" => Some(Role::Service),
             "node" => Some(Role::Node),
@@ -65,7 +68,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
-            Role::Operator => "operator",
+            Role::Deployer => "deployer",
             Role::Viewer => "viewer",
             Role::Service => "service",
             Role::Node => "node",
@@ -73,7 +76,7 @@ impl Role {
     }
 
     /// Roles a person's API key may hold.
-    pub const USER_ROLES: [Role; 3] = [Role::Admin, Role::Operator, Role::Viewer];
+    pub const USER_ROLES: [Role; 3] = [Role::Admin, Role::Deployer, Role::Viewer];
 
     pub fn is_user(self) -> bool {
         Self::USER_ROLES.contains(&self)
@@ -84,12 +87,14 @@ impl Role {
     pub fn allows(self, access: Access) -> bool {
         match self {
             Role::Admin => true,
-            Role::Operator => access <= Access::Write,
+            Role::Deployer => access <= Access::Write,
             Role::Viewer => access == Access::Read,
             Role::Service | Role::Node => false,
         }
     }
 }
+
+pub use capstan_types::spec::DEFAULT_PROJECT;
 
 /// An API key: `cap_` and 43 characters of base64url randomness.
 /// The services whose certificates are service principals under mutual
@@ -125,6 +130,7 @@ pub fn certificate_claims(service: &str) -> Claims {
         aud: AUDIENCE.into(),
         sub: service.to_string(),
         role: Role::Service,
+        project: String::new(),
         iat: now,
         nbf: now,
         exp: now + 60,
@@ -172,8 +178,11 @@ mod tests {
     fn roles_allow_what_they_say() {
         assert!(Role::Viewer.allows(Access::Read));
         assert!(!Role::Viewer.allows(Access::Write));
-        assert!(Role::Operator.allows(Access::Write));
-        assert!(!Role::Operator.allows(Access::Admin));
+        assert!(Role::Deployer.allows(Access::Write));
+        assert!(!Role::Deployer.allows(Access::Admin));
+        assert_eq!(Role::parse("operator"), Some(Role::Deployer));
+        let old: Role = serde_json::from_str("\"operator\"").unwrap();
+        assert_eq!(old, Role::Deployer);
         assert!(Role::Admin.allows(Access::Admin));
         for role in [Role::Service, Role::Node] {
             assert!(!role.is_user());

@@ -337,6 +337,7 @@ mod tests {
             nbf: 0,
             exp: 0,
             jti: String::new(),
+            project: String::new(),
         }
     }
 

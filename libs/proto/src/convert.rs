@@ -80,6 +80,7 @@ pub fn spec_from_wire(wire: v1::AppSpec) -> Result<AppSpec, Error> {
     );
     let spec = AppSpec {
         name: capstan_types::spec::parse_app_name(&wire.name, &mut errors),
+        project: capstan_types::spec::parse_project(&wire.project, &mut errors),
         replicas: wire.replicas,
         run,
         resources: Resources {
@@ -233,6 +234,7 @@ pub fn spec_to_wire(spec: &AppSpec) -> v1::AppSpec {
         placement: Some(placement_to_wire(&spec.placement)),
         autoscale: spec.autoscale.as_ref().map(autoscale_to_wire),
         restarts: spec.restarts,
+        project: spec.project.as_ref().map(String::from).unwrap_or_default(),
     }
 }
 

@@ -37,6 +37,11 @@ pub struct Entry {
     pub summary: String,
     /// `ok`, `denied: ...` or `failed: ...`.
     pub result: String,
+    /// The project the call was about: the app's, or the caller's key's.
+    /// Empty for what belongs to no project (nodes, admin keys), and in
+    /// records written before projects.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,11 +67,15 @@ fn key(seq: u64) -> String {
 
 /// The hash of a record's fields and its link to the one before.
 pub fn hash_of(seq: u64, at_ms: i64, entry: &Entry, prev: &str) -> String {
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "seq": seq, "at_ms": at_ms, "actor": entry.actor, "role": entry.role,
         "method": entry.method, "target": entry.target, "summary": entry.summary,
         "result": entry.result, "prev": prev,
     });
+    // Covered when set; records from before projects keep their hashes.
+    if !entry.project.is_empty() {
+        canonical["project"] = entry.project.clone().into();
+    }
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -138,10 +147,7 @@ pub struct Pending {
 /// Starts the record of a call of `method` about `target` by the caller
 /// of `request` (the handlers of mutating methods call it first).
 pub fn begin<T>(request: &tonic::Request<T>, method: &str, target: &str) -> Pending {
-    let (actor, role) = match capstan_authn::caller(request) {
-        Ok(claims) => (claims.sub.clone(), claims.role.as_str().to_string()),
-        Err(_) => ("anonymous".to_string(), String::new()),
-    };
+    let (actor, role, project) = who(capstan_authn::caller(request).ok());
     Pending {
         entry: Entry {
             actor,
@@ -150,11 +156,35 @@ pub fn begin<T>(request: &tonic::Request<T>, method: &str, target: &str) -> Pend
             target: target.to_string(),
             summary: String::new(),
             result: String::new(),
+            project,
         },
     }
 }
 
+/// The caller's name, role and project (empty: every project).
+fn who(claims: Option<&capstan_authn::Claims>) -> (String, String, String) {
+    match claims {
+        Some(claims) => (
+            claims.sub.clone(),
+            claims.role.as_str().to_string(),
+            claims.project_scope().unwrap_or_default().to_string(),
+        ),
+        None => ("anonymous".to_string(), String::new(), String::new()),
+    }
+}
+
 impl Pending {
+    /// The project the call is about, once the handler knows it (an
+    /// admin's deploy into project `p`).
+    pub fn project(&mut self, project: &str) {
+        self.entry.project = project.to_string();
+    }
+
+    /// Whether the record names a project yet (the caller's or the app's).
+    pub fn has_project(&self) -> bool {
+        !self.entry.project.is_empty()
+    }
+
     /// Records the call with how it ended and a line on what changed.
     pub async fn finish<R>(
         mut self,
@@ -183,10 +213,7 @@ pub fn denied(
     reason: &str,
 ) {
     let method = path.trim_start_matches("/capstan.v1.").to_string();
-    let (actor, role) = match claims {
-        Some(claims) => (claims.sub.clone(), claims.role.as_str().to_string()),
-        None => ("anonymous".to_string(), String::new()),
-    };
+    let (actor, role, project) = who(claims);
     let entry = Entry {
         actor,
         role,
@@ -194,6 +221,7 @@ pub fn denied(
         target: String::new(),
         summary: String::new(),
         result: format!("denied: {reason}"),
+        project,
     };
     tokio::spawn(async move { record(&store, entry).await });
 }
@@ -264,6 +292,11 @@ mod tests {
             target: "web".into(),
             summary: format!("{n} replicas"),
             result: "ok".into(),
+            project: if n % 2 == 0 {
+                "team-a".into()
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -293,6 +326,13 @@ mod tests {
         assert_eq!(
             check(&changed, Some(head)),
             Err("record 3 was changed: its hash does not match".into())
+        );
+        // The project is covered too, where a record has one.
+        let mut moved = records.clone();
+        moved[1].entry.project = "team-b".into();
+        assert_eq!(
+            check(&moved, Some(head)),
+            Err("record 2 was changed: its hash does not match".into())
         );
         let mut removed = records.clone();
         removed.remove(1);

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod leader;
 pub mod metrics;
+pub mod projects;
 pub mod tls;
 
 pub use tls::Tls;

@@ -82,6 +82,12 @@ id_type!(
     crate::spec::check_dns_label
 );
 id_type!(
+    /// A project's name: a DNS label. Apps, and the keys of people who may
+    /// touch them, belong to one.
+    ProjectName,
+    crate::spec::check_dns_label
+);
+id_type!(
     /// A node's id: a DNS label.
     NodeId,
     crate::spec::check_dns_label

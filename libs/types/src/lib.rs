@@ -13,7 +13,7 @@ pub mod spec;
 
 pub use error::{Error, FieldError, Result};
 pub use event::{Event, EventKind};
-pub use id::{AppName, InstanceId, KeyName, NodeId};
+pub use id::{AppName, InstanceId, KeyName, NodeId, ProjectName};
 pub use instance::InstanceState;
 pub use spec::{
     AppSpec, HealthCheck, HealthSpec, PortSpec, Resources, RouteSpec, Run, RunSpec, UpdateSpec,

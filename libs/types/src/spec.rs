@@ -47,6 +47,11 @@ use limits::*;
 pub struct AppSpec {
     /// A DNS label; the type holds only valid names.
     pub name: crate::AppName,
+    /// The project the app belongs to. `None` in a spec that does not say:
+    /// the platform puts the app in its deployer's project (or keeps the
+    /// one it is in); an app's record always names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<crate::ProjectName>,
     pub replicas: u32,
     pub run: Run,
     pub resources: Resources,
@@ -442,7 +447,31 @@ pub fn parse_app_name(text: &str, errors: &mut Vec<FieldError>) -> crate::AppNam
     })
 }
 
+/// An optional project name (empty: not said), reporting a bad one.
+pub fn parse_project(text: &str, errors: &mut Vec<FieldError>) -> Option<crate::ProjectName> {
+    if text.is_empty() {
+        return None;
+    }
+    match crate::ProjectName::parse("project", text) {
+        Ok(project) => Some(project),
+        Err(error) => {
+            if let Error::Invalid(found) = error {
+                errors.extend(found);
+            }
+            None
+        }
+    }
+}
+
+/// The project of everything made before projects, and of what names none.
+pub const DEFAULT_PROJECT: &str = "default";
+
 impl AppSpec {
+    /// The project this spec's app is in ([`DEFAULT_PROJECT`] when unsaid).
+    pub fn project_name(&self) -> &str {
+        self.project.as_deref().unwrap_or(DEFAULT_PROJECT)
+    }
+
     /// Validates a spec built from parts that already reported `errors`,
     /// and answers with all of them at once.
     pub fn checked(self, mut errors: Vec<FieldError>) -> Result<AppSpec, Error> {
@@ -1062,6 +1091,7 @@ fn is_env_name(key: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct SpecFile {
     name: String,
+    project: Option<String>,
     #[serde(default = "one")]
     replicas: u32,
     run: Option<RunFile>,
@@ -1296,6 +1326,7 @@ impl SpecFile {
         let resource_defaults = Resources::default();
         let spec = AppSpec {
             name: parse_app_name(&self.name, &mut errors),
+            project: parse_project(self.project.as_deref().unwrap_or_default(), &mut errors),
             replicas: self.replicas,
             run,
             resources: Resources {

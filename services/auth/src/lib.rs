@@ -66,6 +66,11 @@ pub struct ApiKeyRecord {
     pub name: String,
     pub role: Role,
     pub created_ms: i64,
+    /// The project a viewer's or deployer's key is for; empty for admin,
+    /// node and service keys, and for keys made before projects (which are
+    /// `default`'s: see `Claims::project_scope`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
 }
 
 /// What auth signs with: Vault transit when secrets live in Vault (the
@@ -126,6 +131,7 @@ pub async fn ensure_api_key(
         name: name.to_string(),
         role,
         created_ms: now_ms(),
+        project: String::new(),
     };
     keys.write(&api_key_digest(api_key.expose()), &record, None)
         .await
@@ -210,10 +216,11 @@ impl Auth for AuthApi {
             .ok_or_else(|| Status::unauthenticated("api_key: not a valid API key"))?;
         self.limit(&format!("issue:key:{digest}"), PER_KEY, "API key")
             .await?;
-        let (token, claims) = capstan_authn::issue(
+        let (token, claims) = capstan_authn::issue_in(
             self.signer.as_ref(),
             &record.name,
             record.role,
+            &record.project,
             self.token_ttl,
         )
         .await
@@ -255,9 +262,15 @@ impl Auth for AuthApi {
         &self,
         request: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        let audit =
+        let mut audit =
             capstan_server::audit::begin(&request, "Auth/CreateApiKey", &request.get_ref().name);
-        let summary = format!("role {}", request.get_ref().role);
+        let summary = match request.get_ref().project.as_str() {
+            "" => format!("role {}", request.get_ref().role),
+            project => format!("role {} in project {project}", request.get_ref().role),
+        };
+        if !request.get_ref().project.is_empty() {
+            audit.project(&request.get_ref().project);
+        }
         let result = self.create_api_key_inner(request).await;
         audit.finish(&self.platform.store, &result, summary).await;
         result
@@ -274,6 +287,12 @@ impl Auth for AuthApi {
             .map_err(|e| capstan_proto::status(Error::internal(e)))?
             .into_iter()
             .map(|record| ApiKeyInfo {
+                project: match record.role {
+                    Role::Viewer | Role::Deployer if record.project.is_empty() => {
+                        capstan_authn::DEFAULT_PROJECT.to_string()
+                    }
+                    _ => record.project,
+                },
                 name: record.name,
                 role: record.role.as_str().to_string(),
                 created_ms: record.created_ms,
@@ -294,6 +313,10 @@ impl Auth for AuthApi {
                 format!("{}; at most 10000", r.limit),
             )));
         }
+        if !r.project.is_empty() {
+            capstan_types::ProjectName::parse("project", &r.project)
+                .map_err(capstan_proto::status)?;
+        }
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let mut records: Vec<capstan_proto::v1::AuditRecord> =
             capstan_server::audit::list(&self.platform.store)
@@ -301,7 +324,9 @@ impl Auth for AuthApi {
                 .map_err(capstan_proto::status)?
                 .into_iter()
                 .filter(|rec| rec.at_ms >= r.since_ms)
+                .filter(|rec| r.project.is_empty() || rec.entry.project == r.project)
                 .map(|rec| capstan_proto::v1::AuditRecord {
+                    project: rec.entry.project,
                     seq: rec.seq,
                     at_ms: rec.at_ms,
                     actor: rec.entry.actor,
@@ -343,6 +368,36 @@ impl Auth for AuthApi {
         }))
     }
 
+    async fn create_project(
+        &self,
+        request: Request<capstan_proto::v1::CreateProjectRequest>,
+    ) -> Result<Response<capstan_proto::v1::Project>, Status> {
+        let name = request.get_ref().name.clone();
+        let mut audit = capstan_server::audit::begin(&request, "Auth/CreateProject", &name);
+        audit.project(&name);
+        let result = self.create_project_inner(request).await;
+        audit.finish(&self.platform.store, &result, "").await;
+        result
+    }
+
+    /// Admins see every project; anyone else, the one their key is for.
+    async fn list_projects(
+        &self,
+        request: Request<capstan_proto::v1::ListProjectsRequest>,
+    ) -> Result<Response<capstan_proto::v1::ListProjectsResponse>, Status> {
+        let caller = capstan_authn::caller(&request).map_err(capstan_proto::status)?;
+        let projects = capstan_server::projects::list(&self.platform.store)
+            .await
+            .map_err(capstan_proto::status)?
+            .into_iter()
+            .filter(|p| caller.in_project(&p.name))
+            .map(project_to_wire)
+            .collect();
+        Ok(Response::new(capstan_proto::v1::ListProjectsResponse {
+            projects,
+        }))
+    }
+
     async fn rotate_signing_key(
         &self,
         request: Request<RotateSigningKeyRequest>,
@@ -378,6 +433,8 @@ pub fn policy() -> Policy {
         .admin("/capstan.v1.Auth/RotateSigningKey")
         .admin("/capstan.v1.Auth/ListAudit")
         .admin("/capstan.v1.Auth/VerifyAudit")
+        .admin("/capstan.v1.Auth/CreateProject")
+        .read("/capstan.v1.Auth/ListProjects")
 }
 
 /// Serves the auth service on `listener` until `shutdown`.
@@ -411,9 +468,33 @@ pub async fn run(
     capstan_server::serve(&platform, service, listener, shutdown).await
 }
 
+fn project_to_wire(p: capstan_server::projects::Project) -> capstan_proto::v1::Project {
+    capstan_proto::v1::Project {
+        name: p.name,
+        created_ms: p.created_ms,
+        created_by: p.created_by,
+    }
+}
+
 /// The mutating calls' bodies; the trait methods record each in the
 /// audit log around them.
 impl AuthApi {
+    async fn create_project_inner(
+        &self,
+        request: Request<capstan_proto::v1::CreateProjectRequest>,
+    ) -> Result<Response<capstan_proto::v1::Project>, Status> {
+        let caller = capstan_authn::caller(&request)
+            .map_err(capstan_proto::status)?
+            .clone();
+        let name = capstan_types::ProjectName::parse("name", &request.get_ref().name)
+            .map_err(capstan_proto::status)?;
+        let project = capstan_server::projects::create(&self.platform.store, &name, &caller.sub)
+            .await
+            .map_err(capstan_proto::status)?;
+        tracing::info!(project = %name, by = %caller.sub, "created project");
+        Ok(Response::new(project_to_wire(project)))
+    }
+
     async fn create_api_key_inner(
         &self,
         request: Request<CreateApiKeyRequest>,
@@ -428,7 +509,7 @@ impl AuthApi {
                 return Err(capstan_proto::status(Error::invalid(
                     "role",
                     format!(
-                        "must be one of admin, operator, viewer (people) or node (an agent), got `{}`",
+                        "must be one of admin, deployer, viewer (people) or node (an agent), got `{}`",
                         request.role
                     ),
                 )));
@@ -444,6 +525,27 @@ impl AuthApi {
                 .to_string()
         };
         let name = name.as_str();
+        let project = match (role, request.project.as_str()) {
+            (Role::Viewer | Role::Deployer, "") => capstan_authn::DEFAULT_PROJECT.to_string(),
+            (Role::Viewer | Role::Deployer, project) => {
+                capstan_types::ProjectName::parse("project", project)
+                    .map_err(capstan_proto::status)?;
+                capstan_server::projects::require(&self.platform.store, "project", project)
+                    .await
+                    .map_err(capstan_proto::status)?;
+                project.to_string()
+            }
+            (_, "") => String::new(),
+            (role, _) => {
+                return Err(capstan_proto::status(Error::invalid(
+                    "project",
+                    format!(
+                        "a {} key is for every project: leave it empty",
+                        role.as_str()
+                    ),
+                )));
+            }
+        };
         if !self.named(name).await?.is_empty() {
             return Err(Status::already_exists(format!(
                 "name: an API key named `{name}` exists; revoke it first or pick another name"
@@ -454,12 +556,13 @@ impl AuthApi {
             name: name.to_string(),
             role,
             created_ms: now_ms(),
+            project: project.clone(),
         };
         self.keys
             .put(&api_key_digest(&api_key), &record, Expect::Absent)
             .await
             .map_err(|e| capstan_proto::status(Error::internal(e)))?;
-        tracing::info!(name, role = role.as_str(), by = %caller.sub, "created API key");
+        tracing::info!(name, role = role.as_str(), project, by = %caller.sub, "created API key");
         self.platform
             .emit(
                 Event::new(
@@ -467,7 +570,13 @@ impl AuthApi {
                     now_ms(),
                     EventKind::KeyCreated,
                 )
-                .message(format!("API key `{name}` with role {}", role.as_str()))
+                .message(match project.as_str() {
+                    "" => format!("API key `{name}` with role {}", role.as_str()),
+                    project => format!(
+                        "API key `{name}` with role {} in project {project}",
+                        role.as_str()
+                    ),
+                })
                 .actor(&caller.sub, caller.role.as_str()),
             )
             .await;

@@ -50,10 +50,10 @@ const MAX_CACHED_TOKENS: usize = 1024;
 /// Passes protobuf bytes through tonic untouched: the gateway encodes and
 /// decodes messages itself, by descriptor.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub struct RawCodec;
 
-struct RawEncoder;
-struct RawDecoder;
+pub struct RawEncoder;
+pub struct RawDecoder;
 
 impl tonic::codec::Encoder for RawEncoder {
     type Item = Bytes;

@@ -256,6 +256,22 @@ pub const ROUTES: &[Route] = &[
         Body::None,
         "Whether the audit log's hash chain is whole",
     ),
+    route(
+        Method::GET,
+        "/v1/projects",
+        "auth",
+        "capstan.v1.Auth/ListProjects",
+        Body::None,
+        "List the projects this key may see",
+    ),
+    route(
+        Method::POST,
+        "/v1/projects",
+        "auth",
+        "capstan.v1.Auth/CreateProject",
+        Body::Whole,
+        "Create a project (admin)",
+    ),
 ];
 
 /// The `{field}` names of a path.

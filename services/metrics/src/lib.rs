@@ -140,6 +140,58 @@ struct MetricsService {
     accumulator: Arc<Mutex<Accumulator>>,
     live: tokio::sync::broadcast::Sender<Arc<Vec<Sample>>>,
     watchers: Arc<tokio::sync::Semaphore>,
+    projects: Arc<AppProjects>,
+}
+
+/// Which project each app is in, as the orchestrator (the authority on
+/// apps) says: what lets this service refuse a caller confined to one
+/// project another project's metrics. Read at most every
+/// [`AppProjects::FRESH`], and again when an app is not in the copy.
+#[derive(Default)]
+struct AppProjects {
+    copy: tokio::sync::Mutex<Option<(tokio::time::Instant, ProjectOf)>>,
+}
+
+/// App → project.
+type ProjectOf = Arc<HashMap<String, String>>;
+
+impl AppProjects {
+    const FRESH: Duration = Duration::from_secs(1);
+    const RECHECK: Duration = Duration::from_millis(100);
+
+    /// App → project; `app`: one the caller asks about, read afresh when
+    /// the copy does not have it.
+    async fn get(
+        &self,
+        platform: &Platform,
+        app: Option<&str>,
+    ) -> Result<ProjectOf, Error> {
+        let mut copy = self.copy.lock().await;
+        if let Some((at, map)) = copy.as_ref() {
+            // An app not in the copy sends for a new one, but not more
+            // than every [`Self::RECHECK`] (a deleted app still reporting).
+            let missing = app.is_some_and(|app| !map.contains_key(app));
+            let stale = at.elapsed() >= Self::FRESH || missing && at.elapsed() >= Self::RECHECK;
+            if !stale {
+                return Ok(map.clone());
+            }
+        }
+        let channel = platform.client("orchestrator").await?;
+        let apps = capstan_proto::v1::orchestrator_client::OrchestratorClient::new(channel)
+            .list_apps(capstan_proto::v1::ListAppsRequest {})
+            .await
+            .map_err(|e| Error::Unavailable(format!("orchestrator: {}", e.message())))?
+            .into_inner()
+            .apps;
+        let map: ProjectOf = Arc::new(
+            apps.into_iter()
+                .filter_map(|a| a.spec)
+                .map(|s| (s.name, s.project))
+                .collect(),
+        );
+        *copy = Some((tokio::time::Instant::now(), map.clone()));
+        Ok(map)
+    }
 }
 
 /// The metric a wire enum value names.
@@ -503,6 +555,24 @@ impl MetricsService {
     }
 }
 
+impl MetricsService {
+    /// PERMISSION_DENIED unless `caller` may read app `app`'s metrics: its
+    /// project's, for a caller confined to one (an app that is gone is
+    /// NOT_FOUND to such a caller).
+    async fn check_app(&self, caller: &capstan_authn::Claims, app: &str) -> Result<(), Error> {
+        let Some(own) = caller.project_scope() else {
+            return Ok(());
+        };
+        match self.projects.get(&self.platform, Some(app)).await?.get(app) {
+            Some(project) if project == own => Ok(()),
+            Some(_) => Err(Error::PermissionDenied(format!(
+                "app `{app}` is not in project `{own}`, the only one this key may read"
+            ))),
+            None => Err(Error::NotFound(format!("app `{app}`"))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Metrics for MetricsService {
     async fn ingest(
@@ -522,6 +592,11 @@ impl Metrics for MetricsService {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
+        let caller = caller(&request).map_err(capstan_proto::status)?;
+        AppName::parse("app", &request.get_ref().app).map_err(capstan_proto::status)?;
+        self.check_app(caller, &request.get_ref().app)
+            .await
+            .map_err(capstan_proto::status)?;
         self.query(request.get_ref())
             .await
             .map(Response::new)
@@ -529,23 +604,26 @@ impl Metrics for MetricsService {
     }
 
     async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
+        let caller = caller(&request).map_err(capstan_proto::status)?;
         let app = &request.get_ref().app;
         let apps = if app.is_empty() {
-            let channel = self
-                .platform
-                .client("orchestrator")
+            // Every app the caller may see.
+            let mut apps: Vec<String> = self
+                .projects
+                .get(&self.platform, None)
                 .await
-                .map_err(capstan_proto::status)?;
-            capstan_proto::v1::orchestrator_client::OrchestratorClient::new(channel)
-                .list_apps(capstan_proto::v1::ListAppsRequest {})
-                .await?
-                .into_inner()
-                .apps
-                .into_iter()
-                .filter_map(|a| a.spec.map(|s| s.name))
-                .collect()
+                .map_err(capstan_proto::status)?
+                .iter()
+                .filter(|(_, project)| caller.in_project(project))
+                .map(|(app, _)| app.clone())
+                .collect();
+            apps.sort();
+            apps
         } else {
             AppName::parse("app", app).map_err(capstan_proto::status)?;
+            self.check_app(caller, app)
+                .await
+                .map_err(capstan_proto::status)?;
             vec![app.clone()]
         };
         let now = now_ms();
@@ -568,14 +646,25 @@ impl Metrics for MetricsService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         // A stream lives no longer than the token that opened it.
-        let expires_ms = caller(&request)
-            .map_err(capstan_proto::status)?
-            .exp
-            .saturating_mul(1000);
+        let caller = caller(&request).map_err(capstan_proto::status)?.clone();
+        let expires_ms = caller.exp.saturating_mul(1000);
         let app = request.into_inner().app;
         if !app.is_empty() {
             AppName::parse("app", &app).map_err(capstan_proto::status)?;
+            self.check_app(&caller, &app)
+                .await
+                .map_err(capstan_proto::status)?;
         }
+        // A caller confined to a project watching every app sees its
+        // project's: the map is read again when a sample names an app it
+        // does not hold.
+        let confined = caller.project_scope().map(|own| {
+            (
+                own.to_string(),
+                self.projects.clone(),
+                self.platform.clone(),
+            )
+        });
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{MAX_WATCHERS} watchers are open already; retry later"
@@ -590,10 +679,10 @@ impl Metrics for MetricsService {
             deadline,
             std::collections::VecDeque::<Sample>::new(),
             false,
-            permit,
+            (permit, confined),
         );
         let stream = futures::stream::unfold(state, |mut state| async move {
-            let (live, app, deadline, pending, ended, _) = &mut state;
+            let (live, app, deadline, pending, ended, (_, confined)) = &mut state;
             if *ended {
                 return None;
             }
@@ -609,12 +698,25 @@ impl Metrics for MetricsService {
                     }
                 };
                 match received {
-                    Ok(batch) => pending.extend(
-                        batch
+                    Ok(batch) => {
+                        let mut visible: Vec<Sample> = batch
                             .iter()
                             .filter(|s| app.is_empty() || s.app == *app)
-                            .cloned(),
-                    ),
+                            .cloned()
+                            .collect();
+                        if let (true, Some((own, projects, platform))) = (app.is_empty(), &confined)
+                        {
+                            let unknown = visible
+                                .iter()
+                                .find(|s| !s.app.is_empty())
+                                .map(|s| s.app.clone());
+                            match projects.get(platform, unknown.as_deref()).await {
+                                Ok(map) => visible.retain(|s| map.get(&s.app) == Some(own)),
+                                Err(_) => visible.clear(),
+                            }
+                        }
+                        pending.extend(visible);
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         return Some((
                             Err(Status::data_loss(format!(
@@ -661,6 +763,7 @@ pub async fn run(
         accumulator: Arc::default(),
         live: tokio::sync::broadcast::channel(256).0,
         watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
+        projects: Arc::default(),
     };
     let flusher = service.clone();
     let flush_shutdown = shutdown.clone();

@@ -182,6 +182,17 @@ fn caller<T>(request: &Request<T>) -> Result<Claims, Status> {
     capstan_authn::caller(request).cloned().map_err(status)
 }
 
+/// PERMISSION_DENIED unless `caller` may touch what is in `project`.
+fn check_project(caller: &Claims, app: &str, project: &str) -> Result<(), Status> {
+    if caller.in_project(project) {
+        return Ok(());
+    }
+    Err(status(Error::PermissionDenied(format!(
+        "app `{app}` is not in project `{}`, the only one this key may touch",
+        caller.project_scope().unwrap_or_default()
+    ))))
+}
+
 /// Whether the caller may see env values: only roles that may write them.
 fn sees_env(caller: &Claims) -> bool {
     caller.role.allows(Access::Write)
@@ -210,12 +221,58 @@ impl Api {
         Ok(app_status(app, version, &instances, show_env))
     }
 
-    async fn load(&self, name: &str) -> Result<(u64, AppRecord), Status> {
+    /// The live app `name`, if `caller` may touch its project.
+    async fn load(&self, caller: &Claims, name: &str) -> Result<(u64, AppRecord), Status> {
         check_name(name)?;
         match self.apps.get(name).await.map_err(store_err)? {
-            Some((version, app)) if !app.deleting => Ok((version, app)),
+            Some((version, app)) if !app.deleting => {
+                check_project(caller, name, app.spec.project_name())?;
+                Ok((version, app))
+            }
             _ => Err(status(Error::NotFound(format!("app `{name}`")))),
         }
+    }
+
+    /// Whether `caller` may read what is recorded of app `name` (events,
+    /// history): an app in its project; for a caller confined to a project,
+    /// an app that is gone is NOT_FOUND (its project is not known).
+    async fn readable(&self, caller: &Claims, name: &str) -> Result<(), Status> {
+        if caller.project_scope().is_none() {
+            return Ok(());
+        }
+        match self.apps.get(name).await.map_err(store_err)? {
+            Some((_, app)) => check_project(caller, name, app.spec.project_name()),
+            None => Err(status(Error::NotFound(format!("app `{name}`")))),
+        }
+    }
+
+    /// Starts the audit record of a change to app `name`, about the app's
+    /// project when it exists (else the caller's).
+    async fn begin_audit<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        name: &str,
+    ) -> capstan_server::audit::Pending {
+        let mut audit = capstan_server::audit::begin(request, method, name);
+        if AppName::parse("name", name).is_ok()
+            && let Ok(Some((_, app))) = self.apps.get(name).await
+        {
+            audit.project(app.spec.project_name());
+        }
+        audit
+    }
+
+    /// The project of every app, for filtering what a confined caller sees.
+    async fn projects(&self) -> Result<std::collections::HashMap<String, String>, Status> {
+        Ok(self
+            .apps
+            .list("")
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(name, _, app)| (name, app.spec.project_name().to_string()))
+            .collect())
     }
 
     /// Records a change `caller` made.
@@ -236,9 +293,34 @@ struct Watch {
     live: tokio::sync::broadcast::Receiver<Event>,
     seen: HashSet<String>,
     app: String,
+    /// For a caller confined to a project: which apps are in it.
+    confined: Option<Confined>,
     deadline: tokio::time::Instant,
     ended: bool,
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What a watcher confined to `project` may see: events of its apps.
+struct Confined {
+    project: String,
+    apps: Table<AppRecord>,
+    /// App → in the project, as looked up (an app's project never changes).
+    known: std::collections::HashMap<String, bool>,
+}
+
+impl Confined {
+    async fn sees(&mut self, app: &str) -> bool {
+        if let Some(seen) = self.known.get(app) {
+            return *seen;
+        }
+        let seen = match self.apps.get(app).await {
+            Ok(Some((_, record))) => record.spec.project_name() == self.project,
+            // Gone or unreadable: not shown (and looked up again next time).
+            _ => return false,
+        };
+        self.known.insert(app.to_string(), seen);
+        seen
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<capstan_proto::v1::Event, Status>> + Send>>;
@@ -255,7 +337,16 @@ impl Orchestrator for Api {
             .as_ref()
             .map(|s| s.name.clone())
             .unwrap_or_default();
-        let audit = capstan_server::audit::begin(&request, "Orchestrator/ApplyApp", &name);
+        let mut audit = self
+            .begin_audit(&request, "Orchestrator/ApplyApp", &name)
+            .await;
+        let asked = request.get_ref().spec.as_ref().map(|s| s.project.as_str());
+        match asked.filter(|p| !p.is_empty()) {
+            Some(project) => audit.project(project),
+            // A new app an admin deploys without naming a project.
+            None if !audit.has_project() => audit.project(capstan_types::spec::DEFAULT_PROJECT),
+            None => {}
+        }
         let mut summary = String::new();
         let result = self.apply_app_inner(request, &mut summary).await;
         audit.finish(&self.platform.store, &result, summary).await;
@@ -266,7 +357,8 @@ impl Orchestrator for Api {
         &self,
         request: Request<GetAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let show_env = sees_env(&caller(&request)?);
+        let caller = caller(&request)?;
+        let show_env = sees_env(&caller);
         let name = request.into_inner().name;
         check_name(&name)?;
         // Deleting apps are shown, so a client can wait until they are gone.
@@ -276,6 +368,7 @@ impl Orchestrator for Api {
             .await
             .map_err(store_err)?
             .ok_or_else(|| status(Error::NotFound(format!("app `{name}`"))))?;
+        check_project(&caller, &name, app.spec.project_name())?;
         Ok(Response::new(
             self.app_status(&app, version, show_env).await?,
         ))
@@ -285,7 +378,8 @@ impl Orchestrator for Api {
         &self,
         request: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
-        let show_env = sees_env(&caller(&request)?);
+        let caller = caller(&request)?;
+        let show_env = sees_env(&caller);
         let instances = self.instances.values("").await.map_err(store_err)?;
         let apps = self
             .apps
@@ -293,7 +387,7 @@ impl Orchestrator for Api {
             .await
             .map_err(store_err)?
             .into_iter()
-            .filter(|(_, _, app)| !app.deleting)
+            .filter(|(_, _, app)| !app.deleting && caller.in_project(app.spec.project_name()))
             .map(|(_, version, app)| app_status(&app, version, &instances, show_env))
             .collect();
         Ok(Response::new(ListAppsResponse { apps }))
@@ -303,11 +397,9 @@ impl Orchestrator for Api {
         &self,
         request: Request<ScaleAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let audit = capstan_server::audit::begin(
-            &request,
-            "Orchestrator/ScaleApp",
-            &request.get_ref().name,
-        );
+        let audit = self
+            .begin_audit(&request, "Orchestrator/ScaleApp", &request.get_ref().name)
+            .await;
         let summary = format!("replicas {}", request.get_ref().replicas);
         let result = self.scale_app_inner(request).await;
         audit.finish(&self.platform.store, &result, summary).await;
@@ -318,11 +410,9 @@ impl Orchestrator for Api {
         &self,
         request: Request<DeleteAppRequest>,
     ) -> Result<Response<DeleteAppResponse>, Status> {
-        let audit = capstan_server::audit::begin(
-            &request,
-            "Orchestrator/DeleteApp",
-            &request.get_ref().name,
-        );
+        let audit = self
+            .begin_audit(&request, "Orchestrator/DeleteApp", &request.get_ref().name)
+            .await;
         let summary = String::new();
         let result = self.delete_app_inner(request).await;
         audit.finish(&self.platform.store, &result, summary).await;
@@ -333,8 +423,10 @@ impl Orchestrator for Api {
         &self,
         request: Request<GetAppHistoryRequest>,
     ) -> Result<Response<GetAppHistoryResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let name = AppName::parse("app", &r.app).map_err(status)?;
+        self.readable(&caller, &name).await?;
         let limit = match r.limit {
             0 => 50,
             n => (n as usize).min(crate::journal::MAX_LIMIT),
@@ -365,11 +457,13 @@ impl Orchestrator for Api {
         &self,
         request: Request<ResumeAutoscaleRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let audit = capstan_server::audit::begin(
-            &request,
-            "Orchestrator/ResumeAutoscale",
-            &request.get_ref().name,
-        );
+        let audit = self
+            .begin_audit(
+                &request,
+                "Orchestrator/ResumeAutoscale",
+                &request.get_ref().name,
+            )
+            .await;
         let summary = String::new();
         let result = self.resume_autoscale_inner(request).await;
         audit.finish(&self.platform.store, &result, summary).await;
@@ -428,10 +522,32 @@ impl Orchestrator for Api {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         check_filter(&r.app)?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(5000) } as usize;
-        let events = self.events.recent(&r.app, limit).await.map_err(status)?;
+        let events = if !r.app.is_empty() {
+            self.readable(&caller, &r.app).await?;
+            self.events.recent(&r.app, limit).await.map_err(status)?
+        } else if caller.project_scope().is_none() {
+            self.events.recent("", limit).await.map_err(status)?
+        } else {
+            // A confined caller sees the events of its project's apps: read
+            // more and keep theirs (the log is bounded, so this is too).
+            let projects = self.projects().await?;
+            let mut events: Vec<Event> = self
+                .events
+                .recent("", 5000)
+                .await
+                .map_err(status)?
+                .into_iter()
+                .filter(|e| projects.get(&e.app).is_some_and(|p| caller.in_project(p)))
+                .collect();
+            if events.len() > limit {
+                events.drain(..events.len() - limit);
+            }
+            events
+        };
         Ok(Response::new(ListEventsResponse {
             events: events.iter().map(capstan_proto::event_to_wire).collect(),
         }))
@@ -443,11 +559,9 @@ impl Orchestrator for Api {
         &self,
         request: Request<capstan_proto::v1::RestartAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let audit = capstan_server::audit::begin(
-            &request,
-            "Orchestrator/RestartApp",
-            &request.get_ref().name,
-        );
+        let audit = self
+            .begin_audit(&request, "Orchestrator/RestartApp", &request.get_ref().name)
+            .await;
         let summary = String::new();
         let result = self.restart_app_inner(request).await;
         audit.finish(&self.platform.store, &result, summary).await;
@@ -458,11 +572,13 @@ impl Orchestrator for Api {
         &self,
         request: Request<capstan_proto::v1::RollbackAppRequest>,
     ) -> Result<Response<AppStatus>, Status> {
-        let audit = capstan_server::audit::begin(
-            &request,
-            "Orchestrator/RollbackApp",
-            &request.get_ref().name,
-        );
+        let audit = self
+            .begin_audit(
+                &request,
+                "Orchestrator/RollbackApp",
+                &request.get_ref().name,
+            )
+            .await;
         let summary = match request.get_ref().to_template.as_str() {
             "" => "to the template before".to_string(),
             to => format!("to template {to}"),
@@ -479,10 +595,11 @@ impl Orchestrator for Api {
         request: Request<capstan_proto::v1::AppLogsRequest>,
     ) -> Result<Response<Self::AppLogsStream>, Status> {
         // A followed stream lives no longer than the token that opened it.
-        let expires_ms = caller(&request)?.exp.saturating_mul(1000);
+        let caller = caller(&request)?;
+        let expires_ms = caller.exp.saturating_mul(1000);
         let r = request.into_inner();
         crate::logs::check(&r).map_err(status)?;
-        self.load(&r.app).await?;
+        self.load(&caller, &r.app).await?;
         let permit = if r.follow {
             Some(self.watchers.clone().try_acquire_owned().map_err(|_| {
                 status(Error::ResourceExhausted(format!(
@@ -508,9 +625,13 @@ impl Orchestrator for Api {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         // A stream lives no longer than the token that opened it.
-        let expires_ms = caller(&request)?.exp.saturating_mul(1000);
+        let caller = caller(&request)?;
+        let expires_ms = caller.exp.saturating_mul(1000);
         let r = request.into_inner();
         check_filter(&r.app)?;
+        if !r.app.is_empty() {
+            self.readable(&caller, &r.app).await?;
+        }
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             status(Error::ResourceExhausted(format!(
                 "{MAX_WATCHERS} event watchers are open already; retry later"
@@ -518,11 +639,20 @@ impl Orchestrator for Api {
         })?;
         // Subscribe before reading history, so nothing falls between the two.
         let live = self.events.subscribe();
-        let history = self
+        let mut history = self
             .events
             .recent(&r.app, r.history.min(5000) as usize)
             .await
             .map_err(status)?;
+        let confined = caller.project_scope().map(|project| Confined {
+            project: project.to_string(),
+            apps: self.apps.clone(),
+            known: Default::default(),
+        });
+        if let Some(confined) = &confined {
+            let projects = self.projects().await?;
+            history.retain(|e| projects.get(&e.app).is_some_and(|p| *p == confined.project));
+        }
         let seen: HashSet<String> = history.iter().map(|e| e.id.clone()).collect();
         let history = futures::stream::iter(
             history
@@ -535,6 +665,7 @@ impl Orchestrator for Api {
             live,
             seen,
             app: r.app,
+            confined,
             deadline,
             ended: false,
             _permit: permit,
@@ -556,7 +687,12 @@ impl Orchestrator for Api {
                 };
                 match received {
                     Ok(event) => {
-                        if (watch.app.is_empty() || event.app == watch.app)
+                        let visible = match &mut watch.confined {
+                            Some(confined) => confined.sees(&event.app).await,
+                            None => true,
+                        };
+                        if visible
+                            && (watch.app.is_empty() || event.app == watch.app)
                             && watch.seen.insert(event.id.clone())
                         {
                             return Some((Ok(capstan_proto::event_to_wire(&event)), watch));
@@ -576,12 +712,16 @@ impl Orchestrator for Api {
 
     async fn list_endpoints(
         &self,
-        _: Request<ListEndpointsRequest>,
+        request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let caller = caller(&request)?;
         let instances = self.instances.values("").await.map_err(store_err)?;
         let mut apps = Vec::new();
         for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
-            if app.deleting || app.spec.route.hosts.is_empty() {
+            if app.deleting
+                || app.spec.route.hosts.is_empty()
+                || !caller.in_project(app.spec.project_name())
+            {
                 continue;
             }
             let endpoints = instances
@@ -601,6 +741,7 @@ impl Orchestrator for Api {
             let health = &app.spec.health;
             apps.push(AppEndpoints {
                 app: app.spec.name.to_string(),
+                project: app.spec.project_name().to_string(),
                 hosts: app.spec.route.hosts.clone(),
                 endpoints,
                 health_path: match &health.check {
@@ -625,6 +766,51 @@ impl Orchestrator for Api {
 /// The mutating calls' bodies; the trait methods record each in the
 /// audit log around them.
 impl Api {
+    /// The project a deploy of `spec` puts its app in, or why it may not:
+    /// an existing app stays in its project (and only its project's
+    /// deployers may change it); a new one goes where the spec says (which
+    /// must exist and be the caller's), else into the caller's project.
+    async fn project_of_deploy(
+        &self,
+        caller: &Claims,
+        spec: &capstan_types::AppSpec,
+        existing: Option<&AppRecord>,
+    ) -> Result<capstan_types::ProjectName, Status> {
+        let name = spec.name.as_str();
+        if let Some(app) = existing.filter(|app| !app.deleting) {
+            let current = app.spec.project_name();
+            check_project(caller, name, current)?;
+            if let Some(asked) = spec.project.as_deref().filter(|asked| *asked != current) {
+                return Err(status(Error::invalid(
+                    "project",
+                    format!(
+                        "app `{name}` is in project `{current}`, not `{asked}`: an app does not move between projects (delete it, then deploy it there)"
+                    ),
+                )));
+            }
+            return capstan_types::ProjectName::parse("project", current).map_err(status);
+        }
+        let project = match (&spec.project, caller.project_scope()) {
+            (Some(asked), Some(own)) if asked.as_str() != own => {
+                return Err(status(Error::PermissionDenied(format!(
+                    "project: this key may deploy only into project `{own}`, not `{asked}`"
+                ))));
+            }
+            (Some(asked), _) => asked.clone(),
+            (None, Some(own)) => {
+                capstan_types::ProjectName::parse("project", own).map_err(status)?
+            }
+            (None, None) => {
+                capstan_types::ProjectName::parse("project", capstan_types::spec::DEFAULT_PROJECT)
+                    .map_err(status)?
+            }
+        };
+        capstan_server::projects::require(&self.platform.store, "project", &project)
+            .await
+            .map_err(status)?;
+        Ok(project)
+    }
+
     /// `summary`: what the deploy changes, for the audit log, once known.
     async fn apply_app_inner(
         &self,
@@ -636,7 +822,20 @@ impl Api {
             .into_inner()
             .spec
             .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
+        // Another project's app is refused before its spec is looked at:
+        // what is wrong with it is none of this caller's business.
+        if let Ok(name) = AppName::parse("name", &wire.name)
+            && let Some((_, app)) = self.apps.get(&name).await.map_err(store_err)?
+            && !app.deleting
+        {
+            check_project(&caller, &name, app.spec.project_name())?;
+        }
         let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
+        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
+        let project = self
+            .project_of_deploy(&caller, &spec, existing.as_ref().map(|(_, app)| app))
+            .await?;
+        spec.project = Some(project);
         // Admission: what weakens isolation is the admin's to deploy.
         let privileged = spec.privileged_fields();
         if !privileged.is_empty() && caller.role != capstan_authn::Role::Admin {
@@ -644,7 +843,6 @@ impl Api {
             return Err(status(Error::PermissionDenied(fields.join("; "))));
         }
         let now = now_ms();
-        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
         // Restarts are the platform's count: a deploy keeps the app's.
         spec.restarts = match &existing {
             Some((_, app)) if !app.deleting => app.spec.restarts,
@@ -782,7 +980,7 @@ impl Api {
                 format!("must be between 0 and {MAX_REPLICAS}, got {}", r.replicas),
             )));
         }
-        let (mut version, mut app) = self.load(&r.name).await?;
+        let (mut version, mut app) = self.load(&caller, &r.name).await?;
         // By hand, an autoscaled app's count is the caller's until the
         // next deploy or ResumeAutoscale.
         let overrides = app.spec.autoscale.is_some()
@@ -834,7 +1032,7 @@ impl Api {
     ) -> Result<Response<DeleteAppResponse>, Status> {
         let caller = caller(&request)?;
         let name = request.into_inner().name;
-        let (version, mut app) = self.load(&name).await?;
+        let (version, mut app) = self.load(&caller, &name).await?;
         app.deleting = true;
         app.updated_ms = now_ms();
         self.apps
@@ -853,7 +1051,7 @@ impl Api {
     ) -> Result<Response<AppStatus>, Status> {
         let caller = caller(&request)?;
         let name = request.into_inner().name;
-        let (mut version, mut app) = self.load(&name).await?;
+        let (mut version, mut app) = self.load(&caller, &name).await?;
         if app.spec.autoscale.is_none() {
             return Err(status(Error::FailedPrecondition(format!(
                 "app `{name}` has no [autoscale] section: its replicas are set by `app scale`"
@@ -896,7 +1094,7 @@ impl Api {
     ) -> Result<Response<AppStatus>, Status> {
         let caller = caller(&request)?;
         let name = request.into_inner().name;
-        let (version, mut app) = self.load(&name).await?;
+        let (version, mut app) = self.load(&caller, &name).await?;
         let now = now_ms();
         app.spec.restarts = app.spec.restarts.saturating_add(1);
         let hash = roll_out(&mut app, now);
@@ -930,7 +1128,7 @@ impl Api {
                 "a template hash: 16 lowercase hex digits (see `capstan app status`)",
             )));
         }
-        let (version, mut app) = self.load(&r.name).await?;
+        let (version, mut app) = self.load(&caller, &r.name).await?;
         let targets = rollback_targets(&app);
         let target = if r.to_template.is_empty() {
             targets.first().copied().ok_or_else(|| {

@@ -141,6 +141,7 @@ impl Router {
                 });
                 Route {
                     app: app.app,
+                    project: app.project,
                     hosts: app.hosts,
                     upstreams,
                     health,
@@ -272,6 +273,7 @@ fn table_to_wire(table: &RouteTable) -> capstan_proto::v1::RouteTable {
             .iter()
             .map(|r| capstan_proto::v1::Route {
                 app: r.app.clone(),
+                project: r.project.clone(),
                 hosts: r.hosts.clone(),
                 upstreams: r
                     .upstreams
@@ -286,13 +288,25 @@ fn table_to_wire(table: &RouteTable) -> capstan_proto::v1::RouteTable {
     }
 }
 
+/// The routes the caller may see: a caller confined to a project sees
+/// that project's apps only.
+fn visible_table<T>(request: &Request<T>, table: &RouteTable) -> Result<RouteTable, Status> {
+    let caller = capstan_authn::caller(request).map_err(capstan_proto::status)?;
+    let mut visible = table.clone();
+    visible
+        .routes
+        .retain(|route| caller.in_project(&route.project));
+    Ok(visible)
+}
+
 #[tonic::async_trait]
 impl RouterConfig for Router {
     async fn get_routes(
         &self,
-        _: Request<GetRoutesRequest>,
+        request: Request<GetRoutesRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        Ok(Response::new(table_to_wire(&self.proxy.table())))
+        let table = visible_table(&request, &self.proxy.table())?;
+        Ok(Response::new(table_to_wire(&table)))
     }
 
     async fn sync(
@@ -307,9 +321,10 @@ impl RouterConfig for Router {
 
     async fn render_traefik(
         &self,
-        _: Request<RenderTraefikRequest>,
+        request: Request<RenderTraefikRequest>,
     ) -> Result<Response<RenderTraefikResponse>, Status> {
-        let json = serde_json::to_string_pretty(&traefik::render(&self.proxy.table()))
+        let table = visible_table(&request, &self.proxy.table())?;
+        let json = serde_json::to_string_pretty(&traefik::render(&table))
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RenderTraefikResponse { json }))
     }

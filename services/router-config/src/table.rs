@@ -11,6 +11,8 @@ pub struct RouteTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub app: String,
+    /// The app's project: callers confined to one see only its routes.
+    pub project: String,
     pub hosts: Vec<String>,
     /// Healthy, routable instances, ordered by instance id.
     pub upstreams: Vec<Upstream>,

@@ -146,6 +146,7 @@ mod tests {
             generation: 1,
             routes: vec![Route {
                 app: "hello".into(),
+                project: "default".into(),
                 hosts: vec!["hello.localhost".into()],
                 health: None,
                 wakeable: false,

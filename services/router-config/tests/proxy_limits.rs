@@ -34,6 +34,7 @@ async fn start(
         generation: 1,
         routes: vec![Route {
             app: "app".into(),
+            project: "default".into(),
             hosts: vec!["app.test".into()],
             health: None,
             wakeable: false,

@@ -20,6 +20,7 @@ fn table() -> RouteTable {
         routes: vec![
             Route {
                 app: "hello".into(),
+                project: "default".into(),
                 hosts: vec!["hello.localhost".into(), "hi.example.com".into()],
                 health: Some(capstan_router_config::table::RouteHealth {
                     path: "/healthz".into(),
@@ -40,6 +41,7 @@ fn table() -> RouteTable {
             },
             Route {
                 app: "idle".into(),
+                project: "default".into(),
                 hosts: vec!["idle.localhost".into()],
                 health: None,
                 wakeable: false,
