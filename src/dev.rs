@@ -309,6 +309,8 @@ pub async fn run(options: DevOptions) -> Result<()> {
             platform.with_api_key(capstan_secrets::Secret::new("")),
             capstan_gateway::GatewayOptions {
                 requests_per_second: options.api_rate,
+                // The same proxies the edge proxy believes (--trusted-proxy).
+                trusted_proxies: options.trusted_proxies.clone(),
             },
             gateway_listener,
             shutdown.clone(),

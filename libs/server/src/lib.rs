@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod projects;
 pub mod tls;
+pub mod trusted;
 
 pub use tls::Tls;
 pub mod standalone;

@@ -284,6 +284,11 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
 /// the connections finish for up to `drain`. Each connection has 10 s to
 /// send a request head (no slow-loris), and is closed gracefully on
 /// shutdown.
+/// The address a request's connection came from, in the request's
+/// extensions for services [`serve_http1`] serves.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
 pub async fn serve_http1<S, B>(
     what: &'static str,
     listener: TcpListener,
@@ -303,7 +308,7 @@ pub async fn serve_http1<S, B>(
 {
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -315,6 +320,11 @@ pub async fn serve_http1<S, B>(
             },
         };
         let (service, shutdown) = (service.clone(), shutdown.clone());
+        // Each request knows the connection's peer ([`PeerAddr`]).
+        let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
+            request.extensions_mut().insert(PeerAddr(peer));
+            service.call(request)
+        });
         tasks.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -15,6 +15,8 @@
 
 pub mod openapi;
 pub mod routes;
+pub mod session;
+mod ui;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -200,7 +202,7 @@ impl IntoResponse for Problem {
 type TokenCache = HashMap<[u8; 32], (String, i64)>;
 
 #[derive(Clone)]
-struct Gateway {
+pub(crate) struct Gateway {
     platform: Platform,
     pool: DescriptorPool,
     tokens: Arc<Mutex<TokenCache>>,
@@ -208,19 +210,32 @@ struct Gateway {
     openapi: Arc<String>,
     /// Requests per credential (API key or token).
     rate: capstan_cache::RateLimit,
+    sessions: Arc<session::Sessions>,
+    /// Whose `X-Forwarded-For` and `-Proto` are believed.
+    trusted: capstan_server::trusted::TrustedProxies,
 }
 
+/// Sign-ins per client address: a burst of 10, then one a second (API
+/// keys are 256 random bits, so this is about load, not guessing).
+const SIGN_IN_RATE: capstan_cache::RateLimit = capstan_cache::RateLimit {
+    burst: 10,
+    per_second: 1.0,
+};
+
 /// What `capstan dev --api-rate` and `capstan-gateway --api-rate` set.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GatewayOptions {
     /// Requests a second per credential, with bursts of twice as many.
     pub requests_per_second: u32,
+    /// Proxies in front (Traefik) whose `X-Forwarded-*` are believed.
+    pub trusted_proxies: capstan_server::trusted::TrustedProxies,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
         GatewayOptions {
             requests_per_second: 50,
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -358,28 +373,34 @@ impl Gateway {
     /// SHA-256; one bucket for callers without one), in the platform's
     /// cache, so several gateways share it. 429 with Retry-After when it is
     /// empty; a cache that does not answer limits nothing.
-    async fn limit(&self, headers: &HeaderMap) -> Result<(), Problem> {
+    async fn limit(&self, credential: &str) -> Result<(), Problem> {
         use sha2::Digest;
-        let credential = headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        let digest = sha2::Sha256::digest(credential);
+        let digest = sha2::Sha256::digest(credential.as_bytes());
         let bucket: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        match self
-            .platform
-            .cache
-            .take(&format!("gateway/{bucket}"), self.rate)
-            .await
-        {
+        self.take(
+            &format!("gateway/{bucket}"),
+            self.rate,
+            "with this credential",
+        )
+        .await
+    }
+
+    /// Takes from `bucket`; 429 with Retry-After when it is empty.
+    async fn take(
+        &self,
+        bucket: &str,
+        rate: capstan_cache::RateLimit,
+        what: &str,
+    ) -> Result<(), Problem> {
+        match self.platform.cache.take(bucket, rate).await {
             Ok(capstan_cache::Admit::Allowed) => Ok(()),
             Ok(capstan_cache::Admit::Limited { retry_after }) => Err(Problem {
                 retry_after: Some(retry_after.as_secs().max(1)),
                 ..Problem::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
-                        "more than {} requests a second with this credential; retry in {} ms",
-                        self.rate.per_second,
+                        "more than {} requests a second {what}; retry in {} ms",
+                        rate.per_second,
                         retry_after.as_millis().max(1)
                     ),
                 )
@@ -391,16 +412,44 @@ impl Gateway {
         }
     }
 
-    /// The token to call with, from `Authorization: Bearer`.
-    async fn token(&self, headers: &HeaderMap) -> Result<String, Problem> {
+    /// The caller's credential: `Authorization: Bearer`, else the API key
+    /// of the session in the cookie, whose CSRF token a request that can
+    /// change something must carry.
+    fn credential(&self, method: &http::Method, headers: &HeaderMap) -> Result<String, Problem> {
         let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
-        let value = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| unauthorized("send Authorization: Bearer <API key or token>"))?;
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            return value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| unauthorized("send Authorization: Bearer <API key or token>"));
+        }
+        let session = session::cookie(headers)
+            .and_then(|id| self.sessions.get(&id, capstan_server::now_ms()))
+            .ok_or_else(|| {
+                unauthorized("send Authorization: Bearer <API key or token>, or sign in at /ui/")
+            })?;
+        if session::mutating(method) {
+            let sent = headers
+                .get(session::CSRF_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !capstan_authn::constant_time_eq(sent, session.csrf.as_bytes()) {
+                return Err(Problem::new(
+                    StatusCode::FORBIDDEN,
+                    "a change made with a session cookie needs the session's X-CSRF-Token header",
+                ));
+            }
+        }
+        Ok(session.api_key)
+    }
+
+    /// The token to call with for `value` (an API key or a token).
+    async fn token(&self, value: &str) -> Result<String, Problem> {
+        let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
         if value.len() > 4096 || !value.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(unauthorized("the bearer credential is malformed"));
         }
@@ -448,6 +497,7 @@ impl Gateway {
     async fn call(
         &self,
         route: &Route,
+        method: http::Method,
         headers: HeaderMap,
         path: HashMap<String, String>,
         query: HashMap<String, String>,
@@ -459,6 +509,7 @@ impl Gateway {
                 format!("{MAX_IN_FLIGHT} requests are in flight; retry shortly"),
             )
         })?;
+        let credential = self.credential(&method, &headers)?;
         let method = method_of(&self.pool, route.rpc)
             .ok_or_else(|| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "unknown method"))?;
         let mut query = query;
@@ -466,8 +517,8 @@ impl Gateway {
             query.insert("follow".into(), "true".into());
         }
         let request = request_of(route, &method.input(), &path, &query, &headers, &body)?;
-        self.limit(&headers).await?;
-        let token = self.token(&headers).await?;
+        self.limit(&credential).await?;
+        let token = self.token(&credential).await?;
         let channel = self
             .platform
             .channel(route.service)
@@ -557,10 +608,14 @@ fn router(gateway: Gateway) -> axum::Router {
         let handler = move |State(gateway): State<Gateway>,
                             Path(path): Path<HashMap<String, String>>,
                             Query(query): Query<HashMap<String, String>>,
+                            method: http::Method,
                             headers: HeaderMap,
                             body: Bytes| async move {
             let started = std::time::Instant::now();
-            let response = match gateway.call(route, headers, path, query, body).await {
+            let response = match gateway
+                .call(route, method, headers, path, query, body)
+                .await
+            {
                 Ok(response) => response,
                 Err(problem) => problem.into_response(),
             };
@@ -594,6 +649,7 @@ fn router(gateway: Gateway) -> axum::Router {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .merge(ui::router())
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
         })
@@ -628,6 +684,8 @@ pub async fn run(
             burst: options.requests_per_second.saturating_mul(2).max(1),
             per_second: f64::from(options.requests_per_second.max(1)),
         },
+        sessions: Arc::default(),
+        trusted: options.trusted_proxies,
     };
     let address: SocketAddr = listener.local_addr().map_err(Error::internal)?;
     let advertised = platform.advertised(address)?;

@@ -161,11 +161,7 @@ impl AppProjects {
 
     /// App → project; `app`: one the caller asks about, read afresh when
     /// the copy does not have it.
-    async fn get(
-        &self,
-        platform: &Platform,
-        app: Option<&str>,
-    ) -> Result<ProjectOf, Error> {
+    async fn get(&self, platform: &Platform, app: Option<&str>) -> Result<ProjectOf, Error> {
         let mut copy = self.copy.lock().await;
         if let Some((at, map)) = copy.as_ref() {
             // An app not in the copy sends for a new one, but not more

@@ -80,52 +80,7 @@ impl Default for HttpLimits {
     }
 }
 
-/// Peers whose `X-Forwarded-*` headers are believed: a load balancer in
-/// front of the proxy. Everyone else's are replaced, so a client cannot
-/// choose the address an app sees.
-#[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(Vec<(std::net::IpAddr, u8)>);
-
-impl TrustedProxies {
-    /// `10.0.0.0/8`, `192.0.2.7` or `2001:db8::/32`, one per entry.
-    pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
-        let mut nets = Vec::new();
-        for entry in entries {
-            let (ip, bits) = match entry.split_once('/') {
-                Some((ip, bits)) => (ip, Some(bits)),
-                None => (entry.as_str(), None),
-            };
-            let ip: std::net::IpAddr = ip
-                .parse()
-                .map_err(|_| format!("`{entry}` is not an IP address or CIDR range"))?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let bits = match bits {
-                None => max,
-                Some(bits) => bits
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|b| *b <= max)
-                    .ok_or_else(|| format!("`{entry}`: the prefix length must be 0 to {max}"))?,
-            };
-            nets.push((ip, bits));
-        }
-        Ok(TrustedProxies(nets))
-    }
-
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        self.0.iter().any(|(net, bits)| match (net, ip) {
-            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*bits)).unwrap_or(0);
-                u32::from(*net) & mask == u32::from(ip) & mask
-            }
-            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(*bits)).unwrap_or(0);
-                u128::from(*net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        })
-    }
-}
+pub use capstan_server::trusted::TrustedProxies;
 
 /// What the proxy served for one (app, instance) since it was last taken.
 #[derive(Debug, Clone, PartialEq)]
@@ -688,29 +643,6 @@ pub async fn serve<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trusted_proxies_match_their_ranges() {
-        let trusted = TrustedProxies::parse(&[
-            "10.0.0.0/8".into(),
-            "192.0.2.7".into(),
-            "2001:db8::/32".into(),
-        ])
-        .unwrap();
-        for ip in ["10.1.2.3", "192.0.2.7", "2001:db8::1"] {
-            assert!(trusted.contains(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["11.0.0.1", "192.0.2.8", "127.0.0.1", "2001:db9::1"] {
-            assert!(!trusted.contains(ip.parse().unwrap()), "{ip}");
-        }
-        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
-        assert!(TrustedProxies::parse(&["proxy.local".into()]).is_err());
-        assert!(
-            TrustedProxies::parse(&["0.0.0.0/0".into()])
-                .unwrap()
-                .contains("8.8.8.8".parse().unwrap())
-        );
-    }
 
     #[test]
     fn forwarded_headers_from_untrusted_peers_are_replaced() {
