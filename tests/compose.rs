@@ -279,13 +279,28 @@ fn traefik_routes_api_to_the_gateway_with_a_file_provider_config_of_the_schema()
         "infra/traefik/dynamic/gateway.yml",
     );
     let router = &config["http"]["routers"]["capstan-gateway"];
-    assert_eq!(router["rule"], "Host(`api.{{ env \"CAPSTAN_DOMAIN\" }}`)");
+    assert!(
+        router["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("Host(`api.{{ env \"CAPSTAN_DOMAIN\" }}`)"),
+        "{router}"
+    );
+    assert_eq!(router["entryPoints"][0], "websecure");
+    assert!(router["tls"].is_object(), "TLS at Traefik: {router}");
+    let redirect = &config["http"]["routers"]["capstan-gateway-redirect"];
     assert_eq!(
-        router["entryPoints"][0],
+        redirect["entryPoints"][0],
         capstan_router_config::traefik::ENTRY_POINT
     );
     let servers = &config["http"]["services"]["capstan-gateway"]["loadBalancer"]["servers"];
-    assert_eq!(servers[0]["url"], "http://gateway:7007");
+    assert!(
+        servers[0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("default \"http://gateway:7007\""),
+        "{servers}"
+    );
     let static_config =
         yaml_to_json(&std::fs::read_to_string(root().join("infra/traefik/traefik.yml")).unwrap());
     assert_eq!(
@@ -295,6 +310,9 @@ fn traefik_routes_api_to_the_gateway_with_a_file_provider_config_of_the_schema()
     let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
     assert!(compose.contains("./infra/traefik/dynamic:/etc/traefik/dynamic:ro"));
     assert!(compose.contains("CAPSTAN_LISTEN: 0.0.0.0:7007"));
+    // The gateway believes Traefik's fixed address only.
+    assert!(compose.contains("CAPSTAN_TRUSTED_PROXIES: ${CAPSTAN_TRAEFIK_IP:-172.28.0.2}"));
+    assert!(compose.contains("ipv4_address: ${CAPSTAN_TRAEFIK_IP:-172.28.0.2}"));
 }
 
 #[test]

@@ -132,3 +132,112 @@ fn a_traefik_that_never_confirms_delays_the_drain_by_the_timeout_only() {
         "{events}"
     );
 }
+
+/// `curl` through Traefik: (exit code, `-i` output).
+fn curl(args: &[&str]) -> (i32, String) {
+    capstan_testkit::require_tool("curl", "apt-get install -y curl");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The compose file's Traefik routes (`infra/traefik/dynamic/gateway.yml`,
+/// read by the real Traefik) put the gateway behind TLS: a self-signed
+/// certificate by default, plain HTTP redirected; the gateway believes
+/// Traefik's `X-Forwarded-Proto` (the session cookie is `Secure`), and a
+/// client's own `X-Forwarded-For` does not get through Traefik.
+#[test]
+fn the_gateway_answers_through_real_traefik_over_tls() {
+    let dev = Dev::start_with(None, &["--no-docker", "--trusted-proxy", "127.0.0.1"]);
+    let gateway = format!("http://{}", dev.endpoint("gateway"));
+    let dynamic = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/traefik/dynamic");
+    let traefik = Traefik::start_with_files(
+        &dynamic,
+        &[
+            ("CAPSTAN_DOMAIN", "capstan.localhost"),
+            ("CAPSTAN_GATEWAY_URL", &gateway),
+            ("CAPSTAN_TLS_RESOLVER", ""),
+        ],
+    );
+    let host = "api.capstan.localhost";
+    let https = |path: &str| format!("https://{host}:{}{path}", traefik.tls_port());
+    let resolve = format!("{host}:{}:127.0.0.1", traefik.tls_port());
+    let resolve_web = format!("{host}:{}:127.0.0.1", traefik.port());
+    wait_until(
+        "the gateway answers through Traefik",
+        Duration::from_secs(30),
+        || {
+            curl(&["-k", "--resolve", &resolve, &https("/healthz")])
+                .1
+                .contains("200")
+        },
+    );
+
+    // A self-signed certificate: refused unless the client says -k.
+    let (code, out) = curl(&["--resolve", &resolve, &https("/healthz")]);
+    assert_eq!(code, 60, "curl: the certificate is not trusted: {out}");
+    let (_, out) = curl(&["-k", "--resolve", &resolve, &https("/openapi.json")]);
+    assert!(out.contains("\"openapi\":\"3.1.0\""), "{out}");
+    // Plain HTTP redirects to HTTPS.
+    let (_, out) = curl(&[
+        "--resolve",
+        &resolve_web,
+        &format!("http://{host}:{}/ui/", traefik.port()),
+    ]);
+    assert!(
+        out.starts_with("HTTP/1.1 301") || out.starts_with("HTTP/1.1 308"),
+        "{out}"
+    );
+    assert!(out.to_lowercase().contains("location: https://"), "{out}");
+
+    // Traefik says the client came over TLS, and the gateway trusts it.
+    let admin = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
+    let body = format!("{{\"api_key\": \"{}\"}}", admin.trim());
+    let (_, out) = curl(&[
+        "-k",
+        "--resolve",
+        &resolve,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &https("/ui/session"),
+    ]);
+    let cookie = out
+        .lines()
+        .find(|l| l.to_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no session cookie: {out}"));
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+
+    // A client naming itself in X-Forwarded-For is still one client to the
+    // gateway: Traefik does not pass an untrusted peer's header on.
+    let mut limited = false;
+    for i in 0..14 {
+        let (_, out) = curl(&[
+            "-k",
+            "--resolve",
+            &resolve,
+            "-H",
+            &format!("X-Forwarded-For: 203.0.113.{i}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"api_key": "cap_wrong"}"#,
+            &https("/ui/session"),
+        ]);
+        limited |= out.starts_with("HTTP/2 429") || out.starts_with("HTTP/1.1 429");
+    }
+    assert!(
+        limited,
+        "forged X-Forwarded-For values spread sign-ins over buckets"
+    );
+}

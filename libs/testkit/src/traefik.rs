@@ -17,6 +17,7 @@ pub struct Traefik {
     dir: tempfile::TempDir,
     port: u16,
     api_port: u16,
+    tls_port: u16,
 }
 
 impl Traefik {
@@ -35,21 +36,53 @@ impl Traefik {
     /// what it actually routes) on `host:api_port` and the `web` entry point
     /// on `host` too (0.0.0.0: reachable from containers).
     pub fn start_on(host: &str, endpoint: &str, token: &str, api_port: u16) -> Traefik {
+        let providers = serde_json::json!({ "http": {
+            "endpoint": endpoint,
+            "pollInterval": "500ms",
+            "headers": { "Authorization": format!("Bearer {token}") },
+        } });
+        Traefik::start_with(host, api_port, serde_json::json!({}), providers, &[])
+    }
+
+    /// Traefik with the repository's file-provider directory `dynamic` (its
+    /// Go templates read `env`), a `web` entry point and a `websecure` one
+    /// with TLS ([`Traefik::tls_port`]), on loopback.
+    pub fn start_with_files(dynamic: &std::path::Path, env: &[(&str, &str)]) -> Traefik {
+        let providers = serde_json::json!({ "file": {
+            "directory": dynamic, "watch": false,
+        } });
+        let tls_port = crate::free_port();
+        let extra = serde_json::json!({
+            "websecure": { "address": format!("127.0.0.1:{tls_port}") },
+        });
+        let mut traefik =
+            Traefik::start_with("127.0.0.1", crate::free_port(), extra, providers, env);
+        traefik.tls_port = tls_port;
+        traefik
+    }
+
+    fn start_with(
+        host: &str,
+        api_port: u16,
+        entry_points: Value,
+        providers: Value,
+        env: &[(&str, &str)],
+    ) -> Traefik {
         let binary = std::env::var("CAPSTAN_TRAEFIK").unwrap_or_else(|_| "traefik".into());
         crate::require_tool(&binary, INSTALL);
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();
+        let mut points = serde_json::json!({
+            "web": { "address": format!("{host}:{port}") },
+            "traefik": { "address": format!("{host}:{api_port}") },
+        });
+        if let (Some(points), Some(extra)) = (points.as_object_mut(), entry_points.as_object()) {
+            points.extend(extra.clone());
+        }
         let config = serde_json::json!({
-            "entryPoints": {
-                "web": { "address": format!("{host}:{port}") },
-                "traefik": { "address": format!("{host}:{api_port}") },
-            },
+            "entryPoints": points,
             "api": { "insecure": true, "dashboard": false },
-            "providers": { "http": {
-                "endpoint": endpoint,
-                "pollInterval": "500ms",
-                "headers": { "Authorization": format!("Bearer {token}") },
-            } },
+            "providers": providers,
             "log": { "level": "DEBUG", "format": "json", "filePath": dir.path().join("traefik.log") },
             "global": { "checkNewVersion": false, "sendAnonymousUsage": false },
         });
@@ -58,6 +91,7 @@ impl Traefik {
         std::fs::write(&config_path, config.to_string()).expect("write traefik.yml");
         let child = Command::new(&binary)
             .arg(format!("--configFile={}", config_path.display()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -68,7 +102,13 @@ impl Traefik {
             dir,
             port,
             api_port,
+            tls_port: 0,
         }
+    }
+
+    /// The `websecure` entry point's port ([`Traefik::start_with_files`]).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
     }
 
     /// The `web` entry point's port.
