@@ -62,6 +62,12 @@ impl Policy {
         }
     }
 
+    /// A policy without even health and reflection public: a server that
+    /// answers nothing without a token (the token-verification bench).
+    pub fn none() -> Self {
+        Policy { rules: Vec::new() }
+    }
+
     /// `path` is a full method (`/capstan.v1.Auth/IssueToken`) or a prefix ending in `/`.
     pub fn rule(mut self, path: &'static str, rule: Rule) -> Self {
         self.rules.push((path, rule));

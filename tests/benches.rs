@@ -1,0 +1,56 @@
+//! Every bench binary once, at a tiny size, against a real `capstan dev`:
+//! benchmarks are not timed tests, but their code must not rot. Each must
+//! print its JSON with the figures it promises.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn bench(name: &str, args: &[&str]) -> Value {
+    let binary = std::path::Path::new(BIN).with_file_name(name);
+    let out = Command::new(&binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{name} printed no JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn the_gateway_and_metrics_benches_run_and_report_their_figures() {
+    let dev = Dev::start_with(None, &["--no-docker", "--api-rate", "100000"]);
+    let dir = dev.data_dir().display().to_string();
+    let gateway = bench(
+        "capstan-gateway-bench",
+        &["--data-dir", &dir, "--seconds", "0.3", "--connections", "1"],
+    );
+    for side in [
+        &gateway["gateway_overhead"]["grpc_direct"],
+        &gateway["gateway_overhead"]["gateway"],
+        &gateway["token_verification"]["auth_off"],
+        &gateway["token_verification"]["verified"],
+    ] {
+        assert!(side["requests"].as_u64().unwrap() > 0, "{gateway}");
+        assert!(side["p99_ms"].as_f64().unwrap() > 0.0, "{gateway}");
+    }
+    assert!(gateway["gateway_overhead"]["rps_ratio"].as_f64().unwrap() > 0.0);
+
+    let metrics = bench(
+        "capstan-metrics-bench",
+        &["--data-dir", &dir, "--samples", "4000", "--rounds", "1"],
+    );
+    assert!(
+        metrics["service_samples_per_s"].as_f64().unwrap() > 0.0,
+        "{metrics}"
+    );
+    assert!(metrics["ratio"].as_f64().unwrap() > 0.0, "{metrics}");
+}
