@@ -4,7 +4,10 @@
 //! everybody at run time); so does a rule that admits someone the table
 //! below does not.
 
-use capstan_authn::{Claims, Policy, Role};
+mod common;
+
+use capstan_authn::{Claims, Role};
+use common::policy_of;
 use prost::Message;
 
 /// Who may call each method: `-` anonymous, `v` viewer, `o` deployer,
@@ -62,18 +65,6 @@ const CALLERS: [(char, Option<Role>); 6] = [
     ('s', Some(Role::Service)),
     ('n', Some(Role::Node)),
 ];
-
-fn policy_of(service: &str) -> Policy {
-    match service {
-        "capstan.v1.Agent" => capstan_agent::policy(),
-        "capstan.v1.Auth" => capstan_auth::policy(),
-        "capstan.v1.Metrics" => capstan_metrics::policy(),
-        "capstan.v1.Orchestrator" => capstan_orchestrator::policy(),
-        "capstan.v1.RouterConfig" => capstan_router_config::policy(),
-        "capstan.v1.Scheduler" => capstan_scheduler::policy(),
-        other => panic!("service {other} has no policy in this test: add it"),
-    }
-}
 
 fn claims(role: Role) -> Claims {
     Claims {

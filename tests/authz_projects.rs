@@ -40,18 +40,6 @@ impl Who {
     }
 }
 
-fn policy_of(service: &str) -> capstan_authn::Policy {
-    match service {
-        "capstan.v1.Agent" => capstan_agent::policy(),
-        "capstan.v1.Auth" => capstan_auth::policy(),
-        "capstan.v1.Metrics" => capstan_metrics::policy(),
-        "capstan.v1.Orchestrator" => capstan_orchestrator::policy(),
-        "capstan.v1.RouterConfig" => capstan_router_config::policy(),
-        "capstan.v1.Scheduler" => capstan_scheduler::policy(),
-        other => panic!("service {other} has no policy in this test: add it"),
-    }
-}
-
 /// The endpoints.json name of a gRPC service.
 fn endpoint_name(service: &str) -> &'static str {
     match service {

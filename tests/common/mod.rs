@@ -497,3 +497,16 @@ pub const COMPOSE_CAPSTAN_SERVICES: [&str; 10] = [
     "agent-1",
     "agent-2",
 ];
+
+/// The access policy of each Capstan gRPC service, by its full name.
+pub fn policy_of(service: &str) -> capstan_authn::Policy {
+    match service {
+        "capstan.v1.Agent" => capstan_agent::policy(),
+        "capstan.v1.Auth" => capstan_auth::policy(),
+        "capstan.v1.Metrics" => capstan_metrics::policy(),
+        "capstan.v1.Orchestrator" => capstan_orchestrator::policy(),
+        "capstan.v1.RouterConfig" => capstan_router_config::policy(),
+        "capstan.v1.Scheduler" => capstan_scheduler::policy(),
+        other => panic!("service {other} has no policy in this test: add it"),
+    }
+}
