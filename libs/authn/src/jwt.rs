@@ -234,7 +234,24 @@ pub struct Verifier {
     cache: RwLock<Cache>,
     fetching: tokio::sync::Mutex<()>,
     revocations: Option<crate::revocation::Revocations>,
+    /// Tokens whose signature verified, by their exact text: a client sends
+    /// the same token for many calls, and an Ed25519 check costs more than
+    /// most calls. Times, the key and revocation are checked on every call
+    /// all the same; see [`Verifier::verify`].
+    verified: std::sync::Mutex<HashMap<String, Verified>>,
 }
+
+/// A token whose signature and static claims checked out.
+struct Verified {
+    claims: Claims,
+    kid: String,
+    until: std::time::Instant,
+}
+
+/// Tokens remembered as verified, at most; past it the memory starts over.
+const MAX_VERIFIED: usize = 10_000;
+/// How long a verified signature is remembered (a token lives longer).
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
 
 struct Cache {
     keys: HashMap<String, VerifyingKey>,
@@ -253,6 +270,7 @@ impl Verifier {
             }),
             fetching: tokio::sync::Mutex::new(()),
             revocations: None,
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -318,7 +336,57 @@ impl Verifier {
         }
     }
 
+    /// The claims of `token` if it is valid now: signed by a key in force,
+    /// for Capstan, within its times, not revoked. A token verified before
+    /// skips the signature check only (not the key, times or revocation).
     pub async fn verify(&self, token: &str) -> Result<Claims, Error> {
+        let remembered = {
+            let verified = self.verified.lock().expect("verified lock poisoned");
+            verified
+                .get(token)
+                .filter(|v| v.until > std::time::Instant::now())
+                .map(|v| (v.claims.clone(), v.kid.clone()))
+        };
+        let claims = match remembered {
+            // Still signed by a key in force (a retired key is gone).
+            Some((claims, kid)) if self.cache.read().await.keys.contains_key(&kid) => claims,
+            _ => {
+                let (claims, kid) = self.verify_signature(token).await?;
+                let mut verified = self.verified.lock().expect("verified lock poisoned");
+                if verified.len() >= MAX_VERIFIED {
+                    verified.clear();
+                }
+                verified.insert(
+                    token.to_string(),
+                    Verified {
+                        claims: claims.clone(),
+                        kid,
+                        until: std::time::Instant::now() + VERIFIED_TTL,
+                    },
+                );
+                claims
+            }
+        };
+        let bad = |why: &str| Error::Unauthenticated(format!("invalid token: {why}"));
+        let now = now_secs();
+        if claims.exp + LEEWAY_SECS < now {
+            return Err(Error::Unauthenticated("token expired".into()));
+        }
+        if claims.iat - LEEWAY_SECS > now {
+            return Err(bad("issued in the future"));
+        }
+        if claims.nbf - LEEWAY_SECS > now {
+            return Err(bad("not valid yet (nbf)"));
+        }
+        if let Some(revocations) = &self.revocations {
+            revocations.check(&claims).await?;
+        }
+        Ok(claims)
+    }
+
+    /// The signature and what does not change with time: algorithm, key,
+    /// issuer, audience, lifetime. Returns the claims and the key id.
+    async fn verify_signature(&self, token: &str) -> Result<(Claims, String), Error> {
         let bad = |why: &str| Error::Unauthenticated(format!("invalid token: {why}"));
         let mut parts = token.split('.');
         let (Some(h), Some(c), Some(s), None) =
@@ -352,23 +420,10 @@ impl Verifier {
         if claims.aud != AUDIENCE {
             return Err(bad("wrong audience"));
         }
-        let now = now_secs();
-        if claims.exp + LEEWAY_SECS < now {
-            return Err(Error::Unauthenticated("token expired".into()));
-        }
-        if claims.iat - LEEWAY_SECS > now {
-            return Err(bad("issued in the future"));
-        }
-        if claims.nbf - LEEWAY_SECS > now {
-            return Err(bad("not valid yet (nbf)"));
-        }
         if claims.exp - claims.iat > MAX_TOKEN_LIFETIME.as_secs() as i64 {
             return Err(bad("lifetime longer than the maximum of one hour"));
         }
-        if let Some(revocations) = &self.revocations {
-            revocations.check(&claims).await?;
-        }
-        Ok(claims)
+        Ok((claims, header.kid))
     }
 }
 
@@ -381,6 +436,44 @@ mod tests {
             signer.kid().to_string(),
             signer.public_key(),
         )])))
+    }
+
+    #[tokio::test]
+    async fn a_remembered_signature_skips_nothing_but_the_signature_check() {
+        let signer = TokenSigner::generate();
+        let verifier = verifier_for(&signer);
+        let (token, claims) = signer.issue("alice", Role::Viewer, Duration::from_secs(300));
+        assert_eq!(verifier.verify(&token).await.unwrap(), claims);
+        assert_eq!(
+            verifier.verify(&token).await.unwrap(),
+            claims,
+            "from memory"
+        );
+        assert_eq!(verifier.verified.lock().unwrap().len(), 1);
+        // Another signature on the same claims is not the remembered token.
+        let mut tampered = token.clone().into_bytes();
+        let at = tampered.len() - 10;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(verifier.verify(&tampered).await.is_err());
+        // A remembered token whose times run out is refused all the same.
+        let mut stale = claims.clone();
+        stale.iat -= 7200;
+        stale.nbf -= 7200;
+        stale.exp = stale.iat + 600;
+        let expired = forge(&signer, &stale);
+        verifier.verified.lock().unwrap().insert(
+            expired.clone(),
+            Verified {
+                claims: stale,
+                kid: signer.kid().to_string(),
+                until: std::time::Instant::now() + VERIFIED_TTL,
+            },
+        );
+        assert!(
+            verifier.verify(&expired).await.is_err(),
+            "expired, remembered or not"
+        );
     }
 
     fn forge(signer: &TokenSigner, claims: &Claims) -> String {
