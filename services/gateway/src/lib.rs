@@ -370,8 +370,9 @@ fn request_of(
 
 impl Gateway {
     /// Takes a request from the caller's bucket (by the credential's
-    /// SHA-256; one bucket for callers without one), in the platform's
-    /// cache, so several gateways share it. 429 with Retry-After when it is
+    /// SHA-256: the bearer value, or a session's API key), in the
+    /// platform's cache, so several gateways share it. Callers without a
+    /// credential are refused before this, at no cost to any service. 429 with Retry-After when it is
     /// empty; a cache that does not answer limits nothing.
     async fn limit(&self, credential: &str) -> Result<(), Problem> {
         use sha2::Digest;
