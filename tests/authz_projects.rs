@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use capstan_authn::{Access, Rule};
@@ -142,32 +140,17 @@ fn deploy(dev: &Dev, name: &str, project: &str) {
     dev.ok(&["app", "deploy", "-f", &file, "--detach"]);
 }
 
-/// One HTTP/1.0 request; a stream is read for at most `read_for`.
+/// One request to the gateway as `key`: (status, head and body); a stream
+/// is read until it has been quiet for 1.5 s.
 fn rest(addr: &str, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the gateway");
-    stream
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: api.localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    let request = gateway_request(
+        method,
+        path,
+        &[format!("Authorization: Bearer {key}")],
+        body,
     );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 8192];
-    // Until the end, or until a stream has been quiet for the timeout.
-    while let Ok(n) = stream.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        response.extend_from_slice(&chunk[..n]);
-    }
-    let response = String::from_utf8_lossy(&response).to_string();
-    let status = response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, response)
+    let (status, head, body) = http_exchange(addr, &request, Duration::from_millis(1500));
+    (status, format!("{head}\r\n\r\n{body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

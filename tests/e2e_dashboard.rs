@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -84,27 +82,9 @@ fn the_dashboard_deploys_scales_reads_logs_and_revokes_a_key() {
     }
 }
 
-/// One HTTP/1.0 exchange: (status, head, body).
+/// One HTTP/1.0 exchange with the gateway: (status, head, body).
 fn http(addr: &str, request: &str) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head.to_string(), body.to_string())
-}
-
-fn request(method: &str, path: &str, headers: &[String], body: &str) -> String {
-    let mut text = format!("{method} {path} HTTP/1.0\r\nHost: api.localhost\r\n");
-    for header in headers {
-        text += header;
-        text += "\r\n";
-    }
-    text + &format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
+    http_exchange(addr, request, std::time::Duration::from_secs(30))
 }
 
 #[test]
@@ -113,7 +93,7 @@ fn sessions_need_the_csrf_token_for_changes_and_there_is_no_cors() {
     let addr = dev.endpoint("gateway");
     let admin = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
     let body = format!("{{\"api_key\": \"{}\"}}", admin.trim());
-    let (status, head, reply) = http(&addr, &request("POST", "/ui/session", &[], &body));
+    let (status, head, reply) = http(&addr, &gateway_request("POST", "/ui/session", &[], &body));
     assert_eq!(status, 200, "{head}\n{reply}");
     let cookie_line = head
         .lines()
@@ -143,7 +123,7 @@ fn sessions_need_the_csrf_token_for_changes_and_there_is_no_cors() {
     // A read with the cookie alone works.
     let (status, _, apps) = http(
         &addr,
-        &request("GET", "/v1/apps", std::slice::from_ref(&cookie), ""),
+        &gateway_request("GET", "/v1/apps", std::slice::from_ref(&cookie), ""),
     );
     assert_eq!(status, 200, "{apps}");
     // A change with the cookie and no (or a wrong) CSRF token is refused,
@@ -152,7 +132,8 @@ fn sessions_need_the_csrf_token_for_changes_and_there_is_no_cors() {
     for extra in [vec![], vec![format!("X-CSRF-Token: {}", "0".repeat(64))]] {
         let mut headers = vec![cookie.clone(), "Origin: https://evil.example".to_string()];
         headers.extend(extra);
-        let (status, head, reply) = http(&addr, &request("POST", "/v1/apps", &headers, spec));
+        let (status, head, reply) =
+            http(&addr, &gateway_request("POST", "/v1/apps", &headers, spec));
         assert_eq!(status, 403, "{reply}");
         assert!(reply.contains("X-CSRF-Token"), "{reply}");
         assert!(
@@ -162,17 +143,17 @@ fn sessions_need_the_csrf_token_for_changes_and_there_is_no_cors() {
     }
     let (_, _, apps) = http(
         &addr,
-        &request("GET", "/v1/apps", std::slice::from_ref(&cookie), ""),
+        &gateway_request("GET", "/v1/apps", std::slice::from_ref(&cookie), ""),
     );
     assert!(!apps.contains("\"csrf\""), "{apps}");
     // With the token it works.
     let headers = [cookie.clone(), format!("X-CSRF-Token: {csrf}")];
-    let (status, _, reply) = http(&addr, &request("POST", "/v1/apps", &headers, spec));
+    let (status, _, reply) = http(&addr, &gateway_request("POST", "/v1/apps", &headers, spec));
     assert_eq!(status, 200, "{reply}");
     // A preflight gets no CORS grant either.
     let (_, head, _) = http(
         &addr,
-        &request(
+        &gateway_request(
             "OPTIONS",
             "/v1/apps",
             &[
@@ -187,12 +168,15 @@ fn sessions_need_the_csrf_token_for_changes_and_there_is_no_cors() {
         "{head}"
     );
     // Signing out ends the session.
-    let (status, _, _) = http(&addr, &request("DELETE", "/ui/session", &headers, ""));
+    let (status, _, _) = http(
+        &addr,
+        &gateway_request("DELETE", "/ui/session", &headers, ""),
+    );
     assert_eq!(status, 204);
-    let (status, _, _) = http(&addr, &request("GET", "/v1/apps", &[cookie], ""));
+    let (status, _, _) = http(&addr, &gateway_request("GET", "/v1/apps", &[cookie], ""));
     assert_eq!(status, 401);
     // The pages come with a CSP that allows this origin only.
-    let (status, head, page) = http(&addr, &request("GET", "/ui/", &[], ""));
+    let (status, head, page) = http(&addr, &gateway_request("GET", "/ui/", &[], ""));
     assert_eq!(status, 200);
     assert!(page.contains("/ui/app.js"), "{page}");
     assert!(head.contains("default-src 'self'"), "{head}");
@@ -205,7 +189,7 @@ fn sign_ins(addr: &str) -> Vec<u16> {
             let forwarded = format!("X-Forwarded-For: 203.0.113.{i}");
             http(
                 addr,
-                &request(
+                &gateway_request(
                     "POST",
                     "/ui/session",
                     &[forwarded],
@@ -236,7 +220,7 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         let body = format!("{{\"api_key\": \"{}\"}}", admin.trim());
         let (status, head, _) = http(
             &dev.endpoint("gateway"),
-            &request("POST", "/ui/session", &https, &body),
+            &gateway_request("POST", "/ui/session", &https, &body),
         );
         assert_eq!(status, 200, "{head}");
         head

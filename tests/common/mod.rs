@@ -510,3 +510,36 @@ pub fn policy_of(service: &str) -> capstan_authn::Policy {
         other => panic!("service {other} has no policy in this test: add it"),
     }
 }
+
+/// An HTTP/1.0 request to the gateway (`Host: api.localhost`, a JSON body).
+pub fn gateway_request(method: &str, path: &str, headers: &[String], body: &str) -> String {
+    let mut text = format!("{method} {path} HTTP/1.0\r\nHost: api.localhost\r\n");
+    for header in headers {
+        text += header;
+        text += "\r\n";
+    }
+    text + &format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sends a raw HTTP/1.0 `request` to `addr`: (status, head, body). The
+/// answer ends at close, or once nothing has come for `quiet` (a stream).
+pub fn http_exchange(addr: &str, request: &str, quiet: Duration) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(quiet)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = stream.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&chunk[..n]);
+    }
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}

@@ -767,9 +767,10 @@ impl Orchestrator for Api {
 /// audit log around them.
 impl Api {
     /// The project a deploy of `spec` puts its app in, or why it may not:
-    /// an existing app stays in its project (and only its project's
-    /// deployers may change it); a new one goes where the spec says (which
-    /// must exist and be the caller's), else into the caller's project.
+    /// an existing app stays in its project (whose callers the caller has
+    /// already been checked against); a new one goes where the spec says
+    /// (which must exist and be the caller's), else into the caller's
+    /// project.
     async fn project_of_deploy(
         &self,
         caller: &Claims,
@@ -779,7 +780,6 @@ impl Api {
         let name = spec.name.as_str();
         if let Some(app) = existing.filter(|app| !app.deleting) {
             let current = app.spec.project_name();
-            check_project(caller, name, current)?;
             if let Some(asked) = spec.project.as_deref().filter(|asked| *asked != current) {
                 return Err(status(Error::invalid(
                     "project",
@@ -822,16 +822,17 @@ impl Api {
             .into_inner()
             .spec
             .ok_or_else(|| status(Error::invalid("spec", "missing")))?;
-        // Another project's app is refused before its spec is looked at:
-        // what is wrong with it is none of this caller's business.
-        if let Ok(name) = AppName::parse("name", &wire.name)
-            && let Some((_, app)) = self.apps.get(&name).await.map_err(store_err)?
-            && !app.deleting
-        {
-            check_project(&caller, &name, app.spec.project_name())?;
+        // Read once, before the spec is looked at: another project's app is
+        // refused first, since what is wrong with its spec is none of this
+        // caller's business. (A name that does not parse fails below.)
+        let existing = match AppName::parse("name", &wire.name) {
+            Ok(name) => self.apps.get(&name).await.map_err(store_err)?,
+            Err(_) => None,
+        };
+        if let Some((_, app)) = existing.as_ref().filter(|(_, app)| !app.deleting) {
+            check_project(&caller, &wire.name, app.spec.project_name())?;
         }
         let mut spec = capstan_proto::spec_from_wire(wire).map_err(status)?;
-        let existing = self.apps.get(&spec.name).await.map_err(store_err)?;
         let project = self
             .project_of_deploy(&caller, &spec, existing.as_ref().map(|(_, app)| app))
             .await?;

@@ -290,13 +290,12 @@ fn table_to_wire(table: &RouteTable) -> capstan_proto::v1::RouteTable {
 
 /// The routes the caller may see: a caller confined to a project sees
 /// that project's apps only.
-fn visible_table<T>(request: &Request<T>, table: &RouteTable) -> Result<RouteTable, Status> {
+fn visible_table<T>(request: &Request<T>, mut table: RouteTable) -> Result<RouteTable, Status> {
     let caller = capstan_authn::caller(request).map_err(capstan_proto::status)?;
-    let mut visible = table.clone();
-    visible
+    table
         .routes
         .retain(|route| caller.in_project(&route.project));
-    Ok(visible)
+    Ok(table)
 }
 
 #[tonic::async_trait]
@@ -305,7 +304,7 @@ impl RouterConfig for Router {
         &self,
         request: Request<GetRoutesRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        let table = visible_table(&request, &self.proxy.table())?;
+        let table = visible_table(&request, self.proxy.table())?;
         Ok(Response::new(table_to_wire(&table)))
     }
 
@@ -323,7 +322,7 @@ impl RouterConfig for Router {
         &self,
         request: Request<RenderTraefikRequest>,
     ) -> Result<Response<RenderTraefikResponse>, Status> {
-        let table = visible_table(&request, &self.proxy.table())?;
+        let table = visible_table(&request, self.proxy.table())?;
         let json = serde_json::to_string_pretty(&traefik::render(&table))
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RenderTraefikResponse { json }))
