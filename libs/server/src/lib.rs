@@ -467,6 +467,25 @@ pub struct Service {
     pub auth: RequireAuthLayer,
 }
 
+/// The connections `listener` accepts, with Nagle's algorithm off, for a
+/// server fed its own stream (tonic's `tcp_nodelay` applies only to
+/// listeners it binds itself). A gRPC answer is several small writes; with
+/// Nagle on, the last waits for the peer's delayed ACK (40 ms on Linux),
+/// and every hop of the control plane paid it.
+pub fn accepted(
+    listener: Arc<TcpListener>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY not set on an accepted connection: {e}");
+            }
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
 /// Answers gRPC health with NOT_SERVING on `listener` (and nothing else)
 /// until `ready` fires, so probes see a process that is up but waiting for
 /// its backends. Returns once it stopped accepting; the caller then serves
@@ -480,10 +499,7 @@ pub async fn serve_not_ready(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let accepted = futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| stream);
-        Some((accepted, listener))
-    });
+    let accepted = accepted(listener);
     let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(5))
         .add_service(health_service);
@@ -579,7 +595,7 @@ pub async fn serve_with(
         })
     };
     tracing::info!(service = service.name, %address, "serving gRPC");
-    let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let accepted = accepted(Arc::new(listener));
     let router = tonic::transport::Server::builder()
         .timeout(limits.timeout)
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
@@ -727,5 +743,27 @@ mod endpoint_tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+    use futures::StreamExt;
+
+    /// gRPC answers in several small writes (headers, data, trailers):
+    /// with Nagle's algorithm on, the last of them waits for the client's
+    /// delayed ACK, 40 ms on Linux, on every call.
+    #[tokio::test]
+    async fn served_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(accepted(Arc::new(listener)));
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let served = incoming.next().await.unwrap().unwrap();
+        assert!(
+            served.nodelay().unwrap(),
+            "TCP_NODELAY is off on an accepted connection"
+        );
     }
 }

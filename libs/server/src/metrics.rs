@@ -319,6 +319,8 @@ pub async fn serve_http1<S, B>(
                 }
             },
         };
+        // Streamed answers (SSE, logs) are many small writes.
+        let _ = stream.set_nodelay(true);
         let (service, shutdown) = (service.clone(), shutdown.clone());
         // Each request knows the connection's peer ([`PeerAddr`]).
         let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
