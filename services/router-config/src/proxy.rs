@@ -6,16 +6,18 @@
 //! upstream. Requests in flight are counted per upstream, so a removed
 //! upstream can be drained before its instance is stopped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -107,9 +109,14 @@ impl Default for Traffic {
 }
 
 pub struct EdgeProxy {
-    table: RwLock<Arc<Compiled>>,
+    /// The table in force, swapped whole: a request reads it without a lock.
+    table: ArcSwap<Compiled>,
+    /// Requests in flight per upstream address, kept across tables so a
+    /// removed upstream can be drained; each compiled upstream holds its
+    /// counter, so a request touches no map.
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
-    traffic: Mutex<HashMap<(String, String), Traffic>>,
+    /// What was served per (app, instance), resolved the same way.
+    stats: Mutex<HashMap<(String, String), Arc<Stats>>>,
     /// Requests waiting for a woken app, per app.
     waiting: Mutex<HashMap<String, usize>>,
     /// Bumped on every applied table: waiters look again.
@@ -122,10 +129,79 @@ pub struct EdgeProxy {
     trusted: TrustedProxies,
 }
 
+/// A routing table made ready to serve: host lookup by hash, and each
+/// route's and upstream's counters resolved when the table is applied.
 struct Compiled {
     table: RouteTable,
-    hosts: BTreeMap<String, usize>,
-    next: Vec<AtomicUsize>,
+    hosts: HashMap<String, usize, foldhash::fast::RandomState>,
+    routes: Vec<CompiledRoute>,
+}
+
+struct CompiledRoute {
+    next: AtomicUsize,
+    /// (app, `none`): requests that no instance answered.
+    unserved: Arc<Stats>,
+    upstreams: Vec<CompiledUpstream>,
+}
+
+struct CompiledUpstream {
+    /// `None` when the address is not a valid authority: never tried.
+    authority: Option<Authority>,
+    in_flight: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+}
+
+/// One (app, instance)'s Prometheus series and traffic since last taken.
+/// The series are resolved on first use, so an instance that served
+/// nothing has none.
+struct Stats {
+    app: String,
+    instance: String,
+    requests: [std::sync::OnceLock<prometheus::IntCounter>; 5],
+    duration: std::sync::OnceLock<prometheus::Histogram>,
+    traffic: Mutex<Traffic>,
+}
+
+impl Stats {
+    fn new(app: &str, instance: &str) -> Self {
+        Stats {
+            app: app.to_string(),
+            instance: instance.to_string(),
+            requests: Default::default(),
+            duration: std::sync::OnceLock::new(),
+            traffic: Mutex::default(),
+        }
+    }
+
+    fn record(&self, status: u16, took: Duration) {
+        let metrics = capstan_server::metrics::metrics();
+        let class = capstan_server::metrics::status_class(status);
+        let slot = usize::from(class.as_bytes()[0] - b'1').min(4);
+        self.requests[slot]
+            .get_or_init(|| {
+                metrics.proxy_requests.with_label_values(&[
+                    self.app.as_str(),
+                    self.instance.as_str(),
+                    class,
+                ])
+            })
+            .inc();
+        let seconds = took.as_secs_f64();
+        self.duration
+            .get_or_init(|| {
+                metrics
+                    .proxy_duration
+                    .with_label_values(&[self.app.as_str(), self.instance.as_str()])
+            })
+            .observe(seconds);
+        let mut traffic = self.traffic.lock().expect("traffic lock poisoned");
+        traffic.requests += 1;
+        traffic.responses_4xx += u64::from((400..500).contains(&status));
+        traffic.responses_5xx += u64::from(status >= 500);
+        let ms = seconds * 1000.0;
+        traffic.latency_sum_ms += ms;
+        traffic.latency_buckets[capstan_metrics::model::latency_bucket(ms)] += 1;
+    }
 }
 
 impl EdgeProxy {
@@ -135,24 +211,42 @@ impl EdgeProxy {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(1024)
             .build(connector);
-        Arc::new(EdgeProxy {
-            table: RwLock::new(Arc::new(compile(RouteTable::default()))),
+        let proxy = EdgeProxy {
+            table: ArcSwap::from_pointee(Compiled {
+                table: RouteTable::default(),
+                hosts: HashMap::default(),
+                routes: Vec::new(),
+            }),
             in_flight: Mutex::default(),
-            traffic: Mutex::default(),
+            stats: Mutex::default(),
             waiting: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
             waker: std::sync::OnceLock::new(),
             client,
             limits,
             trusted,
-        })
+        };
+        Arc::new(proxy)
     }
 
     /// What was served per (app, instance) since the last call.
     pub fn take_traffic(&self) -> HashMap<(String, String), Traffic> {
-        std::mem::take(&mut *self.traffic.lock().expect("traffic lock poisoned"))
+        let mut taken = HashMap::new();
+        self.stats
+            .lock()
+            .expect("stats lock poisoned")
+            .retain(|key, stats| {
+                let traffic =
+                    std::mem::take(&mut *stats.traffic.lock().expect("traffic lock poisoned"));
+                if traffic.requests > 0 {
+                    taken.insert(key.clone(), traffic);
+                }
+                // Still in a table someone serves with.
+                Arc::strong_count(stats) > 1
+            });
+        taken
     }
 
     pub fn apply(&self, table: RouteTable) {
@@ -162,8 +256,51 @@ impl EdgeProxy {
             .route_upstreams
             .set(table.addresses().count() as i64);
         let generation = table.generation;
-        *self.table.write().expect("table lock poisoned") = Arc::new(compile(table));
+        let compiled = self.compile(table);
+        self.table.store(Arc::new(compiled));
+        // Counters no table refers to and nothing is in flight on.
+        self.in_flight
+            .lock()
+            .expect("in-flight lock poisoned")
+            .retain(|_, counter| Arc::strong_count(counter) > 1);
         self.generation.send_replace(generation);
+    }
+
+    fn compile(&self, table: RouteTable) -> Compiled {
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+        let mut stats = self.stats.lock().expect("stats lock poisoned");
+        let mut stats_of = |app: &str, instance: &str| {
+            stats
+                .entry((app.to_string(), instance.to_string()))
+                .or_insert_with(|| Arc::new(Stats::new(app, instance)))
+                .clone()
+        };
+        let routes = table
+            .routes
+            .iter()
+            .map(|route| CompiledRoute {
+                next: AtomicUsize::new(0),
+                unserved: stats_of(&route.app, "none"),
+                upstreams: route
+                    .upstreams
+                    .iter()
+                    .map(|upstream| CompiledUpstream {
+                        authority: upstream.address.parse().ok(),
+                        in_flight: in_flight
+                            .entry(upstream.address.clone())
+                            .or_default()
+                            .clone(),
+                        stats: stats_of(&route.app, &upstream.instance_id),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let hosts = table.host_index().into_iter().collect();
+        Compiled {
+            table,
+            hosts,
+            routes,
+        }
     }
 
     /// Where to send the names of apps a request waits for.
@@ -202,7 +339,7 @@ impl EdgeProxy {
         }
         let deadline = tokio::time::Instant::now() + self.limits.wake_timeout;
         loop {
-            let compiled = self.table.read().expect("table lock poisoned").clone();
+            let compiled = self.table.load_full();
             match compiled.hosts.get(hostname) {
                 Some(&i)
                     if compiled.table.routes[i].upstreams.is_empty()
@@ -224,17 +361,13 @@ impl EdgeProxy {
     }
 
     pub fn table(&self) -> RouteTable {
-        self.table
-            .read()
-            .expect("table lock poisoned")
-            .table
-            .clone()
+        self.table.load().table.clone()
     }
 
     /// Addresses that still have requests in flight but that the table in
     /// force no longer routes to (whichever rebuild removed them).
     pub fn draining(&self) -> Vec<String> {
-        let table = self.table.read().expect("table lock poisoned").clone();
+        let table = self.table.load_full();
         self.in_flight
             .lock()
             .expect("in-flight lock poisoned")
@@ -247,18 +380,6 @@ impl EdgeProxy {
             .collect()
     }
 
-    fn track(&self, address: &str) -> InFlight {
-        let counter = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock poisoned")
-            .entry(address.to_string())
-            .or_default()
-            .clone();
-        counter.fetch_add(1, Ordering::AcqRel);
-        InFlight(counter)
-    }
-
     /// Routes one request, and records it per app and instance
     /// (`capstan_proxy_*`; requests for hosts no app has are not recorded
     /// per host: the Host header is the client's to make up).
@@ -269,58 +390,49 @@ impl EdgeProxy {
     ) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         let (response, served) = self.forward(request, remote).await;
-        if let Some((app, instance)) = served {
-            let metrics = capstan_server::metrics::metrics();
-            let class = capstan_server::metrics::status_class(response.status().as_u16());
-            metrics
-                .proxy_requests
-                .with_label_values(&[app.as_str(), instance.as_str(), class])
-                .inc();
-            let took = started.elapsed().as_secs_f64();
-            metrics
-                .proxy_duration
-                .with_label_values(&[app.as_str(), instance.as_str()])
-                .observe(took);
-            let status = response.status().as_u16();
-            let mut traffic = self.traffic.lock().expect("traffic lock poisoned");
-            let entry = traffic.entry((app, instance)).or_default();
-            entry.requests += 1;
-            entry.responses_4xx += u64::from((400..500).contains(&status));
-            entry.responses_5xx += u64::from(status >= 500);
-            let ms = took * 1000.0;
-            entry.latency_sum_ms += ms;
-            entry.latency_buckets[capstan_metrics::model::latency_bucket(ms)] += 1;
+        if let Some(stats) = served {
+            stats.record(response.status().as_u16(), started.elapsed());
         }
         response
     }
 
-    /// The response, and the app and instance that answered it (`none`
-    /// when no instance was tried).
+    /// The response, and the (app, instance) it is counted for (the
+    /// app's `none` when no instance was tried; nothing for an unknown
+    /// host).
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         remote: SocketAddr,
-    ) -> (Response<ProxyBody>, Option<(String, String)>) {
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().host())
-            .unwrap_or_default()
-            .to_string();
-        let hostname = strip_port(&host).to_ascii_lowercase();
-        let mut compiled = self.table.read().expect("table lock poisoned").clone();
-        if let Some(&i) = compiled.hosts.get(&hostname) {
+    ) -> (Response<ProxyBody>, Option<Arc<Stats>>) {
+        let host = match request.headers().get(header::HOST) {
+            Some(value) => value.clone(),
+            None => request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| HeaderValue::from_static("")),
+        };
+        let hostname = strip_port(host.to_str().unwrap_or_default());
+        let lowered;
+        let hostname = if hostname.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = hostname.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            hostname
+        };
+        let mut compiled = self.table.load_full();
+        if let Some(&i) = compiled.hosts.get(hostname) {
             let route = &compiled.table.routes[i];
             if route.upstreams.is_empty() && route.wakeable {
+                let unserved = compiled.routes[i].unserved.clone();
                 let app = route.app.clone();
-                match self.wake_and_wait(&app, &hostname).await {
+                match self.wake_and_wait(&app, hostname).await {
                     Ok(woken) => compiled = woken,
-                    Err(response) => return (response, Some((app, "none".to_string()))),
+                    Err(response) => return (response, Some(unserved)),
                 }
             }
         }
-        let Some(&route_idx) = compiled.hosts.get(&hostname) else {
+        let Some(&route_idx) = compiled.hosts.get(hostname) else {
             let response = text(
                 StatusCode::NOT_FOUND,
                 format!("capstan: no app is routed for host `{hostname}`\n"),
@@ -328,8 +440,8 @@ impl EdgeProxy {
             return (response, None);
         };
         let route = &compiled.table.routes[route_idx];
-        let mut served = (route.app.clone(), "none".to_string());
-        if route.upstreams.is_empty() {
+        let ready = &compiled.routes[route_idx];
+        if ready.upstreams.is_empty() {
             let response = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -337,44 +449,65 @@ impl EdgeProxy {
                     route.app
                 ),
             );
-            return (response, Some(served));
+            return (response, Some(ready.unserved.clone()));
         }
-        let start = compiled.next[route_idx].fetch_add(1, Ordering::Relaxed);
-        let retryable = is_retryable(&request);
-        let (parts, body) = request.into_parts();
+        let start = ready.next.fetch_add(1, Ordering::Relaxed);
+        let upgrade = wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        let retryable = upgrade.is_none() && is_retryable(&request);
+        let (mut parts, body) = request.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+        forwarded_headers(
+            &mut parts.headers,
+            &host,
+            remote,
+            self.trusted.contains(remote.ip()),
+        );
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in `:authority`; the upstream is HTTP/1.1.
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut body = Some(body.boxed());
         let attempts = if retryable {
-            route.upstreams.len().min(2)
+            ready.upstreams.len().min(2)
         } else {
             1
         };
+        let mut served = ready.unserved.clone();
         for attempt in 0..attempts {
-            let upstream = &route.upstreams[(start + attempt) % route.upstreams.len()];
-            let mut outgoing = Request::builder()
-                .method(parts.method.clone())
-                .version(http::Version::HTTP_11);
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            outgoing = outgoing.uri(format!("http://{}{path}", upstream.address));
-            let Some(headers) = outgoing.headers_mut() else {
-                break;
+            let upstream = &ready.upstreams[(start + attempt) % ready.upstreams.len()];
+            let Some(authority) = upstream.authority.clone() else {
+                continue;
             };
-            for (name, value) in &parts.headers {
-                if !HOP_BY_HOP.contains(&name.as_str()) {
-                    headers.append(name, value.clone());
-                }
-            }
-            forwarded_headers(headers, &host, remote, self.trusted.contains(remote.ip()));
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path.clone());
+            let Ok(uri) = http::Uri::from_parts(uri) else {
+                continue;
+            };
             let outgoing_body = if retryable {
                 Empty::new().map_err(|never| match never {}).boxed()
             } else {
                 body.take()
                     .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed())
             };
-            let Ok(outgoing) = outgoing.body(outgoing_body) else {
-                break;
+            let mut outgoing = Request::new(outgoing_body);
+            *outgoing.method_mut() = parts.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.version_mut() = http::Version::HTTP_11;
+            *outgoing.headers_mut() = if attempt + 1 < attempts {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
             };
-            served.1.clone_from(&upstream.instance_id);
-            let guard = self.track(&upstream.address);
+            served = upstream.stats.clone();
+            upstream.in_flight.fetch_add(1, Ordering::AcqRel);
+            let guard = InFlight(upstream.in_flight.clone());
             let answered =
                 tokio::time::timeout(self.limits.upstream_timeout, self.client.request(outgoing))
                     .await;
@@ -390,10 +523,13 @@ impl EdgeProxy {
             };
             match answered {
                 Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    for name in HOP_BY_HOP {
-                        parts.headers.remove(name);
+                    if let Some(client_side) = upgrade
+                        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        return (tunnel(client_side, response, guard), Some(served));
                     }
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, false);
                     let response = Response::from_parts(
                         parts,
                         Tracked {
@@ -405,7 +541,7 @@ impl EdgeProxy {
                     return (response, Some(served));
                 }
                 Err(e) => {
-                    tracing::debug!(upstream = %upstream.address, "upstream request failed: {e}");
+                    tracing::debug!(upstream = ?upstream.authority, "upstream request failed: {e}");
                 }
             }
         }
@@ -414,6 +550,69 @@ impl EdgeProxy {
             format!("capstan: no instance of `{}` answered\n", route.app),
         );
         (response, Some(served))
+    }
+}
+
+/// A request asking to switch protocols (`Connection: upgrade` with an
+/// `Upgrade` header), such as a WebSocket handshake.
+fn wants_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The upstream agreed to switch protocols: answers the client with its
+/// 101 (and its headers, `Upgrade` and `Connection` kept), then copies
+/// bytes both ways until either side closes. The request counts as in
+/// flight until then.
+fn tunnel(
+    client_side: hyper::upgrade::OnUpgrade,
+    mut response: Response<Incoming>,
+    guard: InFlight,
+) -> Response<ProxyBody> {
+    let upstream_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) else {
+            return;
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed())
+}
+
+/// Removes the hop-by-hop headers, and those `Connection` names (RFC 9110
+/// §7.6.1). With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay
+/// so the upstream can switch protocols.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|token| token.trim().to_ascii_lowercase())
+            .filter(|token| !(token.is_empty() || (keep_upgrade && token == "upgrade")))
+            .collect();
+        for name in named {
+            headers.remove(name.as_str());
+        }
+    }
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -452,12 +651,6 @@ impl Drop for QueuePlace<'_> {
     }
 }
 
-fn compile(table: RouteTable) -> Compiled {
-    let hosts = table.host_index();
-    let next = table.routes.iter().map(|_| AtomicUsize::new(0)).collect();
-    Compiled { table, hosts, next }
-}
-
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // An IPv6 literal: `[::1]:8080`.
@@ -483,7 +676,7 @@ fn is_retryable(request: &Request<Incoming>) -> bool {
 /// replaced by what this proxy saw.
 fn forwarded_headers(
     headers: &mut http::HeaderMap,
-    host: &str,
+    host: &HeaderValue,
     remote: SocketAddr,
     trusted_peer: bool,
 ) {
@@ -499,10 +692,8 @@ fn forwarded_headers(
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    if !(trusted_peer && headers.contains_key("x-forwarded-host"))
-        && let Ok(value) = HeaderValue::from_str(host)
-    {
-        headers.insert("x-forwarded-host", value);
+    if !(trusted_peer && headers.contains_key("x-forwarded-host")) {
+        headers.insert("x-forwarded-host", host.clone());
     }
     if !(trusted_peer && headers.contains_key("x-forwarded-proto")) {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -620,7 +811,7 @@ pub async fn serve<F, Fut>(
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(request, remote).await) }
             });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -650,13 +841,23 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        forwarded_headers(&mut headers, "app.example", remote, false);
+        forwarded_headers(
+            &mut headers,
+            &HeaderValue::from_static("app.example"),
+            remote,
+            false,
+        );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         let mut headers = http::HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        forwarded_headers(&mut headers, "app.example", remote, true);
+        forwarded_headers(
+            &mut headers,
+            &HeaderValue::from_static("app.example"),
+            remote,
+            true,
+        );
         assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 203.0.113.9");
         assert_eq!(headers["x-forwarded-proto"], "https");
     }
