@@ -55,6 +55,9 @@ impl SqliteStore {
     /// Opens `path` and brings its schema up to date.
     fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
         let mut conn = Connection::open(path)?;
+        // Every statement is prepared once and reused (`prepare_cached`):
+        // parsing SQL was most of what a read cost.
+        conn.set_prepared_statement_cache_capacity(64);
         // The busy timeout first: services of one host open the file at
         // the same moment, and every step below may wait for another's.
         conn.execute_batch(
@@ -155,10 +158,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, mutation: Mutation) -> Result<Option<u6
                 ttl.map(|t| now + t.as_millis() as i64),
             )?;
             // Expired rows of this table go as their table is written.
-            tx.execute(
+            tx.prepare_cached(
                 "DELETE FROM rows WHERE tbl = ?1 AND expires_ms IS NOT NULL AND expires_ms <= ?2",
-                params![table, now],
             )
+            .and_then(|mut statement| statement.execute(params![table, now]))
             .map_err(backend)?;
             Ok(None)
         }
@@ -169,19 +172,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, mutation: Mutation) -> Result<Option<u6
         } => {
             let found = live_version(tx, &table, &key)?;
             check(&table, &key, Expect::Version(version), found)?;
-            tx.execute(
-                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
-                params![table, key],
-            )
-            .map_err(backend)?;
+            tx.prepare_cached("DELETE FROM rows WHERE tbl = ?1 AND key = ?2")
+                .and_then(|mut statement| statement.execute(params![table, key]))
+                .map_err(backend)?;
             Ok(None)
         }
         Mutation::Remove { table, key } => {
-            tx.execute(
-                "DELETE FROM rows WHERE tbl = ?1 AND key = ?2",
-                params![table, key],
-            )
-            .map_err(backend)?;
+            tx.prepare_cached("DELETE FROM rows WHERE tbl = ?1 AND key = ?2")
+                .and_then(|mut statement| statement.execute(params![table, key]))
+                .map_err(backend)?;
             Ok(None)
         }
     }
@@ -196,24 +195,25 @@ fn live_version(
     table: &str,
     key: &str,
 ) -> Result<Option<u64>, StoreError> {
-    tx.query_row(
-        &format!("SELECT version FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"),
-        rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
-        |r| r.get::<_, i64>(0),
-    )
+    tx.prepare_cached(&format!(
+        "SELECT version FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
+    ))
+    .and_then(|mut statement| {
+        statement.query_row(
+            rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
+            |r| r.get::<_, i64>(0),
+        )
+    })
     .optional()
     .map(|v| v.map(|v| v as u64))
     .map_err(backend)
 }
 
 fn next_version(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
-    tx.query_row(
-        "UPDATE version_seq SET last = last + 1 WHERE id = 0 RETURNING last",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v as u64)
-    .map_err(backend)
+    tx.prepare_cached("UPDATE version_seq SET last = last + 1 WHERE id = 0 RETURNING last")
+        .and_then(|mut statement| statement.query_row([], |r| r.get::<_, i64>(0)))
+        .map(|v| v as u64)
+        .map_err(backend)
 }
 
 fn upsert(
@@ -224,12 +224,14 @@ fn upsert(
     expires_ms: Option<i64>,
 ) -> Result<u64, StoreError> {
     let version = next_version(tx)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO rows (tbl, key, version, value, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, value = excluded.value,
              expires_ms = excluded.expires_ms",
-        params![table, key, version as i64, value, expires_ms],
     )
+    .and_then(|mut statement| {
+        statement.execute(params![table, key, version as i64, value, expires_ms])
+    })
     .map_err(backend)?;
     Ok(version)
 }
@@ -239,18 +241,20 @@ impl Store for SqliteStore {
     async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
         let (table, key) = (table.to_string(), key.to_string());
         self.with_conn(move |conn| {
-            conn.query_row(
-                &format!(
-                    "SELECT version, value FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
-                ),
-                rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
-                |r| {
-                    Ok(Versioned {
-                        version: r.get::<_, i64>(0)? as u64,
-                        value: r.get(1)?,
-                    })
-                },
-            )
+            conn.prepare_cached(&format!(
+                "SELECT version, value FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
+            ))
+            .and_then(|mut statement| {
+                statement.query_row(
+                    rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
+                    |r| {
+                        Ok(Versioned {
+                            version: r.get::<_, i64>(0)? as u64,
+                            value: r.get(1)?,
+                        })
+                    },
+                )
+            })
             .optional()
             .map_err(backend)
         })
