@@ -217,7 +217,11 @@ impl Api {
         version: u64,
         show_env: bool,
     ) -> Result<AppStatus, Status> {
-        let instances = self.instances.values("").await.map_err(store_err)?;
+        // Instance ids are `{app}-{hex}` (`new_id`): the app's records are
+        // under that prefix (with those of apps named `{app}-...`, which
+        // `app_status` leaves out), so one app's status reads only its own.
+        let prefix = format!("{}-", app.spec.name);
+        let instances = self.instances.values(&prefix).await.map_err(store_err)?;
         Ok(app_status(app, version, &instances, show_env))
     }
 
