@@ -9,6 +9,10 @@
 //!   passes `RequireAuthLayer` (an EdDSA JWT verified, the rule checked)
 //!   against the same call to the same server built without the layer, in
 //!   this process.
+//! - **RPC cost**: the direct `Orchestrator.GetApp` above against a
+//!   `grpc.health.v1.Health/Check` on a bare tonic server (no layer of
+//!   ours) running alone on CPU 0 in this process. For the one-core
+//!   footing, start `capstan dev` under `taskset -c 0` too.
 //!
 //!   capstan-gateway-bench --data-dir DIR [--seconds 5] [--connections 8]
 //!
@@ -212,7 +216,7 @@ async fn health_server(auth: Option<RequireAuthLayer>) -> anyhow::Result<String>
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
     let (_, health) = tonic_health::server::health_reporter();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = capstan_server::accepted(Arc::new(listener));
     tokio::spawn(async move {
         let result = match auth {
             Some(layer) => {
@@ -236,6 +240,63 @@ async fn health_server(auth: Option<RequireAuthLayer>) -> anyhow::Result<String>
     Ok(address)
 }
 
+/// A bare tonic server (the health service, no layer of ours) on a
+/// one-worker runtime pinned to CPU 0: the floor a unary call costs.
+fn bare_server() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?.to_string();
+    std::thread::Builder::new()
+        .name("bare-tonic".into())
+        .spawn(move || {
+            let mut cpu = nix::sched::CpuSet::new();
+            if cpu.set(0).is_ok() {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu);
+            }
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let (_, health) = tonic_health::server::health_reporter();
+                let incoming = capstan_server::accepted(Arc::new(listener));
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    eprintln!("bare server: {e}");
+                }
+            });
+        })?;
+    Ok(address)
+}
+
+async fn rpc_cost(args: &Args, get_app: &Value) -> anyhow::Result<Value> {
+    let bare = bare_server()?;
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut latencies = drive(args.connections, |_| {
+        health_calls(bare.clone(), String::new(), until)
+    })
+    .await?;
+    let bare = summary(&mut latencies, args.seconds);
+    let ratio =
+        get_app["rps"].as_f64().unwrap_or_default() / bare["rps"].as_f64().unwrap_or(1.0).max(1.0);
+    Ok(json!({
+        "request": "Orchestrator.GetApp (auth, metrics, store read) vs grpc.health.v1.Health/Check on a bare tonic server on one core",
+        "get_app": get_app,
+        "bare_tonic": bare,
+        "rps_ratio": (ratio * 1000.0).round() / 1000.0,
+        "goal_rps_ratio": 0.7,
+        "footing": "the bare server runs on CPU 0 alone; start `capstan dev` under `taskset -c 0` for the same footing",
+    }))
+}
+
 async fn health_calls(address: String, token: String, until: Instant) -> anyhow::Result<Vec<f64>> {
     let mut client =
         tonic_health::pb::health_client::HealthClient::new(capstan_server::channel_to(&address)?);
@@ -244,9 +305,11 @@ async fn health_calls(address: String, token: String, until: Instant) -> anyhow:
     while Instant::now() < until {
         let started = Instant::now();
         let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
-        request
-            .metadata_mut()
-            .insert("authorization", bearer.clone());
+        if !token.is_empty() {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
         client.check(request).await?;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
@@ -294,6 +357,7 @@ async fn main() -> anyhow::Result<()> {
         "--seconds: between 0 and 600"
     );
     let gateway = gateway_overhead(&args).await?;
+    let rpc = rpc_cost(&args, &gateway["grpc_direct"]).await?;
     let token = token_verification(&args).await?;
     println!(
         "{}",
@@ -303,6 +367,7 @@ async fn main() -> anyhow::Result<()> {
             "seconds": args.seconds,
             "gateway_overhead": gateway,
             "token_verification": token,
+            "rpc_cost": rpc,
         })
     );
     Ok(())
