@@ -54,3 +54,39 @@ fn the_gateway_and_metrics_benches_run_and_report_their_figures() {
     );
     assert!(metrics["ratio"].as_f64().unwrap() > 0.0, "{metrics}");
 }
+
+/// The proxy bench starts its own backend and peers: nginx, HAProxy and
+/// wrk from apt (`apt-get install -y nginx haproxy wrk nghttp2-client`).
+#[test]
+fn the_proxy_bench_runs_beside_nginx_and_haproxy_and_reports_ratios() {
+    let report = bench(
+        "capstan-proxy-bench",
+        &[
+            "--seconds",
+            "1",
+            "--warmup",
+            "0",
+            "--connections",
+            "4",
+            "--footings",
+            "one-core",
+        ],
+    );
+    let footing = &report["one-core"];
+    for proxy in ["capstan", "nginx", "haproxy"] {
+        let http1 = &footing[proxy]["http1"];
+        assert!(http1["rps"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(http1["errors"].as_u64(), Some(0), "{proxy}: {report}");
+        assert!(http1["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(
+            footing[proxy]["http2"]["rps"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
+    assert_eq!(
+        footing["capstan"]["http2"]["errors"].as_u64(),
+        Some(0),
+        "{report}"
+    );
+    assert!(footing["ratios"]["http1_rps_vs_nginx"].as_f64().unwrap() > 0.0);
+}

@@ -1,7 +1,7 @@
 //! The edge proxy beside nginx and HAProxy, in one run: a 13-byte nginx
 //! backend, then each proxy in front of it, loaded in turn by the same
-//! `wrk -t1 -cC` over HTTP/1.1 keep-alive (and, where `h2load` is
-//! installed, the same over HTTP/2 cleartext to the client).
+//! `wrk -t1 -cC` over HTTP/1.1 keep-alive, and `h2load` over HTTP/2
+//! cleartext (prior knowledge) to the client.
 //!
 //! The single-core comparison pins each proxy to CPU 0 (ours runs in a
 //! one-worker Tokio runtime on a thread pinned there; nginx has one worker
@@ -14,8 +14,8 @@
 //! `X-Forwarded-For`. Prints one JSON object: per footing, each proxy's
 //! requests/s and latency percentiles, and ours as a ratio of nginx's.
 //!
-//! Needs nginx, haproxy and wrk (`apt-get install nginx haproxy wrk`;
-//! `nghttp2-client` adds the HTTP/2 rows).
+//! Needs nginx, haproxy, wrk and h2load
+//! (`apt-get install -y nginx haproxy wrk nghttp2-client`).
 //!
 //!   capstan-proxy-bench [--seconds 10] [--connections 50] [--footings one-core,all-cores]
 
@@ -62,13 +62,6 @@ fn require(tool: &str, package: &str) -> anyhow::Result<PathBuf> {
         }
     }
     anyhow::bail!("{tool} is not installed: apt-get install -y {package}")
-}
-
-fn optional(tool: &str) -> Option<PathBuf> {
-    ["/usr/bin", "/usr/local/bin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(tool))
-        .find(|p| p.is_file())
 }
 
 /// A child process killed when dropped.
@@ -497,7 +490,7 @@ fn main() -> anyhow::Result<()> {
         nginx: require("nginx", "nginx")?,
         haproxy: require("haproxy", "haproxy")?,
         wrk: require("wrk", "wrk")?,
-        h2load: optional("h2load"),
+        h2load: Some(require("h2load", "nghttp2-client")?),
     };
     require("taskset", "util-linux")?;
     let dir = tempfile::tempdir()?;
