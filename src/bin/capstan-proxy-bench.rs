@@ -80,16 +80,21 @@ impl Drop for Server {
     }
 }
 
-/// `program args...`, under `taskset -c CPUS` when `cpus` is given.
-fn spawn(cpus: Option<&str>, program: &Path, args: &[&str]) -> anyhow::Result<Server> {
-    let mut command = match cpus {
+/// `program`, under `taskset -c CPUS` when `cpus` is given.
+fn pinned(cpus: Option<&str>, program: &Path) -> Command {
+    match cpus {
         Some(cpus) => {
             let mut command = Command::new("taskset");
             command.arg("-c").arg(cpus).arg(program);
             command
         }
         None => Command::new(program),
-    };
+    }
+}
+
+/// `program args...`, under `taskset -c CPUS` when `cpus` is given.
+fn spawn(cpus: Option<&str>, program: &Path, args: &[&str]) -> anyhow::Result<Server> {
+    let mut command = pinned(cpus, program);
     let child = command
         .args(args)
         .stdin(Stdio::null())
@@ -159,14 +164,7 @@ fn wrk(
         &host,
         &url,
     ];
-    let mut command = match cpus {
-        Some(cpus) => {
-            let mut command = Command::new("taskset");
-            command.arg("-c").arg(cpus).arg(wrk);
-            command
-        }
-        None => Command::new(wrk),
-    };
+    let mut command = pinned(cpus, wrk);
     let out = command.args(args).output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
@@ -238,14 +236,7 @@ fn h2load(
     let args = [
         "-t1", "-c", &clients, "-m", "10", "-D", &duration, "-H", &host, &url,
     ];
-    let mut command = match cpus {
-        Some(cpus) => {
-            let mut command = Command::new("taskset");
-            command.arg("-c").arg(cpus).arg(h2load);
-            command
-        }
-        None => Command::new(h2load),
-    };
+    let mut command = pinned(cpus, h2load);
     let out = command.args(args).output().context("running h2load")?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {text}");

@@ -199,6 +199,30 @@ async fn start(upstream: SocketAddr, shutdown: &CancellationToken) -> SocketAddr
     address
 }
 
+/// A backend and a proxy in front of it, stopped when dropped.
+struct Setup {
+    backend: Backend,
+    proxy: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn setup() -> Setup {
+    let shutdown = CancellationToken::new();
+    let backend = backend().await;
+    let proxy = start(backend.address, &shutdown).await;
+    Setup {
+        backend,
+        proxy,
+        shutdown,
+    }
+}
+
 /// An HTTP/1.1 connection to the proxy.
 async fn connect(proxy: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
     let stream = TcpStream::connect(proxy).await.unwrap();
@@ -230,9 +254,8 @@ async fn get(
 
 #[tokio::test]
 async fn hosts_route_and_unknown_or_empty_apps_answer_404_and_503() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     let mut client = connect(proxy).await;
     let (status, _) = get(&mut client, "APP.test:8080", "/conn", &[]).await;
     assert_eq!(
@@ -249,14 +272,12 @@ async fn hosts_route_and_unknown_or_empty_apps_answer_404_and_503() {
         body,
         "capstan: app `empty` has no healthy instances right now\n"
     );
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn forwarded_headers_are_set_and_hop_by_hop_ones_dropped() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     let mut client = connect(proxy).await;
     let (status, seen) = get(
         &mut client,
@@ -288,14 +309,12 @@ async fn forwarded_headers_are_set_and_hop_by_hop_ones_dropped() {
             "{dropped} reached the app: {seen:?}"
         );
     }
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     let mut carried = Vec::new();
     // Sequential requests, each on a new client connection.
     for _ in 0..5 {
@@ -306,14 +325,12 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         carried.iter().all(|c| c == &carried[0]),
         "one upstream connection should carry them all: {carried:?}"
     );
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_websocket_echoes_through_the_proxy() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream
         .write_all(
@@ -349,14 +366,12 @@ async fn a_websocket_echoes_through_the_proxy() {
         assert_eq!(echoed[0], 0x81);
         assert_eq!(&echoed[2..], message.as_bytes());
     }
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_streamed_response_arrives_while_it_is_produced() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     let mut client = connect(proxy).await;
     let response = client
         .send_request(
@@ -372,7 +387,7 @@ async fn a_streamed_response_arrives_while_it_is_produced() {
     // Each chunk is produced only after the previous one arrived: a proxy
     // that buffered the body would wait for ever.
     for expected in ["first ", "second ", "third"] {
-        backend.release.send(()).await.unwrap();
+        setup.backend.release.send(()).await.unwrap();
         let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
             .await
             .expect("a chunk did not come through within 5 s")
@@ -383,14 +398,12 @@ async fn a_streamed_response_arrives_while_it_is_produced() {
         got.push_str(&chunk);
     }
     assert_eq!(got, "first second third");
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn large_uploads_arrive_whole_chunked_or_sized() {
-    let shutdown = CancellationToken::new();
-    let backend = backend().await;
-    let proxy = start(backend.address, &shutdown).await;
+    let setup = setup().await;
+    let proxy = setup.proxy;
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 48;
     let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
@@ -453,5 +466,4 @@ async fn large_uploads_arrive_whole_chunked_or_sized() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let seen = String::from_utf8_lossy(&body);
     assert!(seen.lines().any(|l| l == "host: app.test"), "{seen}");
-    shutdown.cancel();
 }
