@@ -89,19 +89,22 @@ pub enum Decision {
 /// The count one target asks for, and how it reads.
 fn wanted(current: u32, observed: f64, target: f64, what: &str, unit: &str) -> (u32, String) {
     let ratio = observed / target;
-    let count = if (ratio - 1.0).abs() <= TOLERANCE {
-        current
-    } else {
-        (f64::from(current.max(1)) * ratio)
-            .ceil()
-            .clamp(0.0, f64::from(u32::MAX)) as u32
-    };
+    // One comparison decides both the count and how it reads; the band's
+    // edges are inside it. (`(ratio - 1).abs() <= 0.1` and `ratio > 1.1`
+    // disagree at 22/20 in floating point: it scaled while saying `~`.)
     let relation = if ratio > 1.0 + TOLERANCE {
         ">"
     } else if ratio < 1.0 - TOLERANCE {
         "<"
     } else {
         "~"
+    };
+    let count = if relation == "~" {
+        current
+    } else {
+        (f64::from(current.max(1)) * ratio)
+            .ceil()
+            .clamp(0.0, f64::from(u32::MAX)) as u32
     };
     (
         count,

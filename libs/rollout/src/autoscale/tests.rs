@@ -229,3 +229,17 @@ fn an_idle_app_goes_to_zero_only_after_scale_to_zero_after_and_wakes_on_demand()
         panic!("min 1 went to zero");
     };
 }
+
+/// At exactly the band's edge (22 rps against 20: a ratio of 1.1 that
+/// floating point puts a hair either side of 1 + 10 %), the count and the
+/// reason must come from the same comparison: no scaling that says `~`.
+#[test]
+fn the_count_and_its_reason_agree_at_the_tolerance_edge() {
+    for (observed, target) in [(22.0, 20.0), (18.0, 20.0), (110.0, 100.0), (90.0, 100.0)] {
+        let (count, reason) = wanted(4, observed, target, "rps", "/instance");
+        assert_eq!(count, 4, "{reason}");
+        assert!(reason.contains(" ~ target"), "{reason}");
+    }
+    let (count, reason) = wanted(1, 23.0, 20.0, "rps", "/instance");
+    assert_eq!((count, reason.as_str()), (2, "rps 23/instance > target 20"));
+}
