@@ -160,7 +160,11 @@ struct AgentApi {
 struct Inner {
     platform: Platform,
     config: AgentConfig,
-    process: ProcessDriver,
+    /// What runs process apps: the [`ProcessDriver`], or the driver a
+    /// bench or test hands [`run_with_driver`].
+    process: Arc<dyn Driver>,
+    /// Where process apps' logs are: `None` for a driver that keeps none.
+    process_logs: Option<Arc<ProcessDriver>>,
     docker: Option<DockerDriver>,
     docker_error: String,
     instances: Mutex<HashMap<InstanceId, Tracked>>,
@@ -186,7 +190,7 @@ impl Inner {
                 ))),
             }
         } else {
-            Ok(&self.process)
+            Ok(self.process.as_ref())
         }
     }
 
@@ -822,7 +826,14 @@ impl Agent for AgentApi {
                 }
             });
         } else {
-            let path = self.inner.process.log_path(&instance_id);
+            let Some(logs) = &self.inner.process_logs else {
+                return Err(Status::failed_precondition(format!(
+                    "the {} driver of node {} keeps no logs",
+                    self.inner.process.name(),
+                    self.inner.config.node_id
+                )));
+            };
+            let path = logs.log_path(&instance_id);
             let (since, follow) = (r.since_ms, r.follow);
             tokio::spawn(async move {
                 let read = {
@@ -922,6 +933,39 @@ pub async fn run(
         process = process.with_log_writer(binary);
     }
     tracing::info!(node = %config.node_id, "process app limits: {}", process.limits());
+    let process = Arc::new(process);
+    serve(
+        platform,
+        config,
+        process.clone(),
+        Some(process),
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with `driver` in place of the process driver: how benches and
+/// tests run many simulated nodes (`capstan-sim`). No binary of the
+/// platform calls it, so no flag or config selects another driver.
+pub async fn run_with_driver(
+    platform: Platform,
+    config: AgentConfig,
+    driver: Arc<dyn Driver>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    serve(platform, config, driver, None, listener, shutdown).await
+}
+
+async fn serve(
+    platform: Platform,
+    config: AgentConfig,
+    process: Arc<dyn Driver>,
+    process_logs: Option<Arc<ProcessDriver>>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let (docker, docker_error) = if config.docker {
         match DockerDriver::connect(&config.node_id).await {
             Ok(docker) => (Some(docker), String::new()),
@@ -939,6 +983,7 @@ pub async fn run(
         platform: platform.clone(),
         config,
         process,
+        process_logs,
         docker,
         docker_error,
         instances: Mutex::default(),
