@@ -155,7 +155,63 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} for the {what}"))
 }
 
-pub async fn run(options: DevOptions) -> Result<()> {
+/// A started embedded platform: its services run until [`Running::stop`].
+pub struct Running {
+    pub platform: Platform,
+    pub endpoints: Endpoints,
+    /// The ids of the agents it runs.
+    pub node_ids: Vec<String>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+type ServiceFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capstan_types::Error>> + Send>>;
+
+impl Running {
+    /// Runs `future` beside the services; its failure stops them all.
+    pub fn spawn(&self, name: &'static str, future: ServiceFuture) {
+        let shutdown = self.shutdown.clone();
+        let failed = self.failed.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = future.await {
+                tracing::error!("{name} stopped: {e}; shutting down");
+                failed
+                    .lock()
+                    .expect("failure lock poisoned")
+                    .get_or_insert(format!("{name} failed: {e}"));
+                shutdown.cancel();
+            }
+        });
+    }
+
+    /// Cancelled when the platform stops (or a service failed).
+    pub fn shutdown(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops every service and waits for them (at most a grace period);
+    /// the first service failure, if any, is the error.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("services still busy after {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+        match self.failed.lock().expect("failure lock poisoned").take() {
+            Some(failure) => bail!("{failure}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts every service of the embedded platform, and the agents of
+/// `options`; it runs until the result is stopped.
+pub async fn start(options: &DevOptions) -> Result<Running> {
     let data_dir = &options.data_dir;
     capstan_secrets::ensure_private_dir(data_dir)
         .with_context(|| format!("make data dir {} private (0700)", data_dir.display()))?;
@@ -246,26 +302,16 @@ pub async fn run(options: DevOptions) -> Result<()> {
         pid: std::process::id(),
     };
 
-    let tasks = TaskTracker::new();
-    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
-    let spawn = |name: &'static str,
-                 future: std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(), capstan_types::Error>> + Send>,
-    >| {
-        let shutdown = shutdown.clone();
-        let failed = failed.clone();
-        tasks.spawn(async move {
-            if let Err(e) = future.await {
-                tracing::error!("{name} stopped: {e}; shutting down");
-                failed
-                    .lock()
-                    .expect("failure lock poisoned")
-                    .get_or_insert(format!("{name} failed: {e}"));
-                shutdown.cancel();
-            }
-        });
+    let running = Running {
+        platform: platform.clone(),
+        endpoints,
+        node_ids: Vec::new(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+        failed: Arc::default(),
     };
-    tasks.spawn(capstan_server::metrics::serve(
+    let spawn = |name, future| running.spawn(name, future);
+    running.tasks.spawn(capstan_server::metrics::serve(
         metrics_listener,
         shutdown.clone(),
     ));
@@ -349,7 +395,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
     );
     let cgroups = capstan_agent::cgroups(&options.cgroup_root)
         .map_err(|reason| anyhow::anyhow!("--cgroup-root: {reason}"))?;
-    let agents = agent_configs(&options, &node_id, cgroups);
+    let agents = agent_configs(options, &node_id, cgroups);
     let node_ids: Vec<String> = agents.iter().map(|a| a.node_id.clone()).collect();
     for (agent, listener) in agents.into_iter().zip(agent_listeners) {
         // Each agent calls with its own node key: it may act only as itself.
@@ -368,8 +414,18 @@ pub async fn run(options: DevOptions) -> Result<()> {
 
     capstan_secrets::write_private_file(
         &endpoints_path(data_dir),
-        serde_json::to_string_pretty(&endpoints)?.as_bytes(),
+        serde_json::to_string_pretty(&running.endpoints)?.as_bytes(),
     )?;
+    Ok(Running {
+        node_ids,
+        ..running
+    })
+}
+
+pub async fn run(options: DevOptions) -> Result<()> {
+    let running = start(&options).await?;
+    let (data_dir, endpoints, node_ids) =
+        (&options.data_dir, &running.endpoints, &running.node_ids);
     match node_ids.len() {
         0 => println!(
             "Capstan is running (embedded mode, control plane only: agents join with --peer scheduler={} --peer auth={}).",
@@ -408,23 +464,15 @@ pub async fn run(options: DevOptions) -> Result<()> {
     );
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = running.shutdown();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = terminate.recv() => tracing::info!("terminated; shutting down"),
         _ = shutdown.cancelled() => {}
     }
-    shutdown.cancel();
-    tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("services still busy after {SHUTDOWN_GRACE:?}; exiting anyway");
-    }
+    let stopped = running.stop().await;
     let _ = std::fs::remove_file(endpoints_path(data_dir));
-    if let Some(failure) = failed.lock().expect("failure lock poisoned").take() {
-        bail!("{failure}");
-    }
+    stopped?;
     println!(
         "Capstan stopped. Running instances keep running and are re-adopted on the next `capstan dev`."
     );

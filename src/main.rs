@@ -2,7 +2,7 @@
 //! the whole platform in one process.
 
 mod cli;
-mod dev;
+use capstan::dev;
 
 use clap::Parser;
 

@@ -90,3 +90,54 @@ fn the_proxy_bench_runs_beside_nginx_and_haproxy_and_reports_ratios() {
     );
     assert!(footing["ratios"]["http1_rps_vs_nginx"].as_f64().unwrap() > 0.0);
 }
+
+/// The scale bench starts its own control plane and simulated nodes.
+#[test]
+fn the_scale_bench_deploys_onto_simulated_nodes_and_reports_its_figures() {
+    let report = bench(
+        "capstan-scale-bench",
+        &[
+            "--nodes",
+            "3,6",
+            "--instances",
+            "60",
+            "--per-app",
+            "20",
+            "--route-instances",
+            "6",
+            "--timeout-secs",
+            "120",
+        ],
+    );
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{report}");
+    for run in runs {
+        let deploy = &run["deploy"];
+        assert_eq!(deploy["apps"].as_u64(), Some(3), "{report}");
+        for figure in ["placed_per_second", "running_per_second", "store_mib"] {
+            assert!(deploy[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
+        }
+        assert!(
+            deploy["app_deploy_to_all_running_ms"]["p99"]
+                .as_f64()
+                .unwrap()
+                > 0.0,
+            "{report}"
+        );
+        assert!(
+            deploy["cpu_seconds"]["control_plane"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        assert!(
+            deploy["process_rss_mib"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        let routes = &run["route_propagation"];
+        assert_eq!(routes["instances"].as_u64(), Some(6), "{report}");
+        assert!(
+            routes["healthy_to_routed_ms"]["p99"].as_f64().unwrap() >= 0.0,
+            "{report}"
+        );
+    }
+    assert_eq!(runs[1]["nodes"].as_u64(), Some(6), "{report}");
+}
