@@ -719,7 +719,21 @@ impl Orchestrator for Api {
         request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
         let caller = caller(&request)?;
-        let instances = self.instances.values("").await.map_err(store_err)?;
+        // The routable instances by app, in one pass: the table is rebuilt
+        // on every instance change, so this must not be apps × instances.
+        let mut routable: std::collections::HashMap<String, Vec<Endpoint>> = Default::default();
+        for r in self.instances.values("").await.map_err(store_err)? {
+            if r.routable
+                && !r.stopping
+                && r.state == InstanceState::Healthy
+                && !r.address.is_empty()
+            {
+                routable.entry(r.app).or_default().push(Endpoint {
+                    instance_id: r.id,
+                    address: r.address,
+                });
+            }
+        }
         let mut apps = Vec::new();
         for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
             if app.deleting
@@ -728,20 +742,7 @@ impl Orchestrator for Api {
             {
                 continue;
             }
-            let endpoints = instances
-                .iter()
-                .filter(|r| {
-                    r.app == app.spec.name.as_str()
-                        && r.routable
-                        && !r.stopping
-                        && r.state == InstanceState::Healthy
-                        && !r.address.is_empty()
-                })
-                .map(|r| Endpoint {
-                    instance_id: r.id.clone(),
-                    address: r.address.clone(),
-                })
-                .collect();
+            let endpoints = routable.remove(app.spec.name.as_str()).unwrap_or_default();
             let health = &app.spec.health;
             apps.push(AppEndpoints {
                 app: app.spec.name.to_string(),
