@@ -91,8 +91,9 @@ fn main() -> anyhow::Result<()> {
     if most_nodes == 0 || most_nodes > 60_000 {
         bail!("--nodes: each count must be between 1 and 60000");
     }
-    let descriptors =
-        raise_open_files(u64::from(args.instances) * 2 + u64::from(most_nodes) * 6 + 10_000)?;
+    let descriptors = raise_open_files(
+        u64::from(args.instances + args.route_instances) + u64::from(most_nodes) * 3 + 1_000,
+    )?;
     let control = runtime("capstan-cp")?;
     let nodes = runtime("capstan-sim")?;
     let mut runs = Vec::new();
@@ -136,7 +137,7 @@ fn raise_open_files(wanted: u64) -> anyhow::Result<u64> {
     let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
     if soft < wanted {
         bail!(
-            "this run needs {wanted} open files, the limit is {soft} ({raised:?}): run as root or raise `ulimit -n`"
+            "this run needs about {wanted} open files (a listening socket per simulated instance, a listener and connections per node); the limit is {soft} and raising it failed ({raised:?}): raise `ulimit -n` (root with CAP_SYS_RESOURCE can), or deploy fewer instances"
         );
     }
     Ok(soft)
@@ -190,6 +191,10 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
 fn store_bytes(dir: &Path) -> u64 {
     ["state.db", "state.db-wal"]
         .iter()
@@ -231,8 +236,11 @@ fn spec(name: &str, replicas: u32) -> anyhow::Result<AppSpec> {
     Ok(AppSpec::parse(&text, SpecFormat::Toml)?)
 }
 
-/// Per app: when each of its instances was first scheduled and first
-/// healthy (events are at-least-once: repeats are ignored).
+/// Per app: which of its instances were scheduled and when each was
+/// first healthy (events are at-least-once: repeats are ignored). An app
+/// counts as placed when its last `instance.scheduled` arrives (the
+/// event's own time is its reconcile pass's start), and as healthy at the
+/// time its agent stamped on the last `instance.healthy`.
 #[derive(Default)]
 struct Seen {
     scheduled: HashSet<String>,
@@ -319,6 +327,13 @@ fn run(
     let platform = running.platform.clone();
     let endpoints = running.endpoints.clone();
 
+    // The bench's own token first: the agents, all on this host's one
+    // address, share auth's per-address limit while they join.
+    let mut clients = nodes.block_on(async {
+        let mut clients = clients(data.path(), &endpoints)?;
+        clients.scheduler.list_nodes(ListNodesRequest {}).await?;
+        anyhow::Ok(clients)
+    })?;
     let setup = Instant::now();
     let mut keys = Vec::new();
     for i in 0..count {
@@ -361,7 +376,6 @@ fn run(
     }
     let timeout = Duration::from_secs(args.timeout_secs);
     let measured = nodes.block_on(async {
-        let mut clients = clients(data.path(), &endpoints)?;
         let deadline = Instant::now() + timeout;
         loop {
             let listed = clients
@@ -442,6 +456,7 @@ async fn deploy(
     let applied_s = started.elapsed().as_secs_f64();
     let mut seen: HashMap<String, Seen> = HashMap::new();
     let mut peak_rss_kib = status_kib("VmRSS:");
+    let mut peak_files = open_files();
     // Per app, once its events say all healthy: polls GetApp until the
     // store agrees (the truth, and what a user sees); when it did.
     let mut confirming = tokio::task::JoinSet::new();
@@ -465,6 +480,29 @@ async fn deploy(
                         apps.len(),
                         started.elapsed()
                     );
+                    // What the store says of the apps still short.
+                    for (name, replicas) in &apps {
+                        if seen.get(name).is_some_and(|s| s.all_healthy_ms.is_some()) {
+                            continue;
+                        }
+                        let status = clients
+                            .orchestrator
+                            .get_app(GetAppRequest { name: name.clone() })
+                            .await?
+                            .into_inner();
+                        let mut states: HashMap<String, usize> = HashMap::new();
+                        for i in &status.instances {
+                            *states
+                                .entry(format!("{}:{}", i.state, i.message))
+                                .or_default() += 1;
+                        }
+                        eprintln!(
+                            "scale-bench: {name}: {} of {replicas} healthy in the store; {} placement error {:?}; states {states:?}",
+                            status.healthy,
+                            status.instances.len(),
+                            status.placement_error
+                        );
+                    }
                     continue;
                 }
             };
@@ -476,7 +514,7 @@ async fn deploy(
             "instance.scheduled" => {
                 app.scheduled.insert(event.instance_id.clone());
                 if app.scheduled.len() == *replicas as usize && app.all_scheduled_ms.is_none() {
-                    app.all_scheduled_ms = Some(event.time_ms);
+                    app.all_scheduled_ms = Some(now_ms());
                 }
             }
             "instance.healthy" => {
@@ -487,6 +525,7 @@ async fn deploy(
                     app.all_healthy_ms = Some(event.time_ms);
                     events_done += 1;
                     peak_rss_kib = peak_rss_kib.max(status_kib("VmRSS:"));
+                    peak_files = peak_files.max(open_files());
                     let (mut client, name, replicas) =
                         (clients.orchestrator.clone(), event.app.clone(), *replicas);
                     confirming.spawn(async move {
@@ -555,6 +594,7 @@ async fn deploy(
         },
         "process_rss_mib": round(peak_rss_kib as f64 / 1024.0, 1),
         "process_peak_rss_mib": round(status_kib("VmHWM:") as f64 / 1024.0, 1),
+        "open_files_peak": peak_files,
         "store_mib": round(store_bytes(data_dir) as f64 / (1024.0 * 1024.0), 1),
     }))
 }

@@ -3,8 +3,8 @@
 //! edge proxy, and renders it as Traefik v3 dynamic configuration (over gRPC
 //! and over HTTP for Traefik's HTTP provider).
 //!
-//! It rebuilds on every instance or app event and every [`REBUILD_EVERY`]
-//! regardless (events are hints; the orchestrator's state is the truth).
+//! It rebuilds on instance and app events (once for all that are queued)
+//! and every [`REBUILD_EVERY`] regardless (events are hints; the orchestrator's state is the truth).
 //! `Sync` returns only after the new table is applied, every router in front
 //! has confirmed that it no longer routes to removed upstreams, and their
 //! requests in flight have finished: that is how an instance leaves rotation
@@ -598,7 +598,17 @@ pub async fn run(
                 _ = tick.tick() => {}
                 delivery = async { subscription.as_mut().expect("checked above").next().await }, if subscription.is_some() => {
                     match delivery {
-                        Some(delivery) => { let _ = delivery.ack().await; }
+                        Some(delivery) => {
+                            let _ = delivery.ack().await;
+                            // Events are hints and a rebuild reads the whole
+                            // truth: one rebuild covers every event already
+                            // queued (a deploy of 1,000 instances sends 3,000).
+                            if let Some(subscription) = subscription.as_mut() {
+                                while let Some(Some(queued)) = futures::FutureExt::now_or_never(subscription.next()) {
+                                    let _ = queued.ack().await;
+                                }
+                            }
+                        }
                         None => subscription = None,
                     }
                 }
