@@ -37,7 +37,10 @@ use tonic::{Request, Response, Status};
 /// next to nothing, and readiness is seen within a few ms of the app's.
 const STARTING_PROBE_FIRST: Duration = Duration::from_millis(2);
 const STARTING_PROBE_MAX: Duration = Duration::from_millis(20);
+/// Heartbeats go every second unless the scheduler asks for longer (large
+/// clusters), never longer than a minute.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const MAX_HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -630,15 +633,17 @@ impl Inner {
         }
     }
 
-    /// Registers the node, then heartbeats; registers again if the scheduler forgot it.
+    /// Registers the node, then heartbeats at the interval the scheduler
+    /// asks for; registers again if the scheduler forgot it.
     async fn heartbeat(self: Arc<Self>, address: String, shutdown: CancellationToken) {
         let mut registered = false;
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut every = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(every) => {}
             }
+            every = HEARTBEAT_EVERY;
             let client = match self.platform.client("scheduler").await {
                 Ok(channel) => SchedulerClient::new(channel),
                 Err(e) => {
@@ -653,7 +658,11 @@ impl Inner {
                         node_id: self.config.node_id.clone(),
                     })
                     .await
-                    .map(|r| r.into_inner().known)
+                    .map(|r| {
+                        let r = r.into_inner();
+                        every = next_heartbeat(r.next_heartbeat_ms);
+                        r.known
+                    })
             } else {
                 let mut client = client;
                 client
@@ -674,6 +683,15 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The wait before the next heartbeat, as the scheduler asked (0: the
+/// default), within 1 s to 60 s whatever it says.
+fn next_heartbeat(ms: u32) -> Duration {
+    match ms {
+        0 => HEARTBEAT_EVERY,
+        ms => Duration::from_millis(u64::from(ms)).clamp(HEARTBEAT_EVERY, MAX_HEARTBEAT_EVERY),
     }
 }
 
@@ -1018,4 +1036,17 @@ async fn serve(
         tracked.stop.cancel();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_interval_the_scheduler_asks_for_is_bounded() {
+        assert_eq!(next_heartbeat(0), HEARTBEAT_EVERY);
+        assert_eq!(next_heartbeat(20_000), Duration::from_secs(20));
+        assert_eq!(next_heartbeat(1), HEARTBEAT_EVERY);
+        assert_eq!(next_heartbeat(u32::MAX), MAX_HEARTBEAT_EVERY);
+    }
 }

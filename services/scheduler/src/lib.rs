@@ -26,7 +26,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-pub use placer::{NODE_TTL, NodeAllocations, NodeRecord, PlaceInput, Placer};
+pub use placer::{
+    MAX_HEARTBEATS_PER_SECOND, NODE_TTL, NodeAllocations, NodeRecord, PlaceInput, Placer,
+    heartbeat_interval, heartbeat_ttl,
+};
 
 /// How the scheduler service runs.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +56,36 @@ impl Default for SchedulerConfig {
 struct SchedulerApi {
     platform: Platform,
     placer: Placer,
+    nodes: NodeCount,
+}
+
+/// How many nodes are registered, counted at most every
+/// [`NodeCount::RECOUNT_EVERY`]: what the heartbeat interval is set by,
+/// without a scan per heartbeat.
+#[derive(Clone, Default)]
+struct NodeCount(std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, usize)>>>);
+
+impl NodeCount {
+    const RECOUNT_EVERY: Duration = Duration::from_secs(10);
+
+    async fn get(&self, nodes: &Table<NodeRecord>) -> usize {
+        let counted = *self.0.lock().expect("node count lock poisoned");
+        if let Some((at, count)) = counted
+            && at.elapsed() < Self::RECOUNT_EVERY
+        {
+            return count;
+        }
+        match nodes.list("").await {
+            Ok(listed) => {
+                let count = listed.len();
+                *self.0.lock().expect("node count lock poisoned") =
+                    Some((std::time::Instant::now(), count));
+                count
+            }
+            // The last count, else the smallest interval: a heartbeat must not fail on it.
+            Err(_) => counted.map_or(0, |(_, count)| count),
+        }
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -143,6 +176,8 @@ impl Scheduler for SchedulerApi {
                     capacity,
                     labels: labels.clone(),
                     last_heartbeat_ms: now_ms(),
+                    // The first heartbeat comes after the agent's default interval.
+                    ttl_ms: NODE_TTL.as_millis() as u64,
                     down_reported: false,
                     // A drain outlives the agent's restart.
                     draining: existing.is_some_and(|n| n.draining),
@@ -174,16 +209,24 @@ impl Scheduler for SchedulerApi {
             NodeId::parse("node_id", &request.get_ref().node_id).map_err(capstan_proto::status)?;
         as_itself(caller, &node_id)?;
         let Some((version, mut node)) = self.nodes().get(&node_id).await.map_err(internal)? else {
-            return Ok(Response::new(HeartbeatResponse { known: false }));
+            return Ok(Response::new(HeartbeatResponse {
+                known: false,
+                next_heartbeat_ms: 0,
+            }));
         };
+        let every = heartbeat_interval(self.nodes.get(self.nodes()).await);
         node.last_heartbeat_ms = now_ms();
+        node.ttl_ms = heartbeat_ttl(every).as_millis() as u64;
         node.down_reported = false;
         // A lost race means a concurrent heartbeat or registration already refreshed it.
         let _ = self
             .nodes()
             .put(&node_id, &node, Expect::Version(version))
             .await;
-        Ok(Response::new(HeartbeatResponse { known: true }))
+        Ok(Response::new(HeartbeatResponse {
+            known: true,
+            next_heartbeat_ms: every.as_millis() as u32,
+        }))
     }
 
     async fn list_nodes(
@@ -418,6 +461,7 @@ pub async fn run(
     let api = SchedulerApi {
         placer: Placer::new(platform.store.clone(), config.default_strategy),
         platform: platform.clone(),
+        nodes: NodeCount::default(),
     };
     migrate_allocations(&platform).await?;
     let indexed = api
@@ -435,6 +479,7 @@ pub async fn run(
             let api = SchedulerApi {
                 placer: api.placer.clone(),
                 platform: api.platform.with_store(store),
+                nodes: api.nodes.clone(),
             };
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -588,5 +633,48 @@ mod tests {
         );
         let fine = HashMap::from([("zone".to_string(), "eu-1".to_string())]);
         assert!(check_labels(&fine).is_ok());
+    }
+
+    #[test]
+    fn heartbeats_slow_down_as_the_cluster_grows_within_bounds() {
+        let s = Duration::from_secs;
+        // Up to 250 nodes: every second, a node down after the usual 5 s.
+        assert_eq!(heartbeat_interval(0), s(1));
+        assert_eq!(heartbeat_interval(250), s(1));
+        assert_eq!(heartbeat_ttl(heartbeat_interval(250)), NODE_TTL);
+        // Past it, at most 250 heartbeats a second in all.
+        assert_eq!(heartbeat_interval(500), s(2));
+        assert_eq!(heartbeat_interval(5_000), s(20));
+        assert_eq!(heartbeat_ttl(s(20)), s(60));
+        assert_eq!(heartbeat_interval(1_000_000), s(60));
+    }
+
+    #[test]
+    fn a_node_is_ready_for_its_own_ttl() {
+        let node = |ttl_ms| NodeRecord {
+            id: "n1".into(),
+            address: "127.0.0.1:1".into(),
+            capacity: capstan_types::Resources {
+                cpu_millis: 1,
+                memory_mb: 1,
+            },
+            labels: Default::default(),
+            last_heartbeat_ms: 1_000,
+            ttl_ms,
+            down_reported: false,
+            draining: false,
+        };
+        // Records written before the field existed keep the 5 s.
+        assert!(node(0).is_ready(6_000));
+        assert!(!node(0).is_ready(6_001));
+        assert!(node(60_000).is_ready(61_000));
+        assert!(!node(60_000).is_ready(61_001));
+        let old: NodeRecord = serde_json::from_value(serde_json::json!({
+            "id": "n1", "address": "127.0.0.1:1",
+            "capacity": {"cpu_millis": 1, "memory_mb": 1},
+            "labels": {}, "last_heartbeat_ms": 1000
+        }))
+        .unwrap();
+        assert_eq!(old.ttl_ms, 0);
     }
 }

@@ -32,7 +32,29 @@ use capstan_types::spec::PlacementSpec;
 use capstan_types::{Error, Resources};
 use serde::{Deserialize, Serialize};
 
+/// How long a node stays ready after a heartbeat in a cluster small enough
+/// for 1 s heartbeats; larger ones get [`heartbeat_ttl`] of their interval.
 pub const NODE_TTL: Duration = Duration::from_secs(5);
+/// Heartbeats the scheduler asks for in all, a second: past this many
+/// nodes each heartbeats less often (Nomad's `max_heartbeats_per_second`),
+/// so that no cluster size turns heartbeats into most of the work.
+pub const MAX_HEARTBEATS_PER_SECOND: u64 = 250;
+/// The interval's bounds: a small cluster heartbeats every second, and no
+/// node waits more than a minute.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// The interval each of `nodes` nodes heartbeats at.
+pub fn heartbeat_interval(nodes: usize) -> Duration {
+    let ms = (nodes as u64).saturating_mul(1000) / MAX_HEARTBEATS_PER_SECOND;
+    Duration::from_millis(ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
+/// How long a node heartbeating every `interval` stays ready: three
+/// intervals, and never less than [`NODE_TTL`].
+pub fn heartbeat_ttl(interval: Duration) -> Duration {
+    NODE_TTL.max(interval * 3)
+}
 /// Plan-commit rounds before a request gives up on conflicts.
 const ROUNDS: usize = 4;
 /// Compare-and-set retries per node within a round.
@@ -65,6 +87,10 @@ pub struct NodeRecord {
     pub capacity: Resources,
     pub labels: BTreeMap<String, String>,
     pub last_heartbeat_ms: i64,
+    /// How long after `last_heartbeat_ms` the node is ready; 0 (records of
+    /// earlier versions): [`NODE_TTL`].
+    #[serde(default)]
+    pub ttl_ms: u64,
     /// Set once `node.down` was published for the current outage.
     #[serde(default)]
     pub down_reported: bool,
@@ -75,7 +101,11 @@ pub struct NodeRecord {
 
 impl NodeRecord {
     pub fn is_ready(&self, now: i64) -> bool {
-        now - self.last_heartbeat_ms <= NODE_TTL.as_millis() as i64
+        let ttl = match self.ttl_ms {
+            0 => NODE_TTL.as_millis() as u64,
+            ttl => ttl,
+        };
+        now - self.last_heartbeat_ms <= i64::try_from(ttl).unwrap_or(i64::MAX)
     }
 
     fn eligibility(&self, now: i64) -> Eligibility {

@@ -104,6 +104,7 @@ fn record(id: &str, cpu_millis: u32, memory_mb: u32, zone: &str) -> NodeRecord {
         },
         labels: [("zone".to_string(), zone.to_string())].into(),
         last_heartbeat_ms: NOW,
+        ttl_ms: 0,
         down_reported: false,
         draining: false,
     }
