@@ -463,49 +463,50 @@ async fn deploy(
     let mut events_done = 0usize;
     while events_done < apps.len() {
         let wait = deadline.saturating_duration_since(Instant::now());
-        let event =
-            match tokio::time::timeout(wait.min(Duration::from_secs(10)), events.next()).await {
-                Ok(Some(event)) => event?,
-                Ok(None) => bail!("the event stream ended"),
-                Err(_) => {
-                    if Instant::now() >= deadline {
-                        bail!(
-                            "{events_done} of {} apps fully healthy after {:?}",
-                            apps.len(),
-                            started.elapsed()
-                        );
-                    }
-                    eprintln!(
-                        "scale-bench: {events_done} of {} apps fully healthy after {:.0?}",
+        let event = match tokio::time::timeout(wait.min(Duration::from_secs(10)), events.next())
+            .await
+        {
+            Ok(Some(event)) => event?,
+            Ok(None) => bail!("the event stream ended"),
+            Err(_) => {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{events_done} of {} apps fully healthy after {:?}",
                         apps.len(),
                         started.elapsed()
                     );
-                    // What the store says of the apps still short.
-                    for (name, replicas) in &apps {
-                        if seen.get(name).is_some_and(|s| s.all_healthy_ms.is_some()) {
-                            continue;
-                        }
-                        let status = clients
-                            .orchestrator
-                            .get_app(GetAppRequest { name: name.clone() })
-                            .await?
-                            .into_inner();
-                        let mut states: HashMap<String, usize> = HashMap::new();
-                        for i in &status.instances {
-                            *states
-                                .entry(format!("{}:{}", i.state, i.message))
-                                .or_default() += 1;
-                        }
-                        eprintln!(
-                            "scale-bench: {name}: {} of {replicas} healthy in the store; {} placement error {:?}; states {states:?}",
-                            status.healthy,
-                            status.instances.len(),
-                            status.placement_error
-                        );
-                    }
-                    continue;
                 }
-            };
+                eprintln!(
+                    "scale-bench: {events_done} of {} apps fully healthy after {:.0?}",
+                    apps.len(),
+                    started.elapsed()
+                );
+                // What the store says of the apps still short.
+                for (name, replicas) in &apps {
+                    if seen.get(name).is_some_and(|s| s.all_healthy_ms.is_some()) {
+                        continue;
+                    }
+                    let status = clients
+                        .orchestrator
+                        .get_app(GetAppRequest { name: name.clone() })
+                        .await?
+                        .into_inner();
+                    let mut states: HashMap<String, usize> = HashMap::new();
+                    for i in &status.instances {
+                        *states
+                            .entry(format!("{}:{}", i.state, i.message))
+                            .or_default() += 1;
+                    }
+                    eprintln!(
+                        "scale-bench: {name}: {} of {replicas} healthy in the store; {} placement error {:?}; states {states:?}",
+                        status.healthy,
+                        status.instances.len(),
+                        status.placement_error
+                    );
+                }
+                continue;
+            }
+        };
         let Some(replicas) = wanted.get(&event.app) else {
             continue;
         };

@@ -292,7 +292,7 @@ mod tests {
             target: "web".into(),
             summary: format!("{n} replicas"),
             result: "ok".into(),
-            project: if n % 2 == 0 {
+            project: if n.is_multiple_of(2) {
                 "team-a".into()
             } else {
                 String::new()
