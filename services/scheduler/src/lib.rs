@@ -56,7 +56,7 @@ impl Default for SchedulerConfig {
 struct SchedulerApi {
     platform: Platform,
     placer: Placer,
-    nodes: NodeCount,
+    node_count: NodeCount,
 }
 
 /// How many nodes are registered, counted at most every
@@ -214,7 +214,7 @@ impl Scheduler for SchedulerApi {
                 next_heartbeat_ms: 0,
             }));
         };
-        let every = heartbeat_interval(self.nodes.get(self.nodes()).await);
+        let every = heartbeat_interval(self.node_count.get(self.nodes()).await);
         node.last_heartbeat_ms = now_ms();
         node.ttl_ms = heartbeat_ttl(every).as_millis() as u64;
         node.down_reported = false;
@@ -461,7 +461,7 @@ pub async fn run(
     let api = SchedulerApi {
         placer: Placer::new(platform.store.clone(), config.default_strategy),
         platform: platform.clone(),
-        nodes: NodeCount::default(),
+        node_count: NodeCount::default(),
     };
     migrate_allocations(&platform).await?;
     let indexed = api
@@ -479,7 +479,7 @@ pub async fn run(
             let api = SchedulerApi {
                 placer: api.placer.clone(),
                 platform: api.platform.with_store(store),
-                nodes: api.nodes.clone(),
+                node_count: api.node_count.clone(),
             };
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
