@@ -19,9 +19,9 @@ use capstan_store::{Expect, StoreError, Table};
 use capstan_types::spec::MAX_REPLICAS;
 use capstan_types::{AppName, Error, Event, EventKind, InstanceState};
 use futures::Stream;
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
+use crate::changes::Changes;
 use crate::event_log::EventLog;
 use crate::records::{
     APPS, AppRecord, INSTANCES, InstanceRecord, Rollout, RolloutState,
@@ -38,7 +38,7 @@ pub struct Api {
     instances: Table<InstanceRecord>,
     events: EventLog,
     journal: crate::journal::Journal,
-    wake: Arc<Notify>,
+    changes: Arc<Changes>,
 }
 
 fn status(e: Error) -> Status {
@@ -199,7 +199,7 @@ fn sees_env(caller: &Claims) -> bool {
 }
 
 impl Api {
-    pub fn new(platform: Platform, events: EventLog, wake: Arc<Notify>) -> Self {
+    pub fn new(platform: Platform, events: EventLog, changes: Arc<Changes>) -> Self {
         Api {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
@@ -207,7 +207,7 @@ impl Api {
             platform,
             watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
             events,
-            wake,
+            changes,
         }
     }
 
@@ -518,7 +518,7 @@ impl Orchestrator for Api {
                     .reason(format!("scaled 0 -> {to}: a request arrived while at zero")),
             )
             .await;
-        self.wake.notify_one();
+        self.changes.app(&name);
         Ok(Response::new(WakeAppResponse { woken: true }))
     }
 
@@ -964,7 +964,7 @@ impl Api {
                 )
                 .await;
             }
-            self.wake.notify_one();
+            self.changes.app(&spec.name);
         }
         let app = self.app_status(&record, version, true).await?;
         Ok(Response::new(ApplyAppResponse {
@@ -1027,7 +1027,7 @@ impl Api {
                 &caller,
             )
             .await;
-            self.wake.notify_one();
+            self.changes.app(&r.name);
         }
         Ok(Response::new(self.app_status(&app, version, true).await?))
     }
@@ -1047,7 +1047,7 @@ impl Api {
             .map_err(store_err)?;
         self.emit(EventKind::AppDeleted, &name, String::new(), &caller)
             .await;
-        self.wake.notify_one();
+        self.changes.app(&name);
         Ok(Response::new(DeleteAppResponse {}))
     }
 
@@ -1116,7 +1116,7 @@ impl Api {
             &caller,
         )
         .await;
-        self.wake.notify_one();
+        self.changes.app(&name);
         Ok(Response::new(self.app_status(&app, version, true).await?))
     }
 
@@ -1209,7 +1209,7 @@ impl Api {
             &caller,
         )
         .await;
-        self.wake.notify_one();
+        self.changes.app(&r.name);
         Ok(Response::new(self.app_status(&app, version, true).await?))
     }
 }

@@ -22,9 +22,9 @@ use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::Table;
 use capstan_types::spec::AutoscaleSpec;
 use capstan_types::{Error, Event, EventKind};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::changes::Changes;
 use crate::journal::{Journal, JournalEntry};
 
 /// Readings are taken this long before now: the last period's samples may
@@ -67,7 +67,7 @@ impl Autoscaler {
         }
     }
 
-    pub async fn run(mut self, wake: Arc<Notify>, shutdown: CancellationToken) {
+    pub async fn run(mut self, changes: Arc<Changes>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -75,14 +75,14 @@ impl Autoscaler {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.pass(&wake).await {
+            if let Err(e) = self.pass(&changes).await {
                 tracing::debug!("autoscaler pass skipped: {e}");
             }
         }
     }
 
     /// One decision per autoscaled app.
-    async fn pass(&mut self, wake: &Notify) -> Result<(), Error> {
+    async fn pass(&mut self, changes: &Changes) -> Result<(), Error> {
         let apps = self.apps.list("").await.map_err(Error::internal)?;
         let autoscaled: Vec<AppRecord> = apps
             .into_iter()
@@ -184,7 +184,7 @@ impl Autoscaler {
                 entry = entry.input("idle_ms", idle);
             }
             self.journal.record(entry).await;
-            wake.notify_one();
+            changes.app(&name);
         }
         Ok(())
     }

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use capstan_events::Deduper;
 use capstan_server::Platform;
 use capstan_store::{Expect, Store, StoreError, Table};
-use capstan_types::{Error, Event, EventKind};
-use tokio::sync::{Notify, broadcast};
+use capstan_types::{Error, Event};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::records::EVENTS;
@@ -170,12 +170,13 @@ impl EventLog {
 
     /// Keeps this replica's live view: every event from the bus (a private
     /// watch queue, so every replica sees all of them) goes to the
-    /// `WatchEvents` streams once, and instance and node changes wake the
-    /// reconciler (it runs only where this replica leads).
+    /// `WatchEvents` streams once, and the apps and nodes each event names
+    /// are marked for the reconciler's next pass (it runs only where this
+    /// replica leads).
     pub async fn fan_out(
         self,
         platform: Platform,
-        wake: std::sync::Arc<Notify>,
+        changes: std::sync::Arc<crate::changes::Changes>,
         shutdown: CancellationToken,
     ) {
         let mut dedupe = Deduper::new(10_000);
@@ -183,15 +184,7 @@ impl EventLog {
         while let Some(delivery) = deliveries.next().await {
             if dedupe.first_time(&delivery.event.id) {
                 let event = delivery.event.clone();
-                if matches!(
-                    event.kind,
-                    EventKind::InstanceFailed
-                        | EventKind::InstanceHealthy
-                        | EventKind::InstanceUnhealthy
-                        | EventKind::NodeDown
-                ) {
-                    wake.notify_one();
-                }
+                changes.event(&event);
                 let _ = self.live.send(event);
             }
             let _ = delivery.ack().await;
@@ -297,6 +290,7 @@ mod tests {
     use capstan_secrets::{FileSecretStore, Secret};
     use capstan_store::MemoryStore;
     use capstan_testkit::faulty_store::{FaultyStore, StoreOp};
+    use capstan_types::EventKind;
 
     use super::*;
 
@@ -365,10 +359,11 @@ mod tests {
             let log = EventLog::new(&platform);
             let watching = log.subscribe();
             tokio::spawn(log.clone().consume(platform.clone(), shutdown.clone()));
-            tokio::spawn(
-                log.clone()
-                    .fan_out(platform, Arc::new(Notify::new()), shutdown.clone()),
-            );
+            tokio::spawn(log.clone().fan_out(
+                platform,
+                crate::changes::Changes::new(),
+                shutdown.clone(),
+            ));
             replicas.push((log, watching));
         }
         // Both watch queues exist once a probe event reaches both replicas.

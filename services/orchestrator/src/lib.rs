@@ -7,6 +7,7 @@
 
 mod api;
 pub mod autoscaler;
+mod changes;
 mod cluster;
 mod event_log;
 pub mod journal;
@@ -18,14 +19,11 @@ pub use capstan_rollout::{plan, records};
 pub use cluster::{Cluster, GrpcCluster};
 pub use reconcile::Reconciler;
 
-use std::sync::Arc;
-
 use capstan_authn::{Access, Policy, RequireAuthLayer};
 use capstan_proto::v1::orchestrator_server::OrchestratorServer;
 use capstan_server::{Platform, Service};
 use capstan_types::Error;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Viewers read, operators change apps; router-config reads the endpoints,
@@ -71,25 +69,25 @@ pub async fn run(
     let lease_ttl = options.lease_ttl;
     let autoscale_every = options.autoscale_every;
     let instance_id = capstan_server::new_id("orchestrator");
-    let wake = Arc::new(Notify::new());
+    let changes = changes::Changes::new();
     let events = event_log::EventLog::new(&platform);
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(events.clone().consume(platform.clone(), shutdown.clone()));
     tasks.spawn(
         events
             .clone()
-            .fan_out(platform.clone(), wake.clone(), shutdown.clone()),
+            .fan_out(platform.clone(), changes.clone(), shutdown.clone()),
     );
     let election = platform.election(RECONCILER_ROLE, &instance_id, lease_ttl);
     tasks.spawn({
         let platform = platform.clone();
-        let wake = wake.clone();
+        let changes = changes.clone();
         election.lead(shutdown.clone(), move |store, term| {
             let platform = platform.with_store(store);
             let reconciler =
-                reconcile::Reconciler::new(platform.clone()).run(wake.clone(), term.clone());
+                reconcile::Reconciler::new(platform.clone()).run(changes.clone(), term.clone());
             let autoscaler =
-                autoscaler::Autoscaler::new(platform, autoscale_every).run(wake.clone(), term);
+                autoscaler::Autoscaler::new(platform, autoscale_every).run(changes.clone(), term);
             async move {
                 tokio::join!(reconciler, autoscaler);
             }
@@ -104,7 +102,7 @@ pub async fn run(
         routes: tonic::service::Routes::new(OrchestratorServer::new(api::Api::new(
             platform.clone(),
             events,
-            wake,
+            changes,
         ))),
         auth: RequireAuthLayer::new(platform.verifier(), policy),
     };

@@ -9,31 +9,50 @@
 //! the same pass: a record changed by anyone else meanwhile is left for the
 //! next pass, never overwritten.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_proto::v1::{Instance, NodeStatus, PlaceRequest, StartInstanceRequest};
+use capstan_proto::v1::{Instance, Node, NodeStatus, PlaceRequest, StartInstanceRequest};
 use capstan_rollout::machine::{self, Next, Progress};
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, StoreError, Table};
 use capstan_types::{Error, Event, EventKind, InstanceState};
+use futures::StreamExt;
 use futures::future::join_all;
-use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::changes::{Changes, Pending};
 use crate::cluster::{Cluster, GrpcCluster};
 use crate::journal::JournalEntry;
 use crate::plan::{self, Action, InstanceView};
-use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord};
+use crate::records::{APPS, AppRecord, INSTANCES, InstanceRecord, RolloutState};
 
 const TICK: Duration = Duration::from_secs(1);
+/// A full sweep (every ready node observed, every record and app read) runs
+/// at least this often ...
+const FULL_SWEEP: Duration = Duration::from_secs(5);
+/// ... and waits at least this many times as long as the last one took, so
+/// that sweeps take at most a fifth of the reconciler's time however many
+/// nodes there are (at 5,000 nodes a sweep is 5,000 `ListInstances`).
+const FULL_SWEEP_SPACING: u32 = 4;
+/// Between node events, the node list is read again at least this often.
+const NODES_EVERY: Duration = TICK;
+/// An app that has not converged is looked at again at least this often,
+/// hint or no hint: backoff, rollout deadlines and grace periods run on time.
+const UNSETTLED_EVERY: Duration = TICK;
+/// More apps than this in one pass, and it lists the apps table instead of
+/// reading them one by one.
+const GET_APPS_MAX: usize = 256;
+/// Apps whose placement and starts run at once.
+const START_CONCURRENCY: usize = 16;
 /// Where each pass records its start (and proves it still leads).
 const PASSES: &str = "reconciler_passes";
 /// How long an instance may stay pending before its node must report it.
 const PENDING_GRACE_MS: i64 = 30_000;
-/// Orphaned allocations are collected every this many passes ...
-const COLLECT_EVERY_PASSES: u32 = 30;
+/// Orphaned allocations are collected this often ...
+const COLLECT_EVERY: Duration = Duration::from_secs(30);
 /// ... when older than this: younger ones may belong to a start whose
 /// instance record is still being written.
 pub const ORPHAN_GRACE_MS: i64 = 60_000;
@@ -45,60 +64,155 @@ pub struct Reconciler {
     apps: Table<AppRecord>,
     instances: Table<InstanceRecord>,
     journal: crate::journal::Journal,
+    known: Arc<tokio::sync::Mutex<Known>>,
 }
 
 struct Observation {
     ready_nodes: HashSet<String>,
     /// Nodes being drained: their instances move elsewhere.
     draining_nodes: HashSet<String>,
-    /// Instances reported by each reachable node.
+    /// Instances reported by each node asked this pass that answered.
     reported: HashMap<String, Vec<Instance>>,
+    /// Ready nodes asked this pass that did not answer.
+    unreachable: HashSet<String>,
     node_addresses: HashMap<String, String>,
 }
 
-/// Instance records of one pass with the versions they were read at.
-struct Records {
-    table: Table<InstanceRecord>,
-    versions: HashMap<String, u64>,
+impl Observation {
+    /// Whether a call to `node` may reach it: ready, and not just found
+    /// unreachable.
+    fn reachable(&self, node: &str) -> bool {
+        self.ready_nodes.contains(node) && !self.unreachable.contains(node)
+    }
 }
 
-impl Records {
-    /// Writes `record` if nobody changed it since this pass read it.
-    async fn update(&mut self, record: &InstanceRecord) -> Result<bool, Error> {
-        let Some(version) = self.versions.get(&record.id).copied() else {
+/// What the leading reconciler knows between passes: every instance record
+/// as it last read or wrote it (it is their only writer, always by
+/// compare-and-set), the node list, and the apps that have not converged.
+/// Trusted only while `complete`: a write that lost a race or failed clears
+/// it, and the next pass is a full sweep that reads everything again.
+#[derive(Default)]
+struct Known {
+    records: HashMap<String, (u64, InstanceRecord)>,
+    by_app: HashMap<String, BTreeSet<String>>,
+    by_node: HashMap<String, HashSet<String>>,
+    complete: bool,
+    nodes: Vec<Node>,
+    nodes_read: Option<Instant>,
+    /// Ready nodes that did not answer the last time they were asked: asked
+    /// again in the next pass.
+    unanswered: HashSet<String>,
+    /// Apps not converged, with when a pass last looked at each.
+    unsettled: HashMap<String, Instant>,
+}
+
+impl Known {
+    fn insert(&mut self, version: u64, record: InstanceRecord) {
+        self.remove(&record.id);
+        self.by_app
+            .entry(record.app.clone())
+            .or_default()
+            .insert(record.id.clone());
+        self.by_node
+            .entry(record.node_id.clone())
+            .or_default()
+            .insert(record.id.clone());
+        self.records.insert(record.id.clone(), (version, record));
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some((_, record)) = self.records.remove(id) else {
+            return;
+        };
+        if let Some(ids) = self.by_app.get_mut(&record.app) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_app.remove(&record.app);
+            }
+        }
+        if let Some(ids) = self.by_node.get_mut(&record.node_id) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_node.remove(&record.node_id);
+            }
+        }
+    }
+
+    /// Replaces everything with the records just listed.
+    fn reload(&mut self, listed: Vec<(String, u64, InstanceRecord)>) {
+        self.records.clear();
+        self.by_app.clear();
+        self.by_node.clear();
+        for (_, version, record) in listed {
+            self.insert(version, record);
+        }
+        self.complete = true;
+    }
+
+    /// `app`'s records, in id order.
+    fn of_app<'a>(&'a self, app: &str) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+        self.by_app
+            .get(app)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.records.get(id).map(|(_, r)| r))
+    }
+
+    /// Writes `record` if nobody changed it since it was read or written here.
+    async fn update(
+        &mut self,
+        table: &Table<InstanceRecord>,
+        record: &InstanceRecord,
+    ) -> Result<bool, Error> {
+        let Some(version) = self.records.get(&record.id).map(|(v, _)| *v) else {
             return Ok(false);
         };
-        match self
-            .table
+        match table
             .put(&record.id, record, Expect::Version(version))
             .await
         {
             Ok(next) => {
-                self.versions.insert(record.id.clone(), next);
+                self.insert(next, record.clone());
                 Ok(true)
             }
             Err(StoreError::Conflict { .. }) => {
                 tracing::debug!(instance = %record.id, "record changed concurrently; next pass");
+                self.complete = false;
                 Ok(false)
             }
-            Err(e) => Err(Error::internal(e)),
+            Err(e) => {
+                self.complete = false;
+                Err(Error::internal(e))
+            }
         }
     }
 
-    /// Deletes `id` if nobody changed it since this pass read it.
-    async fn delete(&mut self, id: &str) -> Result<(), Error> {
-        let Some(version) = self.versions.get(id).copied() else {
+    /// Deletes `id` if nobody changed it since it was read or written here.
+    async fn delete(&mut self, table: &Table<InstanceRecord>, id: &str) -> Result<(), Error> {
+        let Some(version) = self.records.get(id).map(|(v, _)| *v) else {
             return Ok(());
         };
-        match self.table.delete(id, version).await {
-            Ok(_) | Err(StoreError::Conflict { .. }) => {
-                self.versions.remove(id);
+        match table.delete(id, version).await {
+            Ok(_) => {
+                self.remove(id);
                 Ok(())
             }
-            Err(e) => Err(Error::internal(e)),
+            Err(StoreError::Conflict { .. }) => {
+                self.remove(id);
+                self.complete = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.complete = false;
+                Err(Error::internal(e))
+            }
         }
     }
 }
+
+/// What one start wrote: the record and its version, or `None` when a
+/// write failed and what the store holds is not known.
+type Written = Option<(u64, InstanceRecord)>;
 
 impl Reconciler {
     pub fn new(platform: Platform) -> Self {
@@ -115,19 +229,34 @@ impl Reconciler {
             journal: crate::journal::Journal::new(platform.store.clone()),
             platform,
             cluster,
+            known: Arc::default(),
         }
     }
 
-    pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        let mut passes = 0u32;
+    /// Reconciles until `shutdown`: a pass over what changed whenever
+    /// something is marked in `changes` (and every [`TICK`]), a full sweep
+    /// when it is due.
+    pub async fn run(self, changes: Arc<Changes>, shutdown: CancellationToken) {
+        let mut last_sweep: Option<(Instant, Duration)> = None;
+        let mut last_collect = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = wake.notified() => {}
+                _ = changes.marked() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
-            let started = std::time::Instant::now();
-            let result = self.reconcile(now_ms()).await;
+            let pending = changes.take();
+            let sweep = last_sweep
+                .is_none_or(|(at, took)| at.elapsed() >= FULL_SWEEP.max(took * FULL_SWEEP_SPACING));
+            let started = Instant::now();
+            let result = if sweep {
+                self.reconcile(now_ms()).await
+            } else {
+                self.reconcile_changes(now_ms(), pending).await
+            };
+            if sweep {
+                last_sweep = Some((started, started.elapsed()));
+            }
             let metrics = capstan_server::metrics::metrics();
             metrics
                 .reconcile_duration
@@ -137,8 +266,8 @@ impl Reconciler {
             if let Err(e) = result {
                 tracing::warn!("reconcile pass failed: {e}");
             }
-            passes = passes.wrapping_add(1);
-            if passes.is_multiple_of(COLLECT_EVERY_PASSES) {
+            if last_collect.elapsed() >= COLLECT_EVERY {
+                last_collect = Instant::now();
                 match self.collect_orphans(now_ms()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("released {n} orphaned allocations"),
@@ -177,34 +306,82 @@ impl Reconciler {
         Ok(count)
     }
 
-    async fn observe(&self) -> Result<Observation, Error> {
-        let nodes = self.cluster.nodes().await?;
-        let ready: Vec<_> = nodes
+    /// Asks the ready nodes in `only` (every ready node when `None`) what
+    /// they run.
+    async fn observe(&self, nodes: &[Node], only: Option<&HashSet<String>>) -> Observation {
+        let ready: Vec<&Node> = nodes
             .iter()
             .filter(|n| n.status == NodeStatus::Ready as i32)
             .collect();
-        let lists = join_all(ready.iter().map(|node| async move {
-            let instances = self.cluster.instances(node).await?;
-            Some((node.id.clone(), instances))
-        }))
+        let asked = ready
+            .iter()
+            .filter(|n| only.is_none_or(|only| only.contains(&n.id)));
+        let lists = join_all(
+            asked.map(|node| async move { (node.id.clone(), self.cluster.instances(node).await) }),
+        )
         .await;
-        Ok(Observation {
+        let mut reported = HashMap::new();
+        let mut unreachable = HashSet::new();
+        for (id, list) in lists {
+            match list {
+                Some(instances) => {
+                    reported.insert(id, instances);
+                }
+                None => {
+                    unreachable.insert(id);
+                }
+            }
+        }
+        Observation {
             ready_nodes: ready.iter().map(|n| n.id.clone()).collect(),
             draining_nodes: nodes
                 .iter()
                 .filter(|n| n.draining)
                 .map(|n| n.id.clone())
                 .collect(),
-            reported: lists.into_iter().flatten().collect(),
+            reported,
+            unreachable,
             node_addresses: nodes
                 .iter()
                 .map(|n| (n.id.clone(), n.address.clone()))
                 .collect(),
-        })
+        }
     }
 
-    /// One pass over every app, at time `now`.
+    /// A full sweep at time `now`: every ready node observed, every app and
+    /// instance record read, every app planned.
     pub async fn reconcile(&self, now: i64) -> Result<(), Error> {
+        let mut known = self.known.lock().await;
+        let result = self.pass(now, None, &mut known).await;
+        if result.is_err() {
+            known.complete = false;
+        }
+        result
+    }
+
+    /// A pass over what `changes` names: those apps, the nodes named and
+    /// those whose entry in the node list changed (with every app that has
+    /// instances there), and the apps that have not converged. Nothing else
+    /// is read, so a pass costs what changed, not the size of the cluster.
+    /// A full sweep instead while what this leader knows is incomplete.
+    pub async fn reconcile_changes(&self, now: i64, changes: Pending) -> Result<(), Error> {
+        let mut known = self.known.lock().await;
+        let scope = (known.complete && !changes.everything).then_some(changes);
+        let result = self.pass(now, scope, &mut known).await;
+        if result.is_err() {
+            // The hints this pass took are gone: the next pass sweeps.
+            known.complete = false;
+        }
+        result
+    }
+
+    /// One pass: over everything when `changes` is `None`.
+    async fn pass(
+        &self,
+        now: i64,
+        changes: Option<Pending>,
+        known: &mut Known,
+    ) -> Result<(), Error> {
         // A write before any decision: through a leader's fenced store it
         // fails once a newer leader took over, so a leader that was paused
         // and resumes calls no scheduler or agent either.
@@ -213,21 +390,73 @@ impl Reconciler {
             .write(PASSES, "last", now.to_string().into_bytes(), None)
             .await
             .map_err(|e| Error::Unavailable(format!("not the leader any more: {e}")))?;
-        let observation = self.observe().await?;
-        let apps: HashMap<String, (u64, AppRecord)> = self
-            .apps
-            .list("")
-            .await
-            .map_err(Error::internal)?
-            .into_iter()
-            .map(|(k, v, r)| (k, (v, r)))
-            .collect();
-        let listed = self.instances.list("").await.map_err(Error::internal)?;
-        let mut store = Records {
-            table: self.instances.clone(),
-            versions: listed.iter().map(|(k, v, _)| (k.clone(), *v)).collect(),
+
+        let read_nodes = match &changes {
+            None => true,
+            Some(changes) => {
+                changes.node_list || known.nodes_read.is_none_or(|t| t.elapsed() >= NODES_EVERY)
+            }
         };
-        let mut records: Vec<InstanceRecord> = listed.into_iter().map(|(_, _, r)| r).collect();
+        let mut moved_nodes = HashSet::new();
+        if read_nodes {
+            let nodes = self.cluster.nodes().await?;
+            moved_nodes = node_changes(&known.nodes, &nodes);
+            known.nodes = nodes;
+            known.nodes_read = Some(Instant::now());
+        }
+        let observe: Option<HashSet<String>> = changes.as_ref().map(|c| {
+            c.nodes
+                .iter()
+                .chain(&moved_nodes)
+                .chain(&known.unanswered)
+                .cloned()
+                .collect()
+        });
+        let observation = self.observe(&known.nodes, observe.as_ref()).await;
+        known.unanswered.clone_from(&observation.unreachable);
+
+        let full = changes.is_none();
+        let apps: HashMap<String, (u64, AppRecord)>;
+        let names: Vec<String>;
+        match changes {
+            None => {
+                apps = self
+                    .apps
+                    .list("")
+                    .await
+                    .map_err(Error::internal)?
+                    .into_iter()
+                    .map(|(k, v, r)| (k, (v, r)))
+                    .collect();
+                known.reload(self.instances.list("").await.map_err(Error::internal)?);
+                names = apps
+                    .keys()
+                    .chain(known.by_app.keys())
+                    .cloned()
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+            }
+            Some(changes) => {
+                let mut scope: BTreeSet<String> = changes.apps.into_iter().collect();
+                for node in observation.reported.keys().chain(&moved_nodes) {
+                    for id in known.by_node.get(node).into_iter().flatten() {
+                        if let Some((_, record)) = known.records.get(id) {
+                            scope.insert(record.app.clone());
+                        }
+                    }
+                }
+                scope.extend(
+                    known
+                        .unsettled
+                        .iter()
+                        .filter(|(_, looked)| looked.elapsed() >= UNSETTLED_EVERY)
+                        .map(|(app, _)| app.clone()),
+                );
+                apps = self.read_apps(&scope).await?;
+                names = scope.into_iter().collect();
+            }
+        }
 
         // Merge what the nodes report into the records.
         let mut observed: HashMap<&str, &Instance> = HashMap::new();
@@ -236,43 +465,37 @@ impl Reconciler {
                 observed.insert(instance.id.as_str(), instance);
             }
         }
-        for record in &mut records {
-            let before = record.clone();
-            merge(
-                record,
-                observed.get(record.id.as_str()).copied(),
-                &observation,
-                now,
-            );
-            if *record != before {
-                record.updated_ms = now;
-                store.update(record).await?;
+        let mut by_app: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        for name in &names {
+            let mut records: Vec<InstanceRecord> = known.of_app(name).cloned().collect();
+            for record in &mut records {
+                let before = record.clone();
+                merge(
+                    record,
+                    observed.get(record.id.as_str()).copied(),
+                    &observation,
+                    now,
+                );
+                if *record != before {
+                    record.updated_ms = now;
+                    known.update(&self.instances, record).await?;
+                }
             }
+            by_app.insert(name.clone(), records);
         }
 
         // Workloads no record refers to: left over from deleted apps or lost records.
-        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         for (node_id, instances) in &observation.reported {
-            for orphan in instances.iter().filter(|i| !known.contains(i.id.as_str())) {
+            for orphan in instances
+                .iter()
+                .filter(|i| !known.records.contains_key(&i.id))
+            {
                 tracing::info!(instance = %orphan.id, node = %node_id, "stopping orphaned instance");
                 if let Some(address) = observation.node_addresses.get(node_id) {
                     self.stop_on_node(address, &orphan.id).await;
                 }
             }
         }
-
-        let mut by_app: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
-        for record in records {
-            by_app.entry(record.app.clone()).or_default().push(record);
-        }
-        let mut names: Vec<String> = apps
-            .keys()
-            .chain(by_app.keys())
-            .cloned()
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        names.sort();
 
         let mut routes = 0usize;
         let mut drains = Vec::new();
@@ -294,7 +517,7 @@ impl Reconciler {
                         if let Some(mut r) = record(&id) {
                             r.routable = true;
                             r.updated_ms = now;
-                            if store.update(&r).await? {
+                            if known.update(&self.instances, &r).await? {
                                 seen.became_healthy = true;
                                 routes += 1;
                             }
@@ -306,7 +529,7 @@ impl Reconciler {
                                 r.stopping = true;
                                 r.routable = false;
                                 r.updated_ms = now;
-                                if !store.update(&r).await? {
+                                if !known.update(&self.instances, &r).await? {
                                     continue;
                                 }
                                 if observation.draining_nodes.contains(&r.node_id) {
@@ -361,7 +584,7 @@ impl Reconciler {
                                 )
                                 .await;
                             }
-                            if let Err(e) = self.forget(&r, &observation, &mut store).await {
+                            if let Err(e) = self.forget(&r, &observation, known).await {
                                 tracing::warn!(instance = %r.id, "failed to forget instance; retrying next pass: {e}");
                             }
                         }
@@ -381,37 +604,82 @@ impl Reconciler {
             match self.cluster.sync_routes().await {
                 Ok(()) => {
                     for record in &drains {
-                        self.finish_drain(record, &observation, &mut store).await;
+                        self.finish_drain(record, &observation, known).await;
                     }
                 }
                 Err(e) => tracing::warn!("router sync failed; stopping nothing this pass: {e}"),
             }
         }
 
-        for (app, count) in starts {
-            let placement_error = self.start(&app, count, now).await;
-            progress
-                .entry(app.spec.name.to_string())
-                .or_default()
-                .placement_error = Some(placement_error);
+        // Apps place and start side by side; each app's own starts run at once too.
+        let started: Vec<(String, String, Vec<Written>)> = futures::stream::iter(starts)
+            .map(|(app, count)| async move {
+                let (explanation, written) = self.start(&app, count, now).await;
+                (app.spec.name.to_string(), explanation, written)
+            })
+            .buffer_unordered(START_CONCURRENCY)
+            .collect()
+            .await;
+        for (name, placement_error, written) in started {
+            progress.entry(name).or_default().placement_error = Some(placement_error);
+            for record in written {
+                match record {
+                    Some((version, record)) => known.insert(version, record),
+                    None => known.complete = false,
+                }
+            }
         }
 
-        let mut after: HashMap<String, Vec<InstanceView>> = HashMap::new();
-        for record in self.instances.values("").await.map_err(Error::internal)? {
-            after
-                .entry(record.app.clone())
-                .or_default()
-                .push(instance_view(&record, &observation.draining_nodes));
+        if full {
+            known.unsettled.clear();
         }
         for name in &names {
-            if let Some((version, app)) = apps.get(name) {
-                let instances = after.remove(name).unwrap_or_default();
-                let seen = progress.remove(name).unwrap_or_default();
-                self.advance(name, *version, app, &instances, &seen, now)
-                    .await;
+            let instances: Vec<InstanceView> = known
+                .of_app(name)
+                .map(|r| instance_view(r, &observation.draining_nodes))
+                .collect();
+            let app = apps.get(name);
+            let moved = match app {
+                Some((version, app)) => {
+                    let seen = progress.remove(name).unwrap_or_default();
+                    self.advance(name, *version, app, &instances, &seen, now)
+                        .await
+                }
+                None => false,
+            };
+            if !moved && settled(app.map(|(_, a)| a), &instances) {
+                known.unsettled.remove(name);
+            } else {
+                known.unsettled.insert(name.clone(), Instant::now());
             }
         }
         Ok(())
+    }
+
+    /// The records of the apps in `names` that exist: one read each, or one
+    /// list of the table when there are many.
+    async fn read_apps(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<HashMap<String, (u64, AppRecord)>, Error> {
+        if names.len() > GET_APPS_MAX {
+            return Ok(self
+                .apps
+                .list("")
+                .await
+                .map_err(Error::internal)?
+                .into_iter()
+                .filter(|(k, _, _)| names.contains(k))
+                .map(|(k, v, r)| (k, (v, r)))
+                .collect());
+        }
+        let mut apps = HashMap::new();
+        for name in names {
+            if let Some(found) = self.apps.get(name).await.map_err(Error::internal)? {
+                apps.insert(name.clone(), found);
+            }
+        }
+        Ok(apps)
     }
 
     async fn emit(&self, event: Event) {
@@ -435,22 +703,22 @@ impl Reconciler {
         &self,
         record: &InstanceRecord,
         observation: &Observation,
-        store: &mut Records,
+        known: &mut Known,
     ) -> Result<(), Error> {
-        if observation.reported.contains_key(&record.node_id)
+        if observation.reachable(&record.node_id)
             && let Some(address) = observation.node_addresses.get(&record.node_id)
         {
             self.stop_on_node(address, &record.id).await;
         }
         self.cluster.release(vec![record.id.clone()]).await?;
-        store.delete(&record.id).await
+        known.delete(&self.instances, &record.id).await
     }
 
     async fn finish_drain(
         &self,
         record: &InstanceRecord,
         observation: &Observation,
-        store: &mut Records,
+        known: &mut Known,
     ) {
         // The node's address now: an agent may have restarted on another port.
         let stopped = match observation.node_addresses.get(&record.node_id) {
@@ -466,15 +734,15 @@ impl Reconciler {
             tracing::warn!(instance = %record.id, "failed to release allocation; retrying next pass: {e}");
             return;
         }
-        if let Err(e) = store.delete(&record.id).await {
+        if let Err(e) = known.delete(&self.instances, &record.id).await {
             tracing::warn!(instance = %record.id, "failed to delete instance record: {e}");
         }
     }
 
-    /// Places and starts `count` instances; returns why placement fell short.
-    /// Places and starts `count` instances; while the app's rollout is in
+    /// Places and starts `count` instances; returns why placement fell
+    /// short and the records written. While the app's rollout is in
     /// progress, in a span of the trace of the request that started it.
-    async fn start(&self, app: &AppRecord, count: u32, now: i64) -> String {
+    async fn start(&self, app: &AppRecord, count: u32, now: i64) -> (String, Vec<Written>) {
         use tracing::Instrument;
         let span = match &app.rollout.trace {
             Some(trace) if app.rollout.state == crate::records::RolloutState::InProgress => {
@@ -492,7 +760,7 @@ impl Reconciler {
         self.start_traced(app, count, now).instrument(span).await
     }
 
-    async fn start_traced(&self, app: &AppRecord, count: u32, now: i64) -> String {
+    async fn start_traced(&self, app: &AppRecord, count: u32, now: i64) -> (String, Vec<Written>) {
         let ids: Vec<String> = (0..count).map(|_| new_id(&app.spec.name)).collect();
         let request = PlaceRequest {
             app: app.spec.name.to_string(),
@@ -508,7 +776,7 @@ impl Reconciler {
         };
         let placed = match self.cluster.place(request).await {
             Ok(placed) => placed,
-            Err(e) => return format!("scheduler unavailable: {e}"),
+            Err(e) => return (format!("scheduler unavailable: {e}"), Vec::new()),
         };
         self.journal_placement(app, count, &placed, now).await;
         let starts = placed.placements.iter().map(|placement| async move {
@@ -538,7 +806,7 @@ impl Reconciler {
                     if let Err(e) = self.cluster.release(vec![record.id.clone()]).await {
                         tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
                     }
-                    return;
+                    return None;
                 }
             };
             self.emit(
@@ -566,21 +834,26 @@ impl Reconciler {
                     record.message = e.to_string();
                 }
             }
-            if let Err(e) = self
+            match self
                 .instances
                 .put(&record.id, &record, Expect::Version(version))
                 .await
             {
-                // The next pass observes the instance on its node instead.
-                tracing::warn!("failed to update instance record: {e}");
+                Ok(version) => Some((version, record)),
+                Err(e) => {
+                    // The next pass observes the instance on its node instead.
+                    tracing::warn!("failed to update instance record: {e}");
+                    None
+                }
             }
         });
-        join_all(starts).await;
-        placed.explanation
+        let written = join_all(starts).await;
+        (placed.explanation, written)
     }
 
     /// Advances one app's rollout and bookkeeping (compare-and-set: a lost
     /// race is retried on the next pass), then publishes what changed.
+    /// Returns whether there was anything to advance.
     async fn advance(
         &self,
         name: &str,
@@ -589,13 +862,14 @@ impl Reconciler {
         instances: &[InstanceView],
         progress: &Progress,
         now: i64,
-    ) {
+    ) -> bool {
         match machine::advance(app, instances, progress, now) {
-            Next::Unchanged => {}
+            Next::Unchanged => false,
             Next::Delete => {
                 if self.apps.delete(name, version).await.is_ok() {
                     tracing::info!(app = name, "app deleted");
                 }
+                true
             }
             Next::Write { app, events } => {
                 if self
@@ -627,6 +901,7 @@ impl Reconciler {
                         .await;
                     }
                 }
+                true
             }
         }
     }
@@ -729,6 +1004,45 @@ fn merge(
         }
         None => {}
     }
+}
+
+/// The nodes that joined, left, or changed status, address or drain
+/// between two reads of the node list.
+fn node_changes(before: &[Node], after: &[Node]) -> HashSet<String> {
+    let key = |n: &Node| (n.status, n.address.clone(), n.draining);
+    let before: HashMap<&str, _> = before.iter().map(|n| (n.id.as_str(), key(n))).collect();
+    let mut changed: HashSet<String> = after
+        .iter()
+        .filter(|n| before.get(n.id.as_str()) != Some(&key(n)))
+        .map(|n| n.id.clone())
+        .collect();
+    let now: HashSet<&str> = after.iter().map(|n| n.id.as_str()).collect();
+    changed.extend(
+        before
+            .keys()
+            .filter(|id| !now.contains(*id))
+            .map(|id| id.to_string()),
+    );
+    changed
+}
+
+/// Whether an app is where it was asked to be, with nothing for a pass to
+/// do until something changes: all its replicas of the current template,
+/// healthy and in rotation, no rollout running; or, gone, nothing left of it.
+fn settled(app: Option<&AppRecord>, instances: &[InstanceView]) -> bool {
+    let Some(app) = app else {
+        return instances.is_empty();
+    };
+    !app.deleting
+        && app.rollout.state != RolloutState::InProgress
+        && instances.len() == app.spec.replicas as usize
+        && instances.iter().all(|i| {
+            i.spec_hash == app.spec_hash
+                && i.state == InstanceState::Healthy
+                && i.routable
+                && !i.stopping
+                && !i.migrating
+        })
 }
 
 /// Whether an instance address an agent reported is on that agent's own

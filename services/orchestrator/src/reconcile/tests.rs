@@ -18,6 +18,7 @@ use capstan_types::AppSpec;
 use capstan_types::spec::SpecFormat;
 
 use super::*;
+use crate::changes::Pending;
 
 /// A step of the cluster that can be made to fail once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +76,11 @@ struct World {
     /// Instance → what its node runs.
     running: BTreeMap<String, Instance>,
     now: i64,
+    /// The nodes asked for their instances, in order.
+    asked: Vec<String>,
+    /// Nodes where an instance started or stopped since the last hinted
+    /// pass: what those agents' events would name.
+    touched: HashSet<String>,
 }
 
 /// The scheduler, agents and router in memory. Instances become healthy
@@ -115,6 +121,7 @@ impl Cluster for FakeCluster {
     async fn instances(&self, node: &Node) -> Option<Vec<Instance>> {
         self.faults.check(Step::Instances).ok()?;
         let mut world = self.world.lock().unwrap();
+        world.asked.push(node.id.clone());
         let mut out = Vec::new();
         for instance in world.running.values_mut().filter(|i| i.node_id == node.id) {
             if instance.state == capstan_proto::v1::InstanceState::Starting as i32 {
@@ -198,6 +205,7 @@ impl Cluster for FakeCluster {
             .cloned()
             .ok_or_else(|| Error::Unavailable(format!("no node at {node_address}")))?;
         let port = 9000 + world.running.len();
+        world.touched.insert(node.id.clone());
         let instance = world
             .running
             .entry(request.instance_id.clone())
@@ -215,7 +223,10 @@ impl Cluster for FakeCluster {
 
     async fn stop(&self, _node_address: &str, instance_id: &str) -> Result<(), Error> {
         self.faults.check(Step::Stop)?;
-        self.world.lock().unwrap().running.remove(instance_id);
+        let mut world = self.world.lock().unwrap();
+        if let Some(instance) = world.running.remove(instance_id) {
+            world.touched.insert(instance.node_id);
+        }
         Ok(())
     }
 
@@ -301,6 +312,48 @@ impl Harness {
         self.cluster.world.lock().unwrap().now = self.now;
         let _ = self.reconciler.reconcile(self.now).await;
         let _ = self.reconciler.collect_orphans(self.now).await;
+    }
+
+    /// One pass over what changed, five seconds later (the reconciler's
+    /// clock too): the hints are what events would name, the nodes where
+    /// instances started or stopped since the last pass and `apps`.
+    async fn hinted_pass(&mut self, apps: &[&str]) {
+        self.now += 5_000;
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        let nodes = {
+            let mut world = self.cluster.world.lock().unwrap();
+            world.now = self.now;
+            std::mem::take(&mut world.touched)
+        };
+        let hints = Pending {
+            apps: apps.iter().map(|a| a.to_string()).collect(),
+            nodes,
+            ..Pending::default()
+        };
+        let _ = self.reconciler.reconcile_changes(self.now, hints).await;
+        let _ = self.reconciler.collect_orphans(self.now).await;
+    }
+
+    /// Hinted passes until converged (at most `max`); the first names `apps`.
+    async fn converge_hinted(
+        &mut self,
+        replicas: usize,
+        apps: &[&str],
+        max: usize,
+    ) -> Result<usize, String> {
+        let mut why = String::new();
+        for n in 1..=max {
+            self.hinted_pass(if n == 1 { apps } else { &[] }).await;
+            match self.converged(replicas).await {
+                Ok(()) => return Ok(n),
+                Err(reason) => why = reason,
+            }
+        }
+        Err(why)
+    }
+
+    fn take_asked(&self) -> Vec<String> {
+        std::mem::take(&mut self.cluster.world.lock().unwrap().asked)
     }
 
     /// What a user and an operator would check: the rollout completed,
@@ -467,4 +520,86 @@ fn only_the_nodes_own_ip_is_routed() {
     assert!(!on_node("10.0.0.6:4000", "10.0.0.5:9000"));
     assert!(!on_node("metadata.internal:80", "10.0.0.5:9000"));
     assert!(!on_node("10.0.0.5:4000", ""));
+}
+
+#[tokio::test(start_paused = true)]
+async fn passes_over_what_changed_converge_and_a_converged_one_asks_no_node() {
+    let mut h = Harness::new().await;
+    h.apply(3).await;
+    let up = h.converge_hinted(3, &["web"], 10).await;
+    assert!(up.is_ok(), "scaling up on hints: {}", up.unwrap_err());
+
+    h.take_asked();
+    let before = h.snapshot().await;
+    h.hinted_pass(&[]).await;
+    assert_eq!(
+        h.take_asked(),
+        Vec::<String>::new(),
+        "nothing changed, yet nodes were asked"
+    );
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "a pass over no change changed something"
+    );
+
+    h.apply(5).await;
+    let up = h.converge_hinted(5, &["web"], 10).await;
+    assert!(up.is_ok(), "scaling to 5 on hints: {}", up.unwrap_err());
+    h.apply(1).await;
+    let down = h.converge_hinted(1, &["web"], 10).await;
+    assert!(down.is_ok(), "scaling down on hints: {}", down.unwrap_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_failing_on_one_node_is_replaced_by_asking_that_node_only() {
+    let mut h = Harness::new().await;
+    h.apply(3).await;
+    h.converge(3, PASSES).await.unwrap();
+    let failed = {
+        let mut world = h.cluster.world.lock().unwrap();
+        let instance = world
+            .running
+            .values_mut()
+            .find(|i| i.node_id == "node-1")
+            .expect("an instance on node-1");
+        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
+        let id = instance.id.clone();
+        // The agent's `instance.failed` names its node, and only it.
+        world.touched = HashSet::from(["node-1".to_string()]);
+        id
+    };
+    h.take_asked();
+    h.hinted_pass(&["web"]).await;
+    assert_eq!(h.take_asked(), vec!["node-1".to_string()]);
+    let healed = h.converge_hinted(3, &[], 10).await;
+    assert!(
+        healed.is_ok(),
+        "replacing {failed}: {}",
+        healed.unwrap_err()
+    );
+    assert!(h.instances.get(&failed).await.unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_failure_heals_on_hints_alone() {
+    for step in CLUSTER_STEPS.into_iter().chain(STORE_STEPS) {
+        let mut h = Harness::new().await;
+        h.apply(3).await;
+        h.arm(step);
+        let up = h.converge_hinted(3, &["web"], PASSES).await;
+        assert!(
+            up.is_ok(),
+            "scaling up on hints with {step:?} failing: {}",
+            up.unwrap_err()
+        );
+        h.apply(1).await;
+        h.arm(step);
+        let down = h.converge_hinted(1, &["web"], PASSES).await;
+        assert!(
+            down.is_ok(),
+            "scaling down on hints with {step:?} failing: {}",
+            down.unwrap_err()
+        );
+    }
 }
