@@ -21,6 +21,7 @@ pub async fn run(shared: Arc<dyn Store>, prefix: &str) {
     scans_page_through_a_table(store, &t("scan")).await;
     tables_are_separate(store, &t("sep_a"), &t("sep_b")).await;
     concurrent_writers_never_both_win(store, &t("race")).await;
+    many_writes_at_once_each_keep_their_own_outcome(store, &t("many")).await;
     fenced_writes_stop_when_the_fence_moves(store, &t("fence"), &t("fenced")).await;
     fenced_store_fences_every_write(shared.clone(), prefix).await;
 }
@@ -241,6 +242,64 @@ async fn concurrent_writers_never_both_win(store: &dyn Store, table: &str) {
         store.get(table, "k").await.unwrap().unwrap().version,
         winner
     );
+}
+
+/// Hundreds of writes in flight together (an adapter may commit them as
+/// one group): every create of a distinct key lands, exactly one of the
+/// creates racing for one key wins, and a write that fails its check
+/// leaves the rest, and the row it aimed at, as they were.
+async fn many_writes_at_once_each_keep_their_own_outcome(store: &dyn Store, table: &str) {
+    let stale = store
+        .put(table, "held", b"kept".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    let current = store
+        .put(table, "held", b"kept".to_vec(), Expect::Version(stale))
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..300).map(|i| format!("key-{i:03}")).collect();
+    let distinct = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| store.put(table, key, i.to_string().into_bytes(), Expect::Absent));
+    let racing =
+        (0..100).map(|i| store.put(table, "one", i.to_string().into_bytes(), Expect::Absent));
+    let refused = (0..50).map(|_| {
+        store.put(
+            table,
+            "held",
+            b"overwritten".to_vec(),
+            Expect::Version(stale),
+        )
+    });
+    let (distinct, racing, refused) = tokio::join!(
+        futures::future::join_all(distinct),
+        futures::future::join_all(racing),
+        futures::future::join_all(refused),
+    );
+    assert!(distinct.iter().all(Result::is_ok), "{distinct:?}");
+    let winners: Vec<u64> = racing
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    assert_eq!(winners.len(), 1, "creates of one key: {racing:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| matches!(r, Err(StoreError::Conflict { .. }))),
+        "{refused:?}"
+    );
+    let rows = store.list(table, "key-").await.unwrap();
+    assert_eq!(rows.len(), 300);
+    for (i, (key, versioned)) in rows.iter().enumerate() {
+        assert_eq!(key, &format!("key-{i:03}"));
+        assert_eq!(versioned.value, i.to_string().into_bytes());
+        assert_eq!(Some(&versioned.version), distinct[i].as_ref().ok());
+    }
+    let one = store.get(table, "one").await.unwrap().unwrap();
+    assert_eq!(one.version, winners[0]);
+    let held = store.get(table, "held").await.unwrap().unwrap();
+    assert_eq!((held.version, held.value), (current, b"kept".to_vec()));
 }
 
 /// A fenced write lands while the fence row is at its version; once the

@@ -11,12 +11,36 @@ use crate::{
 
 /// The embedded adapter: one SQLite file in the data dir, WAL mode.
 ///
-/// Each call runs on the blocking pool and holds the connection for one
-/// transaction, so a compare-and-set is atomic. Versions come from one
-/// store-wide sequence, so a key deleted and created again never reuses one.
+/// Each read runs on the blocking pool and holds the connection for one
+/// statement. Writes are committed in groups: a write joins the queue, and
+/// one writer on the blocking pool applies everything queued in one
+/// transaction, each write in its own savepoint, so a compare-and-set that
+/// fails undoes only itself. A write returns once its group committed. One
+/// commit for many writes is what lets a deploy of thousands of instances
+/// write at the rate it places (ARCHITECTURE.md, "Control plane at scale").
+/// Versions come from one store-wide sequence, so a key deleted and created
+/// again never reuses one.
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    writes: Arc<Mutex<Writes>>,
 }
+
+/// Writes waiting for the writer, and whether it is running.
+#[derive(Default)]
+struct Writes {
+    queue: Vec<Job>,
+    writing: bool,
+}
+
+/// One queued write and where its outcome goes.
+struct Job {
+    fence: Option<Fence>,
+    mutation: Mutation,
+    done: tokio::sync::oneshot::Sender<Result<Option<u64>, StoreError>>,
+}
+
+/// At most this many writes share a transaction.
+const GROUP_MAX: usize = 512;
 
 /// How long opening may keep meeting a busy database.
 const OPEN_BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -49,6 +73,7 @@ impl SqliteStore {
         restrict_to_owner(path)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            writes: Arc::default(),
         })
     }
 
@@ -109,30 +134,115 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// Every write goes through here: one IMMEDIATE transaction (the write
-    /// lock taken up front, so processes sharing the file serialize), the
-    /// fence checked first when there is one.
+    /// Every write goes through here: queued for the writer (started when
+    /// none runs), answered once its group committed.
     async fn mutate(
         &self,
         fence: Option<Fence>,
         mutation: Mutation,
     ) -> Result<Option<u64>, StoreError> {
-        self.with_conn(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            if let Some(fence) = &fence {
-                check_fence(fence, live_version(&tx, &fence.table, &fence.key)?)?;
-            }
-            let version = apply(&tx, mutation)?;
-            tx.commit().map_err(backend)?;
-            Ok(version)
-        })
-        .await
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut writes = self
+                .writes
+                .lock()
+                .map_err(|_| StoreError::Backend("write queue lock poisoned".into()))?;
+            writes.queue.push(Job {
+                fence,
+                mutation,
+                done,
+            });
+            !std::mem::replace(&mut writes.writing, true)
+        };
+        if start {
+            let (conn, writes) = (self.conn.clone(), self.writes.clone());
+            tokio::task::spawn_blocking(move || write_queued(&conn, &writes));
+        }
+        outcome
+            .await
+            .map_err(|_| StoreError::Backend("the store's writer stopped".into()))?
     }
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, mutation: Mutation) -> Result<Option<u64>, StoreError> {
+/// The writer: commits what is queued, group by group, until the queue is
+/// empty.
+fn write_queued(conn: &Mutex<Connection>, writes: &Mutex<Writes>) {
+    loop {
+        let group: Vec<Job> = {
+            let Ok(mut writes) = writes.lock() else {
+                return;
+            };
+            if writes.queue.is_empty() {
+                writes.writing = false;
+                return;
+            }
+            let take = writes.queue.len().min(GROUP_MAX);
+            writes.queue.drain(..take).collect()
+        };
+        let (answers, work): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|job| (job.done, (job.fence, job.mutation)))
+            .unzip();
+        let outcomes = match conn.lock() {
+            Ok(mut conn) => commit_group(&mut conn, work),
+            Err(_) => work
+                .iter()
+                .map(|_| Err(StoreError::Backend("connection lock poisoned".into())))
+                .collect(),
+        };
+        for (done, outcome) in answers.into_iter().zip(outcomes) {
+            // A caller that gave up no longer waits; its write stands.
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+/// One IMMEDIATE transaction (the write lock taken up front, so processes
+/// sharing the file serialize) for the whole group, each write in a
+/// savepoint with its fence checked first. If the commit fails, every write
+/// of the group fails and none happened.
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<(Option<Fence>, Mutation)>,
+) -> Vec<Result<Option<u64>, StoreError>> {
+    let count = group.len();
+    let all_fail = |e: rusqlite::Error| {
+        let message = e.to_string();
+        (0..count)
+            .map(|_| Err(StoreError::Backend(message.clone())))
+            .collect()
+    };
+    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return all_fail(e),
+    };
+    let mut outcomes = Vec::with_capacity(count);
+    for (fence, mutation) in group {
+        let outcome = match tx.savepoint() {
+            Ok(savepoint) => {
+                let outcome = fence
+                    .as_ref()
+                    .map_or(Ok(()), |fence| {
+                        check_fence(fence, live_version(&savepoint, &fence.table, &fence.key)?)
+                    })
+                    .and_then(|()| apply(&savepoint, mutation));
+                // Dropped without commit, a savepoint rolls back.
+                match outcome {
+                    Ok(version) => savepoint.commit().map(|()| version).map_err(backend),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(backend(e)),
+        };
+        outcomes.push(outcome);
+    }
+    match tx.commit() {
+        Ok(()) => outcomes,
+        Err(e) => all_fail(e),
+    }
+}
+
+fn apply(tx: &Connection, mutation: Mutation) -> Result<Option<u64>, StoreError> {
     match mutation {
         Mutation::Put {
             table,
@@ -190,11 +300,7 @@ fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn live_version(
-    tx: &rusqlite::Transaction<'_>,
-    table: &str,
-    key: &str,
-) -> Result<Option<u64>, StoreError> {
+fn live_version(tx: &Connection, table: &str, key: &str) -> Result<Option<u64>, StoreError> {
     tx.prepare_cached(&format!(
         "SELECT version FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
     ))
@@ -209,7 +315,7 @@ fn live_version(
     .map_err(backend)
 }
 
-fn next_version(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+fn next_version(tx: &Connection) -> Result<u64, StoreError> {
     tx.prepare_cached("UPDATE version_seq SET last = last + 1 WHERE id = 0 RETURNING last")
         .and_then(|mut statement| statement.query_row([], |r| r.get::<_, i64>(0)))
         .map(|v| v as u64)
@@ -217,7 +323,7 @@ fn next_version(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
 }
 
 fn upsert(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     table: &str,
     key: &str,
     value: &[u8],

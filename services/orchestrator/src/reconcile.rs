@@ -187,6 +187,54 @@ impl Known {
         }
     }
 
+    /// [`Known::update`] for many records at once (the store may commit
+    /// them together); returns which were written.
+    async fn update_all(
+        &mut self,
+        table: &Table<InstanceRecord>,
+        records: &[InstanceRecord],
+    ) -> Result<Vec<bool>, Error> {
+        let writes = records.iter().map(|record| {
+            let version = self.records.get(&record.id).map(|(v, _)| *v);
+            async move {
+                match version {
+                    Some(version) => Some(
+                        table
+                            .put(&record.id, record, Expect::Version(version))
+                            .await,
+                    ),
+                    None => None,
+                }
+            }
+        });
+        let outcomes = join_all(writes).await;
+        let mut written = Vec::with_capacity(records.len());
+        let mut failed = None;
+        for (record, outcome) in records.iter().zip(outcomes) {
+            match outcome {
+                Some(Ok(next)) => {
+                    self.insert(next, record.clone());
+                    written.push(true);
+                }
+                None => written.push(false),
+                Some(Err(StoreError::Conflict { .. })) => {
+                    tracing::debug!(instance = %record.id, "record changed concurrently; next pass");
+                    self.complete = false;
+                    written.push(false);
+                }
+                Some(Err(e)) => {
+                    self.complete = false;
+                    failed = Some(e);
+                    written.push(false);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(Error::internal(e)),
+            None => Ok(written),
+        }
+    }
+
     /// Deletes `id` if nobody changed it since it was read or written here.
     async fn delete(&mut self, table: &Table<InstanceRecord>, id: &str) -> Result<(), Error> {
         let Some(version) = self.records.get(id).map(|(v, _)| *v) else {
@@ -466,6 +514,7 @@ impl Reconciler {
             }
         }
         let mut by_app: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        let mut merged = Vec::new();
         for name in &names {
             let mut records: Vec<InstanceRecord> = known.of_app(name).cloned().collect();
             for record in &mut records {
@@ -478,11 +527,12 @@ impl Reconciler {
                 );
                 if *record != before {
                     record.updated_ms = now;
-                    known.update(&self.instances, record).await?;
+                    merged.push(record.clone());
                 }
             }
             by_app.insert(name.clone(), records);
         }
+        known.update_all(&self.instances, &merged).await?;
 
         // Workloads no record refers to: left over from deleted apps or lost records.
         for (node_id, instances) in &observation.reported {
@@ -497,7 +547,7 @@ impl Reconciler {
             }
         }
 
-        let mut routes = 0usize;
+        let mut to_route = Vec::new();
         let mut drains = Vec::new();
         let mut starts = Vec::new();
         let mut progress: HashMap<String, Progress> = HashMap::new();
@@ -517,10 +567,7 @@ impl Reconciler {
                         if let Some(mut r) = record(&id) {
                             r.routable = true;
                             r.updated_ms = now;
-                            if known.update(&self.instances, &r).await? {
-                                seen.became_healthy = true;
-                                routes += 1;
-                            }
+                            to_route.push(r);
                         }
                     }
                     Action::Drain(id) => {
@@ -595,6 +642,19 @@ impl Reconciler {
                         }
                     }
                 }
+            }
+        }
+
+        // Into rotation: written together.
+        let mut routes = 0usize;
+        let written = known.update_all(&self.instances, &to_route).await?;
+        for (record, written) in to_route.iter().zip(written) {
+            if written {
+                progress
+                    .entry(record.app.clone())
+                    .or_default()
+                    .became_healthy = true;
+                routes += 1;
             }
         }
 

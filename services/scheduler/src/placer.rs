@@ -21,7 +21,7 @@
 //! holds the instance (a claim older than [`CLAIM_GRACE`] without it was
 //! left by a crash and is dropped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,18 +243,35 @@ pub struct Placer {
 type Cached = (tokio::time::Instant, Arc<Cluster>);
 
 /// The latest rows: nodes and their allocations with versions.
+/// Cheap to clone (the rows are shared): a commit puts its node's new row
+/// into a copy without copying any other row.
 #[derive(Clone)]
 pub struct Cluster {
-    pub nodes: Vec<NodeRecord>,
-    pub allocations: HashMap<String, (u64, NodeAllocations)>,
+    pub nodes: Arc<Vec<NodeRecord>>,
+    pub allocations: HashMap<String, (u64, Arc<NodeAllocations>)>,
 }
 
 impl Cluster {
     pub fn allocations_of(&self, node: &str) -> NodeAllocations {
         self.allocations
             .get(node)
-            .map(|(_, a)| a.clone())
+            .map(|(_, a)| NodeAllocations::clone(a))
             .unwrap_or_default()
+    }
+
+    /// Where each of `ids` the snapshot holds is placed: one look at every
+    /// allocation, whatever the number of ids.
+    fn placed_of(&self, ids: &[String]) -> HashMap<String, String> {
+        let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut placed = HashMap::new();
+        for (node, (_, allocations)) in &self.allocations {
+            for id in allocations.instances.keys() {
+                if wanted.contains(id.as_str()) {
+                    placed.insert(id.clone(), node.clone());
+                }
+            }
+        }
+        placed
     }
 
     /// The engine's view: eligibility from heartbeats and drains, and every
@@ -301,13 +318,19 @@ impl Placer {
         Ok(cluster)
     }
 
-    /// Puts a node's row as just committed into the cached snapshot.
-    fn remember(&self, node: &str, version: u64, allocations: NodeAllocations) {
+    /// Puts the node rows a placement round just committed into the cached
+    /// snapshot: one copy of the snapshot per round, not one per node.
+    fn remember(&self, rows: Vec<(String, u64, NodeAllocations)>) {
+        if rows.is_empty() {
+            return;
+        }
         if let Some((_, cluster)) = self.snapshot.lock().expect("snapshot lock").as_mut() {
             let mut updated = Cluster::clone(cluster);
-            updated
-                .allocations
-                .insert(node.to_string(), (version, allocations));
+            for (node, version, allocations) in rows {
+                updated
+                    .allocations
+                    .insert(node, (version, Arc::new(allocations)));
+            }
             *cluster = Arc::new(updated);
         }
     }
@@ -319,12 +342,13 @@ impl Placer {
 
     /// Whether `id` is placed, from the snapshot, else from its claim and
     /// the claimed node's latest row.
-    async fn standing(&self, id: &str, cluster: &Cluster, now: i64) -> Result<Standing, Error> {
-        if let Some((node, _)) = cluster
-            .allocations
-            .iter()
-            .find(|(_, (_, a))| a.instances.contains_key(id))
-        {
+    async fn standing(
+        &self,
+        id: &str,
+        placed: &HashMap<String, String>,
+        now: i64,
+    ) -> Result<Standing, Error> {
+        if let Some(node) = placed.get(id) {
             return Ok(Standing::Placed(node.clone()));
         }
         let Some((version, claim)) = self.placements.get(id).await.map_err(store_error)? else {
@@ -390,9 +414,12 @@ impl Placer {
             .await
             .map_err(store_error)?
             .into_iter()
-            .map(|(k, v, a)| (k, (v, a)))
+            .map(|(k, v, a)| (k, (v, Arc::new(a))))
             .collect();
-        Ok(Cluster { nodes, allocations })
+        Ok(Cluster {
+            nodes: Arc::new(nodes),
+            allocations,
+        })
     }
 
     /// Places every instance id that has no node yet. Idempotent: an id
@@ -404,21 +431,25 @@ impl Placer {
         let mut outcome = PlaceOutcome::default();
         for round in 0..ROUNDS {
             let cluster = self.planning_snapshot(round > 0).await?;
-            let address = |node: &str| {
-                cluster
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == node)
-                    .map(|n| n.address.clone())
-                    .unwrap_or_default()
-            };
+            let addresses: HashMap<&str, &str> = cluster
+                .nodes
+                .iter()
+                .map(|n| (n.id.as_str(), n.address.as_str()))
+                .collect();
+            let address = |node: &str| addresses.get(node).copied().unwrap_or_default().to_string();
+            let placed = cluster.placed_of(&input.instance_ids);
+            let done: HashSet<String> = outcome
+                .placed
+                .iter()
+                .map(|p| p.instance_id.clone())
+                .collect();
             let mut todo = Vec::new();
             let mut in_progress = false;
             for id in &input.instance_ids {
-                if outcome.placed.iter().any(|p| &p.instance_id == id) {
+                if done.contains(id) {
                     continue;
                 }
-                match self.standing(id, &cluster, now).await? {
+                match self.standing(id, &placed, now).await? {
                     Standing::Placed(node) => outcome.placed.push(Placed {
                         instance_id: id.clone(),
                         node_address: address(&node),
@@ -462,8 +493,19 @@ impl Placer {
                     .push(id.clone());
             }
             let mut conflicted = false;
+            let mut rows = Vec::new();
             for (node, ids) in by_node {
-                let committed = self.commit(&node, &ids, input, &request, now).await?;
+                let committed = self.commit(&node, &ids, input, &request, now).await;
+                let committed = match committed {
+                    Ok((committed, row)) => {
+                        rows.extend(row);
+                        committed
+                    }
+                    Err(e) => {
+                        self.remember(rows);
+                        return Err(e);
+                    }
+                };
                 conflicted |= committed.len() < ids.len();
                 outcome
                     .placed
@@ -473,6 +515,7 @@ impl Placer {
                         node_id: node.clone(),
                     }));
             }
+            self.remember(rows);
             outcome.explanation = plan.explanation.map(|e| e.to_string()).unwrap_or_default();
             // A reused snapshot may miss a node that joined or freed up since:
             // before saying something does not fit, look again.
@@ -486,7 +529,8 @@ impl Placer {
     }
 
     /// Commits `ids` to `node` after verifying each against the node's
-    /// latest allocations; returns the ids that were committed.
+    /// latest allocations; returns the ids that were committed and the
+    /// node's row as written, if it was.
     async fn commit(
         &self,
         node: &str,
@@ -494,11 +538,11 @@ impl Placer {
         input: &PlaceInput,
         request: &Request,
         now: i64,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<(Vec<String>, Option<(String, u64, NodeAllocations)>), Error> {
         let mut claimed: Vec<String> = Vec::new();
         for _ in 0..CAS_RETRIES {
             let Some((_, record)) = self.nodes.get(node).await.map_err(store_error)? else {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), None));
             };
             let latest = self.allocations.get(node).await.map_err(store_error)?;
             let (expect, mut allocations) = match latest {
@@ -549,10 +593,9 @@ impl Placer {
             }
             match self.allocations.put(node, &allocations, expect).await {
                 Ok(version) => {
-                    self.remember(node, version, allocations);
                     self.unclaim(claimed.iter().filter(|id| !committed.contains(id)))
                         .await;
-                    return Ok(committed);
+                    return Ok((committed, Some((node.to_string(), version, allocations))));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => {
@@ -562,7 +605,7 @@ impl Placer {
             }
         }
         self.unclaim(claimed.iter()).await;
-        Ok(Vec::new())
+        Ok((Vec::new(), None))
     }
 
     /// Drops claims this placement took but did not commit (best effort:
