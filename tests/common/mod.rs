@@ -345,6 +345,22 @@ impl Load {
         }
     }
 
+    /// Waits until `more` further requests have been served (panics after
+    /// 30 s): the load then provably ran from before this call to after it.
+    pub fn served(&self, more: usize) {
+        let target = self.ok.load(Ordering::Relaxed) + more;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the load served {} of {target} requests in 30 s; failures: {:?}",
+                self.ok.load(Ordering::Relaxed),
+                self.failures.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Stops the load and returns (ok, failures).
     pub fn finish(mut self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
