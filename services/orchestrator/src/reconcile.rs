@@ -164,27 +164,8 @@ impl Known {
         table: &Table<InstanceRecord>,
         record: &InstanceRecord,
     ) -> Result<bool, Error> {
-        let Some(version) = self.records.get(&record.id).map(|(v, _)| *v) else {
-            return Ok(false);
-        };
-        match table
-            .put(&record.id, record, Expect::Version(version))
-            .await
-        {
-            Ok(next) => {
-                self.insert(next, record.clone());
-                Ok(true)
-            }
-            Err(StoreError::Conflict { .. }) => {
-                tracing::debug!(instance = %record.id, "record changed concurrently; next pass");
-                self.complete = false;
-                Ok(false)
-            }
-            Err(e) => {
-                self.complete = false;
-                Err(Error::internal(e))
-            }
-        }
+        let written = self.update_all(table, std::slice::from_ref(record)).await?;
+        Ok(written.first().copied().unwrap_or(false))
     }
 
     /// [`Known::update`] for many records at once (the store may commit
