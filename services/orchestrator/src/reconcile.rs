@@ -2,8 +2,10 @@
 //! instance records, plan each app ([`crate::plan`]), act, then advance each
 //! app's rollout ([`capstan_rollout::machine`]). Level-triggered: it runs
 //! every second and on events, and a second run over a converged platform
-//! does nothing. It reaches the rest of the platform only through
-//! [`Cluster`], so every step can be failed on purpose in tests.
+//! does nothing. Most passes look only where events point
+//! ([`crate::changes`]); a full sweep over every node and app backs them up
+//! (ADR 19). It reaches the rest of the platform only through [`Cluster`],
+//! so every step can be failed on purpose in tests.
 //!
 //! Instance records are written with compare-and-set on the version read in
 //! the same pass: a record changed by anyone else meanwhile is left for the
