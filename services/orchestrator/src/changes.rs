@@ -43,12 +43,6 @@ impl Changes {
         });
     }
 
-    /// Something for the next pass to look at everywhere (a new leader, a
-    /// failed write whose outcome is unknown).
-    pub fn everything(&self) {
-        self.mark(|pending| pending.everything = true);
-    }
-
     /// Marks the app and node an event names. Events about neither (routes,
     /// audit) wake nothing.
     pub fn event(&self, event: &Event) {

@@ -382,12 +382,7 @@ impl Reconciler {
     /// A full sweep at time `now`: every ready node observed, every app and
     /// instance record read, every app planned.
     pub async fn reconcile(&self, now: i64) -> Result<(), Error> {
-        let mut known = self.known.lock().await;
-        let result = self.pass(now, None, &mut known).await;
-        if result.is_err() {
-            known.complete = false;
-        }
-        result
+        self.locked_pass(now, None).await
     }
 
     /// A pass over what `changes` names: those apps, the nodes named and
@@ -396,11 +391,17 @@ impl Reconciler {
     /// is read, so a pass costs what changed, not the size of the cluster.
     /// A full sweep instead while what this leader knows is incomplete.
     pub async fn reconcile_changes(&self, now: i64, changes: Pending) -> Result<(), Error> {
+        self.locked_pass(now, Some(changes)).await
+    }
+
+    /// A pass over `changes`, or a full sweep when there are none or what
+    /// this leader knows is incomplete. A failed pass leaves it incomplete:
+    /// the hints it took are gone, so the next pass sweeps.
+    async fn locked_pass(&self, now: i64, changes: Option<Pending>) -> Result<(), Error> {
         let mut known = self.known.lock().await;
-        let scope = (known.complete && !changes.everything).then_some(changes);
+        let scope = changes.filter(|c| known.complete && !c.everything);
         let result = self.pass(now, scope, &mut known).await;
         if result.is_err() {
-            // The hints this pass took are gone: the next pass sweeps.
             known.complete = false;
         }
         result
