@@ -25,7 +25,8 @@ fi
 "$capstan" app status hello --data-dir "$data_dir"
 echo
 echo "\$ curl -H 'Host: hello.localhost' http://$http_addr/"
-curl -sS -H 'Host: hello.localhost' "http://$http_addr/" | head -n 5
+body="$(curl -sS -H 'Host: hello.localhost' "http://$http_addr/")"
+printf '%s\n' "$body" | sed -n 1,5p
 echo
 echo "Capstan keeps running in the background (log: $data_dir/dev.log)."
 echo "Try:  $capstan app scale hello 5 --data-dir $data_dir"
