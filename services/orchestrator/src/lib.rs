@@ -85,7 +85,7 @@ pub async fn run(
         election.lead(shutdown.clone(), move |store, term| {
             let platform = platform.with_store(store);
             let reconciler =
-                reconcile::Reconciler::new(platform.clone()).run(changes.clone(), term.clone());
+                reconcile::Reconciler::new(platform.clone(), changes.clone()).run(term.clone());
             let autoscaler =
                 autoscaler::Autoscaler::new(platform, autoscale_every).run(changes.clone(), term);
             async move {

@@ -20,10 +20,11 @@ use capstan_rollout::machine::{self, Next, Progress};
 use capstan_server::{Platform, new_id, now_ms};
 use capstan_store::{Expect, StoreError, Table};
 use capstan_types::{Error, Event, EventKind, InstanceState};
-use futures::StreamExt;
 use futures::future::join_all;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::changes::{Changes, Pending};
 use crate::cluster::{Cluster, GrpcCluster};
@@ -47,8 +48,10 @@ const UNSETTLED_EVERY: Duration = TICK;
 /// More apps than this in one pass, and it lists the apps table instead of
 /// reading them one by one.
 const GET_APPS_MAX: usize = 256;
-/// Apps whose placement and starts run at once.
+/// Apps whose placement and starts run at once (more wait for a slot).
 const START_CONCURRENCY: usize = 16;
+/// How long a reconciler that stops waits for its starts in flight.
+const LANDING_GRACE: Duration = Duration::from_secs(10);
 /// Where each pass records its start (and proves it still leads).
 const PASSES: &str = "reconciler_passes";
 /// How long an instance may stay pending before its node must report it.
@@ -67,6 +70,20 @@ pub struct Reconciler {
     instances: Table<InstanceRecord>,
     journal: crate::journal::Journal,
     known: Arc<tokio::sync::Mutex<Known>>,
+    /// Marked when a start lands, so its app is planned again at once.
+    changes: Arc<Changes>,
+    /// What starts in flight have written, for the next pass to take in.
+    landed: Arc<std::sync::Mutex<Vec<Landed>>>,
+    /// The starts in flight: a pass decides them and does not wait for them.
+    starting: TaskTracker,
+    start_slots: Arc<Semaphore>,
+}
+
+/// What a start in flight reports back, in order: each instance's record
+/// as it is written, then that the app's start is over.
+enum Landed {
+    Record(Written),
+    Done { app: String, explanation: String },
 }
 
 struct Observation {
@@ -106,6 +123,14 @@ struct Known {
     unanswered: HashSet<String>,
     /// Apps not converged, with when a pass last looked at each.
     unsettled: HashMap<String, Instant>,
+    /// Apps whose start is in flight, with the ids it starts. Their records
+    /// are incomplete until it lands, so a pass only routes their healthy
+    /// instances: it starts, drains and forgets none, nor advances their
+    /// rollout, and their instances on nodes are not orphans.
+    starting: HashMap<String, HashSet<String>>,
+    /// What passes saw of apps in flight (and why their placement fell
+    /// short), for the pass that plans them whole.
+    carried: HashMap<String, Progress>,
 }
 
 impl Known {
@@ -138,6 +163,37 @@ impl Known {
                 self.by_node.remove(&record.node_id);
             }
         }
+    }
+
+    /// [`Known::insert`], unless what is known is newer: a start landing
+    /// after a full sweep read its record, or after a pass wrote it again.
+    fn insert_newer(&mut self, version: u64, record: InstanceRecord) {
+        if self
+            .records
+            .get(&record.id)
+            .is_none_or(|(known, _)| *known < version)
+        {
+            self.insert(version, record);
+        }
+    }
+
+    /// Takes in what starts in flight wrote; returns the apps whose start
+    /// is over.
+    fn land(&mut self, landed: Vec<Landed>) -> Vec<String> {
+        let mut done = Vec::new();
+        for landing in landed {
+            match landing {
+                Landed::Record(Some((version, record))) => self.insert_newer(version, record),
+                Landed::Record(None) => self.complete = false,
+                Landed::Done { app, explanation } => {
+                    self.starting.remove(&app);
+                    self.carried.entry(app.clone()).or_default().placement_error =
+                        Some(explanation);
+                    done.push(app);
+                }
+            }
+        }
+        done
     }
 
     /// Replaces everything with the records just listed.
@@ -246,14 +302,19 @@ impl Known {
 type Written = Option<(u64, InstanceRecord)>;
 
 impl Reconciler {
-    pub fn new(platform: Platform) -> Self {
+    /// A reconciler of `platform` that passes over what `changes` marks.
+    pub fn new(platform: Platform, changes: Arc<Changes>) -> Self {
         let cluster = Arc::new(GrpcCluster::new(platform.clone()));
-        Self::with_cluster(platform, cluster)
+        Self::with_cluster(platform, cluster, changes)
     }
 
     /// A reconciler over any [`Cluster`]: the platform is used for the
     /// store and to publish events.
-    pub fn with_cluster(platform: Platform, cluster: Arc<dyn Cluster>) -> Self {
+    pub fn with_cluster(
+        platform: Platform,
+        cluster: Arc<dyn Cluster>,
+        changes: Arc<Changes>,
+    ) -> Self {
         Reconciler {
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
@@ -261,13 +322,37 @@ impl Reconciler {
             platform,
             cluster,
             known: Arc::default(),
+            changes,
+            landed: Arc::default(),
+            starting: TaskTracker::new(),
+            start_slots: Arc::new(Semaphore::new(START_CONCURRENCY)),
         }
     }
 
+    /// Returns once no start is in flight.
+    pub async fn starts_landed(&self) {
+        self.starting.close();
+        self.starting.wait().await;
+        self.starting.reopen();
+    }
+
     /// Reconciles until `shutdown`: a pass over what changed whenever
-    /// something is marked in `changes` (and every [`TICK`]), a full sweep
-    /// when it is due.
-    pub async fn run(self, changes: Arc<Changes>, shutdown: CancellationToken) {
+    /// something is marked (and every [`TICK`]), a full sweep when it is
+    /// due. Returns once the starts in flight are over too, or after
+    /// [`LANDING_GRACE`] (what they write after that goes through the
+    /// leader's fenced store, so it fails once another replica leads).
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.reconcile_until(&shutdown).await;
+        if tokio::time::timeout(LANDING_GRACE, self.starts_landed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("starts still in flight {LANDING_GRACE:?} after the reconciler stopped");
+        }
+    }
+
+    async fn reconcile_until(&self, shutdown: &CancellationToken) {
+        let changes = self.changes.clone();
         let mut last_sweep: Option<(Instant, Duration)> = None;
         let mut last_collect = Instant::now();
         loop {
@@ -399,7 +484,14 @@ impl Reconciler {
     /// the hints it took are gone, so the next pass sweeps.
     async fn locked_pass(&self, now: i64, changes: Option<Pending>) -> Result<(), Error> {
         let mut known = self.known.lock().await;
-        let scope = changes.filter(|c| known.complete && !c.everything);
+        let landed = std::mem::take(&mut *self.landed.lock().expect("landed lock poisoned"));
+        let done = known.land(landed);
+        let scope = changes
+            .filter(|c| known.complete && !c.everything)
+            .map(|mut c| {
+                c.apps.extend(done);
+                c
+            });
         let result = self.pass(now, scope, &mut known).await;
         if result.is_err() {
             known.complete = false;
@@ -518,11 +610,13 @@ impl Reconciler {
         }
         known.update_all(&self.instances, &merged).await?;
 
-        // Workloads no record refers to: left over from deleted apps or lost records.
+        // Workloads no record refers to: left over from deleted apps or lost
+        // records (a start in flight may not have landed its record yet).
+        let in_flight: HashSet<&String> = known.starting.values().flatten().collect();
         for (node_id, instances) in &observation.reported {
             for orphan in instances
                 .iter()
-                .filter(|i| !known.records.contains_key(&i.id))
+                .filter(|i| !known.records.contains_key(&i.id) && !in_flight.contains(&i.id))
             {
                 tracing::info!(instance = %orphan.id, node = %node_id, "stopping orphaned instance");
                 if let Some(address) = observation.node_addresses.get(node_id) {
@@ -544,7 +638,11 @@ impl Reconciler {
                 .map(|r| instance_view(r, &observation.draining_nodes))
                 .collect();
             let seen = progress.entry(name.clone()).or_default();
+            let in_flight = known.starting.contains_key(name);
             for action in plan::plan(&view, &views) {
+                if in_flight && !matches!(action, Action::Route(_)) {
+                    continue;
+                }
                 let record = |id: &str| instances.iter().find(|r| r.id == id).cloned();
                 match action {
                     Action::Route(id) => {
@@ -655,29 +753,31 @@ impl Reconciler {
             }
         }
 
-        // Apps place and start side by side; each app's own starts run at once too.
-        let started: Vec<(String, String, Vec<Written>)> = futures::stream::iter(starts)
-            .map(|(app, count)| async move {
-                let (explanation, written) = self.start(&app, count, now).await;
-                (app.spec.name.to_string(), explanation, written)
-            })
-            .buffer_unordered(START_CONCURRENCY)
-            .collect()
-            .await;
-        for (name, placement_error, written) in started {
-            progress.entry(name).or_default().placement_error = Some(placement_error);
-            for record in written {
-                match record {
-                    Some((version, record)) => known.insert(version, record),
-                    None => known.complete = false,
-                }
-            }
+        // Starts go on after the pass: a slow node holds up no other app.
+        for (app, count) in starts {
+            self.start_in_flight(app, count, now, known);
         }
 
         if full {
             known.unsettled.clear();
         }
         for name in &names {
+            let seen = progress.remove(name).unwrap_or_default();
+            if known.starting.contains_key(name) {
+                let carried = known.carried.entry(name.clone()).or_default();
+                carried.failures = carried.failures.saturating_add(seen.failures);
+                carried.became_healthy |= seen.became_healthy;
+                known.unsettled.insert(name.clone(), Instant::now());
+                continue;
+            }
+            let seen = match known.carried.remove(name) {
+                Some(carried) => Progress {
+                    failures: carried.failures.saturating_add(seen.failures),
+                    became_healthy: carried.became_healthy || seen.became_healthy,
+                    placement_error: seen.placement_error.or(carried.placement_error),
+                },
+                None => seen,
+            };
             let instances: Vec<InstanceView> = known
                 .of_app(name)
                 .map(|r| instance_view(r, &observation.draining_nodes))
@@ -685,7 +785,6 @@ impl Reconciler {
             let app = apps.get(name);
             let moved = match app {
                 Some((version, app)) => {
-                    let seen = progress.remove(name).unwrap_or_default();
                     self.advance(name, *version, app, &instances, &seen, now)
                         .await
                 }
@@ -783,11 +882,38 @@ impl Reconciler {
         }
     }
 
-    /// Places and starts `count` instances; returns why placement fell
-    /// short and the records written. While the app's rollout is in
-    /// progress, in a span of the trace of the request that started it.
-    async fn start(&self, app: &AppRecord, count: u32, now: i64) -> (String, Vec<Written>) {
+    /// Places and starts `count` instances of `app` in a task of its own
+    /// (up to [`START_CONCURRENCY`] apps at once). Each record it writes
+    /// lands in `known` in the next pass, and the app is marked when the
+    /// start is over, so that pass plans it whole.
+    fn start_in_flight(&self, app: AppRecord, count: u32, now: i64, known: &mut Known) {
+        let name = app.spec.name.to_string();
+        let ids: Vec<String> = (0..count).map(|_| new_id(&name)).collect();
+        known
+            .starting
+            .insert(name.clone(), ids.iter().cloned().collect());
+        let this = self.clone();
+        self.starting.spawn(async move {
+            // The semaphore is never closed.
+            let _slot = this.start_slots.acquire().await;
+            let explanation = this.start(&app, ids, now).await;
+            this.landed
+                .lock()
+                .expect("landed lock poisoned")
+                .push(Landed::Done {
+                    app: name.clone(),
+                    explanation,
+                });
+            this.changes.app(&name);
+        });
+    }
+
+    /// Places and starts instances `ids`; returns why placement fell
+    /// short. While the app's rollout is in progress, in a span of the
+    /// trace of the request that started it.
+    async fn start(&self, app: &AppRecord, ids: Vec<String>, now: i64) -> String {
         use tracing::Instrument;
+        let count = ids.len() as u32;
         let span = match &app.rollout.trace {
             Some(trace) if app.rollout.state == crate::records::RolloutState::InProgress => {
                 let span = tracing::info_span!(
@@ -801,11 +927,11 @@ impl Reconciler {
             }
             _ => tracing::Span::none(),
         };
-        self.start_traced(app, count, now).instrument(span).await
+        self.start_traced(app, ids, now).instrument(span).await
     }
 
-    async fn start_traced(&self, app: &AppRecord, count: u32, now: i64) -> (String, Vec<Written>) {
-        let ids: Vec<String> = (0..count).map(|_| new_id(&app.spec.name)).collect();
+    async fn start_traced(&self, app: &AppRecord, ids: Vec<String>, now: i64) -> String {
+        let count = ids.len() as u32;
         let request = PlaceRequest {
             app: app.spec.name.to_string(),
             instance_ids: ids,
@@ -820,79 +946,93 @@ impl Reconciler {
         };
         let placed = match self.cluster.place(request).await {
             Ok(placed) => placed,
-            Err(e) => return (format!("scheduler unavailable: {e}"), Vec::new()),
+            Err(e) => return format!("scheduler unavailable: {e}"),
         };
         self.journal_placement(app, count, &placed, now).await;
         let starts = placed.placements.iter().map(|placement| async move {
-            let mut record = InstanceRecord {
-                id: placement.instance_id.clone(),
-                app: app.spec.name.to_string(),
-                node_id: placement.node_id.clone(),
-                spec_hash: app.spec_hash.clone(),
-                state: InstanceState::Pending,
-                address: String::new(),
-                routable: false,
-                stopping: false,
-                message: String::new(),
-                created_ms: now,
-                updated_ms: now,
-            };
-            let version = match self
-                .instances
-                .put(&record.id, &record, Expect::Absent)
-                .await
-            {
-                Ok(version) => version,
-                Err(e) => {
-                    // Nothing refers to the allocation: free it now (orphan
-                    // collection catches it if this fails too).
-                    tracing::warn!("failed to record instance: {e}");
-                    if let Err(e) = self.cluster.release(vec![record.id.clone()]).await {
-                        tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
-                    }
-                    return None;
-                }
-            };
-            self.emit(
-                Event::new(new_id("ev"), now, EventKind::InstanceScheduled)
-                    .app(&record.app)
-                    .instance(&record.id)
-                    .node(&record.node_id),
-            )
-            .await;
-            let request = StartInstanceRequest {
-                instance_id: record.id.clone(),
-                spec_hash: record.spec_hash.clone(),
-                spec: Some(capstan_proto::spec_to_wire(&app.spec)),
-            };
-            match self.cluster.start(&placement.node_address, request).await {
-                Ok(instance) => {
-                    record.state = capstan_proto::state_from_wire(instance.state)
-                        .unwrap_or(InstanceState::Starting);
-                    if on_node(&instance.address, &placement.node_address) {
-                        record.address = instance.address;
-                    }
-                }
-                Err(e) => {
-                    record.state = InstanceState::Failed;
-                    record.message = e.to_string();
-                }
-            }
-            match self
-                .instances
-                .put(&record.id, &record, Expect::Version(version))
-                .await
-            {
-                Ok(version) => Some((version, record)),
-                Err(e) => {
-                    // The next pass observes the instance on its node instead.
-                    tracing::warn!("failed to update instance record: {e}");
-                    None
-                }
-            }
+            let written = self.start_one(app, placement, now).await;
+            self.landed
+                .lock()
+                .expect("landed lock poisoned")
+                .push(Landed::Record(written));
         });
-        let written = join_all(starts).await;
-        (placed.explanation, written)
+        join_all(starts).await;
+        placed.explanation
+    }
+
+    /// Records, starts and records again one placed instance.
+    async fn start_one(
+        &self,
+        app: &AppRecord,
+        placement: &capstan_proto::v1::Placement,
+        now: i64,
+    ) -> Written {
+        let mut record = InstanceRecord {
+            id: placement.instance_id.clone(),
+            app: app.spec.name.to_string(),
+            node_id: placement.node_id.clone(),
+            spec_hash: app.spec_hash.clone(),
+            state: InstanceState::Pending,
+            address: String::new(),
+            routable: false,
+            stopping: false,
+            message: String::new(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        let version = match self
+            .instances
+            .put(&record.id, &record, Expect::Absent)
+            .await
+        {
+            Ok(version) => version,
+            Err(e) => {
+                // Nothing refers to the allocation: free it now (orphan
+                // collection catches it if this fails too).
+                tracing::warn!("failed to record instance: {e}");
+                if let Err(e) = self.cluster.release(vec![record.id.clone()]).await {
+                    tracing::warn!(instance = %record.id, "failed to release allocation: {e}");
+                }
+                return None;
+            }
+        };
+        self.emit(
+            Event::new(new_id("ev"), now, EventKind::InstanceScheduled)
+                .app(&record.app)
+                .instance(&record.id)
+                .node(&record.node_id),
+        )
+        .await;
+        let request = StartInstanceRequest {
+            instance_id: record.id.clone(),
+            spec_hash: record.spec_hash.clone(),
+            spec: Some(capstan_proto::spec_to_wire(&app.spec)),
+        };
+        match self.cluster.start(&placement.node_address, request).await {
+            Ok(instance) => {
+                record.state = capstan_proto::state_from_wire(instance.state)
+                    .unwrap_or(InstanceState::Starting);
+                if on_node(&instance.address, &placement.node_address) {
+                    record.address = instance.address;
+                }
+            }
+            Err(e) => {
+                record.state = InstanceState::Failed;
+                record.message = e.to_string();
+            }
+        }
+        match self
+            .instances
+            .put(&record.id, &record, Expect::Version(version))
+            .await
+        {
+            Ok(version) => Some((version, record)),
+            Err(e) => {
+                // The next pass observes the instance on its node instead.
+                tracing::warn!("failed to update instance record: {e}");
+                None
+            }
+        }
     }
 
     /// Advances one app's rollout and bookkeeping (compare-and-set: a lost

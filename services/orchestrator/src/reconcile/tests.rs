@@ -88,6 +88,9 @@ struct World {
 struct FakeCluster {
     world: Mutex<World>,
     faults: Arc<Faults>,
+    /// An app whose starts hang once the node runs the instance (a node
+    /// that does not answer `StartInstance`), until the gate is opened.
+    hold: Mutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
 }
 
 impl FakeCluster {
@@ -107,7 +110,15 @@ impl FakeCluster {
                 ..Default::default()
             }),
             faults,
+            hold: Mutex::default(),
         }
+    }
+
+    /// Makes starts of `app` hang until the returned gate gets permits.
+    fn hold(&self, app: &str) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *self.hold.lock().unwrap() = Some((app.to_string(), gate.clone()));
+        gate
     }
 }
 
@@ -197,6 +208,45 @@ impl Cluster for FakeCluster {
         request: StartInstanceRequest,
     ) -> Result<Instance, Error> {
         self.faults.check(Step::Start)?;
+        let app = request
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let instance = self.run_instance(node_address, request)?;
+        let gate = self
+            .hold
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(held, _)| *held == app);
+        if let Some((_, gate)) = gate {
+            let _ = gate.acquire().await;
+        }
+        Ok(instance)
+    }
+
+    async fn stop(&self, _node_address: &str, instance_id: &str) -> Result<(), Error> {
+        self.faults.check(Step::Stop)?;
+        let mut world = self.world.lock().unwrap();
+        if let Some(instance) = world.running.remove(instance_id) {
+            world.touched.insert(instance.node_id);
+        }
+        Ok(())
+    }
+
+    async fn sync_routes(&self) -> Result<(), Error> {
+        self.faults.check(Step::Sync)
+    }
+}
+
+impl FakeCluster {
+    /// What the node does on `StartInstance`.
+    fn run_instance(
+        &self,
+        node_address: &str,
+        request: StartInstanceRequest,
+    ) -> Result<Instance, Error> {
         let mut world = self.world.lock().unwrap();
         let node = world
             .nodes
@@ -219,19 +269,6 @@ impl Cluster for FakeCluster {
                 ..Default::default()
             });
         Ok(instance.clone())
-    }
-
-    async fn stop(&self, _node_address: &str, instance_id: &str) -> Result<(), Error> {
-        self.faults.check(Step::Stop)?;
-        let mut world = self.world.lock().unwrap();
-        if let Some(instance) = world.running.remove(instance_id) {
-            world.touched.insert(instance.node_id);
-        }
-        Ok(())
-    }
-
-    async fn sync_routes(&self) -> Result<(), Error> {
-        self.faults.check(Step::Sync)
     }
 }
 
@@ -263,7 +300,7 @@ impl Harness {
         );
         let cluster = Arc::new(FakeCluster::new(2, 4, faults.clone()));
         Harness {
-            reconciler: Reconciler::with_cluster(platform.clone(), cluster.clone()),
+            reconciler: Reconciler::with_cluster(platform.clone(), cluster.clone(), Changes::new()),
             apps: Table::new(platform.store.clone(), APPS),
             instances: Table::new(platform.store.clone(), INSTANCES),
             cluster,
@@ -275,14 +312,19 @@ impl Harness {
         }
     }
 
-    /// Writes the app as `ApplyApp` would, with `replicas`.
+    /// Writes the app `web` as `ApplyApp` would, with `replicas`.
     async fn apply(&self, replicas: u32) {
+        self.apply_named("web", replicas).await;
+    }
+
+    /// Writes the app `name` as `ApplyApp` would, with `replicas`.
+    async fn apply_named(&self, name: &str, replicas: u32) {
         let spec = AppSpec::parse(
-            &format!("name = \"web\"\nreplicas = {replicas}\n[run]\ncommand = [\"serve\"]\n"),
+            &format!("name = \"{name}\"\nreplicas = {replicas}\n[run]\ncommand = [\"serve\"]\n"),
             SpecFormat::Toml,
         )
         .unwrap();
-        let existing = self.apps.get("web").await.unwrap();
+        let existing = self.apps.get(name).await.unwrap();
         let record = match &existing {
             Some((_, app)) => AppRecord {
                 spec: spec.clone(),
@@ -303,14 +345,16 @@ impl Harness {
             },
         };
         let expect = existing.map_or(Expect::Absent, |(v, _)| Expect::Version(v));
-        self.apps.put("web", &record, expect).await.unwrap();
+        self.apps.put(name, &record, expect).await.unwrap();
     }
 
-    /// One reconcile pass and one orphan collection, five seconds later.
+    /// One reconcile pass, the starts it began, and one orphan collection,
+    /// five seconds later.
     async fn pass(&mut self) {
         self.now += 5_000;
         self.cluster.world.lock().unwrap().now = self.now;
         let _ = self.reconciler.reconcile(self.now).await;
+        self.reconciler.starts_landed().await;
         let _ = self.reconciler.collect_orphans(self.now).await;
     }
 
@@ -331,6 +375,7 @@ impl Harness {
             ..Pending::default()
         };
         let _ = self.reconciler.reconcile_changes(self.now, hints).await;
+        self.reconciler.starts_landed().await;
         let _ = self.reconciler.collect_orphans(self.now).await;
     }
 
@@ -602,4 +647,109 @@ async fn every_failure_heals_on_hints_alone() {
             down.unwrap_err()
         );
     }
+}
+
+/// A node that takes its time over `StartInstance` (a slow pull, a hung
+/// agent) holds up no other app: the pass that started it returns, later
+/// passes replace another app's failed instance and route it, the held
+/// instance its node already runs is neither stopped as an orphan nor
+/// started twice, and once the node answers, that app converges too.
+#[tokio::test(start_paused = true)]
+async fn a_start_that_hangs_holds_up_no_other_app() {
+    let mut h = Harness::new().await;
+    h.apply(1).await;
+    h.converge(1, PASSES).await.unwrap();
+    let gate = h.cluster.hold("slow");
+    h.apply_named("slow", 1).await;
+
+    // A pass over what the events of both apps and their nodes name (the
+    // held instance's record is written, but its start has not landed).
+    async fn pass_alone(h: &mut Harness) {
+        h.now += 5_000;
+        let nodes = {
+            let mut world = h.cluster.world.lock().unwrap();
+            world.now = h.now;
+            std::mem::take(&mut world.touched)
+        };
+        let hints = Pending {
+            apps: HashSet::from(["web".to_string(), "slow".to_string()]),
+            nodes,
+            ..Pending::default()
+        };
+        let pass = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            h.reconciler.reconcile_changes(h.now, hints),
+        )
+        .await;
+        assert!(pass.is_ok(), "a pass waited for a start that hangs");
+        // The starts in flight go as far as they can (the clock is paused:
+        // it moves on once every task waits).
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    pass_alone(&mut h).await;
+
+    let failed = {
+        let mut world = h.cluster.world.lock().unwrap();
+        let instance = world
+            .running
+            .values_mut()
+            .find(|i| i.app == "web")
+            .expect("web runs");
+        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
+        let (id, node) = (instance.id.clone(), instance.node_id.clone());
+        world.touched.insert(node);
+        id
+    };
+    let serving = |records: &[InstanceRecord], app: &str| {
+        records
+            .iter()
+            .filter(|r| {
+                r.app == app && r.state == InstanceState::Healthy && r.routable && !r.stopping
+            })
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut replaced = false;
+    for _ in 0..6 {
+        pass_alone(&mut h).await;
+        let records = h.instances.values("").await.unwrap();
+        let web = serving(&records, "web");
+        if web.len() == 1 && web[0] != failed {
+            replaced = true;
+            break;
+        }
+    }
+    assert!(
+        replaced,
+        "web's failed instance was not replaced while slow's start hung"
+    );
+    let slow_running = |h: &Harness| {
+        h.cluster
+            .world
+            .lock()
+            .unwrap()
+            .running
+            .values()
+            .filter(|i| i.app == "slow")
+            .count()
+    };
+    assert_eq!(
+        slow_running(&h),
+        1,
+        "the held instance was stopped as an orphan or started twice"
+    );
+
+    gate.add_permits(1_000);
+    h.reconciler.starts_landed().await;
+    let mut converged = false;
+    for _ in 0..6 {
+        h.pass().await;
+        let records = h.instances.values("").await.unwrap();
+        if serving(&records, "slow").len() == 1 && serving(&records, "web").len() == 1 {
+            converged = true;
+            break;
+        }
+    }
+    assert!(converged, "slow did not converge once its node answered");
+    assert_eq!(slow_running(&h), 1);
 }
