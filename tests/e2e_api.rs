@@ -266,3 +266,73 @@ fn traefik_config_and_proxy_answers() {
     );
     assert_eq!(dev.get("nobody.localhost").unwrap().0, 404);
 }
+
+/// `ListEndpoints` naming apps (what a reconcile pass's `Sync` makes the
+/// router read): the named apps' routes only, an app that does not exist
+/// simply absent, nothing named means every app, and a bad name or too
+/// many names are refused with the field named.
+#[test]
+fn list_endpoints_names_the_apps_it_reads() {
+    use capstan_proto::v1::ListEndpointsRequest;
+
+    let dev = Dev::start_with(None, &["--no-docker"]);
+    for name in ["alpha", "beta"] {
+        let spec = spec_file(
+            dev.data_dir(),
+            &format!("{name}.toml"),
+            &whoami_spec(name, 1, "hi"),
+        );
+        dev.ok(&["app", "deploy", "-f", &spec, "--timeout", "60s"]);
+    }
+    let endpoints = dev.endpoints();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let admin_key = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
+        let admin = token(&dev, admin_key.trim().into()).await;
+        let mut client =
+            OrchestratorClient::new(channel(endpoints["orchestrator"].as_str().unwrap()));
+        let list = |apps: Vec<String>| with_token(ListEndpointsRequest { apps }, &admin);
+        let names = |response: capstan_proto::v1::ListEndpointsResponse| {
+            let mut names: Vec<(String, usize)> = response
+                .apps
+                .into_iter()
+                .map(|a| (a.app, a.endpoints.len()))
+                .collect();
+            names.sort();
+            names
+        };
+
+        let alpha = client
+            .list_endpoints(list(vec!["alpha".into(), "gone".into(), "alpha".into()]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(names(alpha), [("alpha".to_string(), 1)]);
+        let every = client
+            .list_endpoints(list(vec![]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            names(every),
+            [("alpha".to_string(), 1), ("beta".to_string(), 1)]
+        );
+
+        let bad = client
+            .list_endpoints(list(vec!["beta".into(), "../etc".into()]))
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(bad.message().contains("apps"), "{}", bad.message());
+        let many = client
+            .list_endpoints(list((0..1_001).map(|i| format!("app-{i}")).collect()))
+            .await
+            .unwrap_err();
+        assert_eq!(many.code(), Code::InvalidArgument, "{many:?}");
+        assert!(
+            many.message().contains("apps") && many.message().contains("1001"),
+            "{}",
+            many.message()
+        );
+    });
+}

@@ -114,7 +114,7 @@ async fn internal_rpcs_are_closed_to_users_and_nodes_act_only_as_themselves() {
             "Release",
         );
         refused(
-            router.sync(with_token(SyncRequest {}, user)).await,
+            router.sync(with_token(SyncRequest::default(), user)).await,
             Code::PermissionDenied,
             "Sync",
         );

@@ -19,6 +19,7 @@ use capstan_store::{Expect, StoreError, Table};
 use capstan_types::spec::MAX_REPLICAS;
 use capstan_types::{AppName, Error, Event, EventKind, InstanceState};
 use futures::Stream;
+use futures::future::join_all;
 use tonic::{Request, Response, Status};
 
 use crate::changes::Changes;
@@ -165,6 +166,9 @@ fn rollback_targets(app: &AppRecord) -> Vec<&capstan_types::AppSpec> {
     }
     targets
 }
+
+/// The most apps one `ListEndpoints` may name.
+const MAX_ENDPOINT_APPS: usize = 1_000;
 
 fn check_name(name: &str) -> Result<AppName, Status> {
     AppName::parse("name", name).map_err(status)
@@ -719,10 +723,39 @@ impl Orchestrator for Api {
         request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
         let caller = caller(&request)?;
-        // The routable instances by app, in one pass: the table is rebuilt
-        // on every instance change, so this must not be apps × instances.
+        let asked = request.into_inner().apps;
+        if asked.len() > MAX_ENDPOINT_APPS {
+            return Err(status(Error::invalid(
+                "apps",
+                format!("at most {MAX_ENDPOINT_APPS} apps, not {}", asked.len()),
+            )));
+        }
+        let asked = asked
+            .iter()
+            .map(|name| {
+                AppName::parse("apps", name)
+                    .map(|name| name.to_string())
+                    .map_err(status)
+            })
+            .collect::<Result<std::collections::BTreeSet<String>, _>>()?;
+        // The routable instances by app, in one pass over the records (or
+        // over the asked apps' own): the table is rebuilt on every instance
+        // change, so this must not be apps × instances.
         let mut routable: std::collections::HashMap<String, Vec<Endpoint>> = Default::default();
-        for r in self.instances.values("").await.map_err(store_err)? {
+        let records = if asked.is_empty() {
+            self.instances.values("").await.map_err(store_err)?
+        } else {
+            let reads = asked.iter().map(|name| async move {
+                // An app's instance ids start with its name (see `app_status`).
+                self.instances.values(&format!("{name}-")).await
+            });
+            let mut records = Vec::new();
+            for read in join_all(reads).await {
+                records.extend(read.map_err(store_err)?);
+            }
+            records
+        };
+        for r in records {
             if r.routable
                 && !r.stopping
                 && r.state == InstanceState::Healthy
@@ -734,8 +767,26 @@ impl Orchestrator for Api {
                 });
             }
         }
+        let app_records = if asked.is_empty() {
+            self.apps
+                .list("")
+                .await
+                .map_err(store_err)?
+                .into_iter()
+                .map(|(_, _, app)| app)
+                .collect::<Vec<_>>()
+        } else {
+            let reads = asked
+                .iter()
+                .map(|name| async move { self.apps.get(name).await });
+            let mut apps = Vec::new();
+            for read in join_all(reads).await {
+                apps.extend(read.map_err(store_err)?.map(|(_, app)| app));
+            }
+            apps
+        };
         let mut apps = Vec::new();
-        for (_, _, app) in self.apps.list("").await.map_err(store_err)? {
+        for app in app_records {
             if app.deleting
                 || app.spec.route.hosts.is_empty()
                 || !caller.in_project(app.spec.project_name())

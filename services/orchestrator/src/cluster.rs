@@ -40,9 +40,9 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> Result<Instance, Error>;
     /// Stops an instance; stopping one the node does not run succeeds.
     async fn stop(&self, node_address: &str, instance_id: &str) -> Result<(), Error>;
-    /// Rebuilds the routing table and waits for requests to removed
-    /// upstreams to finish.
-    async fn sync_routes(&self) -> Result<(), Error>;
+    /// Rebuilds the routing table's routes of `apps` (every app when
+    /// empty) and waits for requests to removed upstreams to finish.
+    async fn sync_routes(&self, apps: Vec<String>) -> Result<(), Error>;
 }
 
 /// The cluster over gRPC, with the platform's service credentials.
@@ -148,9 +148,9 @@ impl Cluster for GrpcCluster {
         Ok(())
     }
 
-    async fn sync_routes(&self) -> Result<(), Error> {
+    async fn sync_routes(&self, apps: Vec<String>) -> Result<(), Error> {
         RouterConfigClient::new(self.platform.client("router-config").await?)
-            .sync(SyncRequest {})
+            .sync(SyncRequest { apps })
             .await
             .map_err(capstan_proto::into_error)?;
         Ok(())

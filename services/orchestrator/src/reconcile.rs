@@ -50,6 +50,9 @@ const UNSETTLED_EVERY: Duration = TICK;
 const GET_APPS_MAX: usize = 256;
 /// Apps whose placement and starts run at once (more wait for a slot).
 const START_CONCURRENCY: usize = 16;
+/// A router sync names at most this many apps; more, and it names none
+/// (the router reads every route).
+const SYNC_APPS_MAX: usize = 1_000;
 /// How long a reconciler that stops waits for its starts in flight.
 const LANDING_GRACE: Duration = Duration::from_secs(10);
 /// Where each pass records its start (and proves it still leads).
@@ -83,7 +86,13 @@ pub struct Reconciler {
 /// as it is written, then that the app's start is over.
 enum Landed {
     Record(Written),
-    Done { app: String, explanation: String },
+    /// The start is over: why placement fell short (empty: it did not),
+    /// and the time (ms) of the pass that decided it.
+    Done {
+        app: String,
+        explanation: String,
+        at: i64,
+    },
 }
 
 struct Observation {
@@ -131,6 +140,11 @@ struct Known {
     /// What passes saw of apps in flight (and why their placement fell
     /// short), for the pass that plans them whole.
     carried: HashMap<String, Progress>,
+    /// Apps whose last start fell short of placing them all, with the
+    /// pass time (ms) that decided it: placed again only [`UNSETTLED_EVERY`]
+    /// later (the landing's hint plans the app, but nothing it freed would
+    /// let it fit).
+    short: HashMap<String, i64>,
 }
 
 impl Known {
@@ -185,8 +199,17 @@ impl Known {
             match landing {
                 Landed::Record(Some((version, record))) => self.insert_newer(version, record),
                 Landed::Record(None) => self.complete = false,
-                Landed::Done { app, explanation } => {
+                Landed::Done {
+                    app,
+                    explanation,
+                    at,
+                } => {
                     self.starting.remove(&app);
+                    if explanation.is_empty() {
+                        self.short.remove(&app);
+                    } else {
+                        self.short.insert(app.clone(), at);
+                    }
                     self.carried.entry(app.clone()).or_default().placement_error =
                         Some(explanation);
                     done.push(app);
@@ -719,6 +742,13 @@ impl Reconciler {
                         }
                     }
                     Action::Start(count) => {
+                        if known
+                            .short
+                            .get(name)
+                            .is_some_and(|at| now - at < UNSETTLED_EVERY.as_millis() as i64)
+                        {
+                            continue;
+                        }
                         if let Some(app) = app {
                             starts.push((app.clone(), count));
                         }
@@ -728,7 +758,7 @@ impl Reconciler {
         }
 
         // Into rotation: written together.
-        let mut routes = 0usize;
+        let mut routed: BTreeSet<String> = BTreeSet::new();
         let written = known.update_all(&self.instances, &to_route).await?;
         for (record, written) in to_route.iter().zip(written) {
             if written {
@@ -736,14 +766,22 @@ impl Reconciler {
                     .entry(record.app.clone())
                     .or_default()
                     .became_healthy = true;
-                routes += 1;
+                routed.insert(record.app.clone());
             }
         }
+        routed.extend(drains.iter().map(|r| r.app.clone()));
 
         // Out of rotation first, then stopped: the router drops drained
         // instances and waits for their requests before anything is killed.
-        if routes > 0 || !drains.is_empty() {
-            match self.cluster.sync_routes().await {
+        // It reads again only the routes of the apps named (all of them
+        // when there are too many to name).
+        if !routed.is_empty() {
+            let apps = if routed.len() > SYNC_APPS_MAX {
+                Vec::new()
+            } else {
+                routed.into_iter().collect()
+            };
+            match self.cluster.sync_routes(apps).await {
                 Ok(()) => {
                     for record in &drains {
                         self.finish_drain(record, &observation, known).await;
@@ -754,16 +792,25 @@ impl Reconciler {
         }
 
         // Starts go on after the pass: a slow node holds up no other app.
+        // What an app's start saw is taken in by the pass that plans the
+        // app whole (none was in flight when it planned), even when that
+        // pass starts it again.
+        let partial: HashSet<String> = names
+            .iter()
+            .filter(|name| known.starting.contains_key(*name))
+            .cloned()
+            .collect();
         for (app, count) in starts {
             self.start_in_flight(app, count, now, known);
         }
 
         if full {
             known.unsettled.clear();
+            known.short.retain(|app, _| apps.contains_key(app));
         }
         for name in &names {
             let seen = progress.remove(name).unwrap_or_default();
-            if known.starting.contains_key(name) {
+            if partial.contains(name) {
                 let carried = known.carried.entry(name.clone()).or_default();
                 carried.failures = carried.failures.saturating_add(seen.failures);
                 carried.became_healthy |= seen.became_healthy;
@@ -790,7 +837,10 @@ impl Reconciler {
                 }
                 None => false,
             };
-            if !moved && settled(app.map(|(_, a)| a), &instances) {
+            if !moved
+                && !known.starting.contains_key(name)
+                && settled(app.map(|(_, a)| a), &instances)
+            {
                 known.unsettled.remove(name);
             } else {
                 known.unsettled.insert(name.clone(), Instant::now());
@@ -903,6 +953,7 @@ impl Reconciler {
                 .push(Landed::Done {
                     app: name.clone(),
                     explanation,
+                    at: now,
                 });
             this.changes.app(&name);
         });

@@ -113,11 +113,62 @@ struct Router {
     traefik_in_flight_grace: Duration,
 }
 
+/// Which routes a rebuild reads again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    Every,
+    /// These apps' routes only: an app not found has none.
+    Apps(std::collections::BTreeSet<String>),
+}
+
+impl Scope {
+    /// `apps`, or every app when none (or too many) are named.
+    fn of(apps: impl IntoIterator<Item = String>) -> Scope {
+        let apps: std::collections::BTreeSet<String> = apps.into_iter().collect();
+        if apps.is_empty() || apps.len() > MAX_SCOPED_APPS {
+            Scope::Every
+        } else {
+            Scope::Apps(apps)
+        }
+    }
+}
+
+impl Scope {
+    /// The routes after a read of this scope found `fetched`: those of the
+    /// apps in scope are replaced (an app in scope not found loses its
+    /// route), the others stay as they are. In app order.
+    fn apply(&self, current: &[Route], fetched: Vec<Route>) -> Vec<Route> {
+        let mut routes: Vec<Route> = match self {
+            Scope::Every => fetched,
+            Scope::Apps(apps) => current
+                .iter()
+                .filter(|route| !apps.contains(&route.app))
+                .cloned()
+                .chain(
+                    fetched
+                        .into_iter()
+                        .filter(|route| apps.contains(&route.app)),
+                )
+                .collect(),
+        };
+        routes.sort_by(|a, b| a.app.cmp(&b.app));
+        routes
+    }
+}
+
+/// More apps than this changed at once, and a rebuild reads every route
+/// (it is what `ListEndpoints` takes).
+const MAX_SCOPED_APPS: usize = 1_000;
+
 impl Router {
-    async fn fetch(&self) -> Result<Vec<Route>, Error> {
+    async fn fetch(&self, scope: &Scope) -> Result<Vec<Route>, Error> {
         let channel = self.platform.client("orchestrator").await?;
+        let apps = match scope {
+            Scope::Every => Vec::new(),
+            Scope::Apps(apps) => apps.iter().cloned().collect(),
+        };
         let response = OrchestratorClient::new(channel)
-            .list_endpoints(ListEndpointsRequest {})
+            .list_endpoints(ListEndpointsRequest { apps })
             .await
             .map_err(capstan_proto::into_error)?
             .into_inner();
@@ -153,12 +204,14 @@ impl Router {
         Ok(routes)
     }
 
-    /// Fetches the endpoints and applies them if they changed. Returns the
-    /// table in force.
-    async fn rebuild(&self) -> Result<RouteTable, Error> {
-        let routes = self.fetch().await?;
+    /// Fetches the endpoints of `scope` and applies them if they changed.
+    /// Returns the table in force. Rebuilds read and apply one at a time,
+    /// so an older read never replaces a newer one.
+    async fn rebuild(&self, scope: &Scope) -> Result<RouteTable, Error> {
         let _rebuilding = self.rebuilding.lock().await;
+        let fetched = self.fetch(scope).await?;
         let current = self.proxy.table();
+        let routes = scope.apply(&current.routes, fetched);
         let next = RouteTable {
             generation: current.generation + 1,
             routes,
@@ -310,9 +363,22 @@ impl RouterConfig for Router {
 
     async fn sync(
         &self,
-        _: Request<SyncRequest>,
+        request: Request<SyncRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        let table = self.rebuild().await.map_err(capstan_proto::status)?;
+        let apps = request.into_inner().apps;
+        if apps.len() > MAX_SCOPED_APPS {
+            return Err(capstan_proto::status(Error::invalid(
+                "apps",
+                format!("at most {MAX_SCOPED_APPS} apps, not {}", apps.len()),
+            )));
+        }
+        for app in &apps {
+            capstan_types::AppName::parse("apps", app).map_err(capstan_proto::status)?;
+        }
+        let table = self
+            .rebuild(&Scope::of(apps))
+            .await
+            .map_err(capstan_proto::status)?;
         self.confirm_downstream(&table).await;
         self.drain().await;
         Ok(Response::new(table_to_wire(&table)))
@@ -593,27 +659,38 @@ pub async fn run(
             if subscription.is_none() {
                 subscription = rebuilder.platform.bus.subscribe("router-config", &["instance.#", "app.#"]).await.ok();
             }
-            tokio::select! {
+            let scope = tokio::select! {
                 _ = rebuild_shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tick.tick() => Scope::Every,
                 delivery = async { subscription.as_mut().expect("checked above").next().await }, if subscription.is_some() => {
                     match delivery {
                         Some(delivery) => {
+                            // Events are hints: one rebuild reads the routes
+                            // of every app the events already queued name (a
+                            // deploy of 1,000 instances sends 3,000), and the
+                            // periodic rebuild reads them all.
+                            let mut apps = vec![delivery.event.app.clone()];
                             let _ = delivery.ack().await;
-                            // Events are hints and a rebuild reads the whole
-                            // truth: one rebuild covers every event already
-                            // queued (a deploy of 1,000 instances sends 3,000).
                             if let Some(subscription) = subscription.as_mut() {
                                 while let Some(Some(queued)) = futures::FutureExt::now_or_never(subscription.next()) {
+                                    apps.push(queued.event.app.clone());
                                     let _ = queued.ack().await;
                                 }
                             }
+                            if apps.iter().any(String::is_empty) {
+                                Scope::Every
+                            } else {
+                                Scope::of(apps)
+                            }
                         }
-                        None => subscription = None,
+                        None => {
+                            subscription = None;
+                            Scope::Every
+                        }
                     }
                 }
-            }
-            if let Err(e) = rebuilder.rebuild().await {
+            };
+            if let Err(e) = rebuilder.rebuild(&scope).await {
                 tracing::debug!("routing table not rebuilt: {e}");
             }
         }
@@ -631,4 +708,76 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(app: &str, upstreams: &[&str]) -> Route {
+        Route {
+            app: app.into(),
+            project: "default".into(),
+            hosts: vec![format!("{app}.localhost")],
+            upstreams: upstreams
+                .iter()
+                .map(|id| Upstream {
+                    instance_id: id.to_string(),
+                    address: format!("127.0.0.1:{}", 4000 + id.len()),
+                })
+                .collect(),
+            health: None,
+            wakeable: false,
+        }
+    }
+
+    #[test]
+    fn a_scoped_read_replaces_its_apps_routes_and_keeps_the_others() {
+        let current = vec![route("api", &["api-1"]), route("web", &["web-1"])];
+        let scope = Scope::of(["web".to_string(), "new".to_string()]);
+        let next = scope.apply(
+            &current,
+            vec![route("web", &["web-1", "web-22"]), route("new", &["new-1"])],
+        );
+        assert_eq!(
+            next,
+            vec![
+                route("api", &["api-1"]),
+                route("new", &["new-1"]),
+                route("web", &["web-1", "web-22"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_app_in_scope_that_was_not_found_loses_its_route() {
+        let current = vec![route("api", &["api-1"]), route("web", &["web-1"])];
+        let next = Scope::of(["web".to_string()]).apply(&current, Vec::new());
+        assert_eq!(next, vec![route("api", &["api-1"])]);
+    }
+
+    #[test]
+    fn a_read_of_every_app_is_the_whole_table_and_so_is_one_of_too_many() {
+        let current = vec![route("api", &["api-1"])];
+        assert_eq!(
+            Scope::Every.apply(&current, vec![route("web", &["web-1"])]),
+            vec![route("web", &["web-1"])]
+        );
+        assert_eq!(Scope::of(Vec::new()), Scope::Every);
+        let many = (0..=MAX_SCOPED_APPS).map(|i| format!("app-{i}"));
+        assert_eq!(Scope::of(many), Scope::Every);
+    }
+
+    #[test]
+    fn routes_fetched_outside_the_scope_are_not_taken() {
+        let current = vec![route("api", &["api-1"])];
+        let next = Scope::of(["web".to_string()]).apply(
+            &current,
+            vec![route("api", &["api-9"]), route("web", &["web-1"])],
+        );
+        assert_eq!(
+            next,
+            vec![route("api", &["api-1"]), route("web", &["web-1"])]
+        );
+    }
 }

@@ -78,6 +78,8 @@ struct World {
     now: i64,
     /// The nodes asked for their instances, in order.
     asked: Vec<String>,
+    /// `Place` calls.
+    places: usize,
     /// Nodes where an instance started or stopped since the last hinted
     /// pass: what those agents' events would name.
     touched: HashSet<String>,
@@ -146,7 +148,9 @@ impl Cluster for FakeCluster {
     async fn place(&self, request: PlaceRequest) -> Result<PlaceResponse, Error> {
         self.faults.check(Step::Place)?;
         let mut world = self.world.lock().unwrap();
+        world.places += 1;
         let mut placements = Vec::new();
+        let count = request.instance_ids.len();
         for id in request.instance_ids {
             let load = |node: &str, world: &World| {
                 world
@@ -172,9 +176,18 @@ impl Cluster for FakeCluster {
                 node_address: node.address,
             });
         }
+        let explanation = if placements.len() < count {
+            format!(
+                "placed {} of {count} instances of {}: every node is full",
+                placements.len(),
+                request.app
+            )
+        } else {
+            String::new()
+        };
         Ok(PlaceResponse {
             placements,
-            explanation: String::new(),
+            explanation,
         })
     }
 
@@ -235,7 +248,7 @@ impl Cluster for FakeCluster {
         Ok(())
     }
 
-    async fn sync_routes(&self) -> Result<(), Error> {
+    async fn sync_routes(&self, _apps: Vec<String>) -> Result<(), Error> {
         self.faults.check(Step::Sync)
     }
 }
@@ -752,4 +765,52 @@ async fn a_start_that_hangs_holds_up_no_other_app() {
     }
     assert!(converged, "slow did not converge once its node answered");
     assert_eq!(slow_running(&h), 1);
+}
+
+/// More instances than the nodes have room for: the app records why
+/// placement fell short (what `app status` and a failing deploy show),
+/// although every pass that plans it starts the missing ones again.
+#[tokio::test(start_paused = true)]
+async fn a_placement_that_falls_short_is_explained_on_the_app() {
+    let mut h = Harness::new().await;
+    // Two nodes with four slots each.
+    h.apply(10).await;
+    for _ in 0..PASSES {
+        h.pass().await;
+    }
+    let (_, app) = h.apps.get("web").await.unwrap().expect("web exists");
+    assert_eq!(
+        app.placement_error, "placed 0 of 2 instances of web: every node is full",
+        "{app:#?}"
+    );
+    let records = h.instances.values("").await.unwrap();
+    assert_eq!(records.len(), 8, "the room there is, is used: {records:#?}");
+}
+
+/// A start whose placement fell short marks its app when it lands, and the
+/// pass that follows plans the app whole; it does not place again at once
+/// (nothing freed room in between), only once a tick has gone by: a
+/// cluster that is full is asked about once a second, not in a loop.
+#[tokio::test(start_paused = true)]
+async fn a_placement_that_fell_short_is_tried_again_after_a_tick_not_at_once() {
+    let mut h = Harness::new().await;
+    h.apply(10).await;
+    let places = |h: &Harness| h.cluster.world.lock().unwrap().places;
+    async fn pass_now(h: &Harness) {
+        let hints = Pending {
+            apps: HashSet::from(["web".to_string()]),
+            ..Pending::default()
+        };
+        let _ = h.reconciler.reconcile_changes(h.now, hints).await;
+        h.reconciler.starts_landed().await;
+    }
+    pass_now(&h).await;
+    assert_eq!(places(&h), 1);
+    // The landing's hint: the app is planned, not placed again.
+    pass_now(&h).await;
+    pass_now(&h).await;
+    assert_eq!(places(&h), 1, "placed again with no time gone by");
+    h.now += 1_000;
+    pass_now(&h).await;
+    assert_eq!(places(&h), 2, "a tick later it is tried again");
 }
