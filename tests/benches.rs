@@ -114,6 +114,7 @@ fn the_scale_bench_deploys_onto_simulated_nodes_and_reports_its_figures() {
     for run in runs {
         let deploy = &run["deploy"];
         assert_eq!(deploy["apps"].as_u64(), Some(3), "{report}");
+        assert_eq!(deploy["events_lost"].as_bool(), Some(false), "{report}");
         for figure in ["placed_per_second", "running_per_second", "store_mib"] {
             assert!(deploy[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
         }

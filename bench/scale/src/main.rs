@@ -461,12 +461,36 @@ async fn deploy(
     // store agrees (the truth, and what a user sees); when it did.
     let mut confirming = tokio::task::JoinSet::new();
     let mut events_done = 0usize;
+    let mut events_lost = false;
     while events_done < apps.len() {
         let wait = deadline.saturating_duration_since(Instant::now());
         let event = match tokio::time::timeout(wait.min(Duration::from_secs(10)), events.next())
             .await
         {
-            Ok(Some(event)) => event?,
+            Ok(Some(Ok(event))) => event,
+            // The stream fell more than its buffer behind: the events are
+            // no longer a complete count, so what is left is read from the
+            // store (`GetApp`), the truth, and the event-timed figures are
+            // left out.
+            Ok(Some(Err(status))) if status.code() == tonic::Code::DataLoss => {
+                eprintln!(
+                    "scale-bench: {}; the apps not yet healthy are polled with GetApp",
+                    status.message()
+                );
+                events_lost = true;
+                for (name, replicas) in &apps {
+                    if seen.get(name).is_none_or(|s| s.all_healthy_ms.is_none()) {
+                        confirming.spawn(confirm(
+                            clients.orchestrator.clone(),
+                            name.clone(),
+                            *replicas,
+                            deadline,
+                        ));
+                    }
+                }
+                break;
+            }
+            Ok(Some(Err(status))) => return Err(status.into()),
             Ok(None) => bail!("the event stream ended"),
             Err(_) => {
                 if Instant::now() >= deadline {
@@ -503,6 +527,19 @@ async fn deploy(
                         status.instances.len(),
                         status.placement_error
                     );
+                    // The store is the truth: an app healthy there whose
+                    // events did not all come is done, without event times.
+                    if status.healthy >= *replicas {
+                        events_lost = true;
+                        seen.entry(name.clone()).or_default().all_healthy_ms = Some(now_ms());
+                        events_done += 1;
+                        confirming.spawn(confirm(
+                            clients.orchestrator.clone(),
+                            name.clone(),
+                            *replicas,
+                            deadline,
+                        ));
+                    }
                 }
                 continue;
             }
@@ -527,26 +564,12 @@ async fn deploy(
                     events_done += 1;
                     peak_rss_kib = peak_rss_kib.max(status_kib("VmRSS:"));
                     peak_files = peak_files.max(open_files());
-                    let (mut client, name, replicas) =
-                        (clients.orchestrator.clone(), event.app.clone(), *replicas);
-                    confirming.spawn(async move {
-                        loop {
-                            let status = client
-                                .get_app(GetAppRequest { name: name.clone() })
-                                .await?
-                                .into_inner();
-                            if status.healthy >= replicas {
-                                return anyhow::Ok((name, now_ms()));
-                            }
-                            if Instant::now() >= deadline {
-                                bail!(
-                                    "{name}: {} of {replicas} healthy in the store",
-                                    status.healthy
-                                );
-                            }
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    });
+                    confirming.spawn(confirm(
+                        clients.orchestrator.clone(),
+                        event.app.clone(),
+                        *replicas,
+                        deadline,
+                    ));
                 }
             }
             _ => {}
@@ -575,8 +598,14 @@ async fn deploy(
             2,
         )
     };
+    let (last_scheduled, last_healthy) = if events_lost {
+        (None, None)
+    } else {
+        (last_scheduled, last_healthy)
+    };
     Ok(json!({
         "apps": apps.len(),
+        "events_lost": events_lost,
         "apply_seconds": round(applied_s, 2),
         "placed_seconds": elapsed(last_scheduled).map(|s| round(s, 2)),
         "healthy_seconds": elapsed(last_healthy).map(|s| round(s, 2)),
@@ -598,6 +627,32 @@ async fn deploy(
         "open_files_peak": peak_files,
         "store_mib": round(store_bytes(data_dir) as f64 / (1024.0 * 1024.0), 1),
     }))
+}
+
+/// Polls `GetApp` until the store shows `replicas` healthy instances of
+/// `name`; returns when.
+async fn confirm(
+    mut client: OrchestratorClient<Authed>,
+    name: String,
+    replicas: u32,
+    deadline: Instant,
+) -> anyhow::Result<(String, i64)> {
+    loop {
+        let status = client
+            .get_app(GetAppRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        if status.healthy >= replicas {
+            return Ok((name, now_ms()));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{name}: {} of {replicas} healthy in the store",
+                status.healthy
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The addresses of `app`'s servers in the routing table router-config
