@@ -287,8 +287,7 @@ fn list_endpoints_names_the_apps_it_reads() {
     let endpoints = dev.endpoints();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let admin_key = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
-        let admin = token(&dev, admin_key.trim().into()).await;
+        let admin = admin_token(&dev).await;
         let mut client =
             OrchestratorClient::new(channel(endpoints["orchestrator"].as_str().unwrap()));
         let list = |apps: Vec<String>| with_token(ListEndpointsRequest { apps }, &admin);

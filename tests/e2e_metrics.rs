@@ -138,8 +138,7 @@ fn the_metrics_api_streams_samples_and_refuses_what_it_should() {
     let endpoints = dev.endpoints();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let admin_key = std::fs::read_to_string(dev.data_dir().join("admin.key")).unwrap();
-        let admin = token(&dev, admin_key.trim().into()).await;
+        let admin = admin_token(&dev).await;
         let mut auth = AuthClient::new(channel(endpoints["auth"].as_str().unwrap()));
         let viewer_key = auth
             .create_api_key(with_token(

@@ -474,6 +474,12 @@ pub async fn token(dev: &Dev, api_key: String) -> String {
         .token
 }
 
+/// An admin token, from the key `capstan dev` writes to its data dir.
+pub async fn admin_token(dev: &Dev) -> String {
+    let key = std::fs::read_to_string(dev.data_dir().join("admin.key")).expect("read admin.key");
+    token(dev, key.trim().to_string()).await
+}
+
 /// `message` with `authorization: Bearer <token>`.
 pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

@@ -81,6 +81,29 @@ id_type!(
     AppName,
     crate::spec::check_dns_label
 );
+/// The most apps one request may name (`ListEndpoints`, `Sync`).
+pub const MAX_NAMED_APPS: usize = 1_000;
+
+impl AppName {
+    /// `names` as a set of app names (repeats once); the error names
+    /// `field`: too many names, or the first that is not an app name.
+    pub fn parse_list(
+        field: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeSet<AppName>, Error> {
+        if names.len() > MAX_NAMED_APPS {
+            return Err(Error::invalid(
+                field,
+                format!("at most {MAX_NAMED_APPS} apps, not {}", names.len()),
+            ));
+        }
+        names
+            .iter()
+            .map(|name| AppName::parse(field, name))
+            .collect()
+    }
+}
+
 id_type!(
     /// A project's name: a DNS label. Apps, and the keys of people who may
     /// touch them, belong to one.
@@ -163,6 +186,14 @@ mod tests {
             assert!(AppName::parse("name", bad).is_err(), "{bad:?}");
         }
         assert!(KeyName::parse("name", "../x").is_err());
+        let apps =
+            AppName::parse_list("apps", &["web".into(), "api".into(), "web".into()]).unwrap();
+        assert_eq!(apps.len(), 2);
+        let error = AppName::parse_list("apps", &["web".into(), "../x".into()]).unwrap_err();
+        assert!(error.to_string().contains("apps:"), "{error}");
+        let many: Vec<String> = (0..=MAX_NAMED_APPS).map(|i| format!("a{i}")).collect();
+        let error = AppName::parse_list("apps", &many).unwrap_err();
+        assert!(error.to_string().contains("1001"), "{error}");
         assert!(InstanceId::parse("id", &"a".repeat(81)).is_err());
         assert!(KeyName::parse("name", &"a".repeat(65)).is_err());
         let id = InstanceId::parse("id", &format!("{}-3f9c2a1b", "a".repeat(63))).unwrap();

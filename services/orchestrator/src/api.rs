@@ -167,9 +167,6 @@ fn rollback_targets(app: &AppRecord) -> Vec<&capstan_types::AppSpec> {
     targets
 }
 
-/// The most apps one `ListEndpoints` may name.
-const MAX_ENDPOINT_APPS: usize = 1_000;
-
 fn check_name(name: &str) -> Result<AppName, Status> {
     AppName::parse("name", name).map_err(status)
 }
@@ -723,21 +720,7 @@ impl Orchestrator for Api {
         request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
         let caller = caller(&request)?;
-        let asked = request.into_inner().apps;
-        if asked.len() > MAX_ENDPOINT_APPS {
-            return Err(status(Error::invalid(
-                "apps",
-                format!("at most {MAX_ENDPOINT_APPS} apps, not {}", asked.len()),
-            )));
-        }
-        let asked = asked
-            .iter()
-            .map(|name| {
-                AppName::parse("apps", name)
-                    .map(|name| name.to_string())
-                    .map_err(status)
-            })
-            .collect::<Result<std::collections::BTreeSet<String>, _>>()?;
+        let asked = AppName::parse_list("apps", &request.into_inner().apps).map_err(status)?;
         // The routable instances by app, in one pass over the records (or
         // over the asked apps' own): the table is rebuilt on every instance
         // change, so this must not be apps × instances.

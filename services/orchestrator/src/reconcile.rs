@@ -50,9 +50,6 @@ const UNSETTLED_EVERY: Duration = TICK;
 const GET_APPS_MAX: usize = 256;
 /// Apps whose placement and starts run at once (more wait for a slot).
 const START_CONCURRENCY: usize = 16;
-/// A router sync names at most this many apps; more, and it names none
-/// (the router reads every route).
-const SYNC_APPS_MAX: usize = 1_000;
 /// How long a reconciler that stops waits for its starts in flight.
 const LANDING_GRACE: Duration = Duration::from_secs(10);
 /// Where each pass records its start (and proves it still leads).
@@ -776,7 +773,7 @@ impl Reconciler {
         // It reads again only the routes of the apps named (all of them
         // when there are too many to name).
         if !routed.is_empty() {
-            let apps = if routed.len() > SYNC_APPS_MAX {
+            let apps = if routed.len() > capstan_types::id::MAX_NAMED_APPS {
                 Vec::new()
             } else {
                 routed.into_iter().collect()

@@ -28,6 +28,7 @@ use capstan_proto::v1::{
 use capstan_secrets::Secret;
 use capstan_server::{Platform, Service};
 use capstan_types::Error;
+use capstan_types::id::MAX_NAMED_APPS;
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -125,15 +126,13 @@ impl Scope {
     /// `apps`, or every app when none (or too many) are named.
     fn of(apps: impl IntoIterator<Item = String>) -> Scope {
         let apps: std::collections::BTreeSet<String> = apps.into_iter().collect();
-        if apps.is_empty() || apps.len() > MAX_SCOPED_APPS {
+        if apps.is_empty() || apps.len() > MAX_NAMED_APPS {
             Scope::Every
         } else {
             Scope::Apps(apps)
         }
     }
-}
 
-impl Scope {
     /// The routes after a read of this scope found `fetched`: those of the
     /// apps in scope are replaced (an app in scope not found loses its
     /// route), the others stay as they are. In app order.
@@ -155,10 +154,6 @@ impl Scope {
         routes
     }
 }
-
-/// More apps than this changed at once, and a rebuild reads every route
-/// (it is what `ListEndpoints` takes).
-const MAX_SCOPED_APPS: usize = 1_000;
 
 impl Router {
     async fn fetch(&self, scope: &Scope) -> Result<Vec<Route>, Error> {
@@ -365,18 +360,10 @@ impl RouterConfig for Router {
         &self,
         request: Request<SyncRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        let apps = request.into_inner().apps;
-        if apps.len() > MAX_SCOPED_APPS {
-            return Err(capstan_proto::status(Error::invalid(
-                "apps",
-                format!("at most {MAX_SCOPED_APPS} apps, not {}", apps.len()),
-            )));
-        }
-        for app in &apps {
-            capstan_types::AppName::parse("apps", app).map_err(capstan_proto::status)?;
-        }
+        let apps = capstan_types::AppName::parse_list("apps", &request.into_inner().apps)
+            .map_err(capstan_proto::status)?;
         let table = self
-            .rebuild(&Scope::of(apps))
+            .rebuild(&Scope::of(apps.into_iter().map(|app| app.to_string())))
             .await
             .map_err(capstan_proto::status)?;
         self.confirm_downstream(&table).await;
@@ -764,7 +751,7 @@ mod tests {
             vec![route("web", &["web-1"])]
         );
         assert_eq!(Scope::of(Vec::new()), Scope::Every);
-        let many = (0..=MAX_SCOPED_APPS).map(|i| format!("app-{i}"));
+        let many = (0..=MAX_NAMED_APPS).map(|i| format!("app-{i}"));
         assert_eq!(Scope::of(many), Scope::Every);
     }
 
