@@ -8,8 +8,8 @@
 //! One ordered scenario (the images and the cluster are built once): a
 //! 6-replica app spread over the agents and reached through Traefik; a
 //! rolling update, a scale from 6 to 2 and a node drain under load with no
-//! failed request; an agent killed (replaced within 20 s, at most 0.5 % of
-//! requests failed), paused for 45 s, and cut off the network and back, each
+//! failed request; an agent killed (replaced within 20 s; only requests sent
+//! within 1 s of the kill may fail, at most two per client), paused for 45 s, and cut off the network and back, each
 //! ending with exactly the desired instances and no duplicate.
 
 mod common;
@@ -194,28 +194,71 @@ fn bodies_through(traefik: &Traefik, host: &str, n: usize) -> BTreeSet<String> {
         .collect()
 }
 
-fn finish_load(load: Load, what: &str, max_failed_ratio: f64) -> (usize, usize) {
-    finish_loads(vec![load], what, max_failed_ratio)
-}
-
-/// Stops closed-loop clients and checks what failed.
-fn finish_loads(loads: Vec<Load>, what: &str, max_failed_ratio: f64) -> (usize, usize) {
-    let (mut ok, mut failures) = (0, Vec::new());
-    for load in loads {
-        let (o, f) = load.finish();
-        ok += o;
-        failures.extend(f);
-    }
-    let total = ok + failures.len();
+/// Stops a closed-loop client; none of its requests may have failed.
+fn finish_load(load: Load, what: &str) {
+    let (ok, failures) = load.finish();
     assert!(ok > 50, "{what}: the load ran ({ok} requests)");
     assert!(
-        failures.len() as f64 <= max_failed_ratio * total as f64,
-        "{what}: {} of {total} requests failed: {:?}",
+        failures.is_empty(),
+        "{what}: {} of {} requests failed: {:?}",
         failures.len(),
+        ok + failures.len(),
         &failures[..failures.len().min(5)]
     );
-    eprintln!("{what}: {total} requests, {} failed", failures.len());
-    (total, failures.len())
+    eprintln!("{what}: {ok} requests, none failed");
+}
+
+/// How long after a host dies requests sent through Traefik may still
+/// fail: Traefik's health check (every 500 ms, 400 ms timeout: the apps'
+/// own) takes its servers out of rotation within 0.9 s, and until then a
+/// dial to them times out (1 s) and the request is retried elsewhere.
+const LOSS_WINDOW: Duration = Duration::from_secs(1);
+/// Failures one client may see when a host dies: the request it had in
+/// flight there, and one written on a kept-alive connection to the host
+/// before Traefik read that connection's close. Traefik never replays a
+/// request it has written to a server, and no router can tell whether a
+/// server that died mid-request acted on it.
+const LOSS_PER_CLIENT: usize = 2;
+
+/// Stops the node-loss clients: what fails is only what was sent in the
+/// [`LOSS_WINDOW`] after the host died, at most [`LOSS_PER_CLIENT`] each.
+fn finish_node_loss(loads: Vec<Load>, killed: Instant) {
+    let mut total = 0;
+    let mut lost = Vec::new();
+    for load in loads {
+        let (ok, failures) = load.finish_timed();
+        total += ok + failures.len();
+        let late: Vec<String> = failures
+            .iter()
+            .filter(|f| f.sent.saturating_duration_since(killed) > LOSS_WINDOW)
+            .map(|f| {
+                format!(
+                    "{f}, sent {:?} after the kill",
+                    f.sent.saturating_duration_since(killed)
+                )
+            })
+            .collect();
+        assert!(
+            late.is_empty(),
+            "node loss: requests sent more than {LOSS_WINDOW:?} after the kill failed: {late:?}"
+        );
+        assert!(
+            failures.len() <= LOSS_PER_CLIENT,
+            "node loss: one client saw {} failures, at most {LOSS_PER_CLIENT} may fail: {failures:?}",
+            failures.len()
+        );
+        lost.extend(failures.iter().map(|f| {
+            format!(
+                "{f}, sent {:?} after the kill",
+                f.sent.saturating_duration_since(killed)
+            )
+        }));
+    }
+    assert!(total > 50, "node loss: the load ran ({total} requests)");
+    eprintln!(
+        "node loss: {total} requests, {} failed: {lost:?}",
+        lost.len()
+    );
 }
 
 #[test]
@@ -363,7 +406,7 @@ fn agents_on_three_hosts_behind_traefik_survive_updates_loss_pause_and_partition
     );
     cluster.ok(&["app", "deploy", "-f", &update, "--timeout", "120s"]);
     cluster.settle("web", 6, &[], Duration::from_secs(60));
-    finish_load(load, "rolling update through Traefik", 0.0);
+    finish_load(load, "rolling update through Traefik");
     assert!(
         bodies_through(&traefik, "web.localhost", 30)
             .iter()
@@ -374,7 +417,7 @@ fn agents_on_three_hosts_behind_traefik_survive_updates_loss_pause_and_partition
     let load = Load::start(traefik.port(), "web.localhost");
     cluster.ok(&["app", "scale", "web", "2"]);
     cluster.settle("web", 2, &[], Duration::from_secs(60));
-    finish_load(load, "scale 6 -> 2 through Traefik", 0.0);
+    finish_load(load, "scale 6 -> 2 through Traefik");
     cluster.ok(&["app", "scale", "web", "6"]);
     cluster.settle("web", 6, &[], Duration::from_secs(60));
 
@@ -382,7 +425,7 @@ fn agents_on_three_hosts_behind_traefik_survive_updates_loss_pause_and_partition
     let load = Load::start(traefik.port(), "web.localhost");
     cluster.ok(&["node", "drain", "agent-3", "--timeout", "120s"]);
     cluster.settle("web", 6, &["agent-3"], Duration::from_secs(60));
-    finish_load(load, "node drain through Traefik", 0.0);
+    finish_load(load, "node drain through Traefik");
     cluster.ok(&["node", "drain", "agent-3", "--cancel"]);
 
     // Node loss: the host of two replicas dies. Until the control plane
@@ -398,7 +441,7 @@ fn agents_on_three_hosts_behind_traefik_survive_updates_loss_pause_and_partition
         "node loss: replicas healthy elsewhere {:.1} s after the kill",
         killed.elapsed().min(recovered).as_secs_f64()
     );
-    finish_loads(loads, "node loss", 0.005);
+    finish_node_loss(loads, killed);
     docker_ok(&["rm", "-f", &cluster.net.container("agent-1")]);
     cluster.start_agent("agent-1", 11);
 

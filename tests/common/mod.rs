@@ -317,8 +317,25 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
 pub struct Load {
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicUsize>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    failures: Arc<std::sync::Mutex<Vec<Failure>>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A request of a [`Load`] that did not get a 200.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// When the request was sent.
+    pub sent: Instant,
+    /// How long its answer (or the lack of one) took.
+    pub took: Duration,
+    /// What came back: `Some((status, body))`, or `None` for no answer.
+    pub outcome: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} after {:?}", self.outcome, self.took)
+    }
 }
 
 impl Load {
@@ -329,11 +346,16 @@ impl Load {
         let (s, o, f, host) = (stop.clone(), ok.clone(), failures.clone(), host.to_string());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
+                let sent = Instant::now();
                 match http_get(port, &host, "/") {
                     Some((200, _)) => {
                         o.fetch_add(1, Ordering::Relaxed);
                     }
-                    other => f.lock().unwrap().push(format!("{other:?}")),
+                    other => f.lock().unwrap().push(Failure {
+                        sent,
+                        took: sent.elapsed(),
+                        outcome: format!("{other:?}"),
+                    }),
                 }
             }
         });
@@ -362,7 +384,13 @@ impl Load {
     }
 
     /// Stops the load and returns (ok, failures).
-    pub fn finish(mut self) -> (usize, Vec<String>) {
+    pub fn finish(self) -> (usize, Vec<String>) {
+        let (ok, failures) = self.finish_timed();
+        (ok, failures.iter().map(Failure::to_string).collect())
+    }
+
+    /// Stops the load and returns (ok, failures with their times).
+    pub fn finish_timed(mut self) -> (usize, Vec<Failure>) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
