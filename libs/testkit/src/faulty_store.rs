@@ -1,8 +1,11 @@
 //! A [`Store`] that fails chosen operations on chosen tables, once each time
 //! it is armed, and passes everything else to a real store. Tests use it to
 //! prove that a failure at any step is survived (an event redelivered, an
-//! allocation released later), not to fake a store.
+//! allocation released later), not to fake a store. It also counts the
+//! gets and puts that reach each key, for tests of what a step reads and
+//! how often it writes.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +27,8 @@ pub enum StoreOp {
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     armed: Mutex<Vec<(StoreOp, String)>>,
+    /// Gets and puts passed to the inner store, by (op, table, key).
+    counts: Mutex<HashMap<(&'static str, String, String), usize>>,
 }
 
 impl FaultyStore {
@@ -31,7 +36,37 @@ impl FaultyStore {
         FaultyStore {
             inner,
             armed: Mutex::default(),
+            counts: Mutex::default(),
         }
+    }
+
+    /// How many puts of `key` in `table` were passed on so far (whatever
+    /// the inner store then answered).
+    pub fn puts(&self, table: &str, key: &str) -> usize {
+        self.count("put", table, key)
+    }
+
+    /// How many gets of `key` in `table` were passed on so far.
+    pub fn gets(&self, table: &str, key: &str) -> usize {
+        self.count("get", table, key)
+    }
+
+    fn count(&self, op: &'static str, table: &str, key: &str) -> usize {
+        self.counts
+            .lock()
+            .expect("counts lock")
+            .get(&(op, table.to_string(), key.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn counted(&self, op: &'static str, table: &str, key: &str) {
+        *self
+            .counts
+            .lock()
+            .expect("counts lock")
+            .entry((op, table.to_string(), key.to_string()))
+            .or_default() += 1;
     }
 
     /// The next `op` on `table` fails.
@@ -59,6 +94,7 @@ impl FaultyStore {
 #[async_trait]
 impl Store for FaultyStore {
     async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.counted("get", table, key);
         self.inner.get(table, key).await
     }
 
@@ -74,6 +110,7 @@ impl Store for FaultyStore {
             Expect::Version(_) => StoreOp::Update,
         };
         self.check(op, table)?;
+        self.counted("put", table, key);
         self.inner.put(table, key, value, expect).await
     }
 
@@ -121,6 +158,9 @@ impl Store for FaultyStore {
             Mutation::Remove { table, .. } => (StoreOp::Remove, table),
         };
         self.check(op, table)?;
+        if let Mutation::Put { table, key, .. } = &mutation {
+            self.counted("put", table, key);
+        }
         self.inner.fenced(fence, mutation).await
     }
 }

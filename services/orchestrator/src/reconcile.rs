@@ -11,7 +11,7 @@
 //! the same pass: a record changed by anyone else meanwhile is left for the
 //! next pass, never overwritten.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -526,6 +526,7 @@ impl Reconciler {
         changes: Option<Pending>,
         known: &mut Known,
     ) -> Result<(), Error> {
+        let began = Instant::now();
         // A write before any decision: through a leader's fenced store it
         // fails once a newer leader took over, so a leader that was paused
         // and resumes calls no scheduler or agent either.
@@ -556,9 +557,17 @@ impl Reconciler {
                 .cloned()
                 .collect()
         });
+        let fenced = began.elapsed();
         let observation = self.observe(&known.nodes, observe.as_ref()).await;
         known.unanswered.clone_from(&observation.unreachable);
+        let observed_at = began.elapsed();
 
+        let mut observed: HashMap<&str, &Instance> = HashMap::new();
+        for instances in observation.reported.values() {
+            for instance in instances {
+                observed.insert(instance.id.as_str(), instance);
+            }
+        }
         let full = changes.is_none();
         let apps: HashMap<String, (u64, AppRecord)>;
         let names: Vec<String>;
@@ -583,10 +592,32 @@ impl Reconciler {
             }
             Some(changes) => {
                 let mut scope: BTreeSet<String> = changes.apps.into_iter().collect();
-                for node in observation.reported.keys().chain(&moved_nodes) {
+                // Every app on a node whose entry in the node list changed;
+                // of the nodes asked, the apps whose records their reports
+                // change (a node reports every app it runs, and asking it
+                // for one must not plan the others).
+                for node in &moved_nodes {
                     for id in known.by_node.get(node).into_iter().flatten() {
                         if let Some((_, record)) = known.records.get(id) {
                             scope.insert(record.app.clone());
+                        }
+                    }
+                }
+                for node in observation.reported.keys() {
+                    for id in known.by_node.get(node).into_iter().flatten() {
+                        if let Some((_, record)) = known.records.get(id)
+                            && !scope.contains(&record.app)
+                        {
+                            let mut merged = record.clone();
+                            merge(
+                                &mut merged,
+                                observed.get(id.as_str()).copied(),
+                                &observation,
+                                now,
+                            );
+                            if merged != *record {
+                                scope.insert(record.app.clone());
+                            }
                         }
                     }
                 }
@@ -603,14 +634,11 @@ impl Reconciler {
         }
 
         // Merge what the nodes report into the records.
-        let mut observed: HashMap<&str, &Instance> = HashMap::new();
-        for instances in observation.reported.values() {
-            for instance in instances {
-                observed.insert(instance.id.as_str(), instance);
-            }
-        }
         let mut by_app: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
-        let mut merged = Vec::new();
+        // Records whose merge changed them, written with the routes below
+        // in one group: an instance seen healthy is recorded and routed by
+        // one write.
+        let mut writes: BTreeMap<String, InstanceRecord> = BTreeMap::new();
         for name in &names {
             let mut records: Vec<InstanceRecord> = known.of_app(name).cloned().collect();
             for record in &mut records {
@@ -623,12 +651,13 @@ impl Reconciler {
                 );
                 if *record != before {
                     record.updated_ms = now;
-                    merged.push(record.clone());
+                    writes.insert(record.id.clone(), record.clone());
                 }
             }
             by_app.insert(name.clone(), records);
         }
-        known.update_all(&self.instances, &merged).await?;
+        let merged = writes.len();
+        let merged_at = began.elapsed();
 
         // Workloads no record refers to: left over from deleted apps or lost
         // records (a start in flight may not have landed its record yet).
@@ -645,7 +674,7 @@ impl Reconciler {
             }
         }
 
-        let mut to_route = Vec::new();
+        let mut to_route: HashSet<String> = HashSet::new();
         let mut drains = Vec::new();
         let mut starts = Vec::new();
         let mut progress: HashMap<String, Progress> = HashMap::new();
@@ -669,12 +698,16 @@ impl Reconciler {
                         if let Some(mut r) = record(&id) {
                             r.routable = true;
                             r.updated_ms = now;
-                            to_route.push(r);
+                            to_route.insert(id.clone());
+                            writes.insert(id, r);
                         }
                     }
                     Action::Drain(id) => {
                         if let Some(mut r) = record(&id) {
                             if !r.stopping || r.routable {
+                                // Written now, with what the merge changed:
+                                // the drain is journaled once it is recorded.
+                                writes.remove(&id);
                                 r.stopping = true;
                                 r.routable = false;
                                 r.updated_ms = now;
@@ -701,6 +734,7 @@ impl Reconciler {
                         }
                     }
                     Action::Forget(id) => {
+                        writes.remove(&id);
                         if let Some(r) = record(&id) {
                             if r.spec_hash == view.target_hash
                                 && matches!(r.state, InstanceState::Failed | InstanceState::Lost)
@@ -754,11 +788,13 @@ impl Reconciler {
             }
         }
 
-        // Into rotation: written together.
+        // What the nodes reported and what goes into rotation: written
+        // together.
         let mut routed: BTreeSet<String> = BTreeSet::new();
-        let written = known.update_all(&self.instances, &to_route).await?;
-        for (record, written) in to_route.iter().zip(written) {
-            if written {
+        let writes: Vec<InstanceRecord> = writes.into_values().collect();
+        let written = known.update_all(&self.instances, &writes).await?;
+        for (record, written) in writes.iter().zip(written) {
+            if written && to_route.contains(&record.id) {
                 progress
                     .entry(record.app.clone())
                     .or_default()
@@ -767,6 +803,8 @@ impl Reconciler {
             }
         }
         routed.extend(drains.iter().map(|r| r.app.clone()));
+        let planned_at = began.elapsed();
+        let routed_apps = routed.len();
 
         // Out of rotation first, then stopped: the router drops drained
         // instances and waits for their requests before anything is killed.
@@ -787,6 +825,21 @@ impl Reconciler {
                 Err(e) => tracing::warn!("router sync failed; stopping nothing this pass: {e}"),
             }
         }
+
+        tracing::debug!(
+            full,
+            apps = names.len(),
+            nodes = observation.reported.len(),
+            merged,
+            routed = to_route.len(),
+            routed_apps,
+            fence_us = fenced.as_micros() as u64,
+            observe_us = (observed_at - fenced).as_micros() as u64,
+            merge_us = (merged_at - observed_at).as_micros() as u64,
+            plan_us = (planned_at - merged_at).as_micros() as u64,
+            sync_us = (began.elapsed() - planned_at).as_micros() as u64,
+            "reconcile pass"
+        );
 
         // Starts go on after the pass: a slow node holds up no other app.
         // What an app's start saw is taken in by the pass that plans the

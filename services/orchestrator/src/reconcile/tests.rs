@@ -3,7 +3,7 @@
 //! to what was asked, no allocation outlives its instance (capacity comes
 //! back), and a pass over a converged platform changes nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -813,4 +813,109 @@ async fn a_placement_that_fell_short_is_tried_again_after_a_tick_not_at_once() {
     h.now += 1_000;
     pass_now(&h).await;
     assert_eq!(places(&h), 2, "a tick later it is tried again");
+}
+
+/// An instance a node reports healthy is routed by the same write that
+/// records it healthy: one store write per record per pass, not one to
+/// merge what the node said and another to route it (each a commit on the
+/// way from healthy to routed).
+#[tokio::test(start_paused = true)]
+async fn an_instance_seen_healthy_is_recorded_and_routed_in_one_write() {
+    let mut h = Harness::new().await;
+    h.apply(3).await;
+    h.hinted_pass(&["web"]).await;
+    let started: HashMap<String, usize> = h
+        .instances
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _, record)| {
+            assert_eq!(
+                record.state,
+                InstanceState::Starting,
+                "{id} before its node is asked"
+            );
+            let puts = h.store.puts(INSTANCES, &id);
+            (id, puts)
+        })
+        .collect();
+    assert_eq!(started.len(), 3, "the first pass starts three: {started:?}");
+
+    // The nodes the starts touched are what the agents' events name.
+    h.hinted_pass(&[]).await;
+    let seen = h.instances.list("").await.unwrap();
+    assert_eq!(seen.len(), 3);
+    for (id, _, record) in seen {
+        assert!(
+            record.state == InstanceState::Healthy && record.routable,
+            "{id} is {:?}, routable: {}",
+            record.state,
+            record.routable
+        );
+        let puts = h.store.puts(INSTANCES, &id) - started[&id];
+        assert_eq!(
+            puts, 1,
+            "{id} was written {puts} times in the pass that saw it healthy"
+        );
+    }
+}
+
+/// A node asked because one app's instance changed there reports every app
+/// it runs. Only the apps whose records its report changes are planned: a
+/// settled app that shares the node is not even read.
+#[tokio::test(start_paused = true)]
+async fn a_node_asked_for_one_app_plans_no_other_app_it_runs() {
+    let mut h = Harness::new().await;
+    h.apply_named("web", 2).await;
+    h.apply_named("api", 2).await;
+    for _ in 0..6 {
+        h.pass().await;
+    }
+    let records = h.instances.values("").await.unwrap();
+    assert!(
+        records.len() == 4
+            && records
+                .iter()
+                .all(|r| r.state == InstanceState::Healthy && r.routable),
+        "both apps serve: {records:?}"
+    );
+    let failed = {
+        let mut world = h.cluster.world.lock().unwrap();
+        let on_node_1: HashSet<String> = world
+            .running
+            .values()
+            .filter(|i| i.node_id == "node-1")
+            .map(|i| i.app.clone())
+            .collect();
+        assert_eq!(
+            on_node_1,
+            HashSet::from(["web".to_string(), "api".to_string()]),
+            "node-1 runs both apps"
+        );
+        let instance = world
+            .running
+            .values_mut()
+            .find(|i| i.node_id == "node-1" && i.app == "web")
+            .expect("web on node-1");
+        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
+        let id = instance.id.clone();
+        world.touched = HashSet::from(["node-1".to_string()]);
+        id
+    };
+    let (web_reads, api_reads) = (h.store.gets(APPS, "web"), h.store.gets(APPS, "api"));
+    h.hinted_pass(&[]).await;
+    assert!(
+        h.store.gets(APPS, "web") > web_reads,
+        "web, whose instance {failed} failed, was not planned"
+    );
+    assert_eq!(
+        h.store.gets(APPS, "api"),
+        api_reads,
+        "api, settled on the same node, was read"
+    );
+    assert!(
+        h.instances.get(&failed).await.unwrap().is_none(),
+        "web's failed instance {failed} is forgotten, to be replaced"
+    );
 }
