@@ -9,8 +9,9 @@
 //! 6-replica app spread over the agents and reached through Traefik; a
 //! rolling update, a scale from 6 to 2 and a node drain under load with no
 //! failed request; an agent killed (replaced within 20 s; only requests sent
-//! within 1 s of the kill may fail, at most two per client), paused for 45 s, and cut off the network and back, each
-//! ending with exactly the desired instances and no duplicate.
+//! within 1 s of the kill may fail, at most two per client), paused for
+//! 45 s, and cut off the network and back, each ending with exactly the
+//! desired instances and no duplicate.
 
 mod common;
 
@@ -228,15 +229,17 @@ fn finish_node_loss(loads: Vec<Load>, killed: Instant) {
     for load in loads {
         let (ok, failures) = load.finish_timed();
         total += ok + failures.len();
-        let late: Vec<String> = failures
+        let failures: Vec<(Duration, String)> = failures
             .iter()
-            .filter(|f| f.sent.saturating_duration_since(killed) > LOSS_WINDOW)
             .map(|f| {
-                format!(
-                    "{f}, sent {:?} after the kill",
-                    f.sent.saturating_duration_since(killed)
-                )
+                let after = f.sent.saturating_duration_since(killed);
+                (after, format!("{f}, sent {after:?} after the kill"))
             })
+            .collect();
+        let late: Vec<&String> = failures
+            .iter()
+            .filter(|(after, _)| *after > LOSS_WINDOW)
+            .map(|(_, described)| described)
             .collect();
         assert!(
             late.is_empty(),
@@ -247,12 +250,7 @@ fn finish_node_loss(loads: Vec<Load>, killed: Instant) {
             "node loss: one client saw {} failures, at most {LOSS_PER_CLIENT} may fail: {failures:?}",
             failures.len()
         );
-        lost.extend(failures.iter().map(|f| {
-            format!(
-                "{f}, sent {:?} after the kill",
-                f.sent.saturating_duration_since(killed)
-            )
-        }));
+        lost.extend(failures.into_iter().map(|(_, described)| described));
     }
     assert!(total > 50, "node loss: the load ran ({total} requests)");
     eprintln!(
