@@ -133,12 +133,14 @@ fn the_scale_bench_deploys_onto_simulated_nodes_and_reports_its_figures() {
             deploy["process_rss_mib"].as_f64().unwrap() > 0.0,
             "{report}"
         );
-        let routes = &run["route_propagation"];
-        assert_eq!(routes["instances"].as_u64(), Some(6), "{report}");
-        assert!(
-            routes["healthy_to_routed_ms"]["p99"].as_f64().unwrap() >= 0.0,
-            "{report}"
-        );
+        for mode in ["burst", "paced"] {
+            let routes = &run["route_propagation"][mode];
+            assert_eq!(routes["instances"].as_u64(), Some(6), "{mode}: {report}");
+            assert!(
+                routes["healthy_to_routed_ms"]["p99"].as_f64().unwrap() >= 0.0,
+                "{mode}: {report}"
+            );
+        }
     }
     assert_eq!(runs[1]["nodes"].as_u64(), Some(6), "{report}");
 }

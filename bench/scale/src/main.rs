@@ -16,7 +16,8 @@
 //! - the store's size on disk;
 //! - route propagation: from an instance turning healthy to the routing
 //!   table the edge proxy and Traefik read holding it, over
-//!   `--route-instances` instances.
+//!   `--route-instances` instances deployed at once (`burst`) and as many
+//!   added one at a time (`paced`).
 //!
 //! The control plane runs on its own runtime (threads `capstan-cp`), the
 //! nodes on another (`capstan-sim`), so each one's CPU is read per thread
@@ -60,7 +61,8 @@ struct Args {
     /// How long a simulated instance takes to answer after it is started.
     #[arg(long, default_value_t = 20)]
     start_delay_ms: u64,
-    /// Instances of the app whose route propagation is measured (0: skip).
+    /// Instances of each app whose route propagation is measured, deployed
+    /// at once and added one at a time (0: skip).
     #[arg(long, default_value_t = 200)]
     route_instances: u32,
     /// How long a deploy may take before the run fails.
@@ -92,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--nodes: each count must be between 1 and 60000");
     }
     let descriptors = raise_open_files(
-        u64::from(args.instances + args.route_instances) + u64::from(most_nodes) * 3 + 1_000,
+        u64::from(args.instances + 2 * args.route_instances) + u64::from(most_nodes) * 3 + 1_000,
     )?;
     let control = runtime("capstan-cp")?;
     let nodes = runtime("capstan-sim")?;
@@ -698,8 +700,12 @@ async fn published_servers(
     Ok(servers)
 }
 
-/// Deploys one app of `--route-instances` and times, per instance, from
-/// its `instance.healthy` event to the published table holding it.
+/// Route propagation twice, over `--route-instances` instances each:
+/// `burst`, one app of that many replicas deployed at once (each instance
+/// waits behind the others' starts, probes and writes: a deploy's
+/// throughput), and `paced`, one app scaled up one replica at a time, each
+/// once the last is published (an instance alone: the latency of the path
+/// itself).
 async fn route_propagation(
     clients: &mut Clients,
     platform: &capstan_server::Platform,
@@ -707,34 +713,66 @@ async fn route_propagation(
     args: &Args,
     deadline: Instant,
 ) -> anyhow::Result<serde_json::Value> {
-    let name = "route-probe";
     let token = capstan_router_config::provider_token(platform).await?;
     let token = token.expose().to_string();
+    let provider = endpoints.traefik_provider.as_str();
+    let wanted = args.route_instances;
+
+    let name = "route-burst";
+    let healthy = healthy_times(clients, name).await?;
+    apply(clients, name, wanted).await?;
+    let mut published = Published::default();
+    published
+        .until(provider, &token, name, wanted, deadline)
+        .await?;
+    let burst = propagation(clients, name, healthy, &published).await?;
+
+    let name = "route-paced";
+    let healthy = healthy_times(clients, name).await?;
+    let mut published = Published::default();
+    for replicas in 1..=wanted {
+        apply(clients, name, replicas).await?;
+        published
+            .until(provider, &token, name, replicas, deadline)
+            .await?;
+    }
+    let paced = propagation(clients, name, healthy, &published).await?;
+    Ok(json!({ "burst": burst, "paced": paced }))
+}
+
+async fn apply(clients: &mut Clients, name: &str, replicas: u32) -> anyhow::Result<()> {
+    clients
+        .orchestrator
+        .apply_app(ApplyAppRequest {
+            spec: Some(capstan_proto::spec_to_wire(&spec(name, replicas)?)),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Instance id -> first healthy (ms), from the agents' `instance.healthy`
+/// events about `app`, collected until the task is aborted.
+struct Healthy {
+    times: Arc<std::sync::Mutex<HashMap<String, i64>>>,
+    collector: tokio::task::JoinHandle<()>,
+}
+
+async fn healthy_times(clients: &mut Clients, app: &str) -> anyhow::Result<Healthy> {
     let mut events = clients
         .orchestrator
         .watch_events(WatchEventsRequest {
-            app: name.into(),
+            app: app.into(),
             history: 0,
         })
         .await?
         .into_inner();
-    clients
-        .orchestrator
-        .apply_app(ApplyAppRequest {
-            spec: Some(capstan_proto::spec_to_wire(&spec(
-                name,
-                args.route_instances,
-            )?)),
-        })
-        .await?;
-    // Instance id -> healthy at (ms), from the agents' events.
-    let healthy = Arc::new(std::sync::Mutex::new(HashMap::<String, i64>::new()));
+    let times = Arc::new(std::sync::Mutex::new(HashMap::<String, i64>::new()));
     let collector = {
-        let healthy = healthy.clone();
+        let times = times.clone();
         tokio::spawn(async move {
             while let Some(Ok(event)) = events.next().await {
                 if event.kind == "instance.healthy" {
-                    healthy
+                    times
                         .lock()
                         .expect("healthy lock poisoned")
                         .entry(event.instance_id)
@@ -743,45 +781,71 @@ async fn route_propagation(
             }
         })
     };
-    // Address -> first seen in the published table (ms).
-    let mut published: HashMap<String, i64> = HashMap::new();
-    let wanted = args.route_instances as usize;
-    let mut polls = 0u64;
-    while published.len() < wanted {
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {wanted} route-probe instances published",
-                published.len()
-            );
+    Ok(Healthy { times, collector })
+}
+
+/// Server address -> first seen in the published table (ms).
+#[derive(Default)]
+struct Published {
+    first_seen: HashMap<String, i64>,
+    polls: u64,
+}
+
+impl Published {
+    /// Reads the table every millisecond until it holds `wanted` servers
+    /// of `app`.
+    async fn until(
+        &mut self,
+        provider: &str,
+        token: &str,
+        app: &str,
+        wanted: u32,
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
+        loop {
+            let servers = published_servers(provider, token, app).await?;
+            let at = now_ms();
+            self.polls += 1;
+            let count = servers.len();
+            for server in servers {
+                self.first_seen.entry(server).or_insert(at);
+            }
+            if count >= wanted as usize {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{count} of {wanted} {app} instances published");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let servers = published_servers(&endpoints.traefik_provider, &token, name).await?;
-        let at = now_ms();
-        polls += 1;
-        for server in servers {
-            published.entry(server).or_insert(at);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Per instance of `app`: from its `instance.healthy` to its address in
+/// the published table.
+async fn propagation(
+    clients: &mut Clients,
+    app: &str,
+    healthy: Healthy,
+    published: &Published,
+) -> anyhow::Result<serde_json::Value> {
     let status = clients
         .orchestrator
-        .get_app(GetAppRequest { name: name.into() })
+        .get_app(GetAppRequest { name: app.into() })
         .await?
         .into_inner();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    collector.abort();
-    let healthy = healthy.lock().expect("healthy lock poisoned").clone();
+    healthy.collector.abort();
+    let times = healthy.times.lock().expect("healthy lock poisoned").clone();
     let mut delays: Vec<f64> = status
         .instances
         .iter()
-        .filter_map(|i| {
-            let address = i.address.clone();
-            Some((published.get(&address)? - healthy.get(&i.id)?) as f64)
-        })
+        .filter_map(|i| Some((published.first_seen.get(&i.address)? - times.get(&i.id)?) as f64))
         .collect();
     let measured = delays.len();
     Ok(json!({
         "instances": measured,
-        "table_polls": polls,
+        "table_polls": published.polls,
         "healthy_to_routed_ms": {
             "p50": round(percentile(&mut delays, 50.0), 1),
             "p99": round(percentile(&mut delays, 99.0), 1),

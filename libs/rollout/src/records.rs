@@ -124,6 +124,19 @@ pub struct InstanceRecord {
     pub updated_ms: i64,
 }
 
+impl InstanceRecord {
+    /// Whether the routing table holds it: put into rotation, not leaving
+    /// it, healthy, and at an address. `ListEndpoints` routes exactly
+    /// these, and the reconciler tells the router whenever a record it
+    /// writes or forgets changes this.
+    pub fn in_routes(&self) -> bool {
+        self.routable
+            && !self.stopping
+            && self.state == InstanceState::Healthy
+            && !self.address.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

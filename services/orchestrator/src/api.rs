@@ -739,11 +739,7 @@ impl Orchestrator for Api {
             records
         };
         for r in records {
-            if r.routable
-                && !r.stopping
-                && r.state == InstanceState::Healthy
-                && !r.address.is_empty()
-            {
+            if r.in_routes() {
                 routable.entry(r.app).or_default().push(Endpoint {
                     instance_id: r.id,
                     address: r.address,

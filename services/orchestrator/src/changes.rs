@@ -43,9 +43,16 @@ impl Changes {
         });
     }
 
-    /// Marks the app and node an event names. Events about neither (routes,
-    /// audit) wake nothing.
+    /// Marks the app and node an event names. Events about neither (audit)
+    /// and those about routes (the reconciler's own `routes.updated` after
+    /// a pass, which changes no record) wake nothing.
     pub fn event(&self, event: &Event) {
+        if matches!(
+            event.kind,
+            EventKind::RoutesUpdated | EventKind::RoutesUnconfirmed
+        ) {
+            return;
+        }
         let node_list = matches!(
             event.kind,
             EventKind::NodeRegistered
@@ -124,6 +131,12 @@ mod tests {
         let changes = Changes::new();
         changes.event(&Event::new("ev-1".into(), 0, EventKind::RoutesUpdated));
         assert_eq!(changes.take(), Pending::default());
+        changes.event(&event(EventKind::RoutesUpdated, "web", ""));
+        assert_eq!(
+            changes.take(),
+            Pending::default(),
+            "the reconciler's own routes.updated after a pass starts no other pass"
+        );
         changes.event(&event(EventKind::NodeDown, "", "node-2"));
         let pending = changes.take();
         assert!(pending.node_list);

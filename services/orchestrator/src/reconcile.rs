@@ -639,6 +639,10 @@ impl Reconciler {
         // in one group: an instance seen healthy is recorded and routed by
         // one write.
         let mut writes: BTreeMap<String, InstanceRecord> = BTreeMap::new();
+        // Apps with a record that left the routes or came back by what its
+        // node said (a crash, a lost node, an address no longer on the
+        // node): the router is told in this pass, as for a drain.
+        let mut rerouted: BTreeSet<String> = BTreeSet::new();
         for name in &names {
             let mut records: Vec<InstanceRecord> = known.of_app(name).cloned().collect();
             for record in &mut records {
@@ -651,6 +655,9 @@ impl Reconciler {
                 );
                 if *record != before {
                     record.updated_ms = now;
+                    if record.in_routes() != before.in_routes() {
+                        rerouted.insert(name.clone());
+                    }
                     writes.insert(record.id.clone(), record.clone());
                 }
             }
@@ -803,6 +810,7 @@ impl Reconciler {
             }
         }
         routed.extend(drains.iter().map(|r| r.app.clone()));
+        routed.extend(rerouted);
         let planned_at = began.elapsed();
         let routed_apps = routed.len();
 
@@ -810,19 +818,35 @@ impl Reconciler {
         // instances and waits for their requests before anything is killed.
         // It reads again only the routes of the apps named (all of them
         // when there are too many to name).
+        // `Sync` reaches one router-config; a `routes.updated` per app tells
+        // every other replica (and any that `Sync` did not reach) to read
+        // those routes again.
         if !routed.is_empty() {
-            let apps = if routed.len() > capstan_types::id::MAX_NAMED_APPS {
+            let apps: Vec<String> = if routed.len() > capstan_types::id::MAX_NAMED_APPS {
                 Vec::new()
             } else {
                 routed.into_iter().collect()
             };
-            match self.cluster.sync_routes(apps).await {
+            match self.cluster.sync_routes(apps.clone()).await {
                 Ok(()) => {
                     for record in &drains {
                         self.finish_drain(record, &observation, known).await;
                     }
                 }
                 Err(e) => tracing::warn!("router sync failed; stopping nothing this pass: {e}"),
+            }
+            let updated = |app: Option<&String>| {
+                let event = Event::new(new_id("ev"), now, EventKind::RoutesUpdated);
+                match app {
+                    Some(app) => event.app(app),
+                    None => event,
+                }
+            };
+            if apps.is_empty() {
+                self.emit(updated(None)).await;
+            }
+            for app in &apps {
+                self.emit(updated(Some(app))).await;
             }
         }
 

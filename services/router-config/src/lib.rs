@@ -3,8 +3,13 @@
 //! edge proxy, and renders it as Traefik v3 dynamic configuration (over gRPC
 //! and over HTTP for Traefik's HTTP provider).
 //!
-//! It rebuilds on instance and app events (once for all that are queued)
-//! and every [`REBUILD_EVERY`] regardless (events are hints; the orchestrator's state is the truth).
+//! It rebuilds on `Sync` (the reconciler's, for the apps whose routes a
+//! pass changed), on `routes.updated` and `app.*` events (once for all
+//! that are queued), and every [`REBUILD_EVERY`] regardless (events are
+//! hints; the orchestrator's state is the truth). Instance events are not
+//! among them: an instance enters or leaves the routes only by a record
+//! the reconciler writes, and it tells the router then, so a rebuild on
+//! the agent's event would read the record before that write.
 //! `Sync` returns only after the new table is applied, every router in front
 //! has confirmed that it no longer routes to removed upstreams, and their
 //! requests in flight have finished: that is how an instance leaves rotation
@@ -644,7 +649,9 @@ pub async fn run(
         let mut tick = tokio::time::interval(REBUILD_EVERY);
         loop {
             if subscription.is_none() {
-                subscription = rebuilder.platform.bus.subscribe("router-config", &["instance.#", "app.#"]).await.ok();
+                // A private watch, not a shared queue: every replica keeps
+                // its own table, so each must see every hint.
+                subscription = rebuilder.platform.bus.watch(&["routes.updated", "app.#"]).await.ok();
             }
             let scope = tokio::select! {
                 _ = rebuild_shutdown.cancelled() => return,
@@ -653,9 +660,8 @@ pub async fn run(
                     match delivery {
                         Some(delivery) => {
                             // Events are hints: one rebuild reads the routes
-                            // of every app the events already queued name (a
-                            // deploy of 1,000 instances sends 3,000), and the
-                            // periodic rebuild reads them all.
+                            // of every app the events already queued name,
+                            // and the periodic rebuild reads them all.
                             let mut apps = vec![delivery.event.app.clone()];
                             let _ = delivery.ack().await;
                             if let Some(subscription) = subscription.as_mut() {

@@ -83,6 +83,8 @@ struct World {
     /// Nodes where an instance started or stopped since the last hinted
     /// pass: what those agents' events would name.
     touched: HashSet<String>,
+    /// The apps each `Sync` named, in order (none: every app).
+    synced: Vec<Vec<String>>,
 }
 
 /// The scheduler, agents and router in memory. Instances become healthy
@@ -248,12 +250,22 @@ impl Cluster for FakeCluster {
         Ok(())
     }
 
-    async fn sync_routes(&self, _apps: Vec<String>) -> Result<(), Error> {
-        self.faults.check(Step::Sync)
+    async fn sync_routes(&self, apps: Vec<String>) -> Result<(), Error> {
+        self.faults.check(Step::Sync)?;
+        self.cluster_synced(apps);
+        Ok(())
     }
 }
 
 impl FakeCluster {
+    fn cluster_synced(&self, apps: Vec<String>) {
+        self.world.lock().unwrap().synced.push(apps);
+    }
+
+    fn take_synced(&self) -> Vec<Vec<String>> {
+        std::mem::take(&mut self.world.lock().unwrap().synced)
+    }
+
     /// What the node does on `StartInstance`.
     fn run_instance(
         &self,
@@ -917,5 +929,39 @@ async fn a_node_asked_for_one_app_plans_no_other_app_it_runs() {
     assert!(
         h.instances.get(&failed).await.unwrap().is_none(),
         "web's failed instance {failed} is forgotten, to be replaced"
+    );
+}
+
+/// An instance that ends by itself while routed (a crash, its node lost)
+/// leaves the routing table in the pass that sees it: the router is told,
+/// as it is for a drain, rather than finding out on its next periodic
+/// rebuild while the proxy still sends requests to the dead address.
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_fails_while_routed_is_synced_out_of_the_table_in_that_pass() {
+    let mut h = Harness::new().await;
+    h.apply(2).await;
+    h.converge(2, PASSES).await.unwrap();
+    let failed = {
+        let mut world = h.cluster.world.lock().unwrap();
+        let instance = world
+            .running
+            .values_mut()
+            .find(|i| i.node_id == "node-1")
+            .expect("an instance on node-1");
+        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
+        let id = instance.id.clone();
+        world.touched = HashSet::from(["node-1".to_string()]);
+        id
+    };
+    h.cluster.take_synced();
+    h.hinted_pass(&[]).await;
+    assert!(
+        h.instances.get(&failed).await.unwrap().is_none(),
+        "the failed instance {failed} is forgotten"
+    );
+    assert_eq!(
+        h.cluster.take_synced().first(),
+        Some(&vec!["web".to_string()]),
+        "the router was not told that {failed} left web's routes"
     );
 }
