@@ -262,6 +262,21 @@ impl FakeCluster {
         self.world.lock().unwrap().synced.push(apps);
     }
 
+    /// Fails one instance `node` runs, as its workload exiting would;
+    /// the agent's `instance.failed` names that node, and only it.
+    fn fail_one_on(&self, node: &str) -> String {
+        let mut world = self.world.lock().unwrap();
+        let instance = world
+            .running
+            .values_mut()
+            .find(|i| i.node_id == node)
+            .expect("an instance on the node");
+        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
+        let id = instance.id.clone();
+        world.touched = HashSet::from([node.to_string()]);
+        id
+    }
+
     fn take_synced(&self) -> Vec<Vec<String>> {
         std::mem::take(&mut self.world.lock().unwrap().synced)
     }
@@ -626,19 +641,7 @@ async fn an_instance_failing_on_one_node_is_replaced_by_asking_that_node_only() 
     let mut h = Harness::new().await;
     h.apply(3).await;
     h.converge(3, PASSES).await.unwrap();
-    let failed = {
-        let mut world = h.cluster.world.lock().unwrap();
-        let instance = world
-            .running
-            .values_mut()
-            .find(|i| i.node_id == "node-1")
-            .expect("an instance on node-1");
-        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
-        let id = instance.id.clone();
-        // The agent's `instance.failed` names its node, and only it.
-        world.touched = HashSet::from(["node-1".to_string()]);
-        id
-    };
+    let failed = h.cluster.fail_one_on("node-1");
     h.take_asked();
     h.hinted_pass(&["web"]).await;
     assert_eq!(h.take_asked(), vec!["node-1".to_string()]);
@@ -941,18 +944,7 @@ async fn an_instance_that_fails_while_routed_is_synced_out_of_the_table_in_that_
     let mut h = Harness::new().await;
     h.apply(2).await;
     h.converge(2, PASSES).await.unwrap();
-    let failed = {
-        let mut world = h.cluster.world.lock().unwrap();
-        let instance = world
-            .running
-            .values_mut()
-            .find(|i| i.node_id == "node-1")
-            .expect("an instance on node-1");
-        instance.state = capstan_proto::v1::InstanceState::Failed as i32;
-        let id = instance.id.clone();
-        world.touched = HashSet::from(["node-1".to_string()]);
-        id
-    };
+    let failed = h.cluster.fail_one_on("node-1");
     h.cluster.take_synced();
     h.hinted_pass(&[]).await;
     assert!(
