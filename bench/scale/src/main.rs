@@ -93,6 +93,16 @@ fn main() -> anyhow::Result<()> {
     if most_nodes == 0 || most_nodes > 60_000 {
         bail!("--nodes: each count must be between 1 and 60000");
     }
+    // Placement would fall short and the run would wait for its timeout.
+    let fewest_nodes = args.nodes.iter().copied().min().unwrap_or(0);
+    let per_node = (NODE.cpu_millis / INSTANCE_CPU_MILLIS).min(NODE.memory_mb / INSTANCE_MEMORY_MB);
+    let wanted = u64::from(args.instances) + 2 * u64::from(args.route_instances);
+    if wanted > u64::from(fewest_nodes) * u64::from(per_node) {
+        bail!(
+            "--nodes: {fewest_nodes} nodes hold {} instances ({per_node} each), fewer than the {wanted} asked (--instances and twice --route-instances)",
+            u64::from(fewest_nodes) * u64::from(per_node)
+        );
+    }
     let descriptors = raise_open_files(
         u64::from(args.instances + 2 * args.route_instances) + u64::from(most_nodes) * 3 + 1_000,
     )?;

@@ -43,6 +43,13 @@ impl Changes {
         });
     }
 
+    /// What `node` runs may have changed: its next pass asks it.
+    pub fn node(&self, node: &str) {
+        self.mark(|pending| {
+            pending.nodes.insert(node.to_string());
+        });
+    }
+
     /// Marks the app and node an event names. Events about neither (audit)
     /// and those about routes (the reconciler's own `routes.updated` after
     /// a pass, which changes no record) wake nothing.

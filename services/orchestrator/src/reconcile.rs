@@ -70,7 +70,9 @@ pub struct Reconciler {
     instances: Table<InstanceRecord>,
     journal: crate::journal::Journal,
     known: Arc<tokio::sync::Mutex<Known>>,
-    /// Marked when a start lands, so its app is planned again at once.
+    /// Marked when a start lands: each record's node, so the next pass
+    /// asks it again, and once the start is over, its app, so it is
+    /// planned again at once.
     changes: Arc<Changes>,
     /// What starts in flight have written, for the next pass to take in.
     landed: Arc<std::sync::Mutex<Vec<Landed>>>,
@@ -1080,6 +1082,10 @@ impl Reconciler {
                 .lock()
                 .expect("landed lock poisoned")
                 .push(Landed::Record(written));
+            // The instance may have turned healthy before its record landed
+            // (the pass its node's event woke had nothing to merge it
+            // into): the pass that takes the record in asks the node again.
+            self.changes.node(&placement.node_id);
         });
         join_all(starts).await;
         placed.explanation

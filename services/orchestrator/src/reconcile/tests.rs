@@ -957,3 +957,54 @@ async fn an_instance_that_fails_while_routed_is_synced_out_of_the_table_in_that_
         "the router was not told that {failed} left web's routes"
     );
 }
+
+/// An instance can turn healthy before its start lands: the agent's event
+/// names its node while the record is still being written, so the pass it
+/// wakes has no record to merge the report into. The landing itself must
+/// then have its node asked again: the pass the reconciler's own hints
+/// wake routes it, not the next full sweep seconds later.
+#[tokio::test(start_paused = true)]
+async fn an_instance_healthy_before_its_start_landed_is_routed_by_the_landings_pass() {
+    let mut h = Harness::new().await;
+    let gate = h.cluster.hold("web");
+    h.apply(1).await;
+    let hints = Pending {
+        apps: HashSet::from(["web".to_string()]),
+        ..Pending::default()
+    };
+    h.reconciler.reconcile_changes(h.now, hints).await.unwrap();
+    // The start runs up to the held answer: the node runs the instance.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+
+    // The agent's events name the node; it reports the instance healthy,
+    // but its record has not landed.
+    let nodes = std::mem::take(&mut h.cluster.world.lock().unwrap().touched);
+    assert_eq!(nodes.len(), 1, "the start touched one node: {nodes:?}");
+    h.now += 1_000;
+    let hints = Pending {
+        nodes,
+        ..Pending::default()
+    };
+    h.reconciler.reconcile_changes(h.now, hints).await.unwrap();
+    let records = h.instances.values("").await.unwrap();
+    assert!(
+        records.iter().all(|r| !r.routable),
+        "routed before its start landed: {records:?}"
+    );
+
+    gate.add_permits(1);
+    h.reconciler.starts_landed().await;
+    // Only what the reconciler marked itself: no agent event comes again.
+    h.now += 1_000;
+    let hints = h.reconciler.changes.take();
+    h.reconciler.reconcile_changes(h.now, hints).await.unwrap();
+    let records = h.instances.values("").await.unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0].state == InstanceState::Healthy && records[0].routable,
+        "the landing's pass left {} {:?}, routable: {}",
+        records[0].id,
+        records[0].state,
+        records[0].routable
+    );
+}
