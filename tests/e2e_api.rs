@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use capstan_proto::v1::auth_client::AuthClient;
 use capstan_proto::v1::orchestrator_client::OrchestratorClient;
-use capstan_proto::v1::{ApplyAppRequest, CreateApiKeyRequest, IssueTokenRequest, ListAppsRequest};
+use capstan_proto::v1::router_config_client::RouterConfigClient;
+use capstan_proto::v1::{
+    ApplyAppRequest, CreateApiKeyRequest, GetRoutesRequest, IssueTokenRequest, ListAppsRequest,
+};
 use common::*;
 use tonic::Code;
 
@@ -270,7 +273,8 @@ fn traefik_config_and_proxy_answers() {
 /// `ListEndpoints` naming apps (what a reconcile pass's `Sync` makes the
 /// router read): the named apps' routes only, an app that does not exist
 /// simply absent, nothing named means every app, and a bad name or too
-/// many names are refused with the field named.
+/// many names are refused with the field named. `GetRoutes` naming one app
+/// likewise.
 #[test]
 fn list_endpoints_names_the_apps_it_reads() {
     use capstan_proto::v1::ListEndpointsRequest;
@@ -333,5 +337,37 @@ fn list_endpoints_names_the_apps_it_reads() {
             "{}",
             many.message()
         );
+
+        // `GetRoutes` for one app: its route alone; none asked: every route.
+        let mut router =
+            RouterConfigClient::new(channel(endpoints["router_config"].as_str().unwrap()));
+        let routes = |app: &str| with_token(GetRoutesRequest { app: app.into() }, &admin);
+        let apps_of = |table: capstan_proto::v1::RouteTable| {
+            table
+                .routes
+                .into_iter()
+                .map(|r| (r.app, r.upstreams.len()))
+                .collect::<Vec<_>>()
+        };
+        let beta = router
+            .get_routes(routes("beta"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(apps_of(beta), [("beta".to_string(), 1)]);
+        let gone = router
+            .get_routes(routes("gone"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(apps_of(gone), []);
+        let every = router.get_routes(routes("")).await.unwrap().into_inner();
+        assert_eq!(
+            apps_of(every),
+            [("alpha".to_string(), 1), ("beta".to_string(), 1)]
+        );
+        let bad = router.get_routes(routes("../etc")).await.unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(bad.message().contains("app"), "{}", bad.message());
     });
 }

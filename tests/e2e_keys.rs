@@ -40,7 +40,7 @@ async fn read_everywhere(dev: &Dev, token: &str) -> Vec<Result<(), tonic::Status
             .await
             .map(drop),
         RouterConfigClient::new(channel(&dev.endpoint("router_config")))
-            .get_routes(with_token(GetRoutesRequest {}, token))
+            .get_routes(with_token(GetRoutesRequest::default(), token))
             .await
             .map(drop),
     ]

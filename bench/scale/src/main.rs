@@ -33,16 +33,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use capstan_authn::{Authed, TokenSource};
 use capstan_proto::v1::orchestrator_client::OrchestratorClient;
+use capstan_proto::v1::router_config_client::RouterConfigClient;
 use capstan_proto::v1::scheduler_client::SchedulerClient;
 use capstan_proto::v1::{
-    ApplyAppRequest, GetAppRequest, ListNodesRequest, NodeStatus, WatchEventsRequest,
+    ApplyAppRequest, GetAppRequest, GetRoutesRequest, ListNodesRequest, NodeStatus,
+    WatchEventsRequest,
 };
 use capstan_secrets::Secret;
 use capstan_types::spec::SpecFormat;
 use capstan_types::{AppSpec, NodeId, Resources};
 use clap::Parser;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 /// Deploys apps onto simulated nodes through the real control plane; prints JSON.
@@ -268,6 +269,7 @@ fn now_ms() -> i64 {
 struct Clients {
     orchestrator: OrchestratorClient<Authed>,
     scheduler: SchedulerClient<Authed>,
+    router: RouterConfigClient<Authed>,
 }
 
 fn clients(data_dir: &Path, endpoints: &capstan::dev::Endpoints) -> anyhow::Result<Clients> {
@@ -286,6 +288,11 @@ fn clients(data_dir: &Path, endpoints: &capstan::dev::Endpoints) -> anyhow::Resu
         .max_decoding_message_size(256 << 20),
         scheduler: SchedulerClient::new(Authed::new(
             capstan_server::channel_to(&endpoints.scheduler)?,
+            tokens.clone(),
+        ))
+        .max_decoding_message_size(256 << 20),
+        router: RouterConfigClient::new(Authed::new(
+            capstan_server::channel_to(&endpoints.router_config)?,
             tokens,
         ))
         .max_decoding_message_size(256 << 20),
@@ -411,7 +418,7 @@ fn run(
         let setup_s = setup.elapsed().as_secs_f64();
         let deployed = deploy(&mut clients, data.path(), args, deadline).await?;
         let routes = if args.route_instances > 0 {
-            Some(route_propagation(&mut clients, &platform, &endpoints, args, deadline).await?)
+            Some(route_propagation(&mut clients, args, deadline).await?)
         } else {
             None
         };
@@ -667,47 +674,24 @@ async fn confirm(
     }
 }
 
-/// The addresses of `app`'s servers in the routing table router-config
-/// publishes, read from its Traefik provider endpoint: the table the edge
-/// proxy routes by.
+/// The addresses of `app`'s upstreams in the table the edge proxy routes
+/// by (router-config's `GetRoutes`, that app's route only: a read costs
+/// what it measures, not the whole table).
 async fn published_servers(
-    provider: &str,
-    token: &str,
+    router: &mut RouterConfigClient<Authed>,
     app: &str,
 ) -> anyhow::Result<HashSet<String>> {
-    let mut stream = tokio::net::TcpStream::connect(provider).await?;
-    let request = format!(
-        "GET /traefik HTTP/1.0\r\nHost: {provider}\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("the provider's answer has no body")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!(
-            "the provider answered {}",
-            head.lines().next().unwrap_or("")
-        );
-    }
-    let config: serde_json::Value = serde_json::from_str(body)?;
-    let mut servers = HashSet::new();
-    let service = config
-        .pointer("/http/services")
-        .and_then(|s| s.get(format!("capstan-{app}")));
-    for server in service
-        .and_then(|s| s.pointer("/loadBalancer/servers"))
-        .and_then(|s| s.as_array())
+    let table = router
+        .get_routes(GetRoutesRequest { app: app.into() })
+        .await?
+        .into_inner();
+    Ok(table
+        .routes
         .into_iter()
-        .flatten()
-    {
-        if let Some(url) = server.get("url").and_then(|u| u.as_str()) {
-            servers.insert(url.trim_start_matches("http://").to_string());
-        }
-    }
-    Ok(servers)
+        .filter(|route| route.app == app)
+        .flat_map(|route| route.upstreams)
+        .map(|upstream| upstream.address)
+        .collect())
 }
 
 /// Route propagation twice, over `--route-instances` instances each:
@@ -718,14 +702,9 @@ async fn published_servers(
 /// itself).
 async fn route_propagation(
     clients: &mut Clients,
-    platform: &capstan_server::Platform,
-    endpoints: &capstan::dev::Endpoints,
     args: &Args,
     deadline: Instant,
 ) -> anyhow::Result<serde_json::Value> {
-    let token = capstan_router_config::provider_token(platform).await?;
-    let token = token.expose().to_string();
-    let provider = endpoints.traefik_provider.as_str();
     let wanted = args.route_instances;
 
     let name = "route-burst";
@@ -733,7 +712,7 @@ async fn route_propagation(
     apply(clients, name, wanted).await?;
     let mut published = Published::default();
     published
-        .until(provider, &token, name, wanted, deadline)
+        .until(&mut clients.router, name, wanted, deadline)
         .await?;
     let burst = propagation(clients, name, healthy, &published).await?;
 
@@ -743,7 +722,7 @@ async fn route_propagation(
     for replicas in 1..=wanted {
         apply(clients, name, replicas).await?;
         published
-            .until(provider, &token, name, replicas, deadline)
+            .until(&mut clients.router, name, replicas, deadline)
             .await?;
     }
     let paced = propagation(clients, name, healthy, &published).await?;
@@ -806,14 +785,13 @@ impl Published {
     /// of `app`.
     async fn until(
         &mut self,
-        provider: &str,
-        token: &str,
+        router: &mut RouterConfigClient<Authed>,
         app: &str,
         wanted: u32,
         deadline: Instant,
     ) -> anyhow::Result<()> {
         loop {
-            let servers = published_servers(provider, token, app).await?;
+            let servers = published_servers(router, app).await?;
             let at = now_ms();
             self.polls += 1;
             let count = servers.len();

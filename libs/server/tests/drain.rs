@@ -139,7 +139,7 @@ async fn a_stopping_server_leaves_the_registry_first_finishes_its_calls_and_clie
                         .await
                         .map_err(|e| e.to_string())?;
                     RouterConfigClient::new(channel)
-                        .get_routes(GetRoutesRequest {})
+                        .get_routes(GetRoutesRequest::default())
                         .await
                         .map_err(|s| s.to_string())
                 };

@@ -357,7 +357,16 @@ impl RouterConfig for Router {
         &self,
         request: Request<GetRoutesRequest>,
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
-        let table = visible_table(&request, self.proxy.table())?;
+        let app = &request.get_ref().app;
+        let only = if app.is_empty() {
+            None
+        } else {
+            Some(capstan_types::AppName::parse("app", app).map_err(capstan_proto::status)?)
+        };
+        let mut table = visible_table(&request, self.proxy.table())?;
+        if let Some(only) = only {
+            table.routes.retain(|route| route.app == only.as_str());
+        }
         Ok(Response::new(table_to_wire(&table)))
     }
 
@@ -367,12 +376,15 @@ impl RouterConfig for Router {
     ) -> Result<Response<capstan_proto::v1::RouteTable>, Status> {
         let apps = capstan_types::AppName::parse_list("apps", &request.into_inner().apps)
             .map_err(capstan_proto::status)?;
-        let table = self
-            .rebuild(&Scope::of(apps.into_iter().map(|app| app.to_string())))
-            .await
-            .map_err(capstan_proto::status)?;
+        let scope = Scope::of(apps.into_iter().map(|app| app.to_string()));
+        let mut table = self.rebuild(&scope).await.map_err(capstan_proto::status)?;
         self.confirm_downstream(&table).await;
         self.drain().await;
+        // The routes it was asked about: a pass that syncs one app pays for
+        // that app's upstreams, not for the whole table's.
+        if let Scope::Apps(apps) = &scope {
+            table.routes.retain(|route| apps.contains(&route.app));
+        }
         Ok(Response::new(table_to_wire(&table)))
     }
 
