@@ -311,7 +311,8 @@ fn start_capstan(port: u16, backend: u16, one_core: bool) -> anyhow::Result<Canc
                         upstreams: vec![Upstream {
                             instance_id: "bench-1".into(),
                             address: format!("127.0.0.1:{backend}"),
-                        }],
+                        }]
+                        .into(),
                         health: None,
                         wakeable: false,
                     }],

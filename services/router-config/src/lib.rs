@@ -194,7 +194,7 @@ impl Router {
                     app: app.app,
                     project: app.project,
                     hosts: app.hosts,
-                    upstreams,
+                    upstreams: upstreams.into(),
                     health,
                     wakeable: app.wakeable,
                 }
@@ -212,10 +212,11 @@ impl Router {
         let fetched = self.fetch(scope).await?;
         let current = self.proxy.table();
         let routes = scope.apply(&current.routes, fetched);
-        let next = RouteTable {
+        let mut next = RouteTable {
             generation: current.generation + 1,
             routes,
         };
+        next.share_unchanged(&current);
         if next.same_routes(&current) {
             return Ok(current);
         }
@@ -363,10 +364,21 @@ impl RouterConfig for Router {
         } else {
             Some(capstan_types::AppName::parse("app", app).map_err(capstan_proto::status)?)
         };
-        let mut table = visible_table(&request, self.proxy.table())?;
+        let mut table = self.proxy.table();
         if let Some(only) = only {
             table.routes.retain(|route| route.app == only.as_str());
+            // As every method about one app: another project's is refused,
+            // not answered as if it had no route.
+            let caller = capstan_authn::caller(&request).map_err(capstan_proto::status)?;
+            if let Some(route) = table.routes.iter().find(|r| !caller.in_project(&r.project)) {
+                return Err(capstan_proto::status(Error::PermissionDenied(format!(
+                    "app `{}` is not in project `{}`, the only one this key may touch",
+                    route.app,
+                    caller.project_scope().unwrap_or_default()
+                ))));
+            }
         }
+        let table = visible_table(&request, table)?;
         Ok(Response::new(table_to_wire(&table)))
     }
 
@@ -461,7 +473,7 @@ async fn report_traffic(router: Router, every: Duration, shutdown: CancellationT
         // requests" is a reading (the autoscaler scales down and to zero
         // on it), where no sample at all means no edge proxy saw the app.
         for route in &router.proxy.table().routes {
-            for upstream in &route.upstreams {
+            for upstream in route.upstreams.iter() {
                 traffic
                     .entry((route.app.clone(), upstream.instance_id.clone()))
                     .or_default();
@@ -730,9 +742,50 @@ mod tests {
                     instance_id: id.to_string(),
                     address: format!("127.0.0.1:{}", 4000 + id.len()),
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             health: None,
             wakeable: false,
+        }
+    }
+
+    /// A rebuild of one app shares every other app's upstream list with the
+    /// table before it (so copying, comparing and compiling the table cost
+    /// what changed), and a list read again unchanged is shared too.
+    #[test]
+    fn a_table_built_from_the_last_shares_what_did_not_change() {
+        let current = RouteTable {
+            generation: 1,
+            routes: vec![route("a", &["a-1", "a-2"]), route("b", &["b-1"])],
+        };
+        let scope = Scope::of(["b".to_string()]);
+        let mut next = RouteTable {
+            generation: 2,
+            routes: scope.apply(&current.routes, vec![route("b", &["b-1", "b-22"])]),
+        };
+        next.share_unchanged(&current);
+        assert!(Arc::ptr_eq(
+            &next.routes[0].upstreams,
+            &current.routes[0].upstreams
+        ));
+        assert!(!Arc::ptr_eq(
+            &next.routes[1].upstreams,
+            &current.routes[1].upstreams
+        ));
+        assert_eq!(next.routes[1].upstreams.len(), 2);
+
+        let fetched = vec![route("a", &["a-1", "a-2"]), route("b", &["b-1", "b-22"])];
+        let mut again = RouteTable {
+            generation: 3,
+            routes: Scope::Every.apply(&next.routes, fetched),
+        };
+        again.share_unchanged(&next);
+        for (read, last) in again.routes.iter().zip(&next.routes) {
+            assert!(
+                Arc::ptr_eq(&read.upstreams, &last.upstreams),
+                "{}",
+                read.app
+            );
         }
     }
 

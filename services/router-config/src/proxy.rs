@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::table::RouteTable;
+use crate::table::{Route, RouteTable};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -134,7 +134,10 @@ pub struct EdgeProxy {
 struct Compiled {
     table: RouteTable,
     hosts: HashMap<String, usize, foldhash::fast::RandomState>,
-    routes: Vec<CompiledRoute>,
+    /// Shared with the last table for each route whose upstream list it
+    /// shares (`RouteTable::share_unchanged`): applying a table compiles
+    /// only the routes that changed.
+    routes: Vec<Arc<CompiledRoute>>,
 }
 
 struct CompiledRoute {
@@ -275,24 +278,39 @@ impl EdgeProxy {
                 .or_insert_with(|| Arc::new(Stats::new(app, instance)))
                 .clone()
         };
+        let previous = self.table.load_full();
+        let compiled_before: HashMap<&str, (&Route, &Arc<CompiledRoute>)> = previous
+            .table
+            .routes
+            .iter()
+            .zip(&previous.routes)
+            .map(|(route, compiled)| (route.app.as_str(), (route, compiled)))
+            .collect();
         let routes = table
             .routes
             .iter()
-            .map(|route| CompiledRoute {
-                next: AtomicUsize::new(0),
-                unserved: stats_of(&route.app, "none"),
-                upstreams: route
-                    .upstreams
-                    .iter()
-                    .map(|upstream| CompiledUpstream {
-                        authority: upstream.address.parse().ok(),
-                        in_flight: in_flight
-                            .entry(upstream.address.clone())
-                            .or_default()
-                            .clone(),
-                        stats: stats_of(&route.app, &upstream.instance_id),
-                    })
-                    .collect(),
+            .map(|route| {
+                if let Some((before, compiled)) = compiled_before.get(route.app.as_str())
+                    && Arc::ptr_eq(&before.upstreams, &route.upstreams)
+                {
+                    return Arc::clone(compiled);
+                }
+                Arc::new(CompiledRoute {
+                    next: AtomicUsize::new(0),
+                    unserved: stats_of(&route.app, "none"),
+                    upstreams: route
+                        .upstreams
+                        .iter()
+                        .map(|upstream| CompiledUpstream {
+                            authority: upstream.address.parse().ok(),
+                            in_flight: in_flight
+                                .entry(upstream.address.clone())
+                                .or_default()
+                                .clone(),
+                            stats: stats_of(&route.app, &upstream.instance_id),
+                        })
+                        .collect(),
+                })
             })
             .collect();
         let hosts = table.host_index().into_iter().collect();
@@ -860,6 +878,50 @@ mod tests {
         );
         assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 203.0.113.9");
         assert_eq!(headers["x-forwarded-proto"], "https");
+    }
+
+    /// Applying a table that shares an app's upstream list with the last
+    /// one keeps that app's compiled route (its counters and round-robin
+    /// position); a changed list is compiled anew.
+    #[tokio::test]
+    async fn applying_a_table_compiles_only_the_routes_whose_upstreams_changed() {
+        let proxy = EdgeProxy::new(HttpLimits::default(), TrustedProxies::default());
+        let route = |app: &str, ids: &[&str]| Route {
+            app: app.into(),
+            project: "default".into(),
+            hosts: vec![format!("{app}.test")],
+            upstreams: ids
+                .iter()
+                .map(|id| crate::table::Upstream {
+                    instance_id: id.to_string(),
+                    address: "127.0.0.1:4000".into(),
+                })
+                .collect::<Vec<_>>()
+                .into(),
+            health: None,
+            wakeable: false,
+        };
+        let first = RouteTable {
+            generation: 1,
+            routes: vec![route("a", &["a-1"]), route("b", &["b-1"])],
+        };
+        proxy.apply(first.clone());
+        let before = proxy.table.load_full();
+        let second = RouteTable {
+            generation: 2,
+            routes: vec![first.routes[0].clone(), route("b", &["b-1", "b-2"])],
+        };
+        proxy.apply(second);
+        let after = proxy.table.load_full();
+        assert!(
+            Arc::ptr_eq(&before.routes[0], &after.routes[0]),
+            "a was compiled again"
+        );
+        assert!(
+            !Arc::ptr_eq(&before.routes[1], &after.routes[1]),
+            "b kept a stale route"
+        );
+        assert_eq!(after.routes[1].upstreams.len(), 2);
     }
 
     #[test]

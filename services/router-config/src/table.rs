@@ -1,6 +1,7 @@
 //! The routing table: which hosts go to which upstreams.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteTable {
@@ -14,8 +15,11 @@ pub struct Route {
     /// The app's project: callers confined to one see only its routes.
     pub project: String,
     pub hosts: Vec<String>,
-    /// Healthy, routable instances, ordered by instance id.
-    pub upstreams: Vec<Upstream>,
+    /// Healthy, routable instances, ordered by instance id. Shared: a table
+    /// built from the last one keeps the lists of the apps it did not read
+    /// again, so copying a table, comparing it and compiling it cost what
+    /// changed (equal `Arc`s compare by pointer first).
+    pub upstreams: Arc<[Upstream]>,
     /// The app's HTTP health check, which Traefik repeats on its own so
     /// that it stops sending to a dead host's servers at once; `None` for
     /// a TCP check.
@@ -55,6 +59,23 @@ impl RouteTable {
     /// Same routes, ignoring the generation.
     pub fn same_routes(&self, other: &RouteTable) -> bool {
         self.routes == other.routes
+    }
+
+    /// Takes `previous`'s upstream list for each route whose list is equal
+    /// to it there, so what did not change stays shared.
+    pub fn share_unchanged(&mut self, previous: &RouteTable) {
+        let before: std::collections::HashMap<&str, &Arc<[Upstream]>> = previous
+            .routes
+            .iter()
+            .map(|route| (route.app.as_str(), &route.upstreams))
+            .collect();
+        for route in &mut self.routes {
+            if let Some(&upstreams) = before.get(route.app.as_str())
+                && *upstreams == route.upstreams
+            {
+                route.upstreams = upstreams.clone();
+            }
+        }
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = &str> {

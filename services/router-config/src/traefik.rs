@@ -153,7 +153,8 @@ mod tests {
                 upstreams: vec![Upstream {
                     instance_id: "i1".into(),
                     address: "10.0.0.5:31000".into(),
-                }],
+                }]
+                .into(),
             }],
         };
         let pairs = kv_pairs(&render(&table));

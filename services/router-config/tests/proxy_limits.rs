@@ -41,7 +41,8 @@ async fn start(
             upstreams: vec![Upstream {
                 instance_id: "app-1".into(),
                 address: upstream.to_string(),
-            }],
+            }]
+            .into(),
         }],
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

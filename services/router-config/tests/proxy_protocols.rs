@@ -171,7 +171,7 @@ async fn start(upstream: SocketAddr, shutdown: &CancellationToken) -> SocketAddr
         hosts: vec![format!("{app}.test")],
         health: None,
         wakeable: false,
-        upstreams,
+        upstreams: upstreams.into(),
     };
     proxy.apply(RouteTable {
         generation: 1,

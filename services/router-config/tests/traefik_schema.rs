@@ -37,7 +37,8 @@ fn table() -> RouteTable {
                         instance_id: "hello-2".into(),
                         address: "127.0.0.1:4002".into(),
                     },
-                ],
+                ]
+                .into(),
             },
             Route {
                 app: "idle".into(),
@@ -45,7 +46,7 @@ fn table() -> RouteTable {
                 hosts: vec!["idle.localhost".into()],
                 health: None,
                 wakeable: false,
-                upstreams: vec![],
+                upstreams: Vec::new().into(),
             },
         ],
     }
