@@ -142,8 +142,10 @@ fn docker_app_deploy_scale_kill_update_delete() {
     );
 
     let load = Load::start(dev.http_port, "box.localhost");
+    load.served(10);
     let updated = spec_file(dev.data_dir(), "box2.toml", &busybox_spec(4, "bonjour"));
     dev.ok(&["app", "deploy", "-f", &updated]);
+    load.served(11);
     let (ok, failures) = load.finish();
     assert!(ok > 20, "traffic flowed during the update: {ok}");
     assert!(

@@ -41,8 +41,12 @@ fn rollback_returns_an_earlier_template_and_keeps_the_scale() {
     assert_eq!(status["previous_templates"], serde_json::json!([v2, v1]));
 
     // Back one, under load: v2 serves, scale stays at 3, nothing failed.
+    // The load runs from before the rollback to after it, however quickly
+    // the rollout goes.
     let load = Load::start(dev.http_port, "web.localhost");
+    load.served(10);
     let out = dev.ok(&["app", "rollback", "web", "--timeout", "60s"]);
+    load.served(11);
     let (ok, failures) = load.finish();
     assert!(
         out.contains(&format!("rolling back to template {v2}")),
