@@ -104,9 +104,7 @@ fn main() -> anyhow::Result<()> {
             u64::from(fewest_nodes) * u64::from(per_node)
         );
     }
-    let descriptors = raise_open_files(
-        u64::from(args.instances + 2 * args.route_instances) + u64::from(most_nodes) * 3 + 1_000,
-    )?;
+    let descriptors = raise_open_files(wanted + u64::from(most_nodes) * 3 + 1_000)?;
     let control = runtime("capstan-cp")?;
     let nodes = runtime("capstan-sim")?;
     let mut runs = Vec::new();

@@ -66,6 +66,19 @@ impl Claims {
         self.project_scope().is_none_or(|own| own == project)
     }
 
+    /// PERMISSION_DENIED unless this caller may touch `app`, which is in
+    /// `project`: what every method about one app answers for another
+    /// project's.
+    pub fn check_project(&self, app: &str, project: &str) -> Result<(), Error> {
+        if self.in_project(project) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "app `{app}` is not in project `{}`, the only one this key may touch",
+            self.project_scope().unwrap_or_default()
+        )))
+    }
+
     /// The node this caller is, when it is an agent.
     pub fn node_id(&self) -> Option<&str> {
         (self.role == Role::Node).then_some(self.sub.as_str())

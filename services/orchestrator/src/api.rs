@@ -185,13 +185,7 @@ fn caller<T>(request: &Request<T>) -> Result<Claims, Status> {
 
 /// PERMISSION_DENIED unless `caller` may touch what is in `project`.
 fn check_project(caller: &Claims, app: &str, project: &str) -> Result<(), Status> {
-    if caller.in_project(project) {
-        return Ok(());
-    }
-    Err(status(Error::PermissionDenied(format!(
-        "app `{app}` is not in project `{}`, the only one this key may touch",
-        caller.project_scope().unwrap_or_default()
-    ))))
+    caller.check_project(app, project).map_err(status)
 }
 
 /// Whether the caller may see env values: only roles that may write them.

@@ -370,12 +370,10 @@ impl RouterConfig for Router {
             // As every method about one app: another project's is refused,
             // not answered as if it had no route.
             let caller = capstan_authn::caller(&request).map_err(capstan_proto::status)?;
-            if let Some(route) = table.routes.iter().find(|r| !caller.in_project(&r.project)) {
-                return Err(capstan_proto::status(Error::PermissionDenied(format!(
-                    "app `{}` is not in project `{}`, the only one this key may touch",
-                    route.app,
-                    caller.project_scope().unwrap_or_default()
-                ))));
+            for route in &table.routes {
+                caller
+                    .check_project(&route.app, &route.project)
+                    .map_err(capstan_proto::status)?;
             }
         }
         let table = visible_table(&request, table)?;
