@@ -12,7 +12,11 @@
 //!
 //! Every proxy keeps its upstream connections alive and adds
 //! `X-Forwarded-For`. Prints one JSON object: per footing, each proxy's
-//! requests/s and latency percentiles, and ours as a ratio of nginx's.
+//! requests/s and latency percentiles, and ours as a ratio of nginx's. On
+//! one core it also reads how busy CPU 0 was during the HTTP/1.1 run
+//! (`/proc/stat`, the kernel's network work included) and divides that by
+//! the requests served: CPU per request, which does not depend on whether
+//! the proxy or CPU 1 (load and backend) was the limit.
 //!
 //! Needs nginx, haproxy, wrk and h2load
 //! (`apt-get install -y nginx haproxy wrk nghttp2-client`).
@@ -139,6 +143,49 @@ fn nginx_conf(dir: &Path, workers: &str, body: &str) -> anyhow::Result<PathBuf> 
     );
     std::fs::write(&path, conf)?;
     Ok(path)
+}
+
+/// Busy and total ticks of one CPU so far (`/proc/stat`).
+fn cpu_ticks(cpu: usize) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(name.as_str()))
+        .with_context(|| format!("/proc/stat has no {name} line"))?;
+    // user nice system idle iowait irq softirq steal ...
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    anyhow::ensure!(ticks.len() == 8, "/proc/stat's {name} line is short");
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    Ok((busy, busy + ticks[3] + ticks[4] + ticks[7]))
+}
+
+/// `wrk`, and how busy CPU 0 was meanwhile: its busy share and the CPU
+/// time per request served.
+fn wrk_with_cpu0(
+    wrk_path: &Path,
+    cpus: Option<&str>,
+    port: u16,
+    connections: usize,
+    seconds: f64,
+) -> anyhow::Result<Value> {
+    let (busy_before, total_before) = cpu_ticks(0)?;
+    let mut result = wrk(wrk_path, cpus, port, connections, seconds)?;
+    let (busy_after, total_after) = cpu_ticks(0)?;
+    let busy = (busy_after - busy_before) as f64;
+    let total = (total_after - total_before).max(1) as f64;
+    // Ticks are 1/100 s (USER_HZ) on Linux.
+    let requests = result["rps"].as_f64().unwrap_or_default() * seconds.ceil().max(1.0);
+    result["cpu0_busy"] = json!((busy / total * 1000.0).round() / 1000.0);
+    if requests > 0.0 {
+        result["cpu0_us_per_request"] = json!((busy * 10_000.0 / requests * 100.0).round() / 100.0);
+    }
+    Ok(result)
 }
 
 /// wrk's summary: requests/s and its latency percentiles.
@@ -445,7 +492,11 @@ fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Re
         if args.warmup > 0.0 {
             wrk(&tools.wrk, load_cpus, port, args.connections, args.warmup)?;
         }
-        let http1 = wrk(&tools.wrk, load_cpus, port, args.connections, args.seconds)?;
+        let http1 = if one_core {
+            wrk_with_cpu0(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
+        } else {
+            wrk(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
+        };
         let mut result = json!({ "http1": http1 });
         if let Some(h2load_path) = &tools.h2load {
             let connections = args.connections.div_ceil(10).max(1);
@@ -469,6 +520,8 @@ fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Re
         "http1_p99_vs_nginx": ratio("http1", "p99_ms", "nginx"),
         "http1_rps_vs_haproxy": ratio("http1", "rps", "haproxy"),
         "http1_p99_vs_haproxy": ratio("http1", "p99_ms", "haproxy"),
+        "http1_cpu_per_request_vs_nginx": ratio("http1", "cpu0_us_per_request", "nginx"),
+        "http1_cpu_per_request_vs_haproxy": ratio("http1", "cpu0_us_per_request", "haproxy"),
         "http2_rps_vs_nginx": ratio("http2", "rps", "nginx"),
         "http2_rps_vs_haproxy": ratio("http2", "rps", "haproxy"),
     });
@@ -478,6 +531,10 @@ fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Re
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The proxy runs under the subscriber `capstan dev` installs: without
+    // one, every span a library opens (h2 opens several per frame) goes
+    // through `tracing`'s fallback to `log`.
+    let _telemetry = capstan_telemetry::init("capstan-proxy-bench", "info");
     let tools = Tools {
         nginx: require("nginx", "nginx")?,
         haproxy: require("haproxy", "haproxy")?,

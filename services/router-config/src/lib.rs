@@ -19,6 +19,7 @@ pub mod ack;
 pub mod proxy;
 pub mod table;
 pub mod traefik;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;

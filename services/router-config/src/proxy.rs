@@ -18,29 +18,36 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::table::{Route, RouteTable};
+use crate::upstream::{Lease, Pool, PoolSettings};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+/// Named once: a header looked up by `&str` is parsed and hashed anew on
+/// every call, which was a tenth of the proxy's work per request.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
 /// The limits of Capstan's HTTP servers (the edge proxy and the Traefik
@@ -124,7 +131,10 @@ pub struct EdgeProxy {
     /// Where the names of apps to wake go (router-config asks the
     /// orchestrator); unset: nothing is woken.
     waker: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
-    client: Client<HttpConnector, ProxyBody>,
+    /// Keep-alive connections per upstream address, shared by every route
+    /// that lists it; dropped with the last table that does.
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    pool_settings: PoolSettings,
     limits: HttpLimits,
     trusted: TrustedProxies,
 }
@@ -149,7 +159,7 @@ struct CompiledRoute {
 
 struct CompiledUpstream {
     /// `None` when the address is not a valid authority: never tried.
-    authority: Option<Authority>,
+    pool: Option<Arc<Pool>>,
     in_flight: Arc<AtomicUsize>,
     stats: Arc<Stats>,
 }
@@ -209,14 +219,7 @@ impl Stats {
 
 impl EdgeProxy {
     pub fn new(limits: HttpLimits, trusted: TrustedProxies) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        let proxy = EdgeProxy {
+        let proxy = Arc::new(EdgeProxy {
             table: ArcSwap::from_pointee(Compiled {
                 table: RouteTable::default(),
                 hosts: HashMap::default(),
@@ -227,11 +230,50 @@ impl EdgeProxy {
             waiting: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
             waker: std::sync::OnceLock::new(),
-            client,
+            pools: Mutex::default(),
+            pool_settings: PoolSettings::default(),
             limits,
             trusted,
-        };
-        Arc::new(proxy)
+        });
+        // Idle connections of upstreams no request uses are closed too;
+        // the sweep ends with the proxy.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&proxy);
+            let every = proxy.pool_settings.idle_timeout / 2;
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(proxy) = weak.upgrade() else { return };
+                    proxy.expire_idle();
+                }
+            });
+        }
+        proxy
+    }
+
+    /// Closes the upstream connections idle past their time.
+    fn expire_idle(&self) {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .expect("pool map lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            pool.expire();
+        }
+    }
+
+    /// Idle keep-alive connections to `address` (for tests and metrics).
+    pub fn idle_connections(&self, address: &str) -> usize {
+        self.pools
+            .lock()
+            .expect("pool map lock poisoned")
+            .get(address)
+            .map_or(0, |pool| pool.idle_count())
     }
 
     /// What was served per (app, instance) since the last call.
@@ -266,12 +308,29 @@ impl EdgeProxy {
             .lock()
             .expect("in-flight lock poisoned")
             .retain(|_, counter| Arc::strong_count(counter) > 1);
+        // Pools only the map holds: their idle connections close now (one
+        // a response still reads closes when that response ends).
+        self.pools
+            .lock()
+            .expect("pool map lock poisoned")
+            .retain(|_, pool| Arc::strong_count(pool) > 1);
         self.generation.send_replace(generation);
     }
 
     fn compile(&self, table: RouteTable) -> Compiled {
         let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
         let mut stats = self.stats.lock().expect("stats lock poisoned");
+        let mut pools = self.pools.lock().expect("pool map lock poisoned");
+        let settings = self.pool_settings;
+        let mut pool_of = |address: &str| -> Option<Arc<Pool>> {
+            if let Some(pool) = pools.get(address) {
+                return Some(pool.clone());
+            }
+            let authority: Authority = address.parse().ok()?;
+            let pool = Arc::new(Pool::new(authority, settings));
+            pools.insert(address.to_string(), pool.clone());
+            Some(pool)
+        };
         let mut stats_of = |app: &str, instance: &str| {
             stats
                 .entry((app.to_string(), instance.to_string()))
@@ -302,7 +361,7 @@ impl EdgeProxy {
                         .upstreams
                         .iter()
                         .map(|upstream| CompiledUpstream {
-                            authority: upstream.address.parse().ok(),
+                            pool: pool_of(&upstream.address),
                             in_flight: in_flight
                                 .entry(upstream.address.clone())
                                 .or_default()
@@ -498,16 +557,11 @@ impl EdgeProxy {
         let mut served = ready.unserved.clone();
         for attempt in 0..attempts {
             let upstream = &ready.upstreams[(start + attempt) % ready.upstreams.len()];
-            let Some(authority) = upstream.authority.clone() else {
+            let Some(pool) = &upstream.pool else {
                 continue;
             };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(authority);
-            uri.path_and_query = Some(path.clone());
-            let Ok(uri) = http::Uri::from_parts(uri) else {
-                continue;
-            };
+            // Origin form (`/path?query`): the connection is the upstream's.
+            let uri = http::Uri::from(path.clone());
             let outgoing_body = if retryable {
                 Empty::new().map_err(|never| match never {}).boxed()
             } else {
@@ -527,8 +581,7 @@ impl EdgeProxy {
             upstream.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(upstream.in_flight.clone());
             let answered =
-                tokio::time::timeout(self.limits.upstream_timeout, self.client.request(outgoing))
-                    .await;
+                tokio::time::timeout(self.limits.upstream_timeout, pool.send(outgoing)).await;
             let Ok(answered) = answered else {
                 let response = text(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -540,7 +593,7 @@ impl EdgeProxy {
                 return (response, Some(served));
             };
             match answered {
-                Ok(response) => {
+                Ok((response, lease)) => {
                     if let Some(client_side) = upgrade
                         && response.status() == StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -552,6 +605,7 @@ impl EdgeProxy {
                         parts,
                         Tracked {
                             inner: body,
+                            lease: Some(lease),
                             _guard: guard,
                         }
                         .boxed(),
@@ -559,7 +613,7 @@ impl EdgeProxy {
                     return (response, Some(served));
                 }
                 Err(e) => {
-                    tracing::debug!(upstream = ?upstream.authority, "upstream request failed: {e}");
+                    tracing::debug!(app = %route.app, "upstream request failed: {e}");
                 }
             }
         }
@@ -611,23 +665,35 @@ fn tunnel(
 /// so the upstream can switch protocols.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<String> = headers
+        // The names `Connection` lists beyond the fixed hop-by-hop set
+        // (usually none: `keep-alive`, `close`, `upgrade`).
+        let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|token| token.trim().to_ascii_lowercase())
-            .filter(|token| !(token.is_empty() || (keep_upgrade && token == "upgrade")))
+            .map(str::trim)
+            .filter(|token| {
+                !token.is_empty()
+                    && !token.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {
-            headers.remove(name.as_str());
+            headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (name == "connection" || name == "upgrade") {
-            continue;
+    // One pass over the (few) headers instead of a lookup per name.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in HOP_BY_HOP.iter() {
+            if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+                continue;
+            }
+            headers.remove(name);
         }
-        headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -700,7 +766,7 @@ fn forwarded_headers(
 ) {
     let client_ip = remote.ip().to_string();
     let previous = headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
         .filter(|_| trusted_peer);
     let forwarded_for = match previous {
@@ -708,13 +774,13 @@ fn forwarded_headers(
         None => client_ip,
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    if !(trusted_peer && headers.contains_key("x-forwarded-host")) {
-        headers.insert("x-forwarded-host", host.clone());
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    if !(trusted_peer && headers.contains_key("x-forwarded-proto")) {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 
@@ -741,9 +807,32 @@ impl Drop for InFlight {
     }
 }
 
+/// An upstream's response body: gives its connection back once read to
+/// its end, and counts the request in flight until then.
 struct Tracked {
     inner: Incoming,
+    /// Taken when the body ended; dropped unreleased (closing the
+    /// connection) when the body is given up part-way.
+    lease: Option<Lease>,
     _guard: InFlight,
+}
+
+impl Tracked {
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // hyper does not poll a body that says it is over (HEAD, 204, 304,
+        // `Content-Length: 0`), and may stop at the frame that ends it.
+        self.release_if_done();
+    }
 }
 
 impl Body for Tracked {
@@ -754,7 +843,13 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
