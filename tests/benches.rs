@@ -70,14 +70,26 @@ fn the_proxy_bench_runs_beside_nginx_and_haproxy_and_reports_ratios() {
             "4",
             "--footings",
             "one-core",
+            "--rounds",
+            "2",
         ],
     );
     let footing = &report["one-core"];
+    assert_eq!(footing["rounds"].as_u64(), Some(2), "{report}");
     for proxy in ["capstan", "nginx", "haproxy"] {
         let http1 = &footing[proxy]["http1"];
         assert!(http1["rps"].as_f64().unwrap() > 0.0, "{report}");
         assert_eq!(http1["errors"].as_u64(), Some(0), "{proxy}: {report}");
         assert!(http1["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(
+            http1["rps_by_round"].as_array().map(Vec::len),
+            Some(2),
+            "{report}"
+        );
+        assert!(
+            http1["cpu0_us_per_request"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
         assert!(
             footing[proxy]["http2"]["rps"].as_f64().unwrap() > 0.0,
             "{report}"

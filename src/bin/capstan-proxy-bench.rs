@@ -21,7 +21,11 @@
 //! Needs nginx, haproxy, wrk and h2load
 //! (`apt-get install -y nginx haproxy wrk nghttp2-client`).
 //!
-//!   capstan-proxy-bench [--seconds 10] [--connections 50] [--footings one-core,all-cores]
+//! Each proxy is measured `--rounds` times, in turn with the others, and
+//! the JSON gives medians: on a shared machine one proxy's run can fall
+//! in a slow minute, and a single run per proxy read ±20% apart.
+//!
+//!   capstan-proxy-bench [--seconds 10] [--connections 50] [--rounds 3] [--footings one-core,all-cores]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -52,6 +56,9 @@ struct Args {
     /// Seconds of warm-up load before each measured run.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// Times each proxy is measured, in turn with the others.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -404,14 +411,121 @@ struct Tools {
     h2load: Option<PathBuf>,
 }
 
-fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Result<Value> {
-    let (proxy_cpus, load_cpus) = if one_core {
-        (Some("0"), Some("1"))
-    } else {
-        (None, None)
-    };
-    let workers = if one_core { "1" } else { "auto" };
+/// The three proxies of one footing, each listening (idle ones cost
+/// nothing), in front of the same backend.
+struct Proxies {
+    /// (name, HTTP/1.1 port, HTTP/2 port).
+    ports: Vec<(&'static str, u16, u16)>,
+    _servers: Vec<Server>,
+    capstan: CancellationToken,
+}
 
+impl Drop for Proxies {
+    fn drop(&mut self) {
+        self.capstan.cancel();
+        // Let our runtime's thread wind down before the next footing.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn start_proxies(
+    tools: &Tools,
+    one_core: bool,
+    dir: &Path,
+    backend: u16,
+) -> anyhow::Result<Proxies> {
+    let proxy_cpus = one_core.then_some("0");
+    let workers = if one_core { "1" } else { "auto" };
+    let mut ports = Vec::new();
+    let mut servers = Vec::new();
+
+    // One listener serves both: our proxy sniffs HTTP/1 or /2.
+    let port = free_port()?;
+    let capstan = start_capstan(port, backend, one_core)?;
+    ports.push(("capstan", port, port));
+
+    let (port, h2_port) = (free_port()?, free_port()?);
+    let conf = nginx_conf(
+        dir,
+        workers,
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
+             server {{\n\
+               listen 127.0.0.1:{port};\n\
+               listen 127.0.0.1:{h2_port} http2;\n\
+               location / {{\n\
+                 proxy_pass http://backend;\n\
+                 proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\";\n\
+                 proxy_set_header Host $host;\n\
+                 proxy_set_header X-Forwarded-For $remote_addr;\n\
+               }}\n\
+             }}"
+        ),
+    )?;
+    let conf = conf.display().to_string();
+    servers.push(spawn(
+        proxy_cpus,
+        &tools.nginx,
+        &["-c", &conf, "-e", "stderr"],
+    )?);
+    ports.push(("nginx", port, h2_port));
+
+    let (port, h2_port) = (free_port()?, free_port()?);
+    let threads = if one_core {
+        "1".to_string()
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string()
+    };
+    let path = dir.join(format!("haproxy-{port}.cfg"));
+    std::fs::write(
+        &path,
+        format!(
+            "global\n  nbthread {threads}\n  maxconn 4096\n\
+             defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n  option forwardfor\n\
+             frontend edge\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2_port} proto h2\n  default_backend app\n\
+             backend app\n  server app1 127.0.0.1:{backend}\n"
+        ),
+    )?;
+    let path = path.display().to_string();
+    servers.push(spawn(proxy_cpus, &tools.haproxy, &["-f", &path, "-db"])?);
+    ports.push(("haproxy", port, h2_port));
+
+    let proxies = Proxies {
+        ports,
+        _servers: servers,
+        capstan,
+    };
+    for (_, port, h2_port) in &proxies.ports {
+        wait_for_port(*port)?;
+        wait_for_port(*h2_port)?;
+    }
+    Ok(proxies)
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// One footing: every proxy loaded in turn, `--rounds` times, the order
+/// rotated each round, so a slow minute of a shared machine falls on all
+/// of them alike. Each figure is the median over the rounds; each ratio
+/// is the median of the rounds' own ratios (ours and the peer's measured
+/// a few seconds apart).
+fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Result<Value> {
+    let load_cpus = one_core.then_some("1");
     let backend = free_port()?;
     let conf = nginx_conf(
         dir,
@@ -424,96 +538,94 @@ fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Re
     let conf = conf.display().to_string();
     let _backend = spawn(load_cpus, &tools.nginx, &["-c", &conf, "-e", "stderr"])?;
     wait_for_port(backend)?;
+    let proxies = start_proxies(tools, one_core, dir, backend)?;
 
-    let mut results = serde_json::Map::new();
+    // rounds[r][proxy] = {"http1": .., "http2": ..}
+    let mut rounds: Vec<serde_json::Map<String, Value>> = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let mut results = serde_json::Map::new();
+        let count = proxies.ports.len();
+        for k in 0..count {
+            let (proxy, port, h2_port) = proxies.ports[(round + k) % count];
+            if args.warmup > 0.0 {
+                wrk(&tools.wrk, load_cpus, port, args.connections, args.warmup)?;
+            }
+            let http1 = if one_core {
+                wrk_with_cpu0(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
+            } else {
+                wrk(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
+            };
+            let mut result = json!({ "http1": http1 });
+            if let Some(h2load_path) = &tools.h2load {
+                let connections = args.connections.div_ceil(10).max(1);
+                result["http2"] =
+                    h2load(h2load_path, load_cpus, h2_port, connections, args.seconds)?;
+            }
+            results.insert(proxy.to_string(), result);
+        }
+        rounds.push(results);
+    }
+    drop(proxies);
+
+    let figure = |round: &serde_json::Map<String, Value>,
+                  proxy: &str,
+                  protocol: &str,
+                  field: &str| { round.get(proxy)?[protocol][field].as_f64() };
+    let mut report = serde_json::Map::new();
     for proxy in ["capstan", "nginx", "haproxy"] {
-        let port = free_port()?;
-        let h2_port = free_port()?;
-        let mut _server = None;
-        let mut shutdown = None;
-        match proxy {
-            "capstan" => {
-                // One listener serves both: the proxy sniffs HTTP/1 or /2.
-                shutdown = Some(start_capstan(port, backend, one_core)?);
-            }
-            "nginx" => {
-                let conf = nginx_conf(
-                    dir,
-                    workers,
-                    &format!(
-                        "upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
-                         server {{\n\
-                           listen 127.0.0.1:{port};\n\
-                           listen 127.0.0.1:{h2_port} http2;\n\
-                           location / {{\n\
-                             proxy_pass http://backend;\n\
-                             proxy_http_version 1.1;\n\
-                             proxy_set_header Connection \"\";\n\
-                             proxy_set_header Host $host;\n\
-                             proxy_set_header X-Forwarded-For $remote_addr;\n\
-                           }}\n\
-                         }}"
-                    ),
-                )?;
-                let conf = conf.display().to_string();
-                _server = Some(spawn(
-                    proxy_cpus,
-                    &tools.nginx,
-                    &["-c", &conf, "-e", "stderr"],
-                )?);
-            }
-            _ => {
-                let threads = if one_core {
-                    "1".to_string()
-                } else {
-                    std::thread::available_parallelism()
-                        .map_or(1, |n| n.get())
-                        .to_string()
-                };
-                let path = dir.join(format!("haproxy-{port}.cfg"));
-                std::fs::write(
-                    &path,
-                    format!(
-                        "global\n  nbthread {threads}\n  maxconn 4096\n\
-                         defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n  option forwardfor\n\
-                         frontend edge\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2_port} proto h2\n  default_backend app\n\
-                         backend app\n  server app1 127.0.0.1:{backend}\n"
-                    ),
-                )?;
-                let path = path.display().to_string();
-                _server = Some(spawn(proxy_cpus, &tools.haproxy, &["-f", &path, "-db"])?);
+        let mut http1 = serde_json::Map::new();
+        for field in [
+            "rps",
+            "p50_ms",
+            "p99_ms",
+            "cpu0_busy",
+            "cpu0_us_per_request",
+        ] {
+            let values: Vec<f64> = rounds
+                .iter()
+                .filter_map(|round| figure(round, proxy, "http1", field))
+                .collect();
+            if let Some(m) = median(values) {
+                http1.insert(field.to_string(), json!(m));
             }
         }
-        wait_for_port(port)?;
-        let h2_target = if proxy == "capstan" { port } else { h2_port };
-        if proxy != "capstan" {
-            wait_for_port(h2_port)?;
-        }
-        if args.warmup > 0.0 {
-            wrk(&tools.wrk, load_cpus, port, args.connections, args.warmup)?;
-        }
-        let http1 = if one_core {
-            wrk_with_cpu0(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
-        } else {
-            wrk(&tools.wrk, load_cpus, port, args.connections, args.seconds)?
+        let rps_by_round: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| figure(round, proxy, "http1", "rps"))
+            .collect();
+        http1.insert("rps_by_round".into(), json!(rps_by_round));
+        let errors = |protocol: &str| -> u64 {
+            rounds
+                .iter()
+                .filter_map(|round| round.get(proxy)?[protocol]["errors"].as_u64())
+                .sum()
         };
-        let mut result = json!({ "http1": http1 });
-        if let Some(h2load_path) = &tools.h2load {
-            let connections = args.connections.div_ceil(10).max(1);
-            let http2 = h2load(h2load_path, load_cpus, h2_target, connections, args.seconds)?;
-            result["http2"] = http2;
+        // Errors are summed over the rounds: one failed request is one too many.
+        http1.insert("errors".into(), json!(errors("http1")));
+        let mut http2 = serde_json::Map::new();
+        http2.insert("errors".into(), json!(errors("http2")));
+        for field in ["rps", "mean_ms"] {
+            let values: Vec<f64> = rounds
+                .iter()
+                .filter_map(|round| figure(round, proxy, "http2", field))
+                .collect();
+            if let Some(m) = median(values) {
+                http2.insert(field.to_string(), json!(m));
+            }
         }
-        results.insert(proxy.to_string(), result);
-        if let Some(shutdown) = shutdown {
-            shutdown.cancel();
-            // Let the old runtime's thread wind down before the next proxy.
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        report.insert(proxy.to_string(), json!({ "http1": http1, "http2": http2 }));
     }
     let ratio = |protocol: &str, field: &str, peer: &str| -> Option<f64> {
-        let ours = results.get("capstan")?[protocol][field].as_f64()?;
-        let theirs = results.get(peer)?[protocol][field].as_f64()?;
-        (theirs > 0.0).then(|| ours / theirs)
+        median(
+            rounds
+                .iter()
+                .filter_map(|round| {
+                    let ours = figure(round, "capstan", protocol, field)?;
+                    let theirs = figure(round, peer, protocol, field)?;
+                    (theirs > 0.0).then(|| ours / theirs)
+                })
+                .collect(),
+        )
     };
     let ratios = json!({
         "http1_rps_vs_nginx": ratio("http1", "rps", "nginx"),
@@ -525,8 +637,9 @@ fn footing(args: &Args, tools: &Tools, one_core: bool, dir: &Path) -> anyhow::Re
         "http2_rps_vs_nginx": ratio("http2", "rps", "nginx"),
         "http2_rps_vs_haproxy": ratio("http2", "rps", "haproxy"),
     });
-    results.insert("ratios".into(), ratios);
-    Ok(Value::Object(results))
+    report.insert("ratios".into(), ratios);
+    report.insert("rounds".into(), json!(rounds.len()));
+    Ok(Value::Object(report))
 }
 
 fn main() -> anyhow::Result<()> {
