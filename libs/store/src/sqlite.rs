@@ -56,6 +56,45 @@ fn is_busy(error: &rusqlite::Error) -> bool {
 /// Only rows that have not expired.
 const LIVE: &str = "(expires_ms IS NULL OR expires_ms > :now)";
 
+/// One row by key.
+fn get_sql() -> String {
+    format!("SELECT version, value FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}")
+}
+
+/// A table's rows in key order from `:from` (after it when
+/// `strictly_after`). The table is written into the statement, not bound:
+/// SQLite re-prepares a statement on its first step after a parameter it
+/// planned with is bound again, and it plans `ORDER BY key` with the value
+/// of `tbl = :tbl` (so does a bound `LIMIT`). Bound, every read parsed and
+/// planned its statement anew. The rows come from the primary key in
+/// order; the reader stops stepping once it has its page.
+fn scan_sql(table: &str, strictly_after: bool) -> Result<String, StoreError> {
+    let op = if strictly_after { ">" } else { ">=" };
+    let table = sql_table_name(table)?;
+    Ok(format!(
+        "SELECT key, version, value FROM rows WHERE tbl = '{table}' AND key {op} :from AND {LIVE}
+         ORDER BY key"
+    ))
+}
+
+/// `table`, checked to be safe inside an SQL string literal. Tables are
+/// named by code (`apps`, `instances`), never by users.
+fn sql_table_name(table: &str) -> Result<&str, StoreError> {
+    let fine = !table.is_empty()
+        && table.len() <= 64
+        && table.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+        });
+    if fine {
+        Ok(table)
+    } else {
+        Err(StoreError::Backend(format!(
+            "table name `{}` is not lowercase letters, digits, `_`, `-` or `.`",
+            table.escape_debug()
+        )))
+    }
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // SQLite answers BUSY at once, without its busy handler, when
@@ -82,7 +121,8 @@ impl SqliteStore {
         let mut conn = Connection::open(path)?;
         // Every statement is prepared once and reused (`prepare_cached`):
         // parsing SQL was most of what a read cost.
-        conn.set_prepared_statement_cache_capacity(64);
+        // Scans hold one statement per table (see `scan_sql`).
+        conn.set_prepared_statement_cache_capacity(256);
         // The busy timeout first: services of one host open the file at
         // the same moment, and every step below may wait for another's.
         conn.execute_batch(
@@ -347,22 +387,20 @@ impl Store for SqliteStore {
     async fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
         let (table, key) = (table.to_string(), key.to_string());
         self.with_conn(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT version, value FROM rows WHERE tbl = :tbl AND key = :key AND {LIVE}"
-            ))
-            .and_then(|mut statement| {
-                statement.query_row(
-                    rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
-                    |r| {
-                        Ok(Versioned {
-                            version: r.get::<_, i64>(0)? as u64,
-                            value: r.get(1)?,
-                        })
-                    },
-                )
-            })
-            .optional()
-            .map_err(backend)
+            conn.prepare_cached(&get_sql())
+                .and_then(|mut statement| {
+                    statement.query_row(
+                        rusqlite::named_params! {":tbl": table, ":key": key, ":now": now_ms()},
+                        |r| {
+                            Ok(Versioned {
+                                version: r.get::<_, i64>(0)? as u64,
+                                value: r.get(1)?,
+                            })
+                        },
+                    )
+                })
+                .optional()
+                .map_err(backend)
         })
         .await
     }
@@ -435,17 +473,12 @@ impl Store for SqliteStore {
         };
         let strictly_after = after.is_some_and(|a| a >= prefix.as_str());
         let limit = limit.max(1);
+        let sql = scan_sql(&table, strictly_after)?;
         self.with_conn(move |conn| {
-            let op = if strictly_after { ">" } else { ">=" };
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT key, version, value FROM rows WHERE tbl = :tbl AND key {op} :from AND {LIVE}
-                     ORDER BY key LIMIT :limit"
-                ))
-                .map_err(backend)?;
+            let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
             let rows = stmt
                 .query_map(
-                    rusqlite::named_params! {":tbl": table, ":from": from, ":now": now_ms(), ":limit": (limit + 1) as i64},
+                    rusqlite::named_params! {":from": from, ":now": now_ms()},
                     |r| {
                         Ok((
                             r.get::<_, String>(0)?,
@@ -458,7 +491,8 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             let mut out = Vec::new();
-            for row in rows {
+            // One past the page tells whether another page follows.
+            for row in rows.take(limit + 1) {
                 let (key, value) = row.map_err(backend)?;
                 if !key.starts_with(&prefix) {
                     break;
@@ -548,6 +582,47 @@ mod tests {
                 let opened = opener.join().unwrap();
                 assert!(opened.is_ok(), "round {round}: {opened:?}");
             }
+        }
+    }
+
+    /// SQLite re-prepares a statement, as if its schema had changed, on
+    /// the first step after a parameter it planned with is bound again
+    /// (`LIMIT :limit` is one): the cached statement would be parsed and
+    /// planned anew on every read.
+    #[tokio::test]
+    async fn reads_run_their_prepared_statements_without_preparing_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        for key in ["app-1", "app-2", "app-3", "other-1"] {
+            store
+                .put("t", key, b"v".to_vec(), Expect::Absent)
+                .await
+                .unwrap();
+        }
+        for round in 0..3 {
+            let page = store.scan("t", "app-", None, 2 + round).await.unwrap();
+            assert_eq!(page.rows.len(), (2 + round).min(3), "round {round}");
+            let after = page.rows[0].0.clone();
+            store.scan("t", "app-", Some(&after), 10).await.unwrap();
+            assert!(store.get("t", "app-1").await.unwrap().is_some());
+        }
+        let refused = store.scan("t'; DROP TABLE rows; --", "", None, 10).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(why)) if why.contains("is not lowercase")),
+            "{refused:?}"
+        );
+        let conn = store.conn.lock().unwrap();
+        for sql in [
+            scan_sql("t", false).unwrap(),
+            scan_sql("t", true).unwrap(),
+            get_sql(),
+        ] {
+            let statement = conn.prepare_cached(&sql).unwrap();
+            assert_eq!(
+                statement.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{sql}"
+            );
         }
     }
 
