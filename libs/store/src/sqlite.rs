@@ -466,14 +466,13 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let (table, prefix) = (table.to_string(), prefix.to_string());
+        let sql = scan_sql(table, after.is_some_and(|a| a >= prefix))?;
+        let prefix = prefix.to_string();
         let from = match after {
             Some(after) if after >= prefix.as_str() => after.to_string(),
             _ => prefix.clone(),
         };
-        let strictly_after = after.is_some_and(|a| a >= prefix.as_str());
         let limit = limit.max(1);
-        let sql = scan_sql(&table, strictly_after)?;
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
             let rows = stmt

@@ -267,7 +267,7 @@ impl EdgeProxy {
         }
     }
 
-    /// Idle keep-alive connections to `address` (for tests and metrics).
+    /// Idle keep-alive connections to `address` (for tests).
     pub fn idle_connections(&self, address: &str) -> usize {
         self.pools
             .lock()
@@ -613,7 +613,7 @@ impl EdgeProxy {
                     return (response, Some(served));
                 }
                 Err(e) => {
-                    tracing::debug!(app = %route.app, "upstream request failed: {e}");
+                    tracing::debug!(upstream = %pool.authority(), "upstream request failed: {e}");
                 }
             }
         }
@@ -844,10 +844,8 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn release_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(lease) = self.lease.take()
-        {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
             lease.release();
         }
     }
@@ -857,7 +855,9 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // hyper does not poll a body that says it is over (HEAD, 204, 304,
         // `Content-Length: 0`), and may stop at the frame that ends it.
-        self.release_if_done();
+        if self.inner.is_end_stream() {
+            self.release();
+        }
     }
 }
 
@@ -870,10 +870,8 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled
-            && let Some(lease) = self.lease.take()
-        {
-            lease.release();
+        if let Poll::Ready(None) = polled {
+            self.release();
         }
         polled
     }

@@ -147,6 +147,11 @@ impl Pool {
         }
     }
 
+    /// The address this pool dials.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// Closes the idle connections past their time.
     pub fn expire(&self) {
         let mut idle = self.idle.lock().expect("pool lock poisoned");
